@@ -1,0 +1,144 @@
+"""What every meta-learner shares: the outer step, logging, and the evaluation protocol.
+
+A learner subclasses `MetaLearner` and writes two methods, each over a meta-batch of
+episodes (tensors shaped [tasks, examples, ...]):
+
+- `meta_loss(batch)` -> (loss to minimise, {metric: per-episode values}) for training;
+- `evaluate(batch)` -> {metric: per-episode values} on fixed validation/test episodes.
+
+Everything else (optimizer and scheduler from config, gradient clipping through
+Lightning's manual-optimization API, tasks per second, mean and 95% CI over the fixed
+episodes, Lightning's inference mode) is handled here once.
+"""
+
+import time
+from collections import defaultdict
+
+import torch
+from hydra.utils import instantiate
+from lightning import LightningModule
+from torch import Tensor
+
+from metalab import __version__
+from metalab.checkpoint import MARKER
+from metalab.data.episodes import Episode
+from metalab.evaluation import mean_and_ci95
+
+
+class MetaLearner(LightningModule):
+    # True when the output layer is sized to the training ways (MAML's head): then
+    # evaluation must use the same number of ways.
+    fixed_ways: bool = False
+    # The kinds of dataset the learner can meta-train on.
+    task_types: tuple[str, ...] = ("classification", "regression")
+
+    def __init__(self, config: dict, input_shape: list[int], task_type: str):
+        super().__init__()
+        # The whole resolved run config goes into the checkpoint: metalab-eval rebuilds
+        # the learner and its data from it.
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.config = config
+        self.algorithm_cfg = config["algorithm"]
+        self.input_shape = tuple(input_shape)
+        self.task_type = task_type
+        self.metric = "acc" if task_type == "classification" else "mse"
+        self._eval_values: dict[str, list[Tensor]] = defaultdict(list)
+        self._step_started = 0.0
+        self.train_time = 0.0  # seconds spent in outer steps, for tasks per second
+        self.train_tasks = 0
+
+    # ------------------------------------------------------------------ to implement
+    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss, metrics = self.meta_loss(batch)
+        # Exactly one backward per outer step: under DDP this is the one all-reduce.
+        self.manual_backward(loss)
+        clip = self.algorithm_cfg.get("grad_clip")
+        if clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        for name, values in metrics.items():
+            self.log(f"train/{name}", values.detach().mean(), prog_bar=name == self.metric)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        return loss.detach()
+
+    def on_train_batch_start(self, batch: Episode, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: Episode, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._step_started
+        tasks = batch.support_x.shape[0]
+        self.train_time += seconds
+        self.train_tasks += tasks
+        self.log("train/tasks_per_sec", tasks / max(seconds, 1e-9))
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.algorithm_cfg["optimizer"], _partial_=True)(self.parameters())
+        scheduler_cfg = self.algorithm_cfg.get("scheduler")
+        if scheduler_cfg is None:
+            return optimizer
+        scheduler = instantiate(scheduler_cfg, _partial_=True)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluate_and_store(batch)
+
+    def test_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluate_and_store(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_summary("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_summary("test")
+
+    def _evaluate_and_store(self, batch: Episode) -> None:
+        # trainer.validate/test run under torch.inference_mode by default, where the
+        # inner loop's gradients cannot be taken. Leave it, and clone the batch out of
+        # inference tensors, so evaluation works whatever the Trainer was given.
+        with torch.inference_mode(False):
+            if any(t.is_inference() for t in batch):
+                batch = Episode(*(t.clone() for t in batch))
+            # No graph to the meta-parameters is needed; torch.func.grad in the inner
+            # loop still computes the adaptation gradients under no_grad.
+            with torch.no_grad():
+                values = self.evaluate(batch)
+        for name, per_episode in values.items():
+            self._eval_values[name].append(per_episode.detach().float().cpu())
+
+    def _log_eval_summary(self, stage: str) -> None:
+        for name, chunks in self._eval_values.items():
+            mean, ci95 = mean_and_ci95(torch.cat(chunks))
+            self.log(f"{stage}/{name}", mean, prog_bar=name == self.metric)
+            self.log(f"{stage}/{name}_ci95", ci95)
+        self._eval_values.clear()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[MARKER] = __version__
+
+    # ------------------------------------------------------------------ helpers
+    def task_loss_fn(self):
+        """Cross-entropy for classification, mean squared error for regression."""
+        if self.task_type == "classification":
+            return torch.nn.functional.cross_entropy
+        return torch.nn.functional.mse_loss
+
+    def episode_metric(self, predictions: Tensor, targets: Tensor) -> Tensor:
+        """Per-episode accuracy or MSE from [tasks, examples, ...] predictions."""
+        if self.task_type == "classification":
+            return (predictions.argmax(-1) == targets).float().mean(-1)
+        return ((predictions - targets) ** 2).flatten(1).mean(-1)

@@ -1,0 +1,23 @@
+"""Feature extractors shared by every learner, chosen with `backbone=<name>`."""
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from metalab.backbones.conv4 import Conv4
+from metalab.backbones.mlp import MLP
+from metalab.errors import ConfigError
+
+BACKBONES = {"conv4": Conv4, "mlp": MLP}
+
+
+def build_backbone(cfg: Mapping, input_shape: tuple[int, ...]) -> nn.Module:
+    """Build the backbone named by `cfg["name"]` for inputs of `input_shape` (no batch dim).
+
+    Every backbone exposes `out_features`: the size of the flat feature vector it returns.
+    """
+    options = dict(cfg)
+    name = options.pop("name")
+    if name not in BACKBONES:
+        raise ConfigError(f"backbone={name!r} is unknown; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](input_shape=tuple(input_shape), **options)

@@ -1,0 +1,90 @@
+"""metalab-eval: meta-test a checkpoint on fixed episodes.
+
+    metalab-eval ckpt_path=<run>/checkpoints/last.ckpt
+    metalab-eval ckpt_path=... dataset=image_folder dataset.root=/my/classes test_ways=5   # cross-domain
+
+The checkpoint carries its training config; values given here (test_*, eval_seed,
+dataset, paths, hardware) replace those for this evaluation only.
+"""
+
+import copy
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from metalab.algorithms import ALGORITHMS
+from metalab.checkpoint import read_checkpoint
+from metalab.config import EVAL_KEYS, check_hardware, check_learner_fits_data, require_positive_int, resolve
+from metalab.config import save_config
+from metalab.errors import ConfigError
+from metalab.paths import CONFIG_DIR
+from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, write_results
+
+OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
+
+
+def evaluation_config(config: dict, trained: dict, input_shape: list[int]) -> dict:
+    """The checkpoint's training config with this command's choices laid over it."""
+    run = copy.deepcopy(trained)
+    run["task_name"] = "eval"
+    run["ckpt_path"] = config["ckpt_path"]
+    for key in OVERRIDABLE:
+        if config.get(key) is not None:
+            run[key] = config[key]
+    for key in ("paths", "trainer", "logger", "num_workers"):
+        run[key] = config.get(key)
+    dataset = config.get("dataset")
+    if dataset is not None and dataset != trained["dataset"]:
+        run["dataset"] = dataset = dict(dataset)
+        # Cross-domain: bring the images to what the model was trained on.
+        if "image_size" in dataset and len(input_shape) == 3:
+            dataset["image_size"] = input_shape[-1]
+        if "channels" in dataset and len(input_shape) == 3:
+            dataset["channels"] = input_shape[0]
+        # A folder that is not split into train/val/test is all meta-test classes,
+        # unless the command says otherwise.
+        chosen = " ".join(HydraConfig.get().overrides.task)
+        if dataset.get("split_fractions") is not None and "dataset.split_fractions" not in chosen:
+            dataset["split_fractions"] = {"train": 0.0, "val": 0.0, "test": 1.0}
+    return run
+
+
+def evaluate(cfg: DictConfig) -> float | None:
+    started = time.perf_counter()
+    config = resolve(cfg)
+    run_dir = Path(config["paths"]["run_dir"])
+    checkpoint = read_checkpoint(config["ckpt_path"])
+    hyper = checkpoint["hyper_parameters"]
+    run = evaluation_config(config, hyper["config"], hyper["input_shape"])
+    save_config(run, run_dir)
+
+    for key in EVAL_KEYS:
+        require_positive_int(run, key)
+    check_hardware(run["trainer"])
+    datamodule = build_datamodule(run)
+    datamodule.setup("test")
+    if list(datamodule.input_shape) != list(hyper["input_shape"]):
+        raise ConfigError(
+            f"dataset={run['dataset']['name']} gives inputs of shape {list(datamodule.input_shape)} but the "
+            f"checkpoint expects {hyper['input_shape']}; choose a dataset of the same kind"
+        )
+    learner_cls = ALGORITHMS[run["algorithm"]["name"]]
+    check_learner_fits_data(run, learner_cls, datamodule.task_type, run["ways"], run["test_ways"])
+
+    model = learner_cls.load_from_checkpoint(config["ckpt_path"], map_location="cpu")
+    trainer = build_trainer(run, run_dir, with_callbacks=False)
+    metrics = meta_test(trainer, model, datamodule, ckpt_path=None)
+    write_results(run_dir, run, metrics, started, tested_checkpoint=config["ckpt_path"])
+    return metrics.get(f"test/{model.metric}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    return guarded(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The steps metalab-train and metalab-eval share: data, trainer, meta-test, results.json."""
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning import LightningModule, Trainer
+from omegaconf import DictConfig
+
+from metalab.config import report_error, write_json
+from metalab.data import EpisodicDataModule
+from metalab.errors import MetalabError
+
+
+def build_datamodule(config: dict) -> EpisodicDataModule:
+    return EpisodicDataModule(
+        dataset=config["dataset"],
+        data_dir=config["paths"]["data_dir"],
+        cache_dir=config["paths"]["cache_dir"],
+        ways=config["ways"],
+        shots=config["shots"],
+        queries=config["queries"],
+        meta_batch_size=config["meta_batch_size"],
+        test_ways=config["test_ways"],
+        test_shots=config["test_shots"],
+        test_queries=config["test_queries"],
+        val_episodes=config["val_episodes"],
+        test_episodes=config["test_episodes"],
+        seed=config["seed"],
+        eval_seed=config["eval_seed"],
+        eval_batch_size=config["eval_batch_size"],
+        num_workers=config.get("num_workers", 0),
+    )
+
+
+def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> Trainer:
+    loggers = [instantiate(cfg) for cfg in (config.get("logger") or {}).values()]
+    callbacks = [instantiate(cfg) for cfg in (config.get("callbacks") or {}).values()] if with_callbacks else []
+    return Trainer(
+        **config["trainer"],
+        default_root_dir=str(run_dir),
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_checkpointing=with_callbacks,
+    )
+
+
+def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicDataModule, ckpt_path) -> dict:
+    """Run the fixed test episodes; returns the logged `test/*` metrics and test throughput."""
+    started = time.perf_counter()
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    seconds = time.perf_counter() - started
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    metrics["test_tasks_per_sec"] = datamodule.test_episodes / seconds
+    return metrics
+
+
+def summary(config: dict) -> dict:
+    """The settings a reader compares runs by."""
+    keys = ("seed", "eval_seed", "ways", "shots", "queries", "meta_batch_size")
+    keys += ("test_ways", "test_shots", "test_queries", "test_episodes")
+    return {
+        "algorithm": config["algorithm"]["name"],
+        "dataset": config["dataset"]["name"],
+        "backbone": config.get("backbone", {}).get("name"),
+        **{key: config.get(key) for key in keys},
+        "max_steps": config["trainer"].get("max_steps"),
+    }
+
+
+def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **extra) -> dict:
+    results = {**metrics, "config": summary(config), "wall_time_sec": time.perf_counter() - started, **extra}
+    write_json(run_dir / "results.json", results)
+    for key in sorted(k for k in metrics if k.startswith("test/") and not k.endswith("_ci95")):
+        ci = metrics.get(f"{key}_ci95")
+        print(f"{key} = {metrics[key]:.4f}" + (f" ± {ci:.4f} (95% CI)" if ci is not None else ""))
+    print(f"results: {run_dir / 'results.json'}", flush=True)
+    return results
+
+
+def guarded(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
+    """Run a command; a MetalabError becomes a one-line message (and error.txt), not a traceback.
+
+    In a multirun sweep the failing job returns None so the other jobs go on.
+    """
+    try:
+        return task(cfg)
+    except MetalabError as error:
+        hydra = HydraConfig.get()
+        report_error(error, Path(hydra.runtime.output_dir))
+        if hydra.mode == RunMode.MULTIRUN:
+            return None
+        sys.exit(2)

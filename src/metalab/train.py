@@ -1,0 +1,63 @@
+"""metalab-train: meta-train a learner, then meta-test it on fixed episodes.
+
+    metalab-train algorithm=protonet dataset=omniglot ways=60 test_ways=5 shots=1
+    metalab-train -m algorithm=maml,protonet dataset=omniglot     # a sweep, one run dir per job
+"""
+
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from metalab.algorithms import ALGORITHMS
+from metalab.config import check_learner_fits_data, check_train_config, resolve, save_config
+from metalab.paths import CONFIG_DIR
+from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, write_results
+
+
+def train(cfg: DictConfig) -> float | None:
+    started = time.perf_counter()
+    config = resolve(cfg)
+    run_dir = Path(config["paths"]["run_dir"])
+    save_config(config, run_dir)
+
+    # Everything that can be wrong is checked before the first step.
+    check_train_config(config, ALGORITHMS)
+    datamodule = build_datamodule(config)
+    datamodule.setup("fit")
+    learner_cls = ALGORITHMS[config["algorithm"]["name"]]
+    check_learner_fits_data(config, learner_cls, datamodule.task_type, config["ways"], config["test_ways"])
+
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    model = learner_cls(config, list(datamodule.input_shape), datamodule.task_type)
+    trainer = build_trainer(config, run_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=config["ckpt_path"])
+
+    metrics, tested = {}, None
+    if config["test_after_training"]:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        tested = best or None  # None: the weights as training left them
+        metrics = meta_test(trainer, model, datamodule, tested)
+    train_rate = model.train_tasks / model.train_time if model.train_time else None
+    write_results(
+        run_dir,
+        config,
+        metrics,
+        started,
+        train_tasks_per_sec=train_rate,
+        tested_checkpoint=tested,
+        last_checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
+        global_step=trainer.global_step,
+    )
+    return metrics.get(f"test/{model.metric}")  # what a sweeper optimizes
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return guarded(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
