@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from metalab.algorithms import MAML
+from metalab.algorithms.reference import per_task_maml_loss
 from metalab.data.episodes import Episode
 
 WAYS, SHOTS, QUERIES, TASKS, FEATURES = 3, 2, 3, 4, 5
@@ -39,19 +40,9 @@ def random_batch() -> Episode:
 
 def reference_meta_gradient(model: MAML, batch: Episode, steps: int, first_order: bool) -> list[torch.Tensor]:
     """The textbook loop: adapt each task with autograd.grad, average the query losses."""
-    names, params = zip(*model.model.named_parameters())
     lr = model.algorithm_cfg["inner_lr"]
-    loss_fn = torch.nn.functional.cross_entropy
-    task_losses = []
-    for t in range(TASKS):
-        fast = list(params)
-        for _ in range(steps):
-            logits = torch.func.functional_call(model.model, dict(zip(names, fast)), (batch.support_x[t],))
-            grads = torch.autograd.grad(loss_fn(logits, batch.support_y[t]), fast, create_graph=not first_order)
-            fast = [p - lr * g for p, g in zip(fast, grads)]
-        logits = torch.func.functional_call(model.model, dict(zip(names, fast)), (batch.query_x[t],))
-        task_losses.append(loss_fn(logits, batch.query_y[t]))
-    return list(torch.autograd.grad(torch.stack(task_losses).mean(), params))
+    loss = per_task_maml_loss(model.model, batch, steps, lr, first_order, torch.nn.functional.cross_entropy)
+    return list(torch.autograd.grad(loss, list(model.model.parameters())))
 
 
 def vmapped_meta_gradient(model: MAML, batch: Episode) -> list[torch.Tensor]:
@@ -89,3 +80,17 @@ def test_zero_inner_steps_is_plain_supervised_gradient():
     plain = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, batch.query_y.flatten()), list(model.model.parameters()))
     for a, b in zip(ours, plain):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
+
+
+def test_evaluation_adapts_under_no_grad_and_inference_mode():
+    model, batch = small_maml(3, first_order=False), random_batch()
+    with torch.no_grad():
+        a = model.evaluate(batch)["acc"]
+    with torch.inference_mode():  # as trainer.test runs by default
+        inference_batch = Episode(*(t.clone() for t in batch))
+        model._evaluate_and_store(inference_batch)  # what validation/test steps call
+    b = model._eval_values["acc"][0]
+    torch.testing.assert_close(a.float(), b)
+    # Adaptation changes predictions: evaluation is not the unadapted model.
+    unadapted = (model.model(batch.query_x.flatten(0, 1)).argmax(-1).view(TASKS, -1) == batch.query_y).double().mean(-1)
+    assert not torch.equal(unadapted, a)

@@ -1,61 +1,84 @@
 """The functional adaptation mechanism shared by the optimization-based learners.
 
-Parameters are plain dicts of tensors, so adapting never mutates a module, and every
-function here works on one task: `torch.func.vmap` batches it over the meta-batch.
+Parameters are plain dicts of tensors with a leading task dimension, so adapting never
+mutates a module and all tasks of a meta-batch adapt at once:
+
+- the forward pass is `torch.func.functional_call` vmapped over the tasks;
+- the inner gradient is one `torch.autograd.grad` of the *sum* of the task losses.
+  Task t's loss depends only on task t's slice of the parameters, so the gradient of
+  the sum with respect to that slice is exactly task t's own gradient.
+
+This gives the same numbers as a loop over tasks (tests check it to 1e-5) at a fraction
+of the cost: a handful of large batched kernels instead of many small ones, and plain
+autograd for the backward passes, which on a CPU is several times cheaper than nesting
+`torch.func.grad` inside `vmap`.
 """
 
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, vmap
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# (per-task params [tasks, ...], x [tasks, n, ...], y [tasks, n, ...]) -> per-task losses [tasks]
+BatchedLoss = Callable[[Params, Tensor, Tensor], Tensor]
 
 
-def task_loss(model: nn.Module, loss_fn: LossFn) -> Callable[[Params, Tensor, Tensor], Tensor]:
-    """loss(params, x, y): the model run with `params` in place of its own, scored by `loss_fn`."""
+def per_task(params: Mapping[str, Tensor], tasks: int, meta_gradient: bool = True) -> Params:
+    """Give each task its own view of the shared parameters: [tasks, *shape].
+
+    With `meta_gradient`, gradients of the views flow back to (and sum into) the shared
+    parameters: the outer loop's meta-gradient. Without it (evaluation) the views are cut
+    from the meta-parameters but still differentiable for the inner loop.
+    """
+    views = {}
+    with torch.enable_grad():  # evaluation runs under no_grad; the inner loop still needs a graph
+        for name, p in params.items():
+            base = p if meta_gradient else p.detach().requires_grad_(True)
+            views[name] = base.expand(tasks, *p.shape)
+    return views
+
+
+def batched_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    """f(params, x): the model run with per-task `params` on per-task inputs, vmapped over tasks."""
+    return vmap(lambda params, x: functional_call(model, params, (x,)))
+
+
+def batched_loss(model: nn.Module, loss_fn: LossFn) -> BatchedLoss:
+    """loss(params, x, y) -> [tasks]: each task's loss under its own parameters."""
+    forward = batched_forward(model)
 
     def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, params, (x,)), y)
+        outputs = forward(params, x)
+        return vmap(loss_fn)(outputs, y)
 
     return loss
 
 
-def sgd_step(
-    loss: Callable[[Params, Tensor, Tensor], Tensor],
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    lr: float | Mapping[str, Tensor],
-    first_order: bool,
-) -> Params:
-    """One inner step θ' = θ − α ∇θ L(θ; x, y).
+def sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
+             lr: float | Mapping[str, Tensor], first_order: bool) -> Params:
+    """One inner step for every task: θ'_t = θ_t − α ∇θ_t L_t(θ_t; x_t, y_t).
 
     The outer backward pass differentiates through ∇θ L (second-order MAML) unless
-    `first_order`, which treats the gradient as a constant: that drops exactly the
-    Hessian-vector terms. `lr` is a scalar, or one tensor per parameter (Meta-SGD).
+    `first_order`, where the gradient is taken without a graph and so acts as a
+    constant: that drops exactly the Hessian-vector terms. `lr` is a scalar, or one
+    tensor per parameter (Meta-SGD), broadcast over tasks.
     """
-    grads = grad(loss)(params, x, y)
-    step = {}
-    for name, p in params.items():
-        g = grads[name].detach() if first_order else grads[name]
-        alpha = lr[name] if isinstance(lr, Mapping) else lr
-        step[name] = p - alpha * g
+    with torch.enable_grad():
+        total = loss(params, x, y).sum()
+        grads = torch.autograd.grad(total, list(params.values()), create_graph=not first_order)
+        step = {}
+        for (name, p), g in zip(params.items(), grads):
+            alpha = lr[name] if isinstance(lr, Mapping) else lr
+            step[name] = p - alpha * g
     return step
 
 
-def sgd_adapt(
-    loss: Callable[[Params, Tensor, Tensor], Tensor],
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    steps: int,
-    lr: float | Mapping[str, Tensor],
-    first_order: bool = False,
-) -> Params:
-    """`steps` inner SGD steps on the support set (x, y) of one task."""
+def sgd_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int,
+              lr: float | Mapping[str, Tensor], first_order: bool = False) -> Params:
+    """`steps` inner SGD steps on every task's support set (x, y)."""
     for _ in range(steps):
         params = sgd_step(loss, params, x, y, lr, first_order)
     return params

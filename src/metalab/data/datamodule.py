@@ -1,0 +1,141 @@
+"""Lightning data module: an endless, resumable training stream and fixed evaluation episodes."""
+
+from collections.abc import Mapping
+from itertools import count
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from metalab.data.episodes import Episode, episode_generator, sample_meta_batch
+from metalab.data.image_folder import build_image_folder_sources, build_mini_imagenet_sources
+from metalab.data.omniglot import build_omniglot_sources
+from metalab.data.sinusoid import build_sinusoid_sources
+from metalab.errors import ConfigError
+
+BUILDERS = {
+    "sinusoid": build_sinusoid_sources,
+    "omniglot": build_omniglot_sources,
+    "image_folder": build_image_folder_sources,
+    "mini_imagenet": build_mini_imagenet_sources,
+}
+SPLITS_CHECKED = {None: ("train", "val", "test"), "fit": ("train", "val", "test"),  # a train run ends with a test
+                  "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict:
+    """The episode sources {"train", "val", "test"} of the dataset named by `dataset_cfg["name"]`."""
+    cfg = dict(dataset_cfg)
+    name = cfg.pop("name", None)
+    if name not in BUILDERS:
+        raise ConfigError(f"dataset.name={name!r} is unknown; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[name](cfg, Path(data_dir), Path(cache_dir))
+
+
+class TrainStream(IterableDataset):
+    """Meta-batch i comes from its own generator, so the stream is the same for any worker count.
+
+    Worker w of W yields meta-batches start+w, start+w+W, ...; the DataLoader takes one from each
+    worker in turn, which restores the order start, start+1, ...
+    """
+
+    def __init__(self, source, ways: int, shots: int, queries: int, meta_batch_size: int, seed: int, start: int):
+        self.source, self.shape, self.meta_batch_size = source, (ways, shots, queries), meta_batch_size
+        self.seed, self.start = seed, start
+
+    def __iter__(self):
+        worker = get_worker_info()
+        first, step = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
+        for i in count(first, step):
+            yield sample_meta_batch(self.source, *self.shape, self.meta_batch_size,
+                                    episode_generator(self.seed, "train", i))
+
+
+class FixedEpisodes(Dataset):
+    """`length` evaluation episodes, episode j always drawn from the (seed, split, j) generator."""
+
+    def __init__(self, source, ways: int, shots: int, queries: int, length: int, seed: int, split: str):
+        self.source, self.shape, self.length = source, (ways, shots, queries), length
+        self.seed, self.split = seed, split
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, j: int) -> Episode:
+        return self.source.sample(*self.shape, episode_generator(self.seed, self.split, j))
+
+
+class EpisodicDataModule(L.LightningDataModule):
+    def __init__(self, dataset: Mapping, data_dir: str | Path, cache_dir: str | Path,
+                 ways: int, shots: int, queries: int, meta_batch_size: int,
+                 test_ways: int, test_shots: int, test_queries: int,
+                 val_episodes: int, test_episodes: int,
+                 seed: int, eval_seed: int, eval_batch_size: int, num_workers: int = 0):
+        super().__init__()
+        for name, value, least in (("meta_batch_size", meta_batch_size, 1),
+                                   ("eval_batch_size", eval_batch_size, 1), ("val_episodes", val_episodes, 0),
+                                   ("test_episodes", test_episodes, 0), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {least}")
+        self.dataset_cfg = dict(dataset)
+        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
+        self.ways, self.shots, self.queries, self.meta_batch_size = ways, shots, queries, meta_batch_size
+        self.test_ways, self.test_shots, self.test_queries = test_ways, test_shots, test_queries
+        self.val_episodes, self.test_episodes, self.eval_batch_size = val_episodes, test_episodes, eval_batch_size
+        self.seed, self.eval_seed, self.num_workers = seed, eval_seed, num_workers
+        self._sources = None
+
+    @property
+    def sources(self) -> dict:
+        if self._sources is None:  # built once, on first use
+            self._sources = build_sources(self.dataset_cfg, self.data_dir, self.cache_dir)
+        return self._sources
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the sources and check the splits that `stage` uses, so bad settings fail before training."""
+        for split in SPLITS_CHECKED[stage]:
+            if self._length(split) != 0:  # a split with 0 evaluation episodes is never sampled
+                self.sources[split].check(*self._shape(split), split)
+
+    @property
+    def task_type(self) -> str:
+        return self.sources["train"].task_type
+
+    @property
+    def input_shape(self) -> tuple:
+        # Every split of a dataset shares one image array, so even an empty train split knows the shape.
+        return self.sources["train"].input_shape
+
+    def train_dataloader(self) -> DataLoader:
+        # Resuming from a checkpoint continues the stream: in manual optimization global_step
+        # counts outer steps, i.e. meta-batches consumed.
+        start = self.trainer.global_step if self.trainer is not None else 0
+        stream = TrainStream(self.sources["train"], *self._shape("train"), self.meta_batch_size, self.seed, start)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val", self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test", self.num_workers)
+
+    def example_batch(self, split: str = "train") -> Episode:
+        """One meta-batch of `split` (the first the loaders give), e.g. to log an image grid."""
+        if split == "train":
+            return sample_meta_batch(self.sources["train"], *self._shape("train"), self.meta_batch_size,
+                                     episode_generator(self.seed, "train", 0))
+        return next(iter(self._eval_loader(split, num_workers=0)))
+
+    def _eval_loader(self, split: str, num_workers: int) -> DataLoader:
+        episodes = FixedEpisodes(self.sources[split], *self._shape(split), self._length(split),
+                                 self.eval_seed, split)
+        return DataLoader(episodes, batch_size=self.eval_batch_size, shuffle=False, num_workers=num_workers,
+                          persistent_workers=False, pin_memory=False)
+
+    def _shape(self, split: str) -> tuple[int, int, int]:
+        if split == "train":
+            return self.ways, self.shots, self.queries
+        return self.test_ways, self.test_shots, self.test_queries  # val episodes are shaped like the test's
+
+    def _length(self, split: str) -> int | None:
+        return {"val": self.val_episodes, "test": self.test_episodes}.get(split)

@@ -1,0 +1,152 @@
+"""Omniglot: 1623 handwritten characters of 50 alphabets, read from the two official zip archives.
+
+Protocols:
+- vinyals: class lists from `<data_dir>/omniglot/splits/vinyals/{train,val,test}.txt`; a class is a
+  character at a rotation of k*90 degrees, applied at sample time.
+- lake: train = the 964 characters of the 30 background alphabets, val = test = the 659 characters
+  of the 20 evaluation alphabets, unrotated.
+"""
+
+import hashlib
+import json
+import os
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from metalab.data.episodes import ImageClassSource
+from metalab.data.image_cache import ImageRef, load_or_build, write_json_atomic
+from metalab.errors import ConfigError, DataError
+
+ARCHIVES = ("images_background.zip", "images_evaluation.zip")  # background alphabets first
+DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
+DEFAULTS = {"protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True, "download": False}
+ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
+
+
+def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict[str, ImageClassSource]:
+    cfg = {**DEFAULTS, **cfg}
+    protocol, image_size = cfg["protocol"], cfg["image_size"]
+    if protocol not in ("vinyals", "lake"):
+        raise ConfigError(f"dataset.protocol={protocol!r} is unknown for omniglot; choose 'vinyals' or 'lake'")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"dataset.image_size={image_size!r} is invalid; use a positive integer such as 28")
+    root = Path(data_dir) / "omniglot"
+    archives = _archives(root, cfg["download"])
+    checksums = {}
+    if cfg["verify_checksums"]:
+        checksums = _verified_checksums(archives, root / "SHA256SUMS", Path(cache_dir))
+
+    characters = [_characters(path) for path in archives]
+    groups = {key: refs for chars in characters for key, refs in chars.items()}
+    if protocol == "lake":
+        background, evaluation = (sorted(chars) for chars in characters)
+        splits = {"train": [(c, 0) for c in background], "val": [(c, 0) for c in evaluation],
+                  "test": [(c, 0) for c in evaluation]}
+    else:  # read before decoding, so a bad split file fails fast
+        splits = {split: _vinyals_split(root / "splits" / "vinyals" / f"{split}.txt", groups)
+                  for split in ("train", "val", "test")}
+
+    fingerprint = {"dataset": "omniglot", "checksums": checksums,
+                   "archives": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in archives]}
+    array_path, index = load_or_build(Path(cache_dir), "omniglot", fingerprint, groups,
+                                      image_size, 1, bool(cfg["invert"]))
+
+    sources = {}
+    for split, classes in splits.items():
+        names = [char if protocol == "lake" else f"{char}/rot{90 * k:03d}" for char, k in classes]
+        sources[split] = ImageClassSource(
+            array_path, names, [index[c][0] for c, _ in classes], [index[c][1] for c, _ in classes],
+            [k for _, k in classes], dataset=f"omniglot ({protocol})", split=split)
+    return sources
+
+
+def _archives(root: Path, download: bool) -> list[Path]:
+    archives = [root / name for name in ARCHIVES]
+    missing = [path for path in archives if not path.is_file()]
+    if missing and download:
+        root.mkdir(parents=True, exist_ok=True)
+        for path in missing:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            urllib.request.urlretrieve(DOWNLOAD_URL.format(path.name), tmp)
+            os.replace(tmp, path)
+    elif missing:
+        raise DataError(
+            f"Omniglot archives not found: expected {archives[0]} and {archives[1]}. "
+            "Set METALAB_DATA_DIR (or paths.data_dir) to the folder that holds omniglot/, "
+            "or set dataset.download=true to download them (needs internet).")
+    return archives
+
+
+def _verified_checksums(archives: list[Path], sums_file: Path, cache_dir: Path) -> dict[str, str]:
+    """Check each archive against SHA256SUMS (when present); return {archive name: sha256}.
+
+    A verified sum is remembered in the cache dir with the file's size and mtime, so the archives are
+    hashed once, not on every run.
+    """
+    if not sums_file.is_file():
+        return {}
+    expected = {}
+    for line in sums_file.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            expected[name.lstrip("*")] = digest.lower()
+    memo_path = cache_dir / "checksums.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    verified = {}
+    for path in archives:
+        if path.name not in expected:
+            continue
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        entry = memo.get(str(path.resolve()))
+        actual = entry["sha256"] if entry and entry["stamp"] == stamp else _sha256(path)
+        if actual != expected[path.name]:
+            raise DataError(f"checksum mismatch for {path}: expected sha256 {expected[path.name]} "
+                            f"(from {sums_file}), got {actual}; download the archive again")
+        memo[str(path.resolve())] = {"stamp": stamp, "sha256": actual}
+        verified[path.name] = actual
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(memo_path, memo)
+    return verified
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _characters(archive: Path) -> dict[str, list[ImageRef]]:
+    """{'Alphabet/characterNN': [(archive, member), ...]} with drawings in sorted order."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = sorted(name for name in zf.namelist() if name.lower().endswith(".png"))
+    except zipfile.BadZipFile:
+        raise DataError(f"{archive} is not a valid zip archive; download it again") from None
+    if not members:
+        raise DataError(f"{archive} holds no .png images; download it again")
+    characters: dict[str, list[ImageRef]] = {}
+    for member in members:
+        parts = member.split("/")  # images_background/Alphabet/characterNN/file.png
+        characters.setdefault("/".join(parts[-3:-1]), []).append((str(archive), member))
+    return characters
+
+
+def _vinyals_split(path: Path, characters: Mapping) -> list[tuple[str, int]]:
+    if not path.is_file():
+        raise DataError(f"Omniglot vinyals split file not found: expected {path} "
+                        "(one 'Alphabet/characterNN/rotDDD' class per line)")
+    classes = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        char, _, rotation = line.strip().rpartition("/")
+        if char not in characters or rotation not in ROTATIONS:
+            raise DataError(f"{path}:{number}: {line.strip()!r} is not a character of the archives "
+                            f"followed by one of {sorted(ROTATIONS)}")
+        classes.append((char, ROTATIONS[rotation]))
+    return classes

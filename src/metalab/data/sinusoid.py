@@ -1,0 +1,54 @@
+"""Sinusoid regression (the MAML paper's toy task family): y = A sin(x - phase), A, phase, x uniform."""
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from metalab.data.episodes import Episode, require_positive
+from metalab.errors import ConfigError
+
+DEFAULTS = {"amplitude": [0.1, 5.0], "phase": [0.0, math.pi], "x_range": [-5.0, 5.0]}
+
+
+class SinusoidSource:
+    task_type = "regression"
+    input_shape = (1,)
+
+    def __init__(self, amplitude: Sequence[float], phase: Sequence[float], x_range: Sequence[float]):
+        self.amplitude = _interval("amplitude", amplitude)
+        self.phase = _interval("phase", phase)
+        self.x_range = _interval("x_range", x_range)
+
+    def check(self, ways: int, shots: int, queries: int, split_name: str) -> None:
+        require_positive(split_name, shots=shots, queries=queries)  # ways means nothing for regression
+
+    def sample(self, ways: int, shots: int, queries: int, generator: torch.Generator) -> Episode:
+        amplitude = _uniform(self.amplitude, (), generator)
+        phase = _uniform(self.phase, (), generator)
+        x = _uniform(self.x_range, (shots + queries, 1), generator)
+        y = amplitude * torch.sin(x - phase)
+        return Episode(x[:shots], y[:shots], x[shots:], y[shots:])
+
+
+def build_sinusoid_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict[str, SinusoidSource]:
+    """One task family for all splits; their episodes differ only by seed."""
+    cfg = {**DEFAULTS, **cfg}
+    source = SinusoidSource(cfg["amplitude"], cfg["phase"], cfg["x_range"])
+    return {"train": source, "val": source, "test": source}
+
+
+def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = None
+    if low is None or not low <= high:
+        raise ConfigError(f"dataset.{name}={value!r} is invalid; give [low, high] with low <= high")
+    return low, high
+
+
+def _uniform(interval: tuple[float, float], shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    low, high = interval
+    return low + (high - low) * torch.rand(shape, generator=generator)
