@@ -17,6 +17,7 @@ import torch
 from metalab.algorithms import MAML
 from metalab.algorithms.reference import per_task_maml_loss
 from metalab.data.episodes import Episode
+from metalab.memory import keep_freed_memory
 
 WAYS, SHOTS, QUERIES, META_BATCH = 5, 1, 15, 32
 
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing window per measurement")
     args = parser.parse_args()
+    keep_freed_memory()  # as metalab-train does; both sides benefit
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"MAML meta-training, 5-way 1-shot 15 queries, meta-batch {META_BATCH}, second order; {name}, torch {torch.__version__}")

@@ -20,6 +20,7 @@ from metalab.checkpoint import read_checkpoint
 from metalab.config import EVAL_KEYS, check_hardware, check_learner_fits_data, require_positive_int, resolve
 from metalab.config import save_config
 from metalab.errors import ConfigError
+from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, write_results
 
@@ -83,6 +84,7 @@ def evaluate(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
+    keep_freed_memory()
     return guarded(evaluate, cfg)
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from metalab.algorithms import ALGORITHMS
 from metalab.config import check_learner_fits_data, check_train_config, resolve, save_config
+from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, write_results
 
@@ -56,6 +57,7 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    keep_freed_memory()
     return guarded(train, cfg)
 
 
