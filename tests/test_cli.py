@@ -1,0 +1,182 @@
+"""The command-line front door, end to end: real runs, results.json, eval, resume, sweeps, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def env(data_dir: Path, cache_dir: Path) -> dict:
+    return {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
+
+
+def run(command: str, *overrides: str, env: dict, log_dir: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m before the overrides
+    values = [o for o in overrides if not o.startswith("-")]
+    args = [str(BIN / command), *flags, f"paths.log_dir={log_dir}", *QUIET, *values]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    if ok:
+        assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def results(log_dir: Path) -> dict:
+    (path,) = log_dir.rglob("results.json")
+    return json.loads(path.read_text())
+
+
+def weights(checkpoint: str) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+
+# ---------------------------------------------------------------- MAML on sinusoid (no data needed)
+SINUSOID = ["trainer.val_check_interval=500", "val_episodes=50", "test_episodes=200"]
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory, env) -> tuple[Path, dict]:
+    log_dir = tmp_path_factory.mktemp("sinusoid")
+    run("metalab-train", *SINUSOID, "trainer.max_steps=1500", env=env, log_dir=log_dir)
+    return log_dir, results(log_dir)
+
+
+def test_maml_sinusoid_learns_and_writes_results(sinusoid_run):
+    log_dir, res = sinusoid_run
+    # The inner loop helps: post-adaptation error far below the meta-learned prior's.
+    assert res["test/mse"] < 0.5 * res["test/mse_before"], res
+    assert res["test/mse_ci95"] > 0 and res["train_tasks_per_sec"] > 0 and res["wall_time_sec"] > 0
+    assert res["config"]["algorithm"] == "maml" and res["config"]["dataset"] == "sinusoid"
+    assert res["global_step"] == 1500
+    run_dir = Path(res["last_checkpoint"]).parents[1]
+    assert (run_dir / "config.yaml").is_file() and Path(res["last_checkpoint"]).is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):
+    _, trained = sinusoid_run
+    run("metalab-eval", f"ckpt_path={trained['tested_checkpoint']}", env=env, log_dir=tmp_path)
+    evaluated = results(tmp_path)
+    assert evaluated["test/mse"] == trained["test/mse"]
+    assert evaluated["test/mse_ci95"] == trained["test/mse_ci95"]
+
+
+def test_resume_continues_from_the_saved_step(env, tmp_path):
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    short = ["trainer.val_check_interval=100", "val_episodes=10", "test_episodes=20"]
+    run("metalab-train", *short, "trainer.max_steps=200", env=env, log_dir=straight)
+    run("metalab-train", *short, "trainer.max_steps=100", env=env, log_dir=first)
+    last = results(first)["last_checkpoint"]
+    assert torch.load(last, weights_only=False)["global_step"] == 100
+    run("metalab-train", *short, "trainer.max_steps=200", f"ckpt_path={last}", env=env, log_dir=resumed)
+    assert results(resumed)["global_step"] == 200
+    # Same seed: the episode stream and optimizer state pick up where they stopped.
+    a, b = weights(results(straight)["last_checkpoint"]), weights(results(resumed)["last_checkpoint"])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- ProtoNet on real Omniglot
+@pytest.mark.data
+def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot_dir):
+    train_dir = tmp_path / "train"
+    run("metalab-train", "algorithm=protonet", "dataset=omniglot", "ways=20", "shots=1", "queries=5",
+        "meta_batch_size=4", "test_ways=5", "test_queries=5", "trainer.max_steps=100",
+        "trainer.val_check_interval=50", "val_episodes=40", "test_episodes=200", env=env, log_dir=train_dir)
+    trained = results(train_dir)
+    # 400 training episodes: far above the 20% of chance on unseen 5-way 1-shot test classes.
+    assert trained["test/acc"] > 0.75, trained
+    tags = tensorboard_image_tags(Path(trained["last_checkpoint"]).parents[1] / "tensorboard")
+    assert {"episode/support", "episode/query"} <= tags
+
+    # Cross-domain: a plain folder of class folders (raw 105x105 black-on-white PNGs)
+    # is resized and inverted to what the model was trained on.
+    folder = tmp_path / "classes"
+    with zipfile.ZipFile(omniglot_dir / "images_evaluation.zip") as archive:
+        pngs = sorted(n for n in archive.namelist() if n.endswith(".png") and "/Tibetan/" in n)
+        for name in pngs[: 12 * 20]:
+            target = folder / name.split("/")[-2] / name.split("/")[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(name))
+    eval_dir = tmp_path / "eval"
+    run("metalab-eval", f"ckpt_path={trained['last_checkpoint']}", "dataset=image_folder",
+        f"dataset.root={folder}", "dataset.invert=true", "test_ways=5", "test_episodes=100",
+        env=env, log_dir=eval_dir)
+    crossed = results(eval_dir)
+    assert crossed["config"]["dataset"] == "image_folder"
+    assert crossed["test/acc"] > 0.6, crossed
+
+
+def tensorboard_image_tags(directory: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in directory.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["images"])
+    return tags
+
+
+@pytest.mark.data
+def test_multirun_sweep_writes_one_run_dir_per_job(env, tmp_path, omniglot_dir):
+    run("metalab-train", "-m", "algorithm=maml,protonet", "dataset=omniglot", "meta_batch_size=2",
+        "trainer.max_steps=4", "trainer.val_check_interval=4", "val_episodes=4", "test_episodes=8",
+        env=env, log_dir=tmp_path)
+    found = sorted(json.loads(p.read_text())["config"]["algorithm"] for p in tmp_path.rglob("results.json"))
+    assert found == ["maml", "protonet"]
+    assert all("multiruns" in str(p) for p in tmp_path.rglob("results.json"))
+
+
+# ---------------------------------------------------------------- bad input: a message, no traceback
+BAD = [
+    (["dataset=omniglot", "ways=5000"], "ways=5000"),
+    (["dataset=omniglot", "shots=15", "queries=10"], "shots"),
+    (["algorithm=nosuch"], "algorithm/nosuch"),
+    (["dataset=nosuch"], "dataset/nosuch"),
+    (["algorithm.optimizer.lr=-1"], "algorithm.optimizer.lr=-1"),
+    (["algorithm.inner_lr=0"], "algorithm.inner_lr=0"),
+    (["shots=0"], "shots=0"),
+    (["meta_batch_size=-3"], "meta_batch_size=-3"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "does not exist"),
+    (["algorithm=protonet"], "classification"),
+    (["dataset=omniglot", "test_ways=20"], "test_ways=20"),
+    (["dataset=image_folder"], "dataset.root"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["hardware=gpu"], "hardware=gpu"))
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_fails_before_training_with_a_clear_message(overrides, message, env, tmp_path, omniglot_dir):
+    proc = run("metalab-train", *overrides, env=env, log_dir=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_missing_data_names_the_files_and_the_variable(env, tmp_path):
+    proc = run("metalab-train", "dataset=omniglot", env={**env, "METALAB_DATA_DIR": str(tmp_path / "none")},
+               log_dir=tmp_path, ok=False)
+    assert proc.returncode == 2
+    assert "images_background.zip" in proc.stderr and "METALAB_DATA_DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_refuses_a_file_that_is_not_a_metalab_checkpoint(env, tmp_path):
+    fake = tmp_path / "fake.ckpt"
+    torch.save({"state_dict": {}}, fake)
+    proc = run("metalab-eval", f"ckpt_path={fake}", env=env, log_dir=tmp_path, ok=False)
+    assert proc.returncode == 2 and "not a metalab checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
