@@ -1,6 +1,5 @@
 """Turn a Hydra config into a plain dict and reject bad values before any work starts."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -96,12 +95,6 @@ def save_config(cfg: dict, run_dir: Path) -> None:
     print(text, flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(text)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
 
 
 def report_error(error: Exception, run_dir: Path | None) -> None:

@@ -11,8 +11,9 @@ from hydra.utils import instantiate
 from lightning import LightningModule, Trainer
 from omegaconf import DictConfig
 
-from metalab.config import report_error, write_json
+from metalab.config import report_error
 from metalab.data import EpisodicDataModule
+from metalab.data.image_cache import write_json_atomic
 from metalab.errors import MetalabError
 
 
@@ -74,7 +75,7 @@ def summary(config: dict) -> dict:
 
 def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **extra) -> dict:
     results = {**metrics, "config": summary(config), "wall_time_sec": time.perf_counter() - started, **extra}
-    write_json(run_dir / "results.json", results)
+    write_json_atomic(run_dir / "results.json", results)
     for key in sorted(k for k in metrics if k.startswith("test/") and not k.endswith("_ci95")):
         ci = metrics.get(f"{key}_ci95")
         print(f"{key} = {metrics[key]:.4f}" + (f" ± {ci:.4f} (95% CI)" if ci is not None else ""))
