@@ -6,15 +6,33 @@ import torch
 from torch import nn
 
 
+class Dense(nn.Module):
+    """y = x W + b with W stored [in, out] (nn.Linear stores [out, in]).
+
+    The weight gradient xᵀδ then comes out in the weight's own memory layout. With
+    nn.Linear's layout every inner-loop update θ − α·g reads a transposed gradient, which
+    for per-task copies of a 784×64 weight made the update about 10× slower on a CPU.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialization
+        self.weight = nn.Parameter(torch.empty(in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
 class MLP(nn.Module):
-    """Flatten the input, then Linear+ReLU for each hidden size. `out_features` is the last size."""
+    """Flatten the input, then Dense+ReLU for each hidden size. `out_features` is the last size."""
 
     def __init__(self, input_shape: tuple[int, ...], hidden_sizes: list[int] = (40, 40)):
         super().__init__()
         sizes = [math.prod(input_shape), *hidden_sizes]
         layers = []
         for size_in, size_out in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(size_in, size_out), nn.ReLU()]
+            layers += [Dense(size_in, size_out), nn.ReLU()]
         self.layers = nn.Sequential(nn.Flatten(), *layers)
         self.out_features = sizes[-1]
 
