@@ -8,6 +8,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from metalab.checkpoint import read_checkpoint
 from metalab.errors import ConfigError
 
 EPISODE_KEYS = ("ways", "shots", "queries", "meta_batch_size")
@@ -70,8 +71,6 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
     check_algorithm(cfg, algorithms)
     check_hardware(cfg["trainer"])
     if cfg.get("ckpt_path") is not None:
-        from metalab.checkpoint import read_checkpoint
-
         read_checkpoint(cfg["ckpt_path"])
 
 

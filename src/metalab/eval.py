@@ -17,8 +17,14 @@ from omegaconf import DictConfig
 
 from metalab.algorithms import ALGORITHMS
 from metalab.checkpoint import read_checkpoint
-from metalab.config import EVAL_KEYS, check_hardware, check_learner_fits_data, require_positive_int, resolve
-from metalab.config import save_config
+from metalab.config import (
+    EVAL_KEYS,
+    check_hardware,
+    check_learner_fits_data,
+    require_positive_int,
+    resolve,
+    save_config,
+)
 from metalab.errors import ConfigError
 from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
