@@ -16,25 +16,18 @@ from metalab.data import EpisodicDataModule
 from metalab.data.image_cache import write_json_atomic
 from metalab.errors import MetalabError
 
+# Run settings passed to the data module under the same names.
+EPISODE_SETTINGS = ("ways", "shots", "queries", "meta_batch_size", "test_ways", "test_shots", "test_queries",
+                    "val_episodes", "test_episodes", "seed", "eval_seed", "eval_batch_size")
+
 
 def build_datamodule(config: dict) -> EpisodicDataModule:
     return EpisodicDataModule(
         dataset=config["dataset"],
         data_dir=config["paths"]["data_dir"],
         cache_dir=config["paths"]["cache_dir"],
-        ways=config["ways"],
-        shots=config["shots"],
-        queries=config["queries"],
-        meta_batch_size=config["meta_batch_size"],
-        test_ways=config["test_ways"],
-        test_shots=config["test_shots"],
-        test_queries=config["test_queries"],
-        val_episodes=config["val_episodes"],
-        test_episodes=config["test_episodes"],
-        seed=config["seed"],
-        eval_seed=config["eval_seed"],
-        eval_batch_size=config["eval_batch_size"],
         num_workers=config.get("num_workers", 0),
+        **{key: config[key] for key in EPISODE_SETTINGS},
     )
 
 
