@@ -59,7 +59,9 @@ def test_maml_sinusoid_learns_and_writes_results(sinusoid_run):
     assert res["global_step"] == 1500
     run_dir = Path(res["last_checkpoint"]).parents[1]
     assert (run_dir / "config.yaml").is_file() and Path(res["last_checkpoint"]).is_file()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard's hyper-parameter table gets the run with its meta-test result.
+    assert any(b"_hparams_/experiment" in e.read_bytes() and b"hp/mse" in e.read_bytes() for e in events)
 
 
 def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):

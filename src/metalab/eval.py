@@ -83,7 +83,7 @@ def evaluate(cfg: DictConfig) -> float | None:
 
     model = learner_cls.load_from_checkpoint(config["ckpt_path"], map_location="cpu")
     trainer = build_trainer(run, run_dir, with_callbacks=False)
-    metrics = meta_test(trainer, model, datamodule, ckpt_path=None)
+    metrics = meta_test(trainer, model, datamodule, None, run)
     write_results(run_dir, run, metrics, started, tested_checkpoint=config["ckpt_path"])
     return metrics.get(f"test/{model.metric}")
 

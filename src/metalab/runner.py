@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from metalab.config import report_error
@@ -43,13 +44,21 @@ def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> T
     )
 
 
-def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicDataModule, ckpt_path) -> dict:
+def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicDataModule, ckpt_path,
+              config: dict) -> dict:
     """Run the fixed test episodes; returns the logged `test/*` metrics and test throughput."""
     started = time.perf_counter()
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics["test_tasks_per_sec"] = datamodule.test_episodes / seconds
+    # TensorBoard's hyper-parameter table: one row per run, with its meta-test result.
+    hparams = {**summary(config), "algorithm": config["algorithm"], "backbone": config.get("backbone")}
+    scores = {f"hp/{k.removeprefix('test/')}": v for k, v in metrics.items() if k.startswith("test/")}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, scores)
+            logger.finalize("success")  # test already closed the writer: flush what was reopened
     return metrics
 
 

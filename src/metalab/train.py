@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> float | None:
     if config["test_after_training"]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         tested = best or None  # None: the weights as training left them
-        metrics = meta_test(trainer, model, datamodule, tested)
+        metrics = meta_test(trainer, model, datamodule, tested, config)
     train_rate = model.train_tasks / model.train_time if model.train_time else None
     write_results(
         run_dir,

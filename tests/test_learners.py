@@ -1,0 +1,51 @@
+"""Learners inside a real Lightning Trainer, without the command line."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning import Trainer
+
+from metalab.algorithms import ALGORITHMS
+from metalab.config import resolve
+from metalab.paths import CONFIG_DIR
+from metalab.runner import build_datamodule
+
+
+def sinusoid_setup(tmp_path, **overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.run_dir={tmp_path}", f"paths.cache_dir={tmp_path}",
+                                          *(f"{k}={v}" for k, v in overrides.items())])
+    config = resolve(cfg)
+    datamodule = build_datamodule(config)
+    datamodule.setup("fit")
+    torch.manual_seed(0)
+    model = ALGORITHMS[config["algorithm"]["name"]](config, list(datamodule.input_shape), datamodule.task_type)
+    return model, datamodule
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluation_works_under_lightnings_default_inference_mode(tmp_path, stage):
+    model, datamodule = sinusoid_setup(tmp_path, test_episodes=40, val_episodes=40)
+    results = []
+    for inference_mode in (True, False):  # True is Lightning's default for validate/test
+        metrics = getattr(quiet_trainer(inference_mode=inference_mode), stage)(model, datamodule=datamodule,
+                                                                              verbose=False)[0]
+        results.append(metrics)
+    prefix = "val" if stage == "validate" else "test"
+    assert results[0] == results[1]
+    assert results[0][f"{prefix}/mse"] < results[0][f"{prefix}/mse_before"] * 2  # adaptation ran and is finite
+
+
+def test_training_moves_parameters_and_logs(tmp_path):
+    model, datamodule = sinusoid_setup(tmp_path, **{"trainer.max_steps": 5})
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = quiet_trainer(max_steps=5, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == 5 and model.train_tasks == 5 * datamodule.meta_batch_size
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert {"train/loss", "train/mse", "train/lr", "train/tasks_per_sec"} <= set(trainer.callback_metrics)
