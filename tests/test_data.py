@@ -302,6 +302,47 @@ def test_missing_omniglot_archives(tmp_path):
         build_sources({"name": "omniglot", "protocol": "vinyals"}, tmp_path, tmp_path / "cache")
 
 
+def fake_urlretrieve(sources: dict[str, Path]):
+    """Stands in for the network: 'downloads' a local file by its archive name."""
+    def urlretrieve(url, target):
+        Path(target).write_bytes(sources[url.rsplit("/", 1)[-1]].read_bytes())
+    return urlretrieve
+
+
+def test_download_keeps_only_archives_with_the_published_checksum(tmp_path, monkeypatch):
+    import metalab.data.omniglot as omniglot
+
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"not the archive")
+    monkeypatch.setattr(omniglot.urllib.request, "urlretrieve", fake_urlretrieve(
+        {"images_background.zip": fake, "images_evaluation.zip": fake}))
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError, match="not the published 68d2efa1b9178cc56df9314c21c6e718"):
+        build_sources({"name": "omniglot", "protocol": "lake", "download": True}, data_dir, tmp_path / "cache")
+    assert list((data_dir / "omniglot").iterdir()) == []  # nothing half-written is left behind
+
+    def offline(url, target):
+        raise omniglot.urllib.error.URLError("no network")
+    monkeypatch.setattr(omniglot.urllib.request, "urlretrieve", offline)
+    with pytest.raises(DataError, match="could not download .*images_background.zip.*by hand"):
+        build_sources({"name": "omniglot", "protocol": "lake", "download": True}, data_dir, tmp_path / "cache")
+
+
+@pytest.mark.data
+def test_download_then_load(omniglot_dir, tmp_path, monkeypatch):
+    import hashlib
+
+    import metalab.data.omniglot as omniglot
+
+    archives = {name: omniglot_dir / name for name in omniglot.ARCHIVES}
+    # The shared archives are re-zipped copies: accept their digests in place of the official ones.
+    monkeypatch.setattr(omniglot, "OFFICIAL_MD5", {n: hashlib.md5(p.read_bytes()).hexdigest() for n, p in archives.items()})
+    monkeypatch.setattr(omniglot.urllib.request, "urlretrieve", fake_urlretrieve(archives))
+    sources = build_sources({"name": "omniglot", "protocol": "lake", "download": True, "image_size": 28},
+                            tmp_path / "data", tmp_path / "cache")
+    assert (len(sources["train"].class_names), len(sources["test"].class_names)) == (964, 659)
+
+
 @pytest.fixture(scope="module")
 def vinyals(omniglot_dir, cache_dir):
     return build_sources({"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True,

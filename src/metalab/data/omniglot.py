@@ -21,6 +21,10 @@ from metalab.errors import ConfigError, DataError
 
 ARCHIVES = ("images_background.zip", "images_evaluation.zip")  # background alphabets first
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
+# The MD5 digests published for the official archives (the copies under shared/ are re-zipped,
+# so they are checked against their own SHA256SUMS instead).
+OFFICIAL_MD5 = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+                "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}
 DEFAULTS = {"protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True, "download": False}
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 
@@ -68,15 +72,29 @@ def _archives(root: Path, download: bool) -> list[Path]:
     if missing and download:
         root.mkdir(parents=True, exist_ok=True)
         for path in missing:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            urllib.request.urlretrieve(DOWNLOAD_URL.format(path.name), tmp)
-            os.replace(tmp, path)
+            _download(DOWNLOAD_URL.format(path.name), path, OFFICIAL_MD5[path.name])
     elif missing:
         raise DataError(
             f"Omniglot archives not found: expected {archives[0]} and {archives[1]}. "
             "Set METALAB_DATA_DIR (or paths.data_dir) to the folder that holds omniglot/, "
             "or set dataset.download=true to download them (needs internet).")
     return archives
+
+
+def _download(url: str, path: Path, md5: str) -> None:
+    """Fetch `url` to `path`, keeping it only if its MD5 is the published one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+        digest = hashlib.md5(tmp.read_bytes()).hexdigest()
+        if digest != md5:
+            raise DataError(f"downloaded {url} has MD5 {digest}, not the published {md5}; try again, "
+                            f"or download it by hand to {path}")
+        os.replace(tmp, path)
+    except OSError as error:
+        raise DataError(f"could not download {url} ({error}); download it by hand to {path}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _verified_checksums(archives: list[Path], sums_file: Path, cache_dir: Path) -> dict[str, str]:
