@@ -113,12 +113,12 @@ class MetaLearner(LightningModule):
         with torch.inference_mode(False):
             if any(t.is_inference() for t in batch):
                 batch = Episode(*(t.clone() for t in batch))
-            # No graph to the meta-parameters is needed; torch.func.grad in the inner
-            # loop still computes the adaptation gradients under no_grad.
+            # No graph to the meta-parameters is needed; an inner loop turns gradients
+            # back on for its own adaptation steps (inner_loop.py).
             with torch.no_grad():
                 values = self.evaluate(batch)
         for name, per_episode in values.items():
-            self._eval_values[name].append(per_episode.detach().float().cpu())
+            self._eval_values[name].append(per_episode.detach().float())  # stays on device: no sync per batch
 
     def _log_eval_summary(self, stage: str) -> None:
         for name, chunks in self._eval_values.items():

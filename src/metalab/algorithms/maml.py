@@ -46,6 +46,7 @@ class MAML(MetaLearner):
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         steps = self.algorithm_cfg["eval_inner_steps"]
+        # Evaluation needs no graph through the inner steps, so first order is exact here.
         after = self.adapted_query_predictions(batch, steps, first_order=True, meta_gradient=False)
         results = {self.metric: self.episode_metric(after, batch.query_y)}
         if self.task_type == "regression":
