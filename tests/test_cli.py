@@ -81,6 +81,10 @@ def test_resume_continues_from_the_saved_step(env, tmp_path):
     assert torch.load(last, weights_only=False)["global_step"] == 100
     run("metalab-train", *short, "trainer.max_steps=200", f"ckpt_path={last}", env=env, log_dir=resumed)
     assert results(resumed)["global_step"] == 200
+    # A different network cannot resume from it: refused before any work, naming the setting.
+    refused = run("metalab-train", *short, f"ckpt_path={last}", "backbone.hidden_sizes=[8]", env=env,
+                  log_dir=tmp_path / "refused", ok=False)
+    assert refused.returncode == 2 and "backbone=" in refused.stderr and "Traceback" not in refused.stderr
     # Same seed: the episode stream and optimizer state pick up where they stopped.
     a, b = weights(results(straight)["last_checkpoint"]), weights(results(resumed)["last_checkpoint"])
     for name in a:

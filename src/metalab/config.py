@@ -71,7 +71,18 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
     check_algorithm(cfg, algorithms)
     check_hardware(cfg["trainer"])
     if cfg.get("ckpt_path") is not None:
-        read_checkpoint(cfg["ckpt_path"])
+        check_resumable(cfg, read_checkpoint(cfg["ckpt_path"])["hyper_parameters"]["config"])
+
+
+def check_resumable(cfg: dict, trained: dict) -> None:
+    """Resuming needs the same network: the settings that shape the weights must match the checkpoint's."""
+    shaping = {"algorithm": lambda c: c["algorithm"]["name"], "backbone": lambda c: c.get("backbone"),
+               "dataset": lambda c: c["dataset"]["name"], "ways": lambda c: c["ways"]}
+    for key, value_of in shaping.items():
+        if value_of(cfg) != value_of(trained):
+            raise ConfigError(
+                f"ckpt_path={cfg['ckpt_path']} was trained with {key}={value_of(trained)}, not {value_of(cfg)}; "
+                f"resume with the checkpoint's {key}, or start a new run without ckpt_path")
 
 
 def check_learner_fits_data(cfg: dict, learner_cls, task_type: str, ways: int, test_ways: int) -> None:
