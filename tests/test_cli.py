@@ -70,6 +70,11 @@ def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):
     evaluated = results(tmp_path)
     assert evaluated["test/mse"] == trained["test/mse"]
     assert evaluated["test/mse_ci95"] == trained["test/mse_ci95"]
+    # Fewer inner steps at meta-test than the trained run's 10: a worse fit, same prior.
+    one_step = tmp_path / "one_step"
+    run("metalab-eval", f"ckpt_path={trained['tested_checkpoint']}", "eval_inner_steps=1", env=env, log_dir=one_step)
+    fewer = results(one_step)
+    assert trained["test/mse"] < fewer["test/mse"] < fewer["test/mse_before"] == trained["test/mse_before"]
 
 
 def test_resume_continues_from_the_saved_step(env, tmp_path):

@@ -43,6 +43,12 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int]) -> di
             run[key] = config[key]
     for key in ("paths", "trainer", "logger", "num_workers"):
         run[key] = config.get(key)
+    if config.get("eval_inner_steps") is not None:
+        if "eval_inner_steps" not in run["algorithm"]:
+            raise ConfigError(f"eval_inner_steps applies to learners with an inner loop, not "
+                              f"algorithm={run['algorithm']['name']}; leave it out")
+        run["algorithm"]["eval_inner_steps"] = config["eval_inner_steps"]
+        require_positive_int(run["algorithm"], "eval_inner_steps")
     dataset = config.get("dataset")
     if dataset is not None and dataset != trained["dataset"]:
         run["dataset"] = dataset = dict(dataset)
@@ -81,7 +87,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     learner_cls = ALGORITHMS[run["algorithm"]["name"]]
     check_learner_fits_data(run, learner_cls, datamodule.task_type, run["ways"], run["test_ways"])
 
-    model = learner_cls.load_from_checkpoint(config["ckpt_path"], map_location="cpu")
+    # The learner gets this evaluation's config (e.g. eval_inner_steps), the checkpoint's weights.
+    model = learner_cls.load_from_checkpoint(config["ckpt_path"], map_location="cpu", config=run)
     trainer = build_trainer(run, run_dir, with_callbacks=False)
     metrics = meta_test(trainer, model, datamodule, None, run)
     write_results(run_dir, run, metrics, started, tested_checkpoint=config["ckpt_path"])
