@@ -42,9 +42,9 @@ def test_every_pair_composes_and_builds_or_is_refused_clearly(algorithm, dataset
     learner_cls, task_type = ALGORITHMS[algorithm], TASK_TYPES.get(dataset, "classification")
     if task_type not in learner_cls.task_types:
         with pytest.raises(ConfigError, match=f"dataset={dataset}"):
-            check_learner_fits_data(cfg, learner_cls, task_type, cfg["ways"], cfg["test_ways"])
+            check_learner_fits_data(cfg, learner_cls, task_type)
         return
-    check_learner_fits_data(cfg, learner_cls, task_type, cfg["ways"], cfg["test_ways"])
+    check_learner_fits_data(cfg, learner_cls, task_type)
     learner = learner_cls(cfg, INPUT_SHAPES[dataset], task_type)
     assert sum(p.numel() for p in learner.parameters()) > 0
 

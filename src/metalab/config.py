@@ -85,7 +85,8 @@ def check_resumable(cfg: dict, trained: dict) -> None:
                 f"resume with the checkpoint's {key}, or start a new run without ckpt_path")
 
 
-def check_learner_fits_data(cfg: dict, learner_cls, task_type: str, ways: int, test_ways: int) -> None:
+def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
+    ways, test_ways = cfg["ways"], cfg["test_ways"]
     name = cfg["algorithm"]["name"]
     if task_type not in learner_cls.task_types:
         raise ConfigError(

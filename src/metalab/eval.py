@@ -85,7 +85,7 @@ def evaluate(cfg: DictConfig) -> float | None:
             f"checkpoint expects {hyper['input_shape']}; choose a dataset of the same kind"
         )
     learner_cls = ALGORITHMS[run["algorithm"]["name"]]
-    check_learner_fits_data(run, learner_cls, datamodule.task_type, run["ways"], run["test_ways"])
+    check_learner_fits_data(run, learner_cls, datamodule.task_type)
 
     # The learner gets this evaluation's config (e.g. eval_inner_steps), the checkpoint's weights.
     model = learner_cls.load_from_checkpoint(config["ckpt_path"], map_location="cpu", config=run)

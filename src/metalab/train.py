@@ -29,7 +29,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     learner_cls = ALGORITHMS[config["algorithm"]["name"]]
-    check_learner_fits_data(config, learner_cls, datamodule.task_type, config["ways"], config["test_ways"])
+    check_learner_fits_data(config, learner_cls, datamodule.task_type)
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     model = learner_cls(config, list(datamodule.input_shape), datamodule.task_type)
