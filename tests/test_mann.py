@@ -1,0 +1,145 @@
+"""The memory family: sequence episodes, the LRUA memory, MANN and its LSTM baseline."""
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from metalab.algorithms import ALGORITHMS
+from metalab.algorithms.mann import content_read, least_used, lrua_write
+from metalab.config import resolve
+from metalab.data.datamodule import build_sources
+from metalab.data.episodes import ImageClassSource, episode_generator
+from metalab.data.sequences import SequenceSource, instance_numbers, offset_labels
+from metalab.errors import ConfigError
+from metalab.paths import CONFIG_DIR
+
+
+def composed(tmp_path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.run_dir={tmp_path}", *overrides])
+    return resolve(cfg)
+
+
+@pytest.fixture
+def coded_source(tmp_path) -> ImageClassSource:
+    """8 classes of 20 tiny images whose pixels all equal the class index, so a label's class can be read off."""
+    images = np.repeat(np.arange(8, dtype=np.uint8), 20)[:, None, None, None] * np.ones((1, 1, 2, 2), np.uint8)
+    np.save(tmp_path / "coded.npy", images)
+    return ImageClassSource(tmp_path / "coded.npy", [f"c{i}" for i in range(8)], range(0, 160, 20), [20] * 8,
+                            dataset="coded", split="train")
+
+
+# ---------------------------------------------------------------------------------- sequences
+def test_sequences_show_each_class_as_configured_with_a_fresh_label_assignment(coded_source):
+    source, assignments = SequenceSource(coded_source), set()
+    for index in range(10):
+        episode = source.sample(5, 10, 2, episode_generator(0, "train", index))
+        assert episode.support_x.shape == (50, 1, 2, 2) and episode.query_x.shape == (10, 1, 2, 2)
+        assert torch.bincount(episode.support_y, minlength=5).tolist() == [10] * 5  # every label 10 times
+        assert torch.bincount(episode.query_y, minlength=5).tolist() == [2] * 5
+        classes = (episode.support_x[:, 0, 0, 0] * 255).round().long()
+        label_to_class = {int(y): int(c) for y, c in zip(episode.support_y, classes)}
+        assert len(label_to_class) == 5 and len(set(label_to_class.values())) == 5  # one class per label
+        query_classes = (episode.query_x[:, 0, 0, 0] * 255).round().long()
+        assert all(label_to_class[int(y)] == int(c) for y, c in zip(episode.query_y, query_classes))
+        assert (episode.support_y.diff() != 0).sum() > 10  # shuffled, not grouped by class
+        assignments.add(tuple(label_to_class[label] for label in range(5)))
+    assert len(assignments) == 10  # the class-to-label assignment is drawn per episode
+    again = source.sample(5, 10, 2, episode_generator(0, "train", 3))
+    first = source.sample(5, 10, 2, episode_generator(0, "train", 3))
+    assert all(torch.equal(a, b) for a, b in zip(again, first))  # seeded: the same index, the same sequence
+
+
+def test_offset_labels_and_instance_numbers():
+    labels = torch.tensor([[2, 0, 2, 1, 2]])
+    offset = offset_labels(labels, 3)
+    assert offset.shape == (1, 5, 3)
+    assert offset[0, 0].tolist() == [0, 0, 0]  # nothing before the first step
+    assert offset[0, 1:].argmax(-1).tolist() == [2, 0, 2, 1]  # step t carries step t-1's label
+    assert instance_numbers(labels).tolist() == [[1, 1, 2, 1, 3]]
+
+
+def test_sequence_episodes_are_chosen_by_config_and_refused_where_they_cannot_work(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.episodes='bogus' is unknown"):
+        build_sources({"name": "sinusoid", "episodes": "bogus"}, tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match="needs a classification dataset, but dataset=sinusoid"):
+        build_sources({"name": "sinusoid", "episodes": "sequence"}, tmp_path, tmp_path)
+    cfg = composed(tmp_path, "algorithm=mann", "dataset=omniglot")
+    assert cfg["dataset"]["episodes"] == "sequence" and (cfg["ways"], cfg["shots"]) == (5, 10)
+    assert composed(tmp_path, "algorithm=lstm", "dataset=omniglot", "instances=4")["test_shots"] == 4
+    assert composed(tmp_path, "algorithm=protonet", "dataset=omniglot")["dataset"].get("episodes") is None
+    few_shot = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "dataset.episodes=few_shot")
+    with pytest.raises(ConfigError, match="set dataset.episodes=sequence"):
+        ALGORITHMS["mann"](few_shot, [1, 28, 28], "classification")
+
+
+# ---------------------------------------------------------------------------------- LRUA memory
+def test_least_used_marks_the_smallest_usages():
+    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
+    assert least_used(usage, 1).tolist() == [[0, 1, 0, 0]]
+    assert least_used(usage, 2).tolist() == [[0, 1, 0, 1]]
+
+
+@pytest.mark.parametrize("gate, slot1, slot2", [
+    (1.0, [0.0, 0.0], [1.5, 0.5]),          # all to the last-read slot (the least-used one is still erased)
+    (0.0, [0.5, -0.5], [1.0, 1.0]),         # all to the erased least-used slot
+    (0.25, [0.375, -0.375], [1.125, 0.875]),  # 3/4 of k to the least-used slot, 1/4 to the last-read one
+])
+def test_lrua_writes_where_the_gate_says(gate, slot1, slot2):
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]])
+    usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])  # slot 1 is the least used
+    last_read = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])  # slot 2 was read at the previous step
+    key = torch.tensor([[[0.5, -0.5]]])
+    new, weights = lrua_write(memory, usage, last_read, key, torch.full((1, 1, 1), gate))
+    assert torch.allclose(weights, torch.tensor([[[0.0, 1 - gate, gate, 0.0]]]))
+    expected = torch.tensor([[[1.0, 0.0], slot1, slot2, [2.0, 0.0]]])
+    assert torch.allclose(new, expected)
+
+
+def test_content_read_is_a_softmax_over_cosine_similarity():
+    memory = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]]])
+    weights, reads = content_read(memory, torch.tensor([[[0.5, 0.0]]]))
+    expected = torch.tensor([1.0, 0.0, -1.0]).softmax(0)  # cosines 1, 0, -1 whatever the norms
+    assert torch.allclose(weights[0, 0], expected)
+    assert torch.allclose(reads[0, 0], expected @ memory[0])
+
+
+# ---------------------------------------------------------------------------------- learners
+def tiny_learner(tmp_path, algorithm: str, ways: int = 3):
+    cfg = composed(tmp_path, f"algorithm={algorithm}", "dataset=omniglot", f"ways={ways}", "backbone=mlp",
+                   "backbone.hidden_sizes=[12]", "algorithm.hidden_size=16",
+                   *(["algorithm.memory_slots=8", "algorithm.memory_width=4", "algorithm.read_heads=2"]
+                     if algorithm == "mann" else []))
+    torch.manual_seed(0)
+    return ALGORITHMS[algorithm](cfg, [1, 2, 2], "classification")
+
+
+@pytest.mark.parametrize("algorithm", ["mann", "lstm"])
+def test_step_t_sees_the_label_of_step_t_minus_1_and_never_its_own(tmp_path, algorithm):
+    learner = tiny_learner(tmp_path, algorithm)
+    x, y = torch.rand(2, 6, 1, 2, 2), torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 1, 0, 0, 1]])
+    with torch.no_grad():
+        logits, _ = learner.unroll(x, y)
+        changed = y.clone()
+        changed[:, 3] = (changed[:, 3] + 1) % 3
+        after, _ = learner.unroll(x, changed)
+    assert torch.equal(logits[:, :4], after[:, :4])  # steps 0..3 do not see label 3
+    assert not torch.allclose(logits[:, 4], after[:, 4])  # step 4 does
+
+
+@pytest.mark.parametrize("algorithm", ["mann", "lstm"])
+def test_predict_classifies_each_query_as_the_next_step_from_the_adapted_state(tmp_path, algorithm):
+    learner = tiny_learner(tmp_path, algorithm)
+    x, y = torch.rand(2, 7, 1, 2, 2), torch.randint(0, 3, (2, 7))
+    with torch.no_grad():
+        logits, _ = learner.unroll(x, y)
+        state = learner.adapt(x[:, :6], y[:, :6])
+        queries = torch.cat([x[:, 6:], torch.rand(2, 2, 1, 2, 2)], 1)
+        predicted = learner.predict(state, queries)
+        alone = learner.predict(state, queries[:, 2:])
+    assert predicted.shape == (2, 3, 3)
+    assert torch.allclose(predicted[:, 0], logits[:, 6], atol=1e-6)  # as if it were step 7 of the sequence
+    assert torch.allclose(predicted[:, 2], alone[:, 0], atol=1e-6)  # queries do not see each other
+    if algorithm == "mann":  # the memory is wiped per episode: an episode's result ignores its batch mates
+        assert torch.allclose(learner.adapt(x[:1, :6], y[:1, :6]).memory, state.memory[:1], atol=1e-6)
