@@ -1,7 +1,13 @@
 """Lightning callbacks for metalab runs."""
 
+import random
+from typing import Any
+
+import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.loggers import TensorBoardLogger
 
 
@@ -26,3 +32,74 @@ class EpisodeImages(Callback):
         for name, images, labels in (("support", batch.support_x, batch.support_y), ("query", batch.query_x, batch.query_y)):
             grid = class_grid(images[0].float().cpu(), labels[0].cpu())
             logger.experiment.add_image(f"episode/{name}", grid.clamp(0, 1), global_step=trainer.global_step)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with the saving policy a killed run needs to resume exactly.
+
+    - `last.ckpt` is always the newest state: written every `every_n_train_steps` outer steps,
+      after every validation, and when training ends. (Lightning 2.6 rewrites it only when a
+      new best is saved, and defers step-triggered saves until a validation has run.)
+    - `best-step*.ckpt` is the best by the validation metric (`monitor`), chosen after each
+      validation only.
+    - The record of the best so far survives a resume into a new run directory. Every metalab
+      run writes into its own directory, and Lightning forgets the best score when the
+      directory changes, so the resumed run would meta-test the best of the validations after
+      the resume. The earlier files stay where they are (Lightning deletes only inside its own
+      directory), so keeping the record makes a resumed run meta-test the same checkpoint as
+      an uninterrupted one.
+
+    Files are written atomically (checkpoint.AtomicCheckpointIO, set by runner.build_trainer).
+    """
+
+    def _saving(self, trainer: Trainer) -> bool:
+        return not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        every = self._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and self._saving(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._saving(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for key in ("best_model_score", "best_k_models", "kth_best_model_path", "kth_value"):
+            if key in state_dict:
+                setattr(self, key, state_dict[key])
+
+
+class RandomState(Callback):
+    """Saves the Python, NumPy and torch random states in each checkpoint and restores them on resume.
+
+    The training episode stream is seeded by step (data/datamodule.py), so it resumes by itself;
+    this covers everything else that draws random numbers during training (dropout, random
+    initial states, ...), so that a resumed run continues the very same random sequence. Under
+    DDP the checkpoint holds rank 0's state, which every rank shares after `seed_everything`
+    as long as ranks draw the same numbers.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain tuples, ints and tensors only: checkpoints stay loadable with torch.load(weights_only=True).
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
+        state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        random.setstate(state_dict["python"])
+        name, keys, position, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -1,5 +1,6 @@
 """Turn a Hydra config into a plain dict and reject bad values before any work starts."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -37,18 +38,82 @@ def require_positive_number(value, name: str) -> None:
         raise ConfigError(f"{name}={value!r} must be a positive number; set e.g. {name}=0.001")
 
 
+def device_count(trainer_cfg: dict) -> int:
+    """Processes per node the trainer asks for (devices may be a count, a list of ids or "auto")."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if devices in ("auto", -1):
+        return max(torch.cuda.device_count(), 1) if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+    return devices
+
+
+def world_size(trainer_cfg: dict) -> int:
+    """Training processes in all: devices per node times nodes."""
+    return device_count(trainer_cfg) * trainer_cfg.get("num_nodes", 1)
+
+
+def launched_by_cluster() -> bool:
+    """True inside processes that SLURM or torchrun started (they set the ranks; Lightning launches nothing)."""
+    return "SLURM_NTASKS" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def check_hardware(trainer_cfg: dict) -> None:
-    """A GPU request on a machine without one fails here, not deep inside Lightning."""
+    """Impossible hardware requests fail here, naming the value and the fix, not deep inside Lightning."""
     accelerator = trainer_cfg.get("accelerator", "cpu")
     devices = trainer_cfg.get("devices", 1)
+    strategy = trainer_cfg.get("strategy", "auto")
+    nodes = trainer_cfg.get("num_nodes", 1)
+    if not (devices in ("auto", -1) or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
+            or (isinstance(devices, (list, tuple)) and devices)):
+        raise ConfigError(f"trainer.devices={devices!r} must be a positive count, a list of GPU ids or auto; "
+                          f"set e.g. trainer.devices=2")
+    if "num_nodes" in trainer_cfg:
+        require_positive_int(trainer_cfg, "num_nodes")
+    count = device_count(trainer_cfg)
     if accelerator in ("gpu", "cuda"):
         available = torch.cuda.device_count()
         if available == 0:
-            raise ConfigError("hardware=gpu but no CUDA GPU is visible here; use hardware=cpu")
-        if isinstance(devices, int) and devices > available:
+            raise ConfigError(f"hardware=gpu (trainer.accelerator={accelerator}) but no CUDA GPU is visible here; "
+                              f"use hardware=cpu, or hardware=ddp_cpu for several CPU processes")
+        if count > available:
             raise ConfigError(
                 f"trainer.devices={devices} but only {available} GPU(s) are visible; set trainer.devices<={available}"
             )
+        if "bf16" in str(trainer_cfg.get("precision")) and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"trainer.precision={trainer_cfg['precision']} but this GPU has no bfloat16; "
+                              f"set trainer.precision=16-mixed or 32-true")
+    elif accelerator == "cpu":
+        cores = os.cpu_count() or 1
+        if count > cores:
+            raise ConfigError(f"trainer.devices={devices} asks for {count} CPU processes but this machine has "
+                              f"{cores} core(s); set trainer.devices<={cores}")
+    if count * nodes > 1 and strategy != "ddp":
+        raise ConfigError(f"trainer.devices={devices} with trainer.num_nodes={nodes} needs trainer.strategy=ddp, "
+                          f"not {strategy!r}; use hardware=ddp (GPUs) or hardware=ddp_cpu (CPU processes)")
+    if nodes > 1 and not launched_by_cluster():
+        raise ConfigError(f"trainer.num_nodes={nodes} needs a cluster to start the processes on every node; "
+                          f"launch with hardware=slurm (metalab-train -m hardware=slurm ...) or torchrun, "
+                          f"or set trainer.num_nodes=1")
+
+
+def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
+    """DDP splits each meta-batch evenly, and cannot be re-launched from inside a Hydra multirun."""
+    world = world_size(cfg["trainer"])
+    if world == 1:
+        return
+    if cfg["meta_batch_size"] % world:
+        raise ConfigError(
+            f"meta_batch_size={cfg['meta_batch_size']} does not split evenly over {world} DDP processes "
+            f"(trainer.devices x trainer.num_nodes); set meta_batch_size to a multiple of {world}")
+    # Lightning's DDP starts the other processes by re-running the command line, which a
+    # Hydra multirun job cannot do. A cluster launcher starts every process itself.
+    if multirun and not launched_by_cluster() and "submitit" not in launcher:
+        raise ConfigError(
+            f"trainer.devices={cfg['trainer'].get('devices')} (DDP) cannot run inside a local multirun (-m): "
+            f"Lightning re-launches the command line for the other processes. Run each setting as its own "
+            f"metalab-train command without -m, or launch the sweep on SLURM with hardware=slurm, which starts "
+            f"every job's processes itself")
 
 
 def check_algorithm(cfg: dict, algorithms: dict) -> None:

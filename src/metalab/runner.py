@@ -1,10 +1,13 @@
 """The steps metalab-train and metalab-eval share: data, trainer, meta-test, results.json."""
 
+import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -12,6 +15,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from metalab.checkpoint import AtomicCheckpointIO
 from metalab.config import report_error
 from metalab.data import EpisodicDataModule
 from metalab.data.image_cache import write_json_atomic
@@ -35,13 +39,34 @@ def build_datamodule(config: dict) -> EpisodicDataModule:
 def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> Trainer:
     loggers = [instantiate(cfg) for cfg in (config.get("logger") or {}).values()]
     callbacks = [instantiate(cfg) for cfg in (config.get("callbacks") or {}).values()] if with_callbacks else []
+    if config["trainer"].get("accelerator") in ("gpu", "cuda"):
+        use_tf32(bool(config.get("tf32", False)))
     return Trainer(
         **config["trainer"],
         default_root_dir=str(run_dir),
         logger=loggers or False,
         callbacks=callbacks,
         enable_checkpointing=with_callbacks,
+        plugins=[AtomicCheckpointIO()],
+        # The data module shards the fixed evaluation episodes over DDP processes itself,
+        # without the repeated episodes Lightning's distributed sampler pads with.
+        use_distributed_sampler=False,
     )
+
+
+def use_tf32(enabled: bool) -> None:
+    """tf32=true: float32 matrix products and convolutions in TensorFloat-32 on Ampere+ GPUs
+    (faster, ~3 significant digits per product); false: full float32."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def process_rank() -> int:
+    """This process's global rank as its launcher (torchrun, SLURM, Lightning's DDP) set it; 0 alone."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
 
 
 def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicDataModule, ckpt_path,
@@ -88,7 +113,8 @@ def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **
 def guarded(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
     """Run a command; a MetalabError becomes a one-line message (and error.txt), not a traceback.
 
-    In a multirun sweep the failing job returns None so the other jobs go on.
+    In a multirun sweep a failing job (any exception) writes error.txt in its run dir and returns
+    None, so the other jobs go on (a sweeper records None as a failed trial).
     """
     try:
         return task(cfg)
@@ -98,3 +124,16 @@ def guarded(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> floa
         if hydra.mode == RunMode.MULTIRUN:
             return None
         sys.exit(2)
+    except Exception as error:
+        hydra = HydraConfig.get()
+        if hydra.mode != RunMode.MULTIRUN:
+            raise  # a bug in a single run: the traceback is what helps
+        # In a sweep, one job's crash (out of memory, a diverged run, a bug) must not end the
+        # others: keep the traceback in the job's run dir and go on with the next job.
+        run_dir = Path(hydra.runtime.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(f"metalab: job failed: {type(error).__name__}: {error}\n\n"
+                                           + traceback.format_exc())
+        print(f"metalab: job {hydra.job.num} failed ({type(error).__name__}: {error}); "
+              f"traceback in {run_dir / 'error.txt'}", file=sys.stderr, flush=True)
+        return None

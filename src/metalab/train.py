@@ -2,6 +2,8 @@
 
     metalab-train algorithm=protonet dataset=omniglot ways=60 test_ways=5 shots=1
     metalab-train -m algorithm=maml,protonet dataset=omniglot     # a sweep, one run dir per job
+    metalab-train hardware=ddp trainer.devices=4                  # 4 GPUs, the meta-batch split over them
+    metalab-train ckpt_path=<run>/checkpoints/last.ckpt           # resume a killed run where it stopped
 """
 
 import time
@@ -9,23 +11,29 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import check_learner_fits_data, check_train_config, resolve, save_config
+from metalab.config import check_distributed, check_learner_fits_data, check_train_config, resolve, save_config
 from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
-from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, write_results
+from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, process_rank, write_results
 
 
 def train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     config = resolve(cfg)
     run_dir = Path(config["paths"]["run_dir"])
-    save_config(config, run_dir)
+    if process_rank() == 0:  # DDP's other processes run this same function in the same run dir
+        save_config(config, run_dir)
 
     # Everything that can be wrong is checked before the first step.
     check_train_config(config, ALGORITHMS)
+    hydra_cfg = HydraConfig.get()
+    check_distributed(config, multirun=hydra_cfg.mode == RunMode.MULTIRUN,
+                      launcher=str(hydra_cfg.launcher.get("_target_", "")))
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     learner_cls = ALGORITHMS[config["algorithm"]["name"]]
@@ -41,7 +49,10 @@ def train(cfg: DictConfig) -> float | None:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         tested = best or None  # None: the weights as training left them
         metrics = meta_test(trainer, model, datamodule, tested, config)
-    train_rate = model.train_tasks / model.train_time if model.train_time else None
+    if not trainer.is_global_zero:
+        return metrics.get(f"test/{model.metric}")
+    # Each process timed its own share of every meta-batch, in parallel with the others.
+    train_rate = model.train_tasks * trainer.world_size / model.train_time if model.train_time else None
     write_results(
         run_dir,
         config,
@@ -51,6 +62,8 @@ def train(cfg: DictConfig) -> float | None:
         tested_checkpoint=tested,
         last_checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
         global_step=trainer.global_step,
+        world_size=trainer.world_size,
+        test_episodes_evaluated=model.eval_episodes.get("test"),
     )
     return metrics.get(f"test/{model.metric}")  # what a sweeper optimizes
 

@@ -44,6 +44,7 @@ class MetaLearner(LightningModule):
         self.task_type = task_type
         self.metric = "acc" if task_type == "classification" else "mse"
         self._eval_values: dict[str, list[Tensor]] = defaultdict(list)
+        self.eval_episodes: dict[str, int] = {}  # stage -> fixed episodes in its last summary
         self._step_started = 0.0
         self.train_time = 0.0  # seconds spent in outer steps, for tasks per second
         self.train_tasks = 0
@@ -121,11 +122,30 @@ class MetaLearner(LightningModule):
             self._eval_values[name].append(per_episode.detach().float())  # stays on device: no sync per batch
 
     def _log_eval_summary(self, stage: str) -> None:
-        for name, chunks in self._eval_values.items():
-            mean, ci95 = mean_and_ci95(torch.cat(chunks))
-            self.log(f"{stage}/{name}", mean, prog_bar=name == self.metric)
-            self.log(f"{stage}/{name}_ci95", ci95)
+        values = self._gather_eval_values()
+        for name, per_episode in values.items():
+            mean, ci95 = mean_and_ci95(per_episode)
+            # Every DDP process holds the same gathered figures: the "sync" averages equal values.
+            self.log(f"{stage}/{name}", mean, prog_bar=name == self.metric, sync_dist=True)
+            self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)
+        # How many fixed episodes the figures are over (each exactly once, whatever the process count).
+        self.eval_episodes[stage] = len(next(iter(values.values()))) if values else 0
         self._eval_values.clear()
+
+    def _gather_eval_values(self) -> dict[str, Tensor]:
+        """{metric: per-episode values} over every process's share of the fixed episodes.
+
+        Under DDP each process evaluated a disjoint share of the episodes (datamodule._eval_loader);
+        shares differ in size, and a process may have none, so they travel as Python objects.
+        Every process gets the same values and so logs the same mean and CI.
+        """
+        local = {name: torch.cat(chunks).cpu() for name, chunks in self._eval_values.items()}
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return local
+        shares = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shares, local)
+        names = sorted({name for share in shares for name in share})
+        return {name: torch.cat([share[name] for share in shares if name in share]) for name in names}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MARKER] = __version__

@@ -37,18 +37,30 @@ class TrainStream(IterableDataset):
 
     Worker w of W yields meta-batches start+w, start+w+W, ...; the DataLoader takes one from each
     worker in turn, which restores the order start, start+1, ...
+
+    Under DDP, process `rank` of `world` keeps its equal share (a contiguous slice) of each
+    meta-batch: together the processes see exactly the meta-batch one process would, so the
+    averaged meta-gradient is the same. Every process draws the whole meta-batch to stay in
+    step with the generator; sampling is cheap next to a meta-step.
     """
 
-    def __init__(self, source, ways: int, shots: int, queries: int, meta_batch_size: int, seed: int, start: int):
+    def __init__(self, source, ways: int, shots: int, queries: int, meta_batch_size: int, seed: int, start: int,
+                 rank: int = 0, world: int = 1):
+        if meta_batch_size % world:
+            raise ConfigError(f"meta_batch_size={meta_batch_size} does not split evenly over {world} processes; "
+                              f"use a multiple of {world}")
         self.source, self.shape, self.meta_batch_size = source, (ways, shots, queries), meta_batch_size
         self.seed, self.start = seed, start
+        share = meta_batch_size // world
+        self.tasks = slice(rank * share, (rank + 1) * share)
 
     def __iter__(self):
         worker = get_worker_info()
         first, step = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
         for i in count(first, step):
-            yield sample_meta_batch(self.source, *self.shape, self.meta_batch_size,
-                                    episode_generator(self.seed, "train", i))
+            batch = sample_meta_batch(self.source, *self.shape, self.meta_batch_size,
+                                      episode_generator(self.seed, "train", i))
+            yield Episode(*(part[self.tasks] for part in batch))
 
 
 class FixedEpisodes(Dataset):
@@ -110,7 +122,8 @@ class EpisodicDataModule(L.LightningDataModule):
         # Resuming from a checkpoint continues the stream: in manual optimization global_step
         # counts outer steps, i.e. meta-batches consumed.
         start = self.trainer.global_step if self.trainer is not None else 0
-        stream = TrainStream(self.sources["train"], *self._shape("train"), self.meta_batch_size, self.seed, start)
+        stream = TrainStream(self.sources["train"], *self._shape("train"), self.meta_batch_size, self.seed, start,
+                             *self._rank_and_world())
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -129,8 +142,18 @@ class EpisodicDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str, num_workers: int) -> DataLoader:
         episodes = FixedEpisodes(self.sources[split], *self._shape(split), self._length(split),
                                  self.eval_seed, split)
-        return DataLoader(episodes, batch_size=self.eval_batch_size, shuffle=False, num_workers=num_workers,
+        # Under DDP each process evaluates every world-th batch of the fixed episodes, with no
+        # padding or repeats: the learner gathers the per-episode values, so each episode counts
+        # exactly once (Lightning's distributed sampler would pad with repeated episodes).
+        rank, world = self._rank_and_world()
+        batches = [list(range(b, min(b + self.eval_batch_size, len(episodes))))
+                   for b in range(0, len(episodes), self.eval_batch_size)]
+        return DataLoader(episodes, batch_sampler=batches[rank::world], num_workers=num_workers,
                           persistent_workers=False, pin_memory=False)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _shape(self, split: str) -> tuple[int, int, int]:
         if split == "train":

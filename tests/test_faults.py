@@ -1,0 +1,148 @@
+"""Runs that survive faults: atomic checkpoints, kill -9 and resume, clear errors for bad checkpoints."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from metalab.algorithms import ALGORITHMS
+from metalab.callbacks import RandomState
+from metalab.checkpoint import AtomicCheckpointIO
+from metalab.config import check_train_config, resolve
+from metalab.errors import ConfigError
+from metalab.paths import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------- atomic checkpoint files
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weights": torch.arange(10.0)}, path)
+
+    def crash(fd):  # the machine dies after part of the new file was written
+        raise OSError("simulated crash mid-save")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated"):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(10**6)}, path)
+    monkeypatch.undo()
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 1 and torch.equal(loaded["weights"], torch.arange(10.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+SAVER = """
+import sys, torch
+from metalab.checkpoint import AtomicCheckpointIO
+io, step = AtomicCheckpointIO(), 0
+while True:
+    step += 1
+    io.save_checkpoint({"step": step, "weights": torch.full((2_000_000,), float(step))}, sys.argv[1])
+"""
+
+
+def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # several 8 MB saves in flight
+    finally:
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] >= 1 and torch.all(loaded["weights"] == loaded["step"])
+
+
+# ---------------------------------------------------------------- random state in checkpoints
+def test_random_state_is_saved_and_restored():
+    callback = RandomState()
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    state = callback.state_dict()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    callback.load_state_dict(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+# ---------------------------------------------------------------- kill -9, then resume
+# MAML on sinusoid, a checkpoint every 10 outer steps; the run is killed soon after its first
+# one, far from the end (600 steps), and resumed from last.ckpt.
+RUN = ["trainer.max_steps=600", "trainer.val_check_interval=200", "val_episodes=10", "test_episodes=50",
+       "callbacks.model_checkpoint.every_n_train_steps=10", "trainer.deterministic=true", "logger=none",
+       "trainer.enable_progress_bar=false", "meta_batch_size=8"]
+
+
+def command(log_dir: Path, *extra: str) -> list[str]:
+    return [str(BIN / "metalab-train"), f"paths.log_dir={log_dir}", *RUN, *extra]
+
+
+def results(log_dir: Path) -> dict:
+    (path,) = log_dir.rglob("results.json")
+    return json.loads(path.read_text())
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_final_metrics(tmp_path, cache_dir):
+    env = {**os.environ, "METALAB_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    killed_dir = tmp_path / "killed"
+    victim = subprocess.Popen(command(killed_dir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(killed_dir.rglob("last.ckpt")) and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    assert not list(killed_dir.rglob("results.json")), "the run ended before it could be killed"
+    (last,) = killed_dir.rglob("last.ckpt")
+    stopped_at = torch.load(last, weights_only=False)["global_step"]
+    assert 10 <= stopped_at < 600 and stopped_at % 10 == 0
+
+    resumed_dir, straight_dir = tmp_path / "resumed", tmp_path / "straight"
+    for log_dir, extra in ((resumed_dir, [f"ckpt_path={last}"]), (straight_dir, [])):
+        proc = subprocess.run(command(log_dir, *extra), env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed, straight = results(resumed_dir), results(straight_dir)
+    assert resumed["global_step"] == straight["global_step"] == 600
+    # The episode stream, optimizer, best-checkpoint record and random state resumed where they
+    # stopped: the very same meta-test figures, to the last bit.
+    for key in ("test/mse", "test/mse_ci95", "test/mse_before"):
+        assert resumed[key] == straight[key], key
+    a = torch.load(resumed["last_checkpoint"], weights_only=False)["state_dict"]
+    b = torch.load(straight["last_checkpoint"], weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["test/mse"] < straight["test/mse_before"]  # and it learned something
+
+
+# ---------------------------------------------------------------- bad checkpoints: refused before any work
+def train_config(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return resolve(compose("train", overrides=["paths.run_dir=unused", *overrides]))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 half a file"), "not a readable PyTorch checkpoint"),
+    (lambda p: torch.save({"state_dict": {}}, p), "not a metalab checkpoint"),
+])
+def test_train_refuses_a_bad_ckpt_path_before_any_work(make, message, tmp_path):
+    path = tmp_path / "last.ckpt"
+    make(path)
+    with pytest.raises(ConfigError, match=f"ckpt_path={path}.*{message}"):
+        check_train_config(train_config(f"ckpt_path={path}"), ALGORITHMS)
