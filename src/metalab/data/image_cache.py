@@ -32,9 +32,14 @@ def decode_image(data, name: str, image_size: int, channels: int, invert: bool) 
     """Decode one image (a path or a file object) to uint8 [C, image_size, image_size]."""
     try:
         with Image.open(data) as image:
-            image = image.convert(MODES[channels]).resize((image_size, image_size), Image.Resampling.LANCZOS)
+            return image_to_array(image, image_size, channels, invert)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read image {name}: {error}; replace or remove this file") from None
+
+
+def image_to_array(image: Image.Image, image_size: int, channels: int, invert: bool) -> np.ndarray:
+    """The training transform of one opened image: mode, size, [C, H, W] layout, ink polarity."""
+    image = image.convert(MODES[channels]).resize((image_size, image_size), Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.uint8)
     array = array[None] if channels == 1 else array.transpose(2, 0, 1)
     return 255 - array if invert else array

@@ -1,0 +1,319 @@
+"""Few-shot learning for applications: adapt a meta-trained checkpoint to your own classes.
+
+    import metalab
+    learner = metalab.load_learner("last.ckpt")                     # any metalab checkpoint
+    task = learner.adapt({"cat": ["c1.png", "c2.png"], "dog": ["d1.png", "d2.png"]})
+    for p in task.predict(["x.png", "y.png"]):                      # adapt once, predict many times
+        print(p.label, p.probability, p.probabilities)
+
+Adapting and predicting call the learner's own `adapt(support_x, support_y)` and
+`predict(state, query_x)` (algorithms/base.py) on a single task, exactly as meta-test
+evaluation does: inner-loop steps for the gradient-based learners, prototypes or attention
+for the metric learners, a support sequence for the memory learners. Images are brought to
+the model's input by the transform it was trained with (data/image_cache.py: mode,
+size, layout, ink polarity), whose settings come from the checkpoint.
+
+Inputs: a file path or a PIL image is a raw image and goes through that transform; a
+numpy array is a raw image too (PIL's `fromarray`); a torch tensor is taken as already
+model-ready: float [C, H, W] in [0, 1] of the checkpoint's input shape, as the episode
+tensors are (`learner.transform(item)` gives one).
+
+BatchNorm in conv4 uses the statistics of the batch it is given (no running averages),
+so a query's output depends on the other items predicted in the same pass. `predict`
+by default passes all given items together, as the benchmarks evaluate an episode's
+queries; `batch_size=k` splits them into passes of k items (k=1: every item on its own,
+independent of the others).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from metalab.algorithms import ALGORITHMS
+from metalab.checkpoint import read_checkpoint
+from metalab.data.image_cache import MODES, decode_image, image_to_array
+from metalab.errors import ConfigError, DataError
+
+Item = Any  # str | Path | PIL.Image.Image | np.ndarray | Tensor
+
+
+class Prediction(NamedTuple):
+    """One item's prediction: the most probable label, its probability, and every label's."""
+
+    label: Hashable
+    probability: float
+    probabilities: dict
+
+
+class ImageTransform:
+    """The checkpoint's training transform for one raw image -> float [C, H, W] in [0, 1].
+
+    The very function that filled the training image cache (`image_to_array`), with the
+    size and channels of the model's input and the dataset's ink polarity (`invert`).
+    """
+
+    def __init__(self, input_shape: Sequence[int], invert: bool):
+        self.channels, self.image_size = int(input_shape[0]), int(input_shape[-1])
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.invert = bool(invert)
+
+    def __call__(self, item: Item, name: str | None = None) -> Tensor:
+        name = name or _describe(item)
+        if isinstance(item, Tensor):
+            return self._model_ready(item, name)
+        if isinstance(item, (str, Path)):
+            path = Path(item).expanduser()
+            if not path.is_file():
+                raise DataError(f"image {name} does not exist or is not a file; give the path of an image file")
+            array = decode_image(path, str(item), self.image_size, self.channels, self.invert)
+        elif isinstance(item, Image.Image):
+            array = self._convert(item, name)
+        elif isinstance(item, np.ndarray):
+            try:
+                image = Image.fromarray(item)
+            except (TypeError, ValueError) as error:
+                raise DataError(f"{name} (a numpy array of shape {item.shape}, {item.dtype}) is not an image "
+                                f"({error}); give uint8 [H, W] or [H, W, 3] arrays") from None
+            array = self._convert(image, name)
+        else:
+            raise DataError(f"{name} is a {type(item).__name__}; give an image file path, a PIL image, "
+                            f"a numpy image array or a model-ready tensor of shape {list(self.input_shape)}")
+        return torch.from_numpy(np.ascontiguousarray(array)).float() / 255  # as the episode sampler scales
+
+    def _convert(self, image: Image.Image, name: str) -> np.ndarray:
+        try:
+            return image_to_array(image, self.image_size, self.channels, self.invert)
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot convert image {name}: {error}") from None
+
+    def _model_ready(self, tensor: Tensor, name: str) -> Tensor:
+        if tuple(tensor.shape) != self.input_shape or not tensor.is_floating_point():
+            raise DataError(
+                f"{name} is a tensor of shape {list(tensor.shape)} ({tensor.dtype}); tensors are taken as "
+                f"model-ready input, float of shape {list(self.input_shape)} in [0, 1] with the training ink "
+                "polarity; pass the raw image as a file path, PIL image or numpy array to have it transformed")
+        return tensor.detach().float().cpu()
+
+    def __repr__(self) -> str:
+        mode = MODES.get(self.channels, self.channels)
+        return f"ImageTransform(mode={mode}, size={self.image_size}, invert={self.invert})"
+
+
+class Learner:
+    """A meta-trained learner ready to adapt to new classes (`load_learner` gives one)."""
+
+    def __init__(self, model, transform: ImageTransform, checkpoint_path: str):
+        self.model = model
+        self.transform = transform
+        self.checkpoint_path = checkpoint_path
+        self.algorithm = model.config["algorithm"]["name"]
+        self.training_ways = model.config.get("ways")
+        # conv4's BatchNorm normalizes with the statistics of each forward pass.
+        self.transductive = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+                                for m in model.modules())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def adapt(self, support, labels: Sequence[Hashable] | None = None) -> AdaptedTask:
+        """Adapt to labelled examples; returns the task to predict with.
+
+        `support` is {label: [items]}, or a sequence of (item, label) pairs, or a sequence
+        of items with `labels` beside it. Labels may be any hashable values (class names,
+        ids); the order in which labels first appear is the order of `task.labels`.
+        """
+        items, item_labels = _pairs(support, labels)
+        classes = list(dict.fromkeys(item_labels))
+        self._check_classes(classes, item_labels)
+        index = {label: i for i, label in enumerate(classes)}
+        support_x = self._prepare(items, "support example")  # every image decoded and checked before any work
+        support_y = torch.tensor([index[label] for label in item_labels], dtype=torch.long)
+        with _evaluation_mode():  # as meta-test: no meta-graph, an inner loop turns gradients on itself
+            state = self.model.adapt(support_x.unsqueeze(0).to(self.device), support_y.unsqueeze(0).to(self.device))
+        return AdaptedTask(self, state, tuple(classes))
+
+    def _check_classes(self, classes: list, item_labels: list) -> None:
+        if len(classes) < 2:
+            found = f"only the label {classes[0]!r}" if classes else "no examples"
+            raise DataError(f"the support set has {found}; give labelled examples of at least 2 classes")
+        if self.model.fixed_ways and len(classes) != self.training_ways:
+            raise ConfigError(
+                f"algorithm={self.algorithm} has one output per training way, so it adapts to exactly "
+                f"ways={self.training_ways} classes, but the support set has {len(classes)} "
+                f"({', '.join(map(repr, classes))}); give {self.training_ways} classes, use a checkpoint "
+                f"meta-trained with ways={len(classes)}, or a learner without a fixed head such as protonet")
+
+    def _prepare(self, items: Sequence[Item], role: str) -> Tensor:
+        if isinstance(items, Tensor):
+            items = list(items)
+        tensors = [self.transform(item, _describe(item, f"{role} {i}")) for i, item in enumerate(items)]
+        return torch.stack(tensors)
+
+    def __repr__(self) -> str:
+        return (f"Learner({self.algorithm}, input={list(self.transform.input_shape)}, "
+                f"training_ways={self.training_ways}, {self.transform}, device={self.device})")
+
+
+class AdaptedTask:
+    """A learner adapted to one support set: predict as often as needed, no re-adaptation."""
+
+    def __init__(self, learner: Learner, state, labels: tuple):
+        self.learner, self.state, self.labels = learner, state, labels
+
+    def predict_logits(self, items, batch_size: int | None = None) -> Tensor:
+        """[items, labels] raw outputs of the learner's `predict`, columns in `self.labels` order."""
+        batch = self._as_batch(items)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ConfigError(f"batch_size={batch_size!r} is invalid; use a positive integer, "
+                              "or None to predict all items in one pass")
+        query = self.learner._prepare(batch, "query item")
+        step = batch_size or len(query)
+        model, device = self.learner.model, self.learner.device
+        outputs = []
+        with _evaluation_mode():
+            for start in range(0, len(query), step):
+                chunk = query[start:start + step].unsqueeze(0).to(device)
+                outputs.append(model.predict(self.state, chunk)[0].float().cpu())
+        return torch.cat(outputs)
+
+    def predict_proba(self, items, batch_size: int | None = None) -> Tensor:
+        """[items, labels] probabilities (softmax of the outputs), columns in `self.labels` order."""
+        return self.predict_logits(items, batch_size).softmax(-1)
+
+    def predict(self, items, batch_size: int | None = None):
+        """A Prediction per item (a single item gives a single Prediction).
+
+        All items go through the model together unless `batch_size` splits them (see the
+        module docstring on batch statistics).
+        """
+        single = self._is_single(items)
+        proba = self.predict_proba([items] if single else items, batch_size)
+        best = proba.argmax(-1).tolist()
+        predictions = [
+            Prediction(self.labels[k], float(row[k]), dict(zip(self.labels, row.tolist())))
+            for k, row in zip(best, proba)
+        ]
+        return predictions[0] if single else predictions
+
+    def _is_single(self, items) -> bool:
+        if isinstance(items, Tensor):
+            return items.dim() == len(self.learner.transform.input_shape)
+        return isinstance(items, (str, Path, Image.Image, np.ndarray))
+
+    def _as_batch(self, items) -> Sequence:
+        if self._is_single(items):
+            return [items]
+        if isinstance(items, Tensor):
+            return items
+        items = list(items)
+        if not items:
+            raise DataError("no query items given; pass at least one image to predict")
+        return items
+
+    def __repr__(self) -> str:
+        return f"AdaptedTask({self.learner.algorithm}, labels={list(self.labels)})"
+
+
+def load_learner(path, device: str | torch.device = "cpu") -> Learner:
+    """The learner stored in a metalab checkpoint, on `device`, ready to `adapt`.
+
+    Needs no Hydra config directory: the checkpoint holds the resolved run config.
+    """
+    device = _device(device)
+    checkpoint = read_checkpoint(path)
+    hyper = checkpoint["hyper_parameters"]
+    try:
+        config, input_shape, task_type = hyper["config"], list(hyper["input_shape"]), hyper["task_type"]
+        name = config["algorithm"]["name"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written "
+                          "by metalab-train") from None
+    if task_type != "classification" or len(input_shape) != 3:
+        raise ConfigError(f"ckpt_path={path} is a {task_type} model on inputs of shape {input_shape} "
+                          f"(dataset={config['dataset'].get('name')}); load_learner serves image "
+                          "classification checkpoints")
+    if name not in ALGORITHMS:
+        raise ConfigError(f"ckpt_path={path} was trained with algorithm={name!r}, which this metalab does not "
+                          f"have (it has {sorted(ALGORITHMS)})")
+    model = ALGORITHMS[name](config, input_shape, task_type)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as error:
+        raise ConfigError(f"ckpt_path={path}: its weights do not fit algorithm={name} as configured "
+                          f"({str(error).splitlines()[0]})") from None
+    model.eval().to(device)  # as Lightning sets it for meta-test
+    invert = bool(config["dataset"].get("invert", False))
+    return Learner(model, ImageTransform(input_shape, invert), str(path))
+
+
+# ---------------------------------------------------------------------- helpers
+@contextmanager
+def _evaluation_mode():
+    """What meta-test evaluation runs under (base._evaluate_and_store): out of inference
+    mode, gradients off; an inner loop turns gradients on for its own steps."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but no CUDA GPU is visible here; use device=cpu")
+    return device
+
+
+def _describe(item, role: str | None = None) -> str:
+    if isinstance(item, (str, Path)):
+        return str(item)
+    kind = type(item).__name__
+    return f"{role} ({kind})" if role else kind
+
+
+def _pairs(support, labels) -> tuple[list, list]:
+    """(items, labels) from any of the accepted support forms, with every label checked."""
+    if isinstance(support, Mapping):
+        if labels is not None:
+            raise DataError("labels= is given but the support set is already a {label: [items]} mapping; "
+                            "give one or the other")
+        items, item_labels = [], []
+        for label, examples in support.items():
+            examples = [examples] if isinstance(examples, (str, Path, Image.Image)) else list(examples)
+            if not examples:
+                raise DataError(f"class {label!r} has no examples; give at least one, or leave the class out")
+            items += examples
+            item_labels += [label] * len(examples)
+    elif labels is None:
+        pairs = list(support)
+        bad = next((i for i, p in enumerate(pairs) if not (isinstance(p, tuple) and len(p) == 2)), None)
+        if bad is not None:
+            raise DataError(f"support example {bad} is not an (item, label) pair and no labels= were given; "
+                            "give {label: [items]}, [(item, label), ...], or items with labels=[...]")
+        items, item_labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    else:
+        items = list(support)
+        item_labels = labels.tolist() if isinstance(labels, (Tensor, np.ndarray)) else list(labels)
+        if len(item_labels) != len(items):
+            raise DataError(f"{len(items)} support examples but {len(item_labels)} labels; "
+                            "give one label per example")
+    for i, label in enumerate(item_labels):
+        if label is None or (isinstance(label, float) and math.isnan(label)):
+            raise DataError(f"support example {i} ({_describe(items[i], 'item')}) has no label; "
+                            "give every example a label")
+        if not isinstance(label, Hashable):
+            raise DataError(f"support example {i} has the label {label!r}, a {type(label).__name__}, which "
+                            "cannot name a class; use a hashable label such as a string or an int")
+    return items, item_labels

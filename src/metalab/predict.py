@@ -1,0 +1,175 @@
+"""metalab-predict: adapt a meta-trained checkpoint to your labelled images and predict new ones.
+
+    metalab-predict ckpt_path=run/checkpoints/last.ckpt support=my_classes/ query=new_images/
+    metalab-predict ckpt_path=... support=my_classes/ query=a.png query=b.png output=predictions.csv
+
+  ckpt_path=FILE    a checkpoint written by metalab-train
+  support=DIR       one folder per class, named after it, holding that class's example images
+  query=PATH        an image, or a folder of images (searched recursively); may be repeated
+  output=FILE       also write the predictions to FILE.csv or FILE.json
+  device=cpu        or cuda, cuda:N
+  batch_size=N      predict in passes of N items (default: all items in one pass)
+
+Images are brought to the model's input (size, channels, ink polarity) by the transform
+the checkpoint was trained with. With a conv4 backbone, BatchNorm normalizes over the
+items of each pass, so a query's prediction depends on the others predicted with it (as
+in meta-test evaluation); batch_size=1 predicts every item on its own.
+
+Arguments are key=value pairs read literally (no Hydra), so any file name works.
+"""
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+from metalab.errors import ConfigError, DataError, MetalabError
+from metalab.memory import keep_freed_memory
+
+KEYS = ("ckpt_path", "support", "query", "output", "device", "batch_size")
+REQUIRED = ("ckpt_path", "support", "query")
+FORMATS = (".csv", ".json")
+
+
+def parse(argv: list[str]) -> dict:
+    """{key: value} (query: a list) from key=value arguments, every key known and required one given."""
+    args: dict = {"query": [], "device": "cpu", "batch_size": None, "output": None}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in KEYS:
+            raise ConfigError(f"argument {arg!r} is not one of {', '.join(k + '=...' for k in KEYS)}; "
+                              "see metalab-predict --help")
+        if not value:
+            raise ConfigError(f"{key}= is empty; give a value, e.g. {key}={'5' if key == 'batch_size' else '<path>'}")
+        if key == "query":
+            args["query"].append(value)
+        else:
+            args[key] = value
+    missing = [key for key in REQUIRED if not args.get(key)]
+    if missing:
+        raise ConfigError(f"{', '.join(k + '=' for k in missing)} missing; usage: metalab-predict "
+                          "ckpt_path=<file> support=<dir of class dirs> query=<dir or file> [output=<file.csv|json>]")
+    if args["batch_size"] is not None:
+        value = args["batch_size"]
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"batch_size={value} is invalid; use a positive integer, or leave it out to "
+                              "predict all items in one pass")
+        args["batch_size"] = int(value)
+    if args["output"] and Path(args["output"]).suffix.lower() not in FORMATS:
+        raise ConfigError(f"output={args['output']} must end in .csv or .json")
+    return args
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def support_files(root: Path) -> dict[str, list[Path]]:
+    """{class name: image files} from a folder of class folders; refuses anything else in it."""
+    if not root.is_dir():
+        raise DataError(f"support={root} is not a directory; give a folder holding one folder of images per class")
+    classes: dict[str, list[Path]] = {}
+    for entry in _visible(root):
+        if not entry.is_dir():
+            raise DataError(f"support={root} holds the file {entry} beside the class folders; move it into "
+                            "the folder of its class (one folder per class, named after it) or remove it")
+        files = _visible(entry)
+        nested = [p for p in files if p.is_dir()]
+        if nested:
+            raise DataError(f"class folder {entry} holds the folder {nested[0]}; a class folder holds only its images")
+        if not files:
+            raise DataError(f"class folder {entry} is empty; put at least one image of class "
+                            f"{entry.name!r} in it, or remove it")
+        classes[entry.name] = files
+    if len(classes) < 2:
+        found = f"only the class folder {next(iter(classes))!r}" if classes else "no class folders"
+        raise DataError(f"support={root} has {found}; give at least 2 classes, one folder of images each")
+    return classes
+
+
+def query_files(paths: list[str]) -> list[Path]:
+    files = []
+    for value in paths:
+        path = Path(value).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"query={value} is an empty folder; put the images to predict in it")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"query={value} does not exist; give an image file or a folder of images")
+    return files
+
+
+def write(path: Path, rows: list[dict], labels: tuple) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+        return
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["item", "label", "probability", *(f"p:{label}" for label in labels)])
+        for row in rows:
+            writer.writerow([row["item"], row["label"], f"{row['probability']:.6f}",
+                             *(f"{row['probabilities'][label]:.6f}" for label in labels)])
+
+
+def table(rows: list[dict]) -> str:
+    width = max(len("item"), *(len(r["item"]) for r in rows))
+    label_width = max(len("label"), *(len(r["label"]) for r in rows))
+    lines = [f"{'item':<{width}}  {'label':<{label_width}}  probability"]
+    lines += [f"{r['item']:<{width}}  {r['label']:<{label_width}}  {r['probability']:.4f}" for r in rows]
+    return "\n".join(lines)
+
+
+def predict(argv: list[str]) -> list[dict]:
+    args = parse(argv)
+    # Everything the user gave is checked (files listed, checkpoint read, every image decoded)
+    # before the model adapts.
+    classes = support_files(Path(args["support"]).expanduser())
+    queries = query_files(args["query"])
+    from metalab.api import load_learner  # torch and the learners load only for a valid command line
+
+    learner = load_learner(args["ckpt_path"], args["device"])
+    support = {name: [learner.transform(path) for path in files] for name, files in classes.items()}
+    query = [learner.transform(path) for path in queries]
+
+    started = time.perf_counter()
+    task = learner.adapt(support)
+    adapted = time.perf_counter()
+    predictions = task.predict(query, batch_size=args["batch_size"])
+    done = time.perf_counter()
+
+    rows = [{"item": str(path), "label": p.label, "probability": p.probability, "probabilities": p.probabilities}
+            for path, p in zip(queries, predictions)]
+    print(table(rows))
+    shots = sum(len(files) for files in classes.values())
+    print(f"\n{learner.algorithm}: adapted to {len(classes)} classes ({shots} examples) in {adapted - started:.3f} s, "
+          f"predicted {len(rows)} items in {done - adapted:.3f} s", file=sys.stderr)
+    if args["output"]:
+        write(Path(args["output"]).expanduser(), rows, task.labels)
+        print(f"predictions: {args['output']}", file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__.strip())
+        return
+    keep_freed_memory()
+    try:
+        predict(argv)
+    except MetalabError as error:
+        from metalab.config import report_error
+
+        report_error(error, None)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

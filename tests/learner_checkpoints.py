@@ -1,0 +1,57 @@
+"""Small genuine checkpoints for the application API tests: a few real Omniglot steps in a Trainer.
+
+Each learner is trained once per test session (the file is kept under pytest's session
+temp dir) so test_api.py and test_predict_cli.py share it.
+"""
+
+from pathlib import Path
+
+import lightning as L
+from hydra import compose, initialize_config_dir
+from lightning import Trainer
+
+from metalab.algorithms import ALGORITHMS
+from metalab.config import resolve
+from metalab.paths import CONFIG_DIR
+from metalab.runner import build_datamodule
+
+EVAL = ["test_shots=1", "test_queries=5", "test_episodes=20", "eval_batch_size=10"]
+# Classification learners the application API is tested with: name -> (overrides, outer steps).
+# Other learners join by adding a line here.
+SETTINGS = {
+    "protonet": (["algorithm=protonet", "dataset=omniglot", "ways=5", "shots=1", "queries=5",
+                  "meta_batch_size=1", "test_ways=5", *EVAL], 30),
+    "maml": (["experiment=maml_omniglot_5w1s", "meta_batch_size=1", "queries=5", "algorithm.first_order=true",
+              "algorithm.eval_inner_steps=5", "test_ways=5", *EVAL], 10),
+}
+
+
+def run_config(name: str, data_dir: Path, cache_dir: Path, run_dir: Path) -> dict:
+    overrides, _ = SETTINGS[name]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.run_dir={run_dir}", f"paths.data_dir={data_dir}",
+                                          f"paths.cache_dir={cache_dir}", *overrides])
+    return resolve(cfg)
+
+
+def trained_checkpoint(name: str, tmp_path_factory, data_dir: Path, cache_dir: Path) -> Path:
+    """A checkpoint of `name` after a few outer steps on Omniglot, written by a Lightning Trainer."""
+    folder = tmp_path_factory.getbasetemp() / "api_checkpoints"
+    path = folder / f"{name}.ckpt"
+    if path.is_file():
+        return path
+    config = run_config(name, data_dir, cache_dir, folder / name)
+    datamodule = build_datamodule(config)
+    datamodule.setup("fit")
+    L.seed_everything(0, verbose=False)
+    model = ALGORITHMS[name](config, list(datamodule.input_shape), datamodule.task_type)
+    trainer = quiet_trainer(max_steps=SETTINGS[name][1], limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=datamodule)
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", **kwargs)
