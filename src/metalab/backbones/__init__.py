@@ -6,9 +6,10 @@ from torch import nn
 
 from metalab.backbones.conv4 import Conv4
 from metalab.backbones.mlp import MLP
+from metalab.backbones.resnet12 import ResNet12
 from metalab.errors import ConfigError
 
-BACKBONES = {"conv4": Conv4, "mlp": MLP}
+BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 
 
 def build_backbone(cfg: Mapping, input_shape: tuple[int, ...]) -> nn.Module:

@@ -1,0 +1,96 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu, Wierstra 2016).
+
+A query x̂ is labelled by attention over the support set S = {(x_i, y_i)}:
+
+    P(y = k | x̂, S) = Σ_{i: y_i = k} a(x̂, x_i),    a(x̂, x_i) = softmax_i c(f(x̂), g(x_i)),
+
+with c the cosine similarity and the loss −log P(y | x̂, S). `predict` returns
+log P(y = k | x̂, S) as the logits (a log-softmax, so cross-entropy on it is that loss).
+
+Without full context embeddings (`fce=false`) f = g = f' = the backbone, and the
+prediction does not depend on the order of the support set. With them (`fce=true`):
+
+- g(x_i, S) = h→_i + h←_i + g'(x_i): a bidirectional LSTM reads the support embeddings
+  g'(x_i) in episode order, and its two hidden states are added to the embedding;
+- f(x̂, S) = attLSTM(f'(x̂), g(S), K): starting from h_0 = f'(x̂), c_0 = 0, for k = 1..K
+      r_{k-1} = Σ_i softmax_i(h_{k-1}ᵀ g(x_i)) g(x_i)                (read the support set)
+      ĥ_k, c_k = LSTM(f'(x̂), [h_{k-1}, r_{k-1}], c_{k-1}),   h_k = ĥ_k + f'(x̂)
+  and f = h_K. The LSTM's hidden input being the concatenation [h, r] is the same as
+  an LSTM cell fed [f'(x̂), r] with hidden state h, which is how it is written here.
+
+Both LSTMs run over whatever set they are given, so any ways/shots/queries work at test
+time. The backbone is shared (f' = g'), as in the paper's image experiments.
+"""
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from metalab.algorithms.base import MetaLearner
+from metalab.backbones import build_backbone
+from metalab.data.episodes import Episode
+from metalab.errors import ConfigError
+
+
+class MatchingNet(MetaLearner):
+    task_types = ("classification",)
+
+    def __init__(self, config: dict, input_shape: list[int], task_type: str):
+        super().__init__(config, input_shape, task_type)
+        self.backbone = build_backbone(config["backbone"], input_shape)
+        self.fce = bool(self.algorithm_cfg.get("fce", False))
+        self.read_steps = self.algorithm_cfg.get("read_steps", 5)
+        self.eps = float(self.algorithm_cfg.get("cosine_eps", 1e-8))
+        if isinstance(self.read_steps, bool) or not isinstance(self.read_steps, int) or self.read_steps < 1:
+            raise ConfigError(f"algorithm.read_steps={self.read_steps!r} must be a positive integer "
+                              f"(the attention LSTM's K); set e.g. algorithm.read_steps=5")
+        dim = self.backbone.out_features
+        if self.fce:
+            self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
+            self.query_cell = nn.LSTMCell(2 * dim, dim)
+
+    # ------------------------------------------------------------------ full context embeddings
+    def context_support(self, support: Tensor) -> Tensor:
+        """g(x_i, S) = h→_i + h←_i + g'(x_i) for [tasks, support, dim] embeddings g'."""
+        hidden, _ = self.support_lstm(support)  # [tasks, support, 2·dim]: forward then backward states
+        forward, backward = hidden.chunk(2, dim=-1)
+        return forward + backward + support
+
+    def context_query(self, query: Tensor, support: Tensor) -> Tensor:
+        """f(x̂, S) = attLSTM(f'(x̂), g(S), K) for [tasks, queries, dim] embeddings f'."""
+        tasks, queries, dim = query.shape
+        h, c = query, torch.zeros_like(query)
+        for _ in range(self.read_steps):
+            attention = torch.softmax(h @ support.transpose(1, 2), dim=-1)  # [tasks, queries, support]
+            read = attention @ support
+            h, c = self.query_cell(torch.cat([query, read], -1).flatten(0, 1), (h.flatten(0, 1), c.flatten(0, 1)))
+            h, c = h.view(tasks, queries, dim) + query, c.view(tasks, queries, dim)
+        return h
+
+    # ------------------------------------------------------------------ learner interface
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+        """(g(S) [tasks, support, dim], one-hot support labels [tasks, support, ways])."""
+        support = vmap(self.backbone)(support_x)  # one task per vmap slice: its own normalization statistics
+        if self.fce:
+            support = self.context_support(support)
+        ways = int(support_y.max()) + 1
+        return support, nn.functional.one_hot(support_y, ways).to(support.dtype)
+
+    def predict(self, adapted: tuple[Tensor, Tensor], query_x: Tensor) -> Tensor:
+        """[tasks, queries, ways] log P(y = k | x̂, S)."""
+        support, one_hot = adapted
+        query = vmap(self.backbone)(query_x)
+        if self.fce:
+            query = self.context_query(query, support)
+        # Cosine similarity; the epsilon keeps an all-zero embedding (possible after a
+        # ReLU) from dividing by zero.
+        cosine = (nn.functional.normalize(query, dim=-1, eps=self.eps)
+                  @ nn.functional.normalize(support, dim=-1, eps=self.eps).transpose(1, 2))  # [tasks, queries, support]
+        log_attention = torch.log_softmax(cosine, dim=-1)
+        # log Σ_{i: y_i = k} a_i, computed in log space: log 0 = −inf masks the other classes.
+        return torch.logsumexp(log_attention.unsqueeze(-1) + one_hot.log().unsqueeze(1), dim=2)
+
+    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        log_probs = self.predict(self.adapt(batch.support_x, batch.support_y), batch.query_x)
+        loss = nn.functional.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
+        return loss, {"acc": self.episode_metric(log_probs, batch.query_y)}

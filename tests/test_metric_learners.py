@@ -1,0 +1,204 @@
+"""The metric learners (ProtoNet, Matching Networks, Relation Networks) and the backbones they share."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning import Trainer
+
+from metalab.algorithms import ALGORITHMS
+from metalab.backbones import build_backbone
+from metalab.backbones.conv4 import Conv4
+from metalab.config import resolve
+from metalab.data.episodes import Episode
+from metalab.errors import ConfigError
+from metalab.paths import CONFIG_DIR
+from metalab.runner import build_datamodule
+
+OMNIGLOT = [1, 28, 28]
+
+
+def configured(tmp_path, data_dir, cache_dir, algorithm: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.run_dir={tmp_path}", f"paths.data_dir={data_dir}",
+                                          f"paths.cache_dir={cache_dir}", f"algorithm={algorithm}",
+                                          "dataset=omniglot", *overrides])
+    return resolve(cfg)
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", **kwargs)
+
+
+def learner(config: dict, input_shape=OMNIGLOT, seed: int = 0):
+    torch.manual_seed(seed)
+    return ALGORITHMS[config["algorithm"]["name"]](config, list(input_shape), "classification")
+
+
+def omniglot_episodes(tmp_path, data_dir, cache_dir, ways: int, shots: int, queries: int, count: int) -> Episode:
+    """`count` fixed test episodes of real Omniglot (unseen classes)."""
+    config = configured(tmp_path, data_dir, cache_dir, "protonet", f"test_ways={ways}", f"test_shots={shots}",
+                        f"test_queries={queries}", f"test_episodes={count}", f"eval_batch_size={count}")
+    datamodule = build_datamodule(config)
+    datamodule.setup("test")
+    return datamodule.example_batch("test")
+
+
+def random_episodes(tasks: int, ways: int, shots: int, queries: int, shape=OMNIGLOT) -> Episode:
+    labels = torch.arange(ways)
+    return Episode(torch.rand(tasks, ways * shots, *shape), labels.repeat_interleave(shots).expand(tasks, -1),
+                   torch.rand(tasks, ways * queries, *shape), labels.repeat_interleave(queries).expand(tasks, -1))
+
+
+VARIANTS = {
+    "protonet": ("protonet",),
+    "matchingnet": ("matchingnet",),
+    "matchingnet-fce": ("matchingnet", "algorithm.fce=true"),
+    "relationnet": ("relationnet",),
+}
+
+
+# ---------------------------------------------------------------- learning on real Omniglot
+@pytest.mark.data
+@pytest.mark.parametrize("variant", ["matchingnet", "matchingnet-fce", "relationnet"])
+def test_learns_omniglot_far_above_chance(variant, tmp_path, data_dir, cache_dir):
+    # 240 training episodes (60 steps × 4 tasks, 5-way 1-shot), then 100 fixed test episodes.
+    config = configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant], "queries=5", "meta_batch_size=4",
+                        "test_queries=5", "test_episodes=100", "eval_batch_size=50")
+    datamodule = build_datamodule(config)
+    model = learner(config)
+    trainer = quiet_trainer(max_steps=60, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=datamodule)
+    result = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    assert result["test/acc"] > 0.6, result  # chance: 0.2
+
+
+# ---------------------------------------------------------------- properties of the comparison
+@pytest.mark.data
+@pytest.mark.parametrize("variant", ["protonet", "matchingnet"])
+def test_without_fce_support_order_does_not_matter(variant, tmp_path, data_dir, cache_dir):
+    episodes = omniglot_episodes(tmp_path, data_dir, cache_dir, ways=5, shots=3, queries=4, count=4)
+    model = learner(configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant])).eval()
+    order = torch.randperm(episodes.support_x.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model.predict(model.adapt(episodes.support_x, episodes.support_y), episodes.query_x)
+        permuted = model.predict(model.adapt(episodes.support_x[:, order], episodes.support_y[:, order]),
+                                 episodes.query_x)
+    torch.testing.assert_close(permuted, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.data
+def test_with_fce_the_support_lstm_reads_the_order(tmp_path, data_dir, cache_dir):
+    # The counterpart of the test above: the bidirectional LSTM makes g(x_i, S) order-dependent,
+    # so the permutation test can tell the two apart.
+    episodes = omniglot_episodes(tmp_path, data_dir, cache_dir, ways=5, shots=3, queries=4, count=2)
+    model = learner(configured(tmp_path, data_dir, cache_dir, *VARIANTS["matchingnet-fce"])).eval()
+    order = torch.randperm(episodes.support_x.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model.predict(model.adapt(episodes.support_x, episodes.support_y), episodes.query_x)
+        permuted = model.predict(model.adapt(episodes.support_x[:, order], episodes.support_y[:, order]),
+                                 episodes.query_x)
+    assert not torch.allclose(permuted, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("variant", ["protonet", "matchingnet"])
+def test_queries_equal_to_the_support_images_are_all_right(variant, tmp_path, data_dir, cache_dir):
+    # 1-shot: each query is its own class's only support image, so its prototype / its
+    # nearest support embedding (cosine 1) is its own, even untrained.
+    episodes = omniglot_episodes(tmp_path, data_dir, cache_dir, ways=20, shots=1, queries=1, count=4)
+    model = learner(configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant])).eval()
+    with torch.no_grad():
+        predictions = model.predict(model.adapt(episodes.support_x, episodes.support_y), episodes.support_x)
+    assert model.episode_metric(predictions, episodes.support_y).tolist() == [1.0] * 4
+
+
+def test_matchingnet_gives_log_probabilities_and_survives_a_zero_embedding(tmp_path):
+    model = learner(configured(tmp_path, "unused", tmp_path, "matchingnet"))
+    batch = random_episodes(2, ways=4, shots=2, queries=3)
+    log_probs = model.predict(model.adapt(batch.support_x, batch.support_y), batch.query_x)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2, 12))
+    # Black images give all-zero features after the last ReLU: the cosine's epsilon keeps it finite.
+    zeros = Episode(torch.zeros_like(batch.support_x), batch.support_y, torch.zeros_like(batch.query_x), batch.query_y)
+    loss, _ = model.meta_loss(zeros)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_relationnet_scores_lie_in_unit_interval_and_the_loss_is_the_papers(tmp_path):
+    model = learner(configured(tmp_path, "unused", tmp_path, "relationnet"))
+    batch = random_episodes(3, ways=5, shots=2, queries=3)
+    scores = model.predict(model.adapt(batch.support_x, batch.support_y), batch.query_x)
+    assert scores.shape == (3, 15, 5) and bool(((scores >= 0) & (scores <= 1)).all())
+    loss, metrics = model.meta_loss(batch)
+    # Σ_{q,k} (r_{q,k} − 1[y_q = k])², averaged over the 3 × 15 × 5 query-class pairs.
+    targets = (batch.query_y.unsqueeze(-1) == torch.arange(5)).float()
+    torch.testing.assert_close(loss, ((scores - targets) ** 2).sum() / scores.numel())
+    torch.testing.assert_close(metrics["acc"], (scores.argmax(-1) == batch.query_y).float().mean(-1))
+
+
+def test_relationnet_class_feature_is_the_sum_over_shots(tmp_path):
+    model = learner(configured(tmp_path, "unused", tmp_path, "relationnet"))
+    batch = random_episodes(1, ways=3, shots=4, queries=1)
+    classes = model.adapt(batch.support_x, batch.support_y)
+    maps = model.backbone(batch.support_x[0])  # one task: the same statistics as under vmap
+    assert classes.shape == (1, 3, 64, 7, 7)  # the paper's embedding keeps a 7×7 map of a 28×28 image
+    torch.testing.assert_close(classes[0, 1], maps[4:8].sum(0))
+
+
+# ---------------------------------------------------------------- shapes at test time
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("ways,shots,queries", [(5, 1, 3), (20, 5, 2), (3, 2, 1)])
+def test_any_ways_shots_queries_after_training_with_others(variant, ways, shots, queries, tmp_path):
+    model = learner(configured(tmp_path, "unused", tmp_path, *VARIANTS[variant], "ways=5", "shots=1"))
+    loss, _ = model.meta_loss(random_episodes(2, 5, 1, 2))  # a training step's shapes
+    loss.backward()
+    batch = random_episodes(2, ways, shots, queries)
+    with torch.no_grad():
+        predictions = model.predict(model.adapt(batch.support_x, batch.support_y), batch.query_x)
+        metrics = model.evaluate(batch)
+    assert predictions.shape == (2, ways * queries, ways)
+    assert metrics["acc"].shape == (2,) and torch.isfinite(predictions).all()
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "matchingnet", "relationnet"])
+def test_resnet12_backbone_serves_every_metric_learner(algorithm, tmp_path):
+    fce = ["algorithm.fce=true"] if algorithm == "matchingnet" else []
+    config = configured(tmp_path, "unused", tmp_path, algorithm, "backbone=resnet12", *fce)
+    model = learner(config, input_shape=[3, 32, 32])
+    batch = random_episodes(1, ways=3, shots=1, queries=2, shape=(3, 32, 32))
+    loss, _ = model.meta_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- backbones
+def test_conv4_default_is_unchanged_and_feature_maps_are_an_option():
+    torch.manual_seed(0)
+    default = Conv4((1, 28, 28))
+    assert default.out_features == 64
+    assert [type(m).__name__ for m in default.layers[0]] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    x = torch.rand(6, 1, 28, 28)
+    assert default(x).shape == (6, 64)
+    maps = Conv4((1, 28, 28), pooled_blocks=2, feature_map=True)
+    maps.load_state_dict(default.state_dict())  # the same parameters, only the pooling differs
+    assert maps.out_shape == (64, 7, 7) and maps(x).shape == (6, 64, 7, 7)
+    assert Conv4((3, 84, 84), pooled_blocks=2).out_features == 64 * 21 * 21
+
+
+def test_resnet12_shapes():
+    net = build_backbone({"name": "resnet12"}, (3, 84, 84))
+    x = torch.rand(2, 3, 84, 84)
+    assert net.out_features == 640 and net(x).shape == (2, 640)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(12.4e6, rel=0.01)
+    assert net.out_shape == (640, 5, 5)
+    flat = build_backbone({"name": "resnet12", "average_pool": False}, (3, 84, 84))
+    assert flat.out_features == 16000
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_settings_are_refused_naming_the_value(tmp_path):
+    with pytest.raises(ConfigError, match="backbone=mlp"):
+        learner(configured(tmp_path, "unused", tmp_path, "relationnet", "backbone=mlp"))
+    with pytest.raises(ConfigError, match="algorithm.read_steps=0"):
+        learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.fce=true", "algorithm.read_steps=0"))
