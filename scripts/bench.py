@@ -1,10 +1,12 @@
-"""Tasks per second of MAML meta-training: task-batched (vmap) against a plain per-task loop.
+"""Tasks per second of meta-training for the optimization-based family: task-batched
+(vmap) against the plain per-task loop of metalab.algorithms.reference.
 
-Both sides run the same model, the same episodes and a full outer step (meta-loss,
-backward, Adam step). Printed as a table with the ratio; nothing is asserted.
+Both sides run the same learner, the same episodes and a full outer step (meta-loss,
+backward, optimizer step). Printed as a table with the ratio; nothing is asserted.
 
-    python scripts/bench.py                 # MLP 784-64-64-5 at 1 and 5 inner steps, conv4 on Omniglot
-    python scripts/bench.py --device cuda   # on a GPU
+    python scripts/bench.py                          # every learner: MLP 784-64-64-5, conv4 on Omniglot
+    python scripts/bench.py --learners maml anil     # some of them
+    python scripts/bench.py --device cuda            # on a GPU
 """
 
 import argparse
@@ -14,24 +16,26 @@ from pathlib import Path
 
 import torch
 
-from metalab.algorithms import MAML
-from metalab.algorithms.reference import per_task_maml_loss
+from metalab.algorithms import ALGORITHMS
+from metalab.algorithms.maml import MAML
+from metalab.algorithms.reference import reference_meta_loss
 from metalab.data.episodes import Episode
 from metalab.memory import keep_freed_memory
 
 WAYS, SHOTS, QUERIES, META_BATCH = 5, 1, 15, 32
+FAMILY = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")
 
 
-def maml(backbone: dict, input_shape: list[int], inner_steps: int, inner_lr: float) -> MAML:
-    config = {
-        "algorithm": {"name": "maml", "inner_lr": inner_lr, "inner_steps": inner_steps,
-                      "eval_inner_steps": inner_steps, "first_order": False,
-                      "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3}},
-        "backbone": backbone,
-        "ways": WAYS,
-    }
+def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int, inner_lr: float) -> MAML:
+    algorithm = {"name": name, "inner_lr": inner_lr, "inner_steps": inner_steps, "eval_inner_steps": inner_steps,
+                 "first_order": False, "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3}}
+    if name == "reptile":
+        algorithm.update(inner_optimizer="sgd", adam_beta1=0.0, adam_beta2=0.999)
+    if name == "mamlpp":  # second order, multi-step loss on: its most expensive phase
+        algorithm.update(msl_steps=1000, first_order_steps=0)
     torch.manual_seed(0)
-    return MAML(config, input_shape, "classification")
+    return ALGORITHMS[name]({"algorithm": algorithm, "backbone": backbone, "ways": WAYS}, input_shape,
+                            "classification")
 
 
 def omniglot_batch() -> Episode | None:
@@ -82,6 +86,7 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     batch = Episode(*(t.to(device) for t in batch))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = model.algorithm_cfg
+    order = "first" if cfg["name"] in ("fomaml", "reptile") else "second"
 
     def outer_step(loss_fn):
         def step():
@@ -91,32 +96,37 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
         return step
 
     vmapped = outer_step(lambda: model.meta_loss(batch)[0])
-    looped = outer_step(lambda: per_task_maml_loss(model.model, batch, cfg["inner_steps"], cfg["inner_lr"],
-                                                   False, torch.nn.functional.cross_entropy))
+    looped = outer_step(lambda: reference_meta_loss(model, batch))
     fast = tasks_per_second(vmapped, device, min_seconds)
     slow = tasks_per_second(looped, device, min_seconds)
-    print(f"| {name:<34} | {cfg['inner_steps']:>5} | {slow:>10.1f} | {fast:>10.1f} | {fast / slow:>6.1f}x |", flush=True)
+    print(f"| {cfg['name']:<8} | {name:<32} | {cfg['inner_steps']:>5} | {order:<6} | {slow:>10.1f} | "
+          f"{fast:>10.1f} | {fast / slow:>6.1f}x |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing window per measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing window per measurement")
+    parser.add_argument("--learners", nargs="+", default=list(FAMILY), choices=FAMILY)
     args = parser.parse_args()
     keep_freed_memory()  # as metalab-train does; both sides benefit
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"MAML meta-training, 5-way 1-shot 15 queries, meta-batch {META_BATCH}, second order; {name}, torch {torch.__version__}")
-    print("| model                              | steps | loop tasks/s | vmap tasks/s | ratio |")
-    print("|------------------------------------|-------|------------|------------|--------|")
+    print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {META_BATCH}; {name}, torch {torch.__version__}")
+    print("| learner  | model                            | steps | order  | loop tasks/s | vmap tasks/s | ratio |")
+    print("|----------|----------------------------------|-------|--------|------------|------------|--------|")
     mlp = {"name": "mlp", "hidden_sizes": [64, 64]}
-    for steps in (1, 5):
-        compare("MLP 784-64-64-5 (random inputs)", maml(mlp, [784], steps, 0.4), random_batch(784), device, args.seconds)
+    for learner_name in args.learners:
+        for steps in (1, 5):
+            compare("MLP 784-64-64-5 (random inputs)", learner(learner_name, mlp, [784], steps, 0.4),
+                    random_batch(784), device, args.seconds)
     batch = omniglot_batch()
     if batch is not None:
         conv4 = {"name": "conv4", "hidden_channels": 64, "blocks": 4}
-        for steps in (1, 5):
-            compare("conv4, Omniglot 28x28", maml(conv4, [1, 28, 28], steps, 0.4), batch, device, args.seconds)
+        for learner_name in args.learners:
+            for steps in (1, 5):
+                compare("conv4, Omniglot 28x28", learner(learner_name, conv4, [1, 28, 28], steps, 0.4), batch,
+                        device, args.seconds)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metalab.algorithms import MAML
+from metalab.algorithms.maml import MAML
 from metalab.algorithms.reference import per_task_maml_loss
 from metalab.data.episodes import Episode
 

@@ -11,3 +11,7 @@ class ConfigError(MetalabError):
 
 class DataError(MetalabError):
     """Data is missing or malformed; the message names the files and how to provide them."""
+
+
+class TrainingDiverged(MetalabError):
+    """A loss became NaN or infinite; training stops before the bad update is applied."""

@@ -1,9 +1,45 @@
-"""Meta-learners by config name (`algorithm=<name>`)."""
+"""Meta-learners by config name (`algorithm=<name>`).
+
+Each learner lives in its own module, imported only when it is asked for, so a run
+pays for (and can only break on) the learner it uses.
+"""
+
+from collections.abc import Iterator, Mapping
+from importlib import import_module
 
 from metalab.algorithms.base import MetaLearner
-from metalab.algorithms.maml import MAML
-from metalab.algorithms.protonet import ProtoNet
 
-ALGORITHMS: dict[str, type[MetaLearner]] = {"maml": MAML, "protonet": ProtoNet}
+# config name -> "module:Class" under metalab.algorithms
+_LEARNERS = {
+    # optimization-based
+    "maml": "maml:MAML",
+    "fomaml": "fomaml:FOMAML",
+    "reptile": "reptile:Reptile",
+    "anil": "anil:ANIL",
+    "metasgd": "metasgd:MetaSGD",
+    "mamlpp": "mamlpp:MAMLPlusPlus",
+    # metric-based
+    "protonet": "protonet:ProtoNet",
+    "matchingnet": "matchingnet:MatchingNet",
+    "relationnet": "relationnet:RelationNet",
+    # memory-based, and its memoryless baseline
+    "mann": "mann:MANN",
+    "lstm": "mann:LSTMBaseline",
+}
 
-__all__ = ["ALGORITHMS", "MetaLearner", "MAML", "ProtoNet"]
+
+class _Registry(Mapping):
+    def __getitem__(self, name: str) -> type[MetaLearner]:
+        module, cls = _LEARNERS[name].split(":")
+        return getattr(import_module(f"metalab.algorithms.{module}"), cls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_LEARNERS)
+
+    def __len__(self) -> int:
+        return len(_LEARNERS)
+
+
+ALGORITHMS: Mapping[str, type[MetaLearner]] = _Registry()
+
+__all__ = ["ALGORITHMS", "MetaLearner"]

@@ -1,10 +1,17 @@
 """What every meta-learner shares: the outer step, logging, and the evaluation protocol.
 
-A learner subclasses `MetaLearner` and writes two methods, each over a meta-batch of
+A learner subclasses `MetaLearner` and writes three methods, each over a meta-batch of
 episodes (tensors shaped [tasks, examples, ...]):
 
 - `meta_loss(batch)` -> (loss to minimise, {metric: per-episode values}) for training;
-- `evaluate(batch)` -> {metric: per-episode values} on fixed validation/test episodes.
+- `adapt(support_x, support_y)` -> the learner's adapted state for each task (adapted
+  weights, class prototypes, a filled memory, ...), computed once;
+- `predict(adapted, query_x)` -> [tasks, queries, outputs] logits or regression outputs.
+
+Evaluation on fixed validation/test episodes is `predict(adapt(support), query)` scored
+per episode (`evaluate`, which a learner may extend with extra metrics), and the
+application API (metalab.api) calls the very same two methods, so a user's predictions
+are computed exactly as the benchmark numbers are.
 
 Everything else (optimizer and scheduler from config, gradient clipping through
 Lightning's manual-optimization API, tasks per second, mean and 95% CI over the fixed
@@ -13,6 +20,7 @@ episodes, Lightning's inference mode) is handled here once.
 
 import time
 from collections import defaultdict
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -22,6 +30,7 @@ from torch import Tensor
 from metalab import __version__
 from metalab.checkpoint import MARKER
 from metalab.data.episodes import Episode
+from metalab.errors import TrainingDiverged
 from metalab.evaluation import mean_and_ci95
 
 
@@ -53,14 +62,30 @@ class MetaLearner(LightningModule):
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
+        """Adapt to each task's labelled support set; the result is passed to `predict`.
+
+        Classification labels are 0..ways-1 in every task.
+        """
         raise NotImplementedError
+
+    def predict(self, adapted: Any, query_x: Tensor) -> Tensor:
+        """[tasks, queries, outputs]: class logits (classification) or predictions (regression)."""
+        raise NotImplementedError
+
+    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
+        """{metric: per-episode values} on fixed evaluation episodes."""
+        predictions = self.predict(self.adapt(batch.support_x, batch.support_y), batch.query_x)
+        return {self.metric: self.episode_metric(predictions, batch.query_y)}
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss, metrics = self.meta_loss(batch)
+        # A learner whose optimized loss is a surrogate (Reptile) reports its real loss here.
+        reported_loss = metrics.pop("loss", loss).detach().mean()
+        self.check_finite(reported_loss, metrics.get("inner_loss"))
         # Exactly one backward per outer step: under DDP this is the one all-reduce.
         self.manual_backward(loss)
         clip = self.algorithm_cfg.get("grad_clip")
@@ -70,11 +95,31 @@ class MetaLearner(LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/loss", reported_loss, prog_bar=True)
         for name, values in metrics.items():
             self.log(f"train/{name}", values.detach().mean(), prog_bar=name == self.metric)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         return loss.detach()
+
+    def check_finite(self, loss: Tensor, inner_losses: Tensor | None) -> None:
+        """Stop before a NaN/inf loss reaches the weights, so every checkpoint written stays good.
+
+        One host sync per outer step; cheap next to the step itself.
+        """
+        for what, value in (("inner (support-set) loss", inner_losses), ("meta-loss", loss)):
+            if value is None or bool(torch.isfinite(value).all()):
+                continue
+            worst = value[~torch.isfinite(value)].flatten()[0].item() if value.dim() else value.item()
+            cfg = self.algorithm_cfg
+            rates = [f"algorithm.optimizer.lr={cfg['optimizer'].get('lr')}"]
+            if "inner_lr" in cfg:
+                rates.insert(0, f"algorithm.inner_lr={cfg['inner_lr']}")
+            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
+            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
+            raise TrainingDiverged(
+                f"training stopped at step {self.global_step}: the {what} is {worst}. Likely cause: a learning "
+                f"rate too large for this task ({', '.join(rates)}); lower it, or clip the meta-gradient with "
+                f"algorithm.grad_clip=<norm>. The parameters were not updated with it; {kept}")
 
     def on_train_batch_start(self, batch: Episode, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -64,29 +64,64 @@ def batched_loss(model: nn.Module, loss_fn: LossFn) -> BatchedLoss:
 
 
 def sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
-             lr: float | Mapping[str, Tensor], first_order: bool) -> Params:
+             lr: float | Mapping[str, Tensor], first_order: bool) -> tuple[Params, Tensor]:
     """One inner step for every task: θ'_t = θ_t − α ∇θ_t L_t(θ_t; x_t, y_t).
 
     The outer backward pass differentiates through ∇θ L (second-order MAML) unless
     `first_order`, where the gradient is taken without a graph and so acts as a
     constant: that drops exactly the Hessian-vector terms. `lr` is a scalar, or one
-    tensor per parameter (Meta-SGD), broadcast over tasks.
+    tensor per parameter broadcast over tasks (Meta-SGD's per-element rates, MAML++'s
+    per-layer rates). Returns the new parameters and the per-task support losses
+    L_t(θ_t) (detached), so callers can watch them.
     """
     with torch.enable_grad():
-        total = loss(params, x, y).sum()
-        grads = torch.autograd.grad(total, list(params.values()), create_graph=not first_order)
+        task_losses = loss(params, x, y)
+        grads = torch.autograd.grad(task_losses.sum(), list(params.values()), create_graph=not first_order)
         step = {}
         for (name, p), g in zip(params.items(), grads):
             if isinstance(lr, Mapping):
                 step[name] = torch.addcmul(p, lr[name], g, value=-1.0)
             else:  # one fused kernel: on a CPU, p - lr * g costs several times more
                 step[name] = torch.add(p, g, alpha=-lr)
-    return step
+    return step, task_losses.detach()
 
 
 def sgd_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int,
-              lr: float | Mapping[str, Tensor], first_order: bool = False) -> Params:
-    """`steps` inner SGD steps on every task's support set (x, y)."""
+              lr: float | Mapping[str, Tensor], first_order: bool = False) -> tuple[Params, Tensor | None]:
+    """`steps` inner SGD steps on every task's support set (x, y).
+
+    Returns the adapted parameters and the per-task support losses of the last step
+    (None for zero steps).
+    """
+    task_losses = None
     for _ in range(steps):
-        params = sgd_step(loss, params, x, y, lr, first_order)
-    return params
+        params, task_losses = sgd_step(loss, params, x, y, lr, first_order)
+    return params, task_losses
+
+
+def adam_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,
+               betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> tuple[Params, Tensor | None]:
+    """`steps` inner Adam steps on every task, each task with its own moment estimates.
+
+    For learners that need no gradient through the inner loop (Reptile): every step is
+    cut from the graph, so memory does not grow with the number of steps.
+    """
+    beta1, beta2 = betas
+    first = {name: torch.zeros_like(p) for name, p in params.items()}
+    second = {name: torch.zeros_like(p) for name, p in params.items()}
+    params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    task_losses = None
+    for t in range(1, steps + 1):
+        with torch.enable_grad():
+            task_losses = loss(params, x, y)
+            grads = torch.autograd.grad(task_losses.sum(), list(params.values()))
+        updated = {}
+        for (name, p), g in zip(params.items(), grads):
+            first[name].mul_(beta1).add_(g, alpha=1 - beta1)
+            second[name].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denominator = (second[name] / (1 - beta2 ** t)).sqrt_().add_(eps)
+            step = first[name] / (1 - beta1 ** t) / denominator
+            updated[name] = (p.detach() - lr * step).requires_grad_(True)
+        params = updated
+        task_losses = task_losses.detach()
+    return params, task_losses

@@ -8,13 +8,19 @@ give parameters that do well on its query set:
 
 The outer gradient flows through ∇θ L (second order) unless `first_order=true`. The
 inner loop is functional and batched over the tasks of the meta-batch (inner_loop.py).
+
+`MAML` is also the base of the rest of the optimization-based family (first-order MAML,
+Reptile, ANIL, Meta-SGD, MAML++): each overrides only the hook that differs —
+`training_first_order`, `inner_learning_rate`, `inner_adapt`, `predict` or `meta_loss`.
 """
+
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 from torch.func import vmap
 
 from metalab.algorithms.base import MetaLearner
-from metalab.algorithms.inner_loop import batched_forward, batched_loss, per_task, sgd_adapt
+from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, per_task, sgd_adapt
 from metalab.backbones import build_backbone
 from metalab.data.episodes import Episode
 
@@ -31,26 +37,63 @@ class MAML(MetaLearner):
         self.forward_tasks = batched_forward(self.model)
         self.inner_loss = batched_loss(self.model, self.task_loss_fn())
 
-    def adapted_query_predictions(self, batch: Episode, steps: int, first_order: bool, meta_gradient: bool) -> Tensor:
-        """Adapt to each task's support set, then predict its query set: [tasks, queries, outputs]."""
-        params = per_task(dict(self.model.named_parameters()), batch.support_x.shape[0], meta_gradient)
-        lr = self.algorithm_cfg["inner_lr"]
-        adapted = sgd_adapt(self.inner_loss, params, batch.support_x, batch.support_y, steps, lr, first_order)
-        return self.forward_tasks(adapted, batch.query_x)
+    # ------------------------------------------------------------------ hooks
+    def training_first_order(self) -> bool:
+        """Whether meta-training drops the second-order terms at the current step."""
+        return self.algorithm_cfg["first_order"]
 
+    def inner_learning_rate(self) -> float | Mapping[str, Tensor]:
+        """α: one scalar for MAML; a tensor per parameter for learners that learn it."""
+        return self.algorithm_cfg["inner_lr"]
+
+    def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+                    meta_gradient: bool) -> tuple[Params, Tensor | None]:
+        """θ'_t for every task t (`steps` SGD steps from θ on its support set), and the
+        per-task support losses of the last step."""
+        params = per_task(dict(self.model.named_parameters()), support_x.shape[0], meta_gradient)
+        return sgd_adapt(self.inner_loss, params, support_x, support_y, steps, self.inner_learning_rate(),
+                         first_order)
+
+    # ------------------------------------------------------------------ learner interface
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg = self.algorithm_cfg
-        predictions = self.adapted_query_predictions(batch, cfg["inner_steps"], cfg["first_order"], meta_gradient=True)
+        adapted, inner_losses = self.inner_adapt(batch.support_x, batch.support_y, self.algorithm_cfg["inner_steps"],
+                                                 self.training_first_order(), meta_gradient=True)
+        predictions = self.predict(adapted, batch.query_x)
         loss = self.task_loss_fn()(predictions.flatten(0, 1), batch.query_y.flatten(0, 1))
-        return loss, {self.metric: self.episode_metric(predictions, batch.query_y)}
+        return loss, self.training_metrics(predictions, batch.query_y, inner_losses)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
+        # Evaluation needs no graph through the inner steps, so first order is exact here.
+        adapted, _ = self.inner_adapt(support_x, support_y, self.algorithm_cfg["eval_inner_steps"],
+                                      first_order=True, meta_gradient=False)
+        return adapted
+
+    def predict(self, adapted: Params, query_x: Tensor) -> Tensor:
+        return self.forward_tasks(adapted, query_x)
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        steps = self.algorithm_cfg["eval_inner_steps"]
-        # Evaluation needs no graph through the inner steps, so first order is exact here.
-        after = self.adapted_query_predictions(batch, steps, first_order=True, meta_gradient=False)
-        results = {self.metric: self.episode_metric(after, batch.query_y)}
+        results = super().evaluate(batch)
         if self.task_type == "regression":
             # The pre-adaptation error shows what the inner loop buys.
             before = vmap(self.model)(batch.query_x)
             results[f"{self.metric}_before"] = self.episode_metric(before, batch.query_y)
         return results
+
+    # ------------------------------------------------------------------ helpers
+    def training_metrics(self, predictions: Tensor, targets: Tensor, inner_losses: Tensor | None) -> dict[str, Tensor]:
+        metrics = {self.metric: self.episode_metric(predictions, targets)}
+        if inner_losses is not None:  # the support loss of the last inner step, watched for divergence
+            metrics["inner_loss"] = inner_losses
+        return metrics
+
+
+def parameter_key(name: str) -> str:
+    """A parameter name usable as a ParameterDict key ('.' is not allowed there)."""
+    return name.replace(".", "__")
+
+
+def query_losses(loss_fn, predictions: Tensor, targets: Tensor) -> Tensor:
+    """Per-task mean loss of [tasks, queries, ...] predictions."""
+    per_example = loss_fn(predictions.flatten(0, 1), targets.flatten(0, 1), reduction="none")
+    return per_example.reshape(predictions.shape[0], -1).mean(1)
+

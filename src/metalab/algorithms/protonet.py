@@ -23,22 +23,19 @@ class ProtoNet(MetaLearner):
         super().__init__(config, input_shape, task_type)
         self.backbone = build_backbone(config["backbone"], input_shape)
 
-    def query_logits(self, batch: Episode) -> Tensor:
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        """[tasks, ways, dim] prototypes: the mean embedding of each class's support examples."""
+        support = vmap(self.backbone)(support_x)  # one task per vmap slice: its own normalization statistics
+        ways = int(support_y.max()) + 1
+        one_hot = torch.nn.functional.one_hot(support_y, ways).to(support.dtype)  # [tasks, support, ways]
+        return one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)
+
+    def predict(self, prototypes: Tensor, query_x: Tensor) -> Tensor:
         """[tasks, queries, ways] logits: negative squared distances to the prototypes."""
-        n_support = batch.support_x.shape[1]
-        # Embed support and query together, one task per vmap slice, so normalization
-        # statistics are those of the task's own images.
-        features = vmap(self.backbone)(torch.cat([batch.support_x, batch.query_x], dim=1))
-        support, query = features[:, :n_support], features[:, n_support:]
-        ways = int(batch.support_y.max()) + 1
-        one_hot = torch.nn.functional.one_hot(batch.support_y, ways).to(support.dtype)  # [tasks, support, ways]
-        prototypes = one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)  # [tasks, ways, dim]
+        query = vmap(self.backbone)(query_x)
         return -(query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.query_logits(batch)
+        logits = self.predict(self.adapt(batch.support_x, batch.support_y), batch.query_x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         return loss, {"acc": self.episode_metric(logits, batch.query_y)}
-
-    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        return {"acc": self.episode_metric(self.query_logits(batch), batch.query_y)}

@@ -1,0 +1,33 @@
+"""ANIL: Almost No Inner Loop (Raghu, Raghu, Bengio, Vinyals 2019).
+
+The network is a body f_φ (the backbone) and a linear head with weights w. Only the head
+adapts to a task; the body is learned by the outer loop alone:
+
+    w'_i = w − α ∇w L(w; f_φ(S_i))                    (inner loop, head only)
+    (φ, w) ← (φ, w) − β ∇(φ,w) Σ_i L(w'_i; f_φ(Q_i))   (outer loop)
+
+The body runs once per task instead of once per inner step, which is most of the saving.
+"""
+
+from torch import Tensor
+from torch.func import vmap
+
+from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, per_task, sgd_adapt
+from metalab.algorithms.maml import MAML
+
+
+class ANIL(MAML):
+    def __init__(self, config: dict, input_shape: list[int], task_type: str):
+        super().__init__(config, input_shape, task_type)
+        self.body, self.head = self.model[0], self.model[1]
+        self.forward_head = batched_forward(self.head)
+        self.head_loss = batched_loss(self.head, self.task_loss_fn())
+
+    def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+                    meta_gradient: bool) -> tuple[Params, Tensor | None]:
+        features = vmap(self.body)(support_x)  # one task per slice: its own normalization statistics
+        head = per_task(dict(self.head.named_parameters()), support_x.shape[0], meta_gradient)
+        return sgd_adapt(self.head_loss, head, features, support_y, steps, self.inner_learning_rate(), first_order)
+
+    def predict(self, adapted_head: Params, query_x: Tensor) -> Tensor:
+        return self.forward_head(adapted_head, vmap(self.body)(query_x))

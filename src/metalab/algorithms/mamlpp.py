@@ -1,0 +1,108 @@
+"""MAML++ (Antoniou, Edwards, Storkey 2019): MAML made stable and faster to train.
+
+On top of MAML's inner loop θ_{k+1} = θ_k − α_{k,l} ∇L(θ_k; S) this learner has:
+
+- multi-step loss (MSL): the outer loss is Σ_k v_k L(θ_k; Q) over every inner step k,
+  with weights v starting uniform and annealed toward the last step over
+  `msl_steps` outer steps; afterwards only the last step's loss counts;
+- learned per-layer, per-step inner learning rates α_{k,l} (LSLR), one scalar for each
+  parameter tensor l and inner step k, meta-learned with θ;
+- derivative-order annealing: first order for the first `first_order_steps` outer
+  steps, second order afterwards;
+- per-step normalization: BatchNorm's scale and shift are separate parameters for each
+  inner step (BNWB). They are meta-learned, not adapted. The normalization statistics
+  are the batch statistics of each step's own forward pass, so they are per step by
+  construction (metalab's backbones keep no running statistics: those do not work under
+  vmap, and evaluation is transductive like MAML's);
+- cosine annealing of the outer learning rate (the scheduler in conf/algorithm/mamlpp.yaml).
+
+Evaluation with more inner steps than training reuses the last step's learning rates
+and normalization parameters.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from metalab.algorithms.inner_loop import Params, per_task, sgd_step
+from metalab.algorithms.maml import MAML, parameter_key, query_losses
+from metalab.data.episodes import Episode
+
+
+class MAMLPlusPlus(MAML):
+    def __init__(self, config: dict, input_shape: list[int], task_type: str):
+        super().__init__(config, input_shape, task_type)
+        cfg = config["algorithm"]
+        self.steps = cfg["inner_steps"]
+        norm_modules = {name for name, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+        named = dict(self.model.named_parameters())
+        self.norm_names = [n for n in named if n.rpartition(".")[0] in norm_modules]
+        self.adapted_names = [n for n in named if n not in self.norm_names]
+        # α_{k,l}: one learning rate per adapted parameter tensor and inner step.
+        self.step_lrs = nn.ParameterDict({
+            parameter_key(n): nn.Parameter(torch.full((self.steps,), float(cfg["inner_lr"]))) for n in self.adapted_names
+        })
+        # Normalization scale/shift after k = 1..steps updates; k = 0 uses the module's own.
+        self.step_norms = nn.ParameterDict({
+            parameter_key(n): nn.Parameter(named[n].detach().clone().expand(self.steps, *named[n].shape).clone())
+            for n in self.norm_names
+        })
+
+    # ------------------------------------------------------------------ schedules
+    def training_first_order(self) -> bool:
+        return self.first_order_at(self.global_step)
+
+    def first_order_at(self, outer_step: int) -> bool:
+        return outer_step < self.algorithm_cfg["first_order_steps"]
+
+    def step_loss_weights(self, outer_step: int) -> Tensor | None:
+        """v_k for k = 1..steps while the multi-step loss is on, None once only the last step counts."""
+        cfg, n = self.algorithm_cfg, self.steps
+        if outer_step >= cfg["msl_steps"]:
+            return None
+        decay = 1.0 / n / cfg["msl_steps"] * outer_step
+        floor = 0.03 / n  # the paper's minimum weight of a non-final step
+        weights = torch.full((n,), max(1.0 / n - decay, floor))
+        weights[-1] = min(1.0 / n + decay * (n - 1), 1.0 - floor * (n - 1))
+        return weights
+
+    # ------------------------------------------------------------------ inner loop
+    def trajectory(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+                   meta_gradient: bool) -> tuple[list[Params], Tensor | None]:
+        """Per-task parameters after each of `steps` inner updates (index 0: before any)."""
+        tasks = support_x.shape[0]
+        named = dict(self.model.named_parameters())
+        weights = per_task({n: named[n] for n in self.adapted_names}, tasks, meta_gradient)
+        norm_sets = [per_task({n: named[n] for n in self.norm_names}, tasks, meta_gradient)]
+        for k in range(self.steps):
+            norm_sets.append(per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names},
+                                      tasks, meta_gradient))
+        states, inner_losses = [{**weights, **norm_sets[0]}], None
+        for k in range(steps):
+            norms = norm_sets[min(k, self.steps)]
+            lr = {n: self.step_lrs[parameter_key(n)][min(k, self.steps - 1)] for n in self.adapted_names}
+
+            def support_loss(params: Params, x: Tensor, y: Tensor, norms: Params = norms) -> Tensor:
+                return self.inner_loss({**params, **norms}, x, y)
+
+            weights, inner_losses = sgd_step(support_loss, weights, support_x, support_y, lr, first_order)
+            states.append({**weights, **norm_sets[min(k + 1, self.steps)]})
+        return states, inner_losses
+
+    def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+                    meta_gradient: bool) -> tuple[Params, Tensor | None]:
+        states, inner_losses = self.trajectory(support_x, support_y, steps, first_order, meta_gradient)
+        return states[-1], inner_losses
+
+    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        states, inner_losses = self.trajectory(batch.support_x, batch.support_y, self.steps,
+                                               self.training_first_order(), meta_gradient=True)
+        weights = self.step_loss_weights(self.global_step)
+        final = self.predict(states[-1], batch.query_x)
+        loss_fn = self.task_loss_fn()
+        if weights is None:
+            loss = query_losses(loss_fn, final, batch.query_y).mean()
+        else:  # Σ_k v_k L(θ_k; Q), each L the mean over the meta-batch
+            losses = [query_losses(loss_fn, self.predict(s, batch.query_x), batch.query_y).mean() for s in states[1:-1]]
+            losses.append(query_losses(loss_fn, final, batch.query_y).mean())
+            loss = (weights.to(final.dtype).to(final.device) * torch.stack(losses)).sum()
+        return loss, self.training_metrics(final, batch.query_y, inner_losses)

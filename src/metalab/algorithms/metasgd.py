@@ -1,0 +1,27 @@
+"""Meta-SGD (Li, Zhou, Chen, Li 2017).
+
+The inner learning rate is a learned tensor α of the same shape as each parameter, so
+the inner update picks both a direction and a step size per element:
+
+    θ'_i = θ − α ∘ ∇θ L(θ; S_i)
+    (θ, α) ← (θ, α) − β ∇(θ,α) Σ_i L(θ'_i; Q_i)
+
+α is meta-learned with the initialization; it starts at `inner_lr` everywhere.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from metalab.algorithms.maml import MAML, parameter_key
+
+
+class MetaSGD(MAML):
+    def __init__(self, config: dict, input_shape: list[int], task_type: str):
+        super().__init__(config, input_shape, task_type)
+        alpha = config["algorithm"]["inner_lr"]
+        self.inner_lrs = nn.ParameterDict({
+            parameter_key(name): nn.Parameter(torch.full_like(p, alpha)) for name, p in self.model.named_parameters()
+        })
+
+    def inner_learning_rate(self) -> dict[str, Tensor]:
+        return {name: self.inner_lrs[parameter_key(name)] for name, _ in self.model.named_parameters()}

@@ -1,0 +1,204 @@
+"""The optimization-based family against plain per-task loops, and each learner learning.
+
+Every batched meta-gradient is compared with `metalab.algorithms.reference`, a loop over
+tasks with `torch.autograd`, on small double-precision models, to 1e-5.
+"""
+
+import pytest
+import torch
+
+from metalab.algorithms import ALGORITHMS
+from metalab.algorithms.maml import parameter_key
+from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction
+from metalab.data.episodes import Episode
+from test_learners import quiet_trainer, sinusoid_setup
+
+WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 4
+MLP = {"name": "mlp", "hidden_sizes": [7, 6]}
+TINY_CONV = {"name": "conv4", "hidden_channels": 3, "blocks": 2}  # has BatchNorm: MAML++'s per-step norms matter
+CE = torch.nn.functional.cross_entropy
+
+
+def small_learner(name: str, backbone: dict, input_shape: list[int], **algorithm):
+    settings = {"name": name, "inner_lr": 0.3, "inner_steps": 2, "eval_inner_steps": 2, "first_order": False,
+                "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}, **algorithm}
+    torch.manual_seed(0)
+    return ALGORITHMS[name]({"algorithm": settings, "backbone": backbone, "ways": WAYS}, input_shape,
+                            "classification").double()
+
+
+def random_batch(input_shape: list[int]) -> Episode:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(WAYS)
+    return Episode(
+        support_x=torch.randn(TASKS, WAYS * SHOTS, *input_shape, generator=g, dtype=torch.float64),
+        support_y=labels.repeat_interleave(SHOTS).repeat(TASKS, 1),
+        query_x=torch.randn(TASKS, WAYS * QUERIES, *input_shape, generator=g, dtype=torch.float64),
+        query_y=labels.repeat_interleave(QUERIES).repeat(TASKS, 1),
+    )
+
+
+def gradients(loss: torch.Tensor, model) -> dict[str, torch.Tensor]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+
+
+def assert_same_gradients(model, batch: Episode, reference_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss, _ = model.meta_loss(batch)
+    torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=1e-5)
+    ours, theirs = gradients(loss, model), gradients(reference_loss, model)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-5, msg=f"gradient of {name}")
+    return ours
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_fomaml_meta_gradient_matches_loop_and_differs_from_second_order(steps):
+    model, batch = small_learner("fomaml", MLP, [5], inner_steps=steps, first_order=False), random_batch([5])
+    # first_order=false in its config does not matter: first-order MAML is always first order.
+    reference = per_task_meta_loss(model.model, batch, steps, lambda k, n: 0.3, True, CE)
+    ours = assert_same_gradients(model, batch, reference)
+    second = gradients(per_task_meta_loss(model.model, batch, steps, lambda k, n: 0.3, False, CE), model)
+    assert max((ours[n] - second[n]).abs().max().item() for n in ours) > 1e-4
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_meta_gradient_matches_loop_adapting_only_the_head(first_order):
+    model, batch = small_learner("anil", MLP, [5], inner_steps=3, first_order=first_order), random_batch([5])
+    head = ["1.weight", "1.bias"]
+    reference = per_task_meta_loss(model.model, batch, 3, lambda k, n: 0.3, first_order, CE, adapted_names=head)
+    ours = assert_same_gradients(model, batch, reference)
+    assert ours["model.0.layers.1.weight"].abs().sum() > 0  # the body is meta-learned by the outer loop
+    # ... and differs from MAML's, which adapts the body too.
+    maml = gradients(per_task_meta_loss(model.model, batch, 3, lambda k, n: 0.3, first_order, CE), model)
+    assert (ours["model.0.layers.1.weight"] - maml["model.0.layers.1.weight"]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_metasgd_meta_gradient_matches_loop_including_the_learned_rates(first_order):
+    model, batch = small_learner("metasgd", MLP, [5], inner_steps=2, first_order=first_order), random_batch([5])
+    with torch.no_grad():  # distinct rates per element, so a mix-up of elements would show
+        for alpha in model.inner_lrs.values():
+            alpha.uniform_(0.05, 0.5)
+    lrs = {n: model.inner_lrs[parameter_key(n)] for n, _ in model.model.named_parameters()}
+    reference = per_task_meta_loss(model.model, batch, 2, lambda k, n: lrs[n], first_order, CE)
+    ours = assert_same_gradients(model, batch, reference)
+    assert all(ours[f"inner_lrs.{parameter_key(n)}"].abs().sum() > 0 for n in lrs)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("multi_step_loss", [True, False])
+def test_mamlpp_meta_gradient_matches_loop(first_order, multi_step_loss):
+    steps, shape = 3, [1, 8, 8]
+    model = small_learner("mamlpp", TINY_CONV, shape, inner_steps=steps, msl_steps=100 if multi_step_loss else 0,
+                          first_order_steps=10**9 if first_order else 0)
+    batch = random_batch(shape)
+    with torch.no_grad():  # per-step rates and norms that differ, so using the wrong step would show
+        for rates in model.step_lrs.values():
+            rates.uniform_(0.05, 0.5)
+        for norms in model.step_norms.values():
+            norms.add_(torch.randn_like(norms) * 0.3)
+    assert model.training_first_order() == first_order
+    weights = model.step_loss_weights(0)
+    assert (weights is not None) == multi_step_loss
+    if weights is not None:
+        torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    adapted = model.adapted_names
+    lrs = {n: model.step_lrs[parameter_key(n)] for n in adapted}
+
+    def step_norms(k: int) -> dict:
+        return {n: model.step_norms[parameter_key(n)][k - 1] for n in model.norm_names} if k > 0 else {}
+
+    reference = per_task_meta_loss(model.model, batch, steps, lambda k, n: lrs[n][k], first_order, CE,
+                                   adapted_names=adapted, step_params=step_norms,
+                                   step_weights=None if weights is None else weights.double())
+    ours = assert_same_gradients(model, batch, reference)
+    assert model.norm_names and all(ours[f"step_lrs.{parameter_key(n)}"].abs().sum() > 0 for n in adapted)
+
+
+def test_mamlpp_schedules_anneal():
+    model = small_learner("mamlpp", MLP, [5], inner_steps=4, msl_steps=100, first_order_steps=50)
+    first = model.step_loss_weights(0)
+    torch.testing.assert_close(first, torch.full((4,), 0.25))
+    middle, end = model.step_loss_weights(50), model.step_loss_weights(99)
+    assert middle[-1] > first[-1] and middle[0] < first[0]  # weight moves toward the last step
+    assert end[0] >= 0.03 / 4 and end[-1] > middle[-1]
+    torch.testing.assert_close(middle.sum(), torch.tensor(1.0))
+    assert model.step_loss_weights(100) is None  # then only the last step counts
+    assert model.first_order_at(49) and not model.first_order_at(50)  # derivative-order annealing
+
+
+def test_reptile_outer_update_is_the_mean_adapted_direction_times_the_meta_step():
+    meta_step = 0.7
+    model = small_learner("reptile", MLP, [5], inner_steps=4, inner_lr=0.1, inner_optimizer="sgd",
+                          adam_beta1=0.0, adam_beta2=0.999, optimizer={"_target_": "torch.optim.SGD", "lr": meta_step})
+    batch = random_batch([5])
+    direction = per_task_reptile_direction(model.model, batch, 4, 0.1, CE)
+    before = [p.detach().clone() for p in model.model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=meta_step)
+    loss, metrics = model.meta_loss(batch)
+    loss.backward()
+    optimizer.step()
+    for p, p0, d in zip(model.model.parameters(), before, direction):
+        torch.testing.assert_close(p.detach(), p0 - meta_step * d, atol=1e-10, rtol=1e-10)
+    assert metrics["loss"].shape == (TASKS,) and torch.isfinite(metrics["loss"]).all()
+
+
+def test_reptile_adam_inner_loop_matches_torch_adam_per_task():
+    model = small_learner("reptile", MLP, [5], inner_steps=3, inner_lr=0.01, inner_optimizer="adam",
+                          adam_beta1=0.0, adam_beta2=0.999)
+    batch = random_batch([5])
+    adapted, _ = model.inner_adapt(batch.support_x, batch.support_y, 3, True, False)
+    for t in range(TASKS):
+        copy = small_learner("reptile", MLP, [5], inner_optimizer="adam", adam_beta1=0.0, adam_beta2=0.999)
+        optimizer = torch.optim.Adam(copy.model.parameters(), lr=0.01, betas=(0.0, 0.999))
+        for _ in range(3):
+            optimizer.zero_grad()
+            CE(copy.model(batch.support_x[t]), batch.support_y[t]).backward()
+            optimizer.step()
+        for name, p in copy.model.named_parameters():
+            torch.testing.assert_close(adapted[name][t], p.detach(), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"])
+def test_each_learner_meta_trained_briefly_on_sinusoid_adapts_to_new_tasks(tmp_path, algorithm):
+    steps = 1000
+    # Each learner with its own defaults (conf/algorithm/).
+    model, datamodule = sinusoid_setup(tmp_path, algorithm=algorithm, test_episodes=100, val_episodes=0,
+                                       **{"trainer.max_steps": steps})
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=datamodule)
+    metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    # After the inner loop, a new sine's error is well below the meta-learned prior's.
+    assert metrics["test/mse"] < 0.5 * metrics["test/mse_before"], metrics
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from lightning import Callback, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from metalab.algorithms.maml import MAML
+    from metalab.errors import TrainingDiverged
+
+    class BlowUpInnerRate(Callback):  # what a too-large inner learning rate does, from step 15 on
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 15:
+                module.algorithm_cfg["inner_lr"] = 1e30
+
+    model, datamodule = sinusoid_setup(tmp_path, **{"trainer.max_steps": 40})
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=10,
+                                  save_top_k=-1)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      max_steps=40, limit_val_batches=0, num_sanity_val_steps=0,
+                      callbacks=[checkpoints, BlowUpInnerRate()])
+    with pytest.raises(TrainingDiverged) as stopped:
+        trainer.fit(model, datamodule=datamodule)
+    message = str(stopped.value)
+    assert "step 15" in message and "loss is" in message and "algorithm.inner_lr=1e+30" in message, message
+    assert "last.ckpt" in message
+    # The update with the bad loss was never applied, and the last checkpoint (step 10) loads and is finite.
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    restored = MAML.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(p).all() for p in restored.parameters())
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
