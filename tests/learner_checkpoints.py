@@ -4,6 +4,8 @@ Each learner is trained once per test session (the file is kept under pytest's s
 temp dir) so test_api.py and test_predict_cli.py share it.
 """
 
+import random
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -55,3 +57,30 @@ def trained_checkpoint(name: str, tmp_path_factory, data_dir: Path, cache_dir: P
 def quiet_trainer(**kwargs) -> Trainer:
     return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, accelerator="cpu", **kwargs)
+
+
+def omniglot_folders(omniglot_dir: Path, root: Path, classes: int, shots: int, queries: int,
+                     seed: int = 0) -> tuple[dict[str, list[Path]], dict[Path, str]]:
+    """Raw Omniglot PNGs of unseen (vinyals test split) characters laid out as a user would:
+    root/support/<class>/*.png and root/query/*.png. Returns ({class: support files}, {query file: class})."""
+    split = (omniglot_dir / "splits" / "vinyals" / "test.txt").read_text().split()
+    characters = random.Random(seed).sample([c.removesuffix("/rot000") for c in split if c.endswith("rot000")],
+                                            classes)
+    support: dict[str, list[Path]] = {}
+    query: dict[Path, str] = {}
+    for archive in sorted(omniglot_dir.glob("images_*.zip")):
+        with zipfile.ZipFile(archive) as zf:
+            names = zf.namelist()
+            for character in characters:
+                members = sorted(n for n in names if f"/{character}/" in n and n.endswith(".png"))
+                label = character.replace("/", "-")
+                for i, member in enumerate(members[:shots + queries]):
+                    folder = root / "support" / label if i < shots else root / "query"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    file = folder / Path(member).name
+                    file.write_bytes(zf.read(member))
+                    if i < shots:
+                        support.setdefault(label, []).append(file)
+                    else:
+                        query[file] = label
+    return support, query

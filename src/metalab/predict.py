@@ -132,7 +132,8 @@ def predict(argv: list[str]) -> list[dict]:
     # before the model adapts.
     classes = support_files(Path(args["support"]).expanduser())
     queries = query_files(args["query"])
-    from metalab.api import load_learner  # torch and the learners load only for a valid command line
+    # Torch and the learners load only for a valid command line (and not for --help).
+    from metalab.api import load_learner
 
     learner = load_learner(args["ckpt_path"], args["device"])
     support = {name: [learner.transform(path) for path in files] for name, files in classes.items()}
@@ -164,10 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()
     try:
         predict(argv)
-    except MetalabError as error:
-        from metalab.config import report_error
-
-        report_error(error, None)
+    except MetalabError as error:  # the message the other entry points print (config.report_error)
+        print(f"metalab: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
