@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	    $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
 	  fi; \
 	fi
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,optuna,slurm]"
 	@touch $@
 
 install: $(VENV)/.installed ## create .venv and install metalab (CPU torch where there is no GPU)

@@ -49,8 +49,13 @@ def train(cfg: DictConfig) -> float | None:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         tested = best or None  # None: the weights as training left them
         metrics = meta_test(trainer, model, datamodule, tested, config)
+    # What a sweeper optimizes: the best validation score (the tested checkpoint's), never the
+    # meta-test one; the meta-test metric only where no validation ran.
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    val_best = float(best) if best is not None else None
+    objective = val_best if val_best is not None else metrics.get(f"test/{model.metric}")
     if not trainer.is_global_zero:
-        return metrics.get(f"test/{model.metric}")
+        return objective
     # Each process timed its own share of every meta-batch, in parallel with the others.
     train_rate = model.train_tasks * trainer.world_size / model.train_time if model.train_time else None
     write_results(
@@ -64,8 +69,9 @@ def train(cfg: DictConfig) -> float | None:
         global_step=trainer.global_step,
         world_size=trainer.world_size,
         test_episodes_evaluated=model.eval_episodes.get("test"),
+        **{f"val/{model.metric}": val_best},
     )
-    return metrics.get(f"test/{model.metric}")  # what a sweeper optimizes
+    return objective
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
