@@ -103,6 +103,8 @@ def test_content_read_is_a_softmax_over_cosine_similarity():
     expected = torch.tensor([1.0, 0.0, -1.0]).softmax(0)  # cosines 1, 0, -1 whatever the norms
     assert torch.allclose(weights[0, 0], expected)
     assert torch.allclose(reads[0, 0], expected @ memory[0])
+    sharpened, _ = content_read(memory, torch.tensor([[[0.5, 0.0]]]), torch.full((1, 1, 1), 3.0))
+    assert torch.allclose(sharpened[0, 0], torch.tensor([3.0, 0.0, -3.0]).softmax(0))  # key strength β = 3
 
 
 # ---------------------------------------------------------------------------------- learners
@@ -143,3 +145,33 @@ def test_predict_classifies_each_query_as_the_next_step_from_the_adapted_state(t
     assert torch.allclose(predicted[:, 2], alone[:, 0], atol=1e-6)  # queries do not see each other
     if algorithm == "mann":  # the memory is wiped per episode: an episode's result ignores its batch mates
         assert torch.allclose(learner.adapt(x[:1, :6], y[:1, :6]).memory, state.memory[:1], atol=1e-6)
+
+
+@pytest.mark.data
+def test_a_run_logs_accuracy_by_instance_to_tensorboard_and_results(tmp_path, omniglot_dir, cache_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from metalab.runner import build_datamodule, build_trainer, meta_test, write_results
+
+    config = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "instances=4", "queries=2",
+                      "meta_batch_size=2", "val_episodes=2", "test_episodes=6", "eval_batch_size=3",
+                      "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+                      f"paths.data_dir={omniglot_dir.parent}", f"paths.cache_dir={cache_dir}",
+                      "backbone=mlp", "backbone.hidden_sizes=[]", "algorithm.hidden_size=16")
+    datamodule = build_datamodule(config)
+    datamodule.setup("fit")
+    learner = ALGORITHMS["mann"](config, list(datamodule.input_shape), datamodule.task_type)
+    trainer = build_trainer(config, tmp_path)
+    trainer.fit(learner, datamodule=datamodule)
+    metrics = meta_test(trainer, learner, datamodule, None, config)
+    results = write_results(tmp_path, config, metrics, 0.0)
+    names = ["acc", "acc_query"] + [f"acc_inst{k}" for k in range(1, 5)]
+    for name in names:
+        assert 0 <= results[f"test/{name}"] <= 1 and results[f"test/{name}_ci95"] >= 0
+    assert "test/acc_inst5" not in results  # 4 instances per class
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    curve = events.Scalars("test_by_instance/acc")
+    assert [point.step for point in curve] == [1, 2, 3, 4]
+    assert [point.value for point in curve] == pytest.approx([results[f"test/acc_inst{k}"] for k in range(1, 5)])
+    # The base's logging is intact.
+    assert {"test/acc_inst1", "val/acc", "train/acc_inst2", "train/loss"} <= set(events.Tags()["scalars"])

@@ -15,12 +15,14 @@ backbone (conv4 or MLP) and r_{t-1} the previous step's read vectors (MANN only)
 
 MANN memory M_t ∈ R^{N×W} (N slots of width W), with R read heads; head i emits a key
 k_t^i = tanh(W_k^i h_t) and a gate α_t^i = W_α^i h_t (the learned interpolation gate).
+The paper reads with β_t = 1; `algorithm.key_strength=true` adds the Neural Turing Machine's
+learned key strength β_t = 1 + softplus(W_β h_t), which lets a read focus on one slot.
 Least-recently-used access (LRUA), per step:
 
     w^lu_{t-1}(j) = 1 if w^u_{t-1}(j) is among the R smallest usages, else 0
     w^w_t = σ(α_t) w^r_{t-1} + (1 − σ(α_t)) w^lu_{t-1}      write to the last-read slot or a least-used one
     M_t(j) = M_{t-1}(j) (1 − w^lu_{t-1}(j)) + Σ_i w^w_t^i(j) k_t^i     least-used slots are erased first
-    w^r_t(j) = softmax_j( K(k_t, M_t(j)) ),  K = cosine similarity           read by content
+    w^r_t(j) = softmax_j( β_t K(k_t, M_t(j)) ),  K = cosine similarity        read by content
     r_t = Σ_j w^r_t(j) M_t(j)
     w^u_t = γ w^u_{t-1} + Σ_i (w^r_t^i + w^w_t^i)            usage, decaying by γ
 
@@ -81,10 +83,13 @@ def lrua_write(memory: Tensor, usage: Tensor, read_weights: Tensor, keys: Tensor
     return memory, write_weights
 
 
-def content_read(memory: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-    """(read weights [B, R, N], read vectors [B, R, W]): softmax over slots of cosine(key, slot)."""
+def content_read(memory: Tensor, keys: Tensor, strength: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(read weights [B, R, N], read vectors [B, R, W]): softmax over slots of cosine(key, slot),
+    the cosines multiplied by `strength` [B, R, 1] when given."""
     unit = nn.functional.normalize  # x / max(‖x‖, eps): cosine similarity as one batched product
     similarity = unit(keys, dim=-1, eps=1e-8) @ unit(memory, dim=-1, eps=1e-8).transpose(1, 2)
+    if strength is not None:
+        similarity = similarity * strength
     weights = similarity.softmax(-1)
     return weights, weights @ memory
 
@@ -93,7 +98,7 @@ class Controller(nn.Module):
     """The recurrent core of both learners: one LSTM step, plus the memory when `slots` > 0."""
 
     def __init__(self, features: int, ways: int, hidden: int, slots: int, width: int, heads: int,
-                 usage_decay: float):
+                 usage_decay: float, key_strength: bool):
         super().__init__()
         self.ways, self.slots, self.width, self.heads, self.usage_decay = ways, slots, width, heads, usage_decay
         reads = heads * width if slots else 0
@@ -101,6 +106,7 @@ class Controller(nn.Module):
         if slots:
             self.key = nn.Linear(hidden, heads * width)
             self.gate = nn.Linear(hidden, heads)
+            self.strength = nn.Linear(hidden, heads) if key_strength else None
         self.out = nn.Linear(hidden + reads, ways)
 
     def initial_state(self, batch: int, like: Tensor) -> State:
@@ -122,7 +128,9 @@ class Controller(nn.Module):
         keys = torch.tanh(self.key(h)).view(batch, self.heads, self.width)
         gate = torch.sigmoid(self.gate(h)).unsqueeze(-1)
         memory, write_weights = lrua_write(state.memory, state.usage, state.read_weights, keys, gate)
-        read_weights, reads = content_read(memory, keys)
+        # Optional NTM-style key strength β = 1 + softplus(W_β h) >= 1 sharpens the read (not in the paper).
+        strength = None if self.strength is None else 1 + nn.functional.softplus(self.strength(h)).unsqueeze(-1)
+        read_weights, reads = content_read(memory, keys, strength)
         usage = self.usage_decay * state.usage + read_weights.sum(1) + write_weights.sum(1)
         reads = reads.flatten(1)
         logits = self.out(torch.cat([h, reads], -1))
@@ -146,8 +154,8 @@ class SequenceLearner(MetaLearner):
         cfg = self.algorithm_cfg
         self.ways = config["ways"]
         self.backbone = build_backbone(config["backbone"], input_shape)
-        memory = (cfg["memory_slots"], cfg["memory_width"], cfg["read_heads"], cfg["usage_decay"]) \
-            if self.memory else (0, 0, 0, 0.0)
+        memory = (cfg["memory_slots"], cfg["memory_width"], cfg["read_heads"], cfg["usage_decay"],
+                  cfg["key_strength"]) if self.memory else (0, 0, 0, 0.0, False)
         self.controller = Controller(self.backbone.out_features, self.ways, cfg["hidden_size"], *memory)
 
     def encode(self, x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from metalab.data.episodes import Episode, episode_generator, sample_meta_batch
 from metalab.data.image_folder import build_image_folder_sources, build_mini_imagenet_sources
 from metalab.data.omniglot import build_omniglot_sources
+from metalab.data.sequences import episode_shaper
 from metalab.data.sinusoid import build_sinusoid_sources
 from metalab.errors import ConfigError
 
@@ -29,7 +30,9 @@ def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict
     name = cfg.pop("name", None)
     if name not in BUILDERS:
         raise ConfigError(f"dataset.name={name!r} is unknown; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[name](cfg, Path(data_dir), Path(cache_dir))
+    # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading
+    shape_episodes = episode_shaper(cfg.pop("episodes", "few_shot"), name)
+    return shape_episodes(BUILDERS[name](cfg, Path(data_dir), Path(cache_dir)))
 
 
 class TrainStream(IterableDataset):
