@@ -109,6 +109,7 @@ def support_and_query(images, shots=1):
 @pytest.mark.data
 def test_labels_round_trip_and_probabilities_sum_to_one(protonet, images):
     support, query, truth = support_and_query(images)
+    names = list(support)
     labels = ["cat", 7, ("a", 1), 2.5, "cat-2"]  # any hashable values
     renamed = dict(zip(labels, support.values()))
     task = protonet.adapt(renamed)
@@ -130,6 +131,9 @@ def test_labels_round_trip_and_probabilities_sum_to_one(protonet, images):
     for other in (protonet.adapt(pairs), protonet.adapt([x for x, _ in pairs], labels=[y for _, y in pairs])):
         assert other.labels == task.labels
         torch.testing.assert_close(other.predict_proba(query), proba)
+    # Classes may have different numbers of examples.
+    uneven = protonet.adapt({"cat": [*support[names[0]], query[0]], **dict(list(renamed.items())[1:])})
+    torch.testing.assert_close(uneven.predict_proba(query).sum(-1), torch.ones(len(query)))
     # One item in, one Prediction out.
     single = task.predict(query[0], batch_size=1)
     assert single.label in labels

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from metalab.algorithms import ALGORITHMS
 from metalab.checkpoint import read_checkpoint
@@ -140,6 +141,8 @@ class Learner:
         support_y = torch.tensor([index[label] for label in item_labels], dtype=torch.long)
         with _evaluation_mode():  # as meta-test: no meta-graph, an inner loop turns gradients on itself
             state = self.model.adapt(support_x.unsqueeze(0).to(self.device), support_y.unsqueeze(0).to(self.device))
+        # The task is kept for many predictions: let go of any graph an inner loop left on the state.
+        state = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
         return AdaptedTask(self, state, tuple(classes))
 
     def _check_classes(self, classes: list, item_labels: list) -> None:
