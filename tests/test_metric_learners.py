@@ -60,24 +60,25 @@ VARIANTS = {
 
 # ---------------------------------------------------------------- learning on real Omniglot
 @pytest.mark.data
-@pytest.mark.parametrize("variant", ["matchingnet", "matchingnet-fce", "relationnet"])
+@pytest.mark.parametrize("variant", ["matchingnet", pytest.param("matchingnet-fce", marks=pytest.mark.slow),
+                                     "relationnet"])
 def test_learns_omniglot_far_above_chance(variant, tmp_path, data_dir, cache_dir):
-    # 240 training episodes (60 steps × 4 tasks, 5-way 1-shot), then 100 fixed test episodes.
+    # 100 training episodes (25 steps × 4 tasks, 5-way 1-shot), then 40 fixed test episodes.
     config = configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant], "queries=5", "meta_batch_size=4",
-                        "test_queries=5", "test_episodes=100", "eval_batch_size=50")
+                        "test_queries=5", "test_episodes=40", "eval_batch_size=20")
     datamodule = build_datamodule(config)
     model = learner(config)
-    trainer = quiet_trainer(max_steps=60, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_steps=25, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)
     result = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    assert result["test/acc"] > 0.6, result  # chance: 0.2
+    assert result["test/acc"] > 0.5, result  # chance: 0.2
 
 
 # ---------------------------------------------------------------- properties of the comparison
 @pytest.mark.data
 @pytest.mark.parametrize("variant", ["protonet", "matchingnet"])
 def test_without_fce_support_order_does_not_matter(variant, tmp_path, data_dir, cache_dir):
-    episodes = omniglot_episodes(tmp_path, data_dir, cache_dir, ways=5, shots=3, queries=4, count=4)
+    episodes = omniglot_episodes(tmp_path, data_dir, cache_dir, ways=5, shots=3, queries=4, count=2)
     model = learner(configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant])).eval()
     order = torch.randperm(episodes.support_x.shape[1], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -148,7 +149,7 @@ def test_relationnet_class_feature_is_the_sum_over_shots(tmp_path):
 
 # ---------------------------------------------------------------- shapes at test time
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("ways,shots,queries", [(5, 1, 3), (20, 5, 2), (3, 2, 1)])
+@pytest.mark.parametrize("ways,shots,queries", [(20, 2, 1), (3, 3, 2)])
 def test_any_ways_shots_queries_after_training_with_others(variant, ways, shots, queries, tmp_path):
     model = learner(configured(tmp_path, "unused", tmp_path, *VARIANTS[variant], "ways=5", "shots=1"))
     loss, _ = model.meta_loss(random_episodes(2, 5, 1, 2))  # a training step's shapes
@@ -164,7 +165,8 @@ def test_any_ways_shots_queries_after_training_with_others(variant, ways, shots,
 @pytest.mark.parametrize("algorithm", ["protonet", "matchingnet", "relationnet"])
 def test_resnet12_backbone_serves_every_metric_learner(algorithm, tmp_path):
     fce = ["algorithm.fce=true"] if algorithm == "matchingnet" else []
-    config = configured(tmp_path, "unused", tmp_path, algorithm, "backbone=resnet12", *fce)
+    config = configured(tmp_path, "unused", tmp_path, algorithm, "backbone=resnet12", "backbone.channels=[8,16,16,32]",
+                        *fce)  # narrow: the shapes, not the width, are under test
     model = learner(config, input_shape=[3, 32, 32])
     batch = random_episodes(1, ways=3, shots=1, queries=2, shape=(3, 32, 32))
     loss, _ = model.meta_loss(batch)
@@ -189,7 +191,8 @@ def test_conv4_default_is_unchanged_and_feature_maps_are_an_option():
 def test_resnet12_shapes():
     net = build_backbone({"name": "resnet12"}, (3, 84, 84))
     x = torch.rand(2, 3, 84, 84)
-    assert net.out_features == 640 and net(x).shape == (2, 640)
+    with torch.no_grad():
+        assert net.out_features == 640 and net(x).shape == (2, 640)
     assert sum(p.numel() for p in net.parameters()) == pytest.approx(12.4e6, rel=0.01)
     assert net.out_shape == (640, 5, 5)
     flat = build_backbone({"name": "resnet12", "average_pool": False}, (3, 84, 84))
@@ -202,3 +205,30 @@ def test_bad_settings_are_refused_naming_the_value(tmp_path):
         learner(configured(tmp_path, "unused", tmp_path, "relationnet", "backbone=mlp"))
     with pytest.raises(ConfigError, match="algorithm.read_steps=0"):
         learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.fce=true", "algorithm.read_steps=0"))
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.mark.slow
+@pytest.mark.data
+def test_sweep_of_the_three_then_eval_with_other_ways_and_shots(tmp_path, data_dir, cache_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
+    bin_dir = Path(sys.executable).parent
+    common = [f"paths.log_dir={tmp_path}", "trainer.enable_progress_bar=false"]
+    subprocess.run([str(bin_dir / "metalab-train"), "-m", *common, "algorithm=protonet,matchingnet,relationnet",
+                    "dataset=omniglot", "meta_batch_size=2", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                    "val_episodes=4", "test_episodes=8"], env=env, check=True, capture_output=True)
+    trained = {json.loads(p.read_text())["config"]["algorithm"]: json.loads(p.read_text())
+               for p in tmp_path.rglob("results.json")}
+    assert sorted(trained) == ["matchingnet", "protonet", "relationnet"]
+    eval_dir = tmp_path / "eval"
+    subprocess.run([str(bin_dir / "metalab-eval"), f"paths.log_dir={eval_dir}", "trainer.enable_progress_bar=false",
+                    f"ckpt_path={trained['relationnet']['last_checkpoint']}", "test_ways=20", "test_shots=2",
+                    "test_episodes=6"], env=env, check=True, capture_output=True)
+    (result,) = [json.loads(p.read_text()) for p in eval_dir.rglob("results.json")]
+    assert result["config"]["test_ways"] == 20 and 0 <= result["test/acc"] <= 1
