@@ -155,6 +155,19 @@ def test_support_order_does_not_change_metric_predictions(name, checkpoint, imag
 
 
 @pytest.mark.data
+@pytest.mark.parametrize("name", METRIC)
+def test_metric_learners_take_any_number_of_classes(name, checkpoint, data_dir, cache_dir):
+    learner = metalab.load_learner(checkpoint(name))  # meta-trained on 5-way episodes
+    many = omniglot_test_images(data_dir, cache_dir, classes=12, per_class=6, seed=1)
+    for ways in (2, 12):
+        support, query, truth = support_and_query(dict(list(many.items())[:ways]))
+        predictions = learner.adapt(support).predict(query)
+        assert all(len(p.probabilities) == ways for p in predictions)
+        accuracy = np.mean([p.label == t for p, t in zip(predictions, truth)])
+        assert accuracy > 1.5 / ways, (ways, accuracy)  # 5 queries per class
+
+
+@pytest.mark.data
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_adapt_once_predict_many(name, checkpoint, images, monkeypatch):
     learner = metalab.load_learner(checkpoint(name))
