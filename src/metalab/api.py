@@ -135,7 +135,7 @@ class Learner:
         """
         items, item_labels = _pairs(support, labels)
         classes = list(dict.fromkeys(item_labels))
-        self._check_classes(classes, item_labels)
+        self._check_classes(classes)
         index = {label: i for i, label in enumerate(classes)}
         support_x = self._prepare(items, "support example")  # every image decoded and checked before any work
         support_y = torch.tensor([index[label] for label in item_labels], dtype=torch.long)
@@ -145,7 +145,7 @@ class Learner:
         state = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
         return AdaptedTask(self, state, tuple(classes))
 
-    def _check_classes(self, classes: list, item_labels: list) -> None:
+    def _check_classes(self, classes: list) -> None:
         if len(classes) < 2:
             found = f"only the label {classes[0]!r}" if classes else "no examples"
             raise DataError(f"the support set has {found}; give labelled examples of at least 2 classes")
