@@ -202,3 +202,15 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
     restored = MAML.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(p).all() for p in restored.parameters())
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+
+
+@pytest.mark.parametrize("name", ["maml", "mamlpp"])
+def test_checkpointed_inner_steps_give_the_same_second_order_meta_gradient(name):
+    shape, extra = [1, 8, 8], ({"msl_steps": 100, "first_order_steps": 0} if name == "mamlpp" else {})
+    plain = small_learner(name, TINY_CONV, shape, inner_steps=3, **extra)
+    saving = small_learner(name, TINY_CONV, shape, inner_steps=3, checkpoint_inner_steps=True, **extra)
+    batch = random_batch(shape)
+    ours = gradients(saving.meta_loss(batch)[0], saving)
+    reference = gradients(plain.meta_loss(batch)[0], plain)
+    for n in reference:
+        torch.testing.assert_close(ours[n], reference[n], atol=1e-10, rtol=1e-10)

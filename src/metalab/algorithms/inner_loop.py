@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.utils.checkpoint import checkpoint
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -87,16 +88,37 @@ def sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
 
 
 def sgd_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int,
-              lr: float | Mapping[str, Tensor], first_order: bool = False) -> tuple[Params, Tensor | None]:
+              lr: float | Mapping[str, Tensor], first_order: bool = False,
+              checkpointed: bool = False) -> tuple[Params, Tensor | None]:
     """`steps` inner SGD steps on every task's support set (x, y).
 
     Returns the adapted parameters and the per-task support losses of the last step
     (None for zero steps).
+
+    `checkpointed` trades compute for memory: each step's activations are dropped after
+    the forward pass and recomputed during the outer backward pass
+    (torch.utils.checkpoint), so memory holds one step's graph at a time plus the
+    parameters between steps. The gradient is unchanged, second order included.
     """
     task_losses = None
     for _ in range(steps):
-        params, task_losses = sgd_step(loss, params, x, y, lr, first_order)
+        if checkpointed and torch.is_grad_enabled():
+            params, task_losses = checkpointed_sgd_step(loss, params, x, y, lr, first_order)
+        else:
+            params, task_losses = sgd_step(loss, params, x, y, lr, first_order)
     return params, task_losses
+
+
+def checkpointed_sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
+                          lr: float | Mapping[str, Tensor], first_order: bool) -> tuple[Params, Tensor]:
+    names = list(params)
+
+    def step(*values: Tensor) -> tuple[Tensor, ...]:
+        new, task_losses = sgd_step(loss, dict(zip(names, values)), x, y, lr, first_order)
+        return (*new.values(), task_losses)
+
+    *values, task_losses = checkpoint(step, *params.values(), use_reentrant=False)
+    return dict(zip(names, values)), task_losses
 
 
 def adam_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,

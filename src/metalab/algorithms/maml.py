@@ -51,8 +51,9 @@ class MAML(MetaLearner):
         """θ'_t for every task t (`steps` SGD steps from θ on its support set), and the
         per-task support losses of the last step."""
         params = per_task(dict(self.model.named_parameters()), support_x.shape[0], meta_gradient)
+        checkpointed = meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps", False)
         return sgd_adapt(self.inner_loss, params, support_x, support_y, steps, self.inner_learning_rate(),
-                         first_order)
+                         first_order, checkpointed)
 
     # ------------------------------------------------------------------ learner interface
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:

@@ -23,7 +23,7 @@ and normalization parameters.
 import torch
 from torch import Tensor, nn
 
-from metalab.algorithms.inner_loop import Params, per_task, sgd_step
+from metalab.algorithms.inner_loop import Params, checkpointed_sgd_step, per_task, sgd_step
 from metalab.algorithms.maml import MAML, parameter_key, query_losses
 from metalab.data.episodes import Episode
 
@@ -77,6 +77,7 @@ class MAMLPlusPlus(MAML):
             norm_sets.append(per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names},
                                       tasks, meta_gradient))
         states, inner_losses = [{**weights, **norm_sets[0]}], None
+        take_step = checkpointed_sgd_step if meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps") else sgd_step
         for k in range(steps):
             norms = norm_sets[min(k, self.steps)]
             lr = {n: self.step_lrs[parameter_key(n)][min(k, self.steps - 1)] for n in self.adapted_names}
@@ -84,7 +85,7 @@ class MAMLPlusPlus(MAML):
             def support_loss(params: Params, x: Tensor, y: Tensor, norms: Params = norms) -> Tensor:
                 return self.inner_loss({**params, **norms}, x, y)
 
-            weights, inner_losses = sgd_step(support_loss, weights, support_x, support_y, lr, first_order)
+            weights, inner_losses = take_step(support_loss, weights, support_x, support_y, lr, first_order)
             states.append({**weights, **norm_sets[min(k + 1, self.steps)]})
         return states, inner_losses
 
