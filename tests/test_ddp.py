@@ -137,8 +137,8 @@ def test_local_multirun_with_ddp_is_refused_with_what_to_do_instead(monkeypatch)
     (["hardware=ddp_cpu", "trainer.strategy=auto"], "needs trainer.strategy=ddp"),
     (["hardware=ddp_cpu", "trainer.num_nodes=2"], "trainer.num_nodes=2 needs a cluster"),
 ] + ([] if torch.cuda.is_available() else [
-    (["hardware=gpu"], "hardware=gpu"),
-    (["hardware=ddp"], "no CUDA GPU is visible here"),
+    (["hardware=gpu"], "trainer.accelerator=gpu .* no CUDA GPU is visible here; use hardware=cpu"),
+    (["hardware=ddp"], "no CUDA GPU is visible here; use hardware=cpu, or hardware=ddp_cpu"),
 ]))
 def test_impossible_hardware_is_refused_naming_the_value(overrides, message, monkeypatch):
     monkeypatch.delenv("SLURM_NTASKS", raising=False)

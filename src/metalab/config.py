@@ -74,8 +74,8 @@ def check_hardware(trainer_cfg: dict) -> None:
     if accelerator in ("gpu", "cuda"):
         available = torch.cuda.device_count()
         if available == 0:
-            raise ConfigError(f"hardware=gpu (trainer.accelerator={accelerator}) but no CUDA GPU is visible here; "
-                              f"use hardware=cpu, or hardware=ddp_cpu for several CPU processes")
+            raise ConfigError(f"trainer.accelerator={accelerator} (hardware=gpu, ddp or slurm) but no CUDA GPU is "
+                              f"visible here; use hardware=cpu, or hardware=ddp_cpu for several CPU processes")
         if count > available:
             raise ConfigError(
                 f"trainer.devices={devices} but only {available} GPU(s) are visible; set trainer.devices<={available}"
