@@ -124,8 +124,9 @@ def test_labels_round_trip_and_probabilities_sum_to_one(protonet, images):
     assert proba.shape == (len(query), 5)
     torch.testing.assert_close(proba.sum(-1), torch.ones(len(query)))
     by_name = dict(zip(labels, support))
-    accuracy = np.mean([by_name[p.label] == t for p, t in zip(predictions, truth)])
-    assert accuracy > 0.5, accuracy  # 25 queries of 5 unseen classes, chance 0.2
+    for found in (predictions, task.predict(query, independent=True)):
+        accuracy = np.mean([by_name[p.label] == t for p, t in zip(found, truth)])
+        assert accuracy > 0.5, accuracy  # 25 queries of 5 unseen classes, chance 0.2
     # The three ways of giving a support set are the same task.
     pairs = [(x, label) for label, xs in renamed.items() for x in xs]
     for other in (protonet.adapt(pairs), protonet.adapt([x for x, _ in pairs], labels=[y for _, y in pairs])):
@@ -135,8 +136,8 @@ def test_labels_round_trip_and_probabilities_sum_to_one(protonet, images):
     uneven = protonet.adapt({"cat": [*support[names[0]], query[0]], **dict(list(renamed.items())[1:])})
     torch.testing.assert_close(uneven.predict_proba(query).sum(-1), torch.ones(len(query)))
     # One item in, one Prediction out.
-    single = task.predict(query[0], batch_size=1)
-    assert single.label in labels
+    single = task.predict(query[0], independent=True)
+    assert single.label in labels and single.probabilities == task.predict([query[0]], independent=True)[0].probabilities
 
 
 @pytest.mark.data
@@ -186,9 +187,17 @@ def test_adapt_once_predict_many(name, checkpoint, images, monkeypatch):
         assert torch.equal(value, weights[key]), key
     # batch_size: passes of that many items; the default is one pass over all of them.
     torch.testing.assert_close(task.predict_proba(query, batch_size=len(query)), first, rtol=0, atol=0)
-    alone = task.predict_proba(query, batch_size=1)
-    torch.testing.assert_close(alone[3:4], task.predict_proba(query[3:4]), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="independent=True"):  # passes too small to hold every class
+        alone = task.predict_proba(query, batch_size=1)
+    with pytest.warns(UserWarning, match="independent=True"):
+        torch.testing.assert_close(alone[3:4], task.predict_proba(query[3:4]), rtol=0, atol=0)
     torch.testing.assert_close(alone.sum(-1), torch.ones(len(query)))
+    # independent: each item in a pass with the support examples, whatever else is predicted.
+    independent = task.predict_proba(query, independent=True)
+    torch.testing.assert_close(independent[3:4], task.predict_proba(query[3], independent=True),
+                               rtol=0, atol=0)
+    beside_support = task.predict_proba(torch.stack([*task.support_x, query[3]]))[-1]
+    torch.testing.assert_close(independent[3], beside_support, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- the training transform
@@ -251,6 +260,8 @@ def test_bad_query_and_batch_size(protonet, images, tmp_path):
         task.predict([])
     with pytest.raises(ConfigError, match="batch_size=0"):
         task.predict(query, batch_size=0)
+    with pytest.raises(ConfigError, match="leave batch_size out"):
+        task.predict(query, batch_size=5, independent=True)
     with pytest.raises(DataError, match="query item 1"):
         task.predict([query[0], torch.rand(28, 28)])
 

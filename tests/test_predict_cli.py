@@ -59,14 +59,21 @@ def test_cli_json_output_and_single_files(protonet_ckpt, tree, tmp_path, capsys)
     files = sorted(truth)[:2]
     output = tmp_path / "predictions.json"
     main([f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}", *(f"query={f}" for f in files),
-          f"output={output}", "batch_size=1"])
+          f"output={output}", "independent=true"])
     rows = json.loads(output.read_text())
     assert [row["item"] for row in rows] == [str(f) for f in files]
     for row in rows:
         assert set(row) == {"item", "label", "probability", "probabilities"}
         assert set(row["probabilities"]) == set(support) and row["label"] in support
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert str(files[0]) in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert str(files[0]) in captured.out and "note:" not in captured.err
+    task = metalab.load_learner(protonet_ckpt).adapt({label: support[label] for label in sorted(support)})
+    for row, p in zip(rows, task.predict(files, independent=True)):
+        assert row["label"] == p.label and row["probabilities"] == pytest.approx(p.probabilities, abs=1e-6)
+    # One item in one pass through batch statistics: predicted, with a note on how to do better.
+    main([f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}", f"query={files[0]}"])
+    assert "metalab: note: predicting in a pass of 1 item(s)" in capsys.readouterr().err
 
 
 def bad_trees(root: Path, support: dict, ckpt: Path) -> list[tuple[str, list[str], str]]:
@@ -108,6 +115,7 @@ def bad_trees(root: Path, support: dict, ckpt: Path) -> list[tuple[str, list[str
         ("unknown key", [*args, f"support={good}", "shots=3"], "'shots=3'"),
         ("bad output", [*args, f"support={good}", "output=preds.xlsx"], "output=preds.xlsx"),
         ("bad batch", [*args, f"support={good}", "batch_size=0"], "batch_size=0"),
+        ("bad flag", [*args, f"support={good}", "independent=maybe"], "independent=maybe"),
     ]
 
 

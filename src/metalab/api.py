@@ -20,14 +20,18 @@ tensors are (`learner.transform(item)` gives one).
 
 BatchNorm in conv4 uses the statistics of the batch it is given (no running averages),
 so a query's output depends on the other items predicted in the same pass. `predict`
-by default passes all given items together, as the benchmarks evaluate an episode's
-queries; `batch_size=k` splits them into passes of k items (k=1: every item on its own,
-independent of the others).
+by default passes all given items together, as meta-test evaluation passes an episode's
+queries (best when the items are a mix of the classes, as there); `batch_size=k` splits
+them into passes of k items. `independent=True` predicts each item in its own pass
+beside the support examples: its prediction then depends only on the support set and
+itself, with statistics of a mixed set as in evaluation (an item alone, `batch_size=1`,
+gets statistics of one image and far lower accuracy).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,7 +147,7 @@ class Learner:
             state = self.model.adapt(support_x.unsqueeze(0).to(self.device), support_y.unsqueeze(0).to(self.device))
         # The task is kept for many predictions: let go of any graph an inner loop left on the state.
         state = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
-        return AdaptedTask(self, state, tuple(classes))
+        return AdaptedTask(self, state, tuple(classes), support_x)
 
     def _check_classes(self, classes: list) -> None:
         if len(classes) < 2:
@@ -170,44 +174,67 @@ class Learner:
 class AdaptedTask:
     """A learner adapted to one support set: predict as often as needed, no re-adaptation."""
 
-    def __init__(self, learner: Learner, state, labels: tuple):
+    def __init__(self, learner: Learner, state, labels: tuple, support_x: Tensor):
         self.learner, self.state, self.labels = learner, state, labels
+        self.support_x = support_x  # model-ready support images, for independent predictions
 
-    def predict_logits(self, items, batch_size: int | None = None) -> Tensor:
-        """[items, labels] raw outputs of the learner's `predict`, columns in `self.labels` order."""
+    def predict_logits(self, items, batch_size: int | None = None, independent: bool = False) -> Tensor:
+        """[items, labels] raw outputs of the learner's `predict`, columns in `self.labels` order.
+
+        Default: all items in one pass, as meta-test evaluation passes an episode's queries.
+        `batch_size=k`: passes of k items. `independent=True`: each item in its own pass
+        beside the support examples, its output then depends on the support set and itself only.
+        """
         batch = self._as_batch(items)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ConfigError(f"batch_size={batch_size!r} is invalid; use a positive integer, "
                               "or None to predict all items in one pass")
+        if independent and batch_size is not None:
+            raise ConfigError(f"batch_size={batch_size} and independent=True both given; independent "
+                              "predicts every item in its own pass, so leave batch_size out")
         query = self.learner._prepare(batch, "query item")
-        step = batch_size or len(query)
         model, device = self.learner.model, self.learner.device
+        if independent:
+            # One pass of [support examples, item]: normalization statistics as in a mixed
+            # episode, none of them from the other items; keep the item's row only.
+            passes = [torch.cat([self.support_x, item[None]]) for item in query]
+        else:
+            step = batch_size or len(query)
+            passes = [query[start:start + step] for start in range(0, len(query), step)]
+            self._warn_if_unmixed(min(len(chunk) for chunk in passes))
         outputs = []
         with _evaluation_mode():
-            for start in range(0, len(query), step):
-                chunk = query[start:start + step].unsqueeze(0).to(device)
-                outputs.append(model.predict(self.state, chunk)[0].float().cpu())
+            for chunk in passes:
+                logits = model.predict(self.state, chunk.unsqueeze(0).to(device))[0].float().cpu()
+                outputs.append(logits[-1:] if independent else logits)
         return torch.cat(outputs)
 
-    def predict_proba(self, items, batch_size: int | None = None) -> Tensor:
+    def predict_proba(self, items, batch_size: int | None = None, independent: bool = False) -> Tensor:
         """[items, labels] probabilities (softmax of the outputs), columns in `self.labels` order."""
-        return self.predict_logits(items, batch_size).softmax(-1)
+        return self.predict_logits(items, batch_size, independent).softmax(-1)
 
-    def predict(self, items, batch_size: int | None = None):
+    def predict(self, items, batch_size: int | None = None, independent: bool = False):
         """A Prediction per item (a single item gives a single Prediction).
 
-        All items go through the model together unless `batch_size` splits them (see the
-        module docstring on batch statistics).
+        Passes as in `predict_logits`; see the module docstring on batch statistics.
         """
         single = self._is_single(items)
-        proba = self.predict_proba([items] if single else items, batch_size)
+        proba = self.predict_proba([items] if single else items, batch_size, independent)
         best = proba.argmax(-1).tolist()
         predictions = [
             Prediction(self.labels[k], float(row[k]), dict(zip(self.labels, row.tolist())))
             for k, row in zip(best, proba)
         ]
         return predictions[0] if single else predictions
+
+    def _warn_if_unmixed(self, smallest_pass: int) -> None:
+        if self.learner.transductive and smallest_pass < len(self.labels):
+            warnings.warn(
+                f"predicting in a pass of {smallest_pass} item(s), fewer than the {len(self.labels)} classes, "
+                "through BatchNorm that normalizes with each pass's statistics: predictions are then much "
+                "less accurate than in evaluation; pass independent=True to predict each item beside the "
+                "support examples", UserWarning, stacklevel=4)
 
     def _is_single(self, items) -> bool:
         if isinstance(items, Tensor):

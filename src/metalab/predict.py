@@ -9,11 +9,13 @@
   output=FILE       also write the predictions to FILE.csv or FILE.json
   device=cpu        or cuda, cuda:N
   batch_size=N      predict in passes of N items (default: all items in one pass)
+  independent=true  predict each item in its own pass beside the support examples
 
 Images are brought to the model's input (size, channels, ink polarity) by the transform
 the checkpoint was trained with. With a conv4 backbone, BatchNorm normalizes over the
-items of each pass, so a query's prediction depends on the others predicted with it (as
-in meta-test evaluation); batch_size=1 predicts every item on its own.
+items of each pass, so by default a query's prediction depends on the others predicted
+with it, as in meta-test evaluation (best when the queries are a mix of the classes).
+independent=true makes each prediction depend only on the support set and the item.
 
 Arguments are key=value pairs read literally (no Hydra), so any file name works.
 """
@@ -22,19 +24,21 @@ import csv
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from metalab.errors import ConfigError, DataError, MetalabError
 from metalab.memory import keep_freed_memory
 
-KEYS = ("ckpt_path", "support", "query", "output", "device", "batch_size")
+KEYS = ("ckpt_path", "support", "query", "output", "device", "batch_size", "independent")
+BOOLEANS = {"true": True, "false": False}
 REQUIRED = ("ckpt_path", "support", "query")
 FORMATS = (".csv", ".json")
 
 
 def parse(argv: list[str]) -> dict:
     """{key: value} (query: a list) from key=value arguments, every key known and required one given."""
-    args: dict = {"query": [], "device": "cpu", "batch_size": None, "output": None}
+    args: dict = {"query": [], "device": "cpu", "batch_size": None, "output": None, "independent": "false"}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in KEYS:
@@ -56,6 +60,9 @@ def parse(argv: list[str]) -> dict:
             raise ConfigError(f"batch_size={value} is invalid; use a positive integer, or leave it out to "
                               "predict all items in one pass")
         args["batch_size"] = int(value)
+    if args["independent"].lower() not in BOOLEANS:
+        raise ConfigError(f"independent={args['independent']} is invalid; use true or false")
+    args["independent"] = BOOLEANS[args["independent"].lower()]
     if args["output"] and Path(args["output"]).suffix.lower() not in FORMATS:
         raise ConfigError(f"output={args['output']} must end in .csv or .json")
     return args
@@ -142,7 +149,11 @@ def predict(argv: list[str]) -> list[dict]:
     started = time.perf_counter()
     task = learner.adapt(support)
     adapted = time.perf_counter()
-    predictions = task.predict(query, batch_size=args["batch_size"])
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", UserWarning)
+        predictions = task.predict(query, batch_size=args["batch_size"], independent=args["independent"])
+    for note in notes:
+        print(f"metalab: note: {note.message}", file=sys.stderr)
     done = time.perf_counter()
 
     rows = [{"item": str(path), "label": p.label, "probability": p.probability, "probabilities": p.probabilities}
