@@ -73,8 +73,9 @@ def table(jobs: list[dict], metric: str, descending: bool, name: str) -> tuple[l
         rows.append([rank, job["job"], *(job["overrides"].get(k, "") for k in varying),
                      *(res.get(c) for c in columns), res.get("global_step"), res.get("wall_time_sec"), "ok"])
     for job in failed:
+        error = job["error"].removeprefix("metalab: error: ").removeprefix("metalab: job failed: ")
         rows.append(["", job["job"], *(job["overrides"].get(k, "") for k in varying), *([None] * len(columns)),
-                     None, None, "failed: " + job["error"].removeprefix("metalab: error: ").removeprefix("metalab: job failed: ")])
+                     None, None, f"failed: {error}"])
     return header, rows
 
 

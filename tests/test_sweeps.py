@@ -17,7 +17,7 @@ from metalab.paths import CONFIG_DIR
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "scripts"))
-import summarize_sweep  # noqa: E402
+import summarize_sweep
 
 # MAML on sinusoid, 20 outer steps per job: seconds each, no data needed.
 TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "val_episodes=10", "test_episodes=10",
@@ -27,7 +27,7 @@ TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "val_episodes=1
 def multirun(log_dir: Path, *overrides: str, cache_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "METALAB_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
     args = [str(BIN / "metalab-train"), "-m", f"paths.log_dir={log_dir}", *TINY, *overrides]
-    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    return subprocess.run(args, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
 def sweep_dir(log_dir: Path) -> Path:
