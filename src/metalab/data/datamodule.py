@@ -155,8 +155,8 @@ class EpisodicDataModule(L.LightningDataModule):
                           persistent_workers=False, pin_memory=False)
 
     def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        """This process's DDP rank and the process count; (0, 1) outside a distributed Trainer."""
+        return getattr(self.trainer, "global_rank", 0), getattr(self.trainer, "world_size", 1)
 
     def _shape(self, split: str) -> tuple[int, int, int]:
         if split == "train":
