@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from metalab.algorithms import ALGORITHMS
 from metalab.checkpoint import read_checkpoint
@@ -194,20 +194,38 @@ class AdaptedTask:
             raise ConfigError(f"batch_size={batch_size} and independent=True both given; independent "
                               "predicts every item in its own pass, so leave batch_size out")
         query = self.learner._prepare(batch, "query item")
-        model, device = self.learner.model, self.learner.device
         if independent:
-            # One pass of [support examples, item]: normalization statistics as in a mixed
-            # episode, none of them from the other items; keep the item's row only.
-            passes = [torch.cat([self.support_x, item[None]]) for item in query]
-        else:
-            step = batch_size or len(query)
-            passes = [query[start:start + step] for start in range(0, len(query), step)]
-            self._warn_if_unmixed(min(len(chunk) for chunk in passes))
+            return self._predict_independent(query)
+        step = batch_size or len(query)
+        chunks = [query[start:start + step] for start in range(0, len(query), step)]
+        self._warn_if_unmixed(min(len(chunk) for chunk in chunks))
+        with _evaluation_mode():
+            return torch.cat([self._predict_tasks(self.state, chunk.unsqueeze(0))[0] for chunk in chunks])
+
+    def _predict_tasks(self, state, query_x: Tensor) -> Tensor:
+        return self.learner.model.predict(state, query_x.to(self.learner.device)).float().cpu()
+
+    def _predict_independent(self, query: Tensor, group: int = 64) -> Tensor:
+        """Each item in a pass of [support examples, item]: normalization statistics as in a
+        mixed episode, none from the other items; the item's row is kept. (A model without
+        batch statistics gets each item alone.)
+
+        Up to `group` such passes run at once as separate tasks (the learners batch tasks
+        with their own statistics each) when every tensor of the adapted state has the
+        leading task dimension of the interface; otherwise one pass at a time.
+        """
+        # Without batch-statistics layers an item alone is already independent of the others.
+        context = self.support_x if self.learner.transductive else self.support_x[:0]
+        leaves = [t for t in tree_flatten(self.state)[0] if isinstance(t, Tensor)]
+        if not leaves or any(t.dim() == 0 or t.shape[0] != 1 for t in leaves):
+            group = 1
         outputs = []
         with _evaluation_mode():
-            for chunk in passes:
-                logits = model.predict(self.state, chunk.unsqueeze(0).to(device))[0].float().cpu()
-                outputs.append(logits[-1:] if independent else logits)
+            for start in range(0, len(query), group):
+                items = query[start:start + group]
+                passes = torch.cat([context.expand(len(items), *context.shape), items[:, None]], 1)
+                state = self.state if len(items) == 1 else _repeat_task(self.state, len(items))
+                outputs.append(self._predict_tasks(state, passes)[:, -1])
         return torch.cat(outputs)
 
     def predict_proba(self, items, batch_size: int | None = None, independent: bool = False) -> Tensor:
@@ -294,6 +312,11 @@ def _evaluation_mode():
     mode, gradients off; an inner loop turns gradients on for its own steps."""
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+def _repeat_task(state, tasks: int):
+    """The adapted state of one task, seen as `tasks` identical tasks (no copy)."""
+    return tree_map(lambda t: t.expand(tasks, *t.shape[1:]) if isinstance(t, Tensor) else t, state)
 
 
 def _device(device) -> torch.device:
