@@ -249,7 +249,7 @@ def test_bad_support_sets_are_refused_naming_the_problem(protonet, images, tmp_p
         ([x, x], [["a"], ["b"]], "hashable"),
     ]
     for support_set, labels, message in cases:
-        with pytest.raises(DataError, match=None) as error:
+        with pytest.raises(DataError) as error:
             protonet.adapt(support_set, labels=labels)
         assert message in str(error.value), (message, str(error.value))
 
