@@ -213,3 +213,30 @@ LEARNS_QUICKLY = ("algorithm=mann", "dataset=omniglot", "dataset.image_size=10",
                   "ways=3", "instances=4", "queries=1", "meta_batch_size=32", "test_episodes=300",
                   "algorithm.hidden_size=64", "algorithm.memory_slots=16", "algorithm.memory_width=16",
                   "algorithm.read_heads=1", "algorithm.optimizer.lr=0.003", "trainer.max_steps=4000")
+
+
+def test_image_folder_sequences_through_the_data_module_are_fixed_and_meta_batch_first(tmp_path):
+    from PIL import Image
+
+    from metalab.data import EpisodicDataModule
+
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        (tmp_path / "classes" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "classes" / f"c{c}" / f"{i}.png")
+    dataset = {"name": "image_folder", "root": str(tmp_path / "classes"), "image_size": 8, "channels": 1,
+               "split_fractions": {"train": 0.5, "val": 0.0, "test": 0.5}, "episodes": "sequence"}
+
+    def first_test_batch():
+        datamodule = EpisodicDataModule(dataset, tmp_path, tmp_path / "cache", ways=3, shots=5, queries=2,
+                                        meta_batch_size=4, test_ways=3, test_shots=5, test_queries=2,
+                                        val_episodes=0, test_episodes=6, seed=0, eval_seed=0, eval_batch_size=3)
+        datamodule.setup("test")
+        return next(iter(datamodule.test_dataloader()))
+
+    batch = first_test_batch()
+    assert batch.support_x.shape == (3, 15, 1, 8, 8) and batch.query_x.shape == (3, 6, 1, 8, 8)
+    assert all(torch.bincount(y, minlength=3).tolist() == [5, 5, 5] for y in batch.support_y)
+    assert not all(torch.equal(y, batch.support_y[0]) for y in batch.support_y[1:])  # each episode its own order
+    assert all(torch.equal(a, b) for a, b in zip(batch, first_test_batch()))  # fixed, seeded test sequences
