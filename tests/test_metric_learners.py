@@ -60,15 +60,14 @@ VARIANTS = {
 
 # ---------------------------------------------------------------- learning on real Omniglot
 @pytest.mark.data
-@pytest.mark.parametrize("variant", ["matchingnet", pytest.param("matchingnet-fce", marks=pytest.mark.slow),
-                                     "relationnet"])
+@pytest.mark.parametrize("variant", ["matchingnet", "matchingnet-fce", "relationnet"])
 def test_learns_omniglot_far_above_chance(variant, tmp_path, data_dir, cache_dir):
-    # 100 training episodes (25 steps × 4 tasks, 5-way 1-shot), then 40 fixed test episodes.
+    # 80 training episodes (20 steps × 4 tasks, 5-way 1-shot), then 40 fixed test episodes.
     config = configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant], "queries=5", "meta_batch_size=4",
                         "test_queries=5", "test_episodes=40", "eval_batch_size=20")
     datamodule = build_datamodule(config)
     model = learner(config)
-    trainer = quiet_trainer(max_steps=25, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_steps=20, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)
     result = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     assert result["test/acc"] > 0.5, result  # chance: 0.2
@@ -205,6 +204,8 @@ def test_bad_settings_are_refused_naming_the_value(tmp_path):
         learner(configured(tmp_path, "unused", tmp_path, "relationnet", "backbone=mlp"))
     with pytest.raises(ConfigError, match="algorithm.read_steps=0"):
         learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.fce=true", "algorithm.read_steps=0"))
+    with pytest.raises(ConfigError, match="algorithm.cosine_scale=0"):
+        learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.cosine_scale=0"))
 
 
 # ---------------------------------------------------------------- the command line
