@@ -15,6 +15,7 @@ holds its shape. DropBlock, used by MetaOptNet for long miniImageNet runs, is le
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ class ResidualStage(nn.Module):
 
 
 class ResNet12(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...], channels: list[int] = (64, 160, 320, 640),
+    def __init__(self, input_shape: tuple[int, ...], channels: Sequence[int] = (64, 160, 320, 640),
                  average_pool: bool = True, feature_map: bool = False, leaky_slope: float = 0.1):
         super().__init__()
         widths = [input_shape[0], *channels]
