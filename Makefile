@@ -14,7 +14,7 @@ CKPT ?=
 PYTEST_WORKERS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval sweep tensorboard test test-full bench clean
+.PHONY: help install train eval sweep tensorboard test test-full bench bench-memory clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,8 +57,12 @@ test: install ## the test suite (under 10 minutes on 2 cores; slow tests exclude
 test-full: install ## every test, the slow ones included
 	$(BIN)/pytest -m "slow or not slow" $(ARGS)
 
-bench: install ## tasks/s of MAML meta-training: vmapped vs a per-task loop
+bench: install ## meta-training tasks/s of each optimization learner, batched vs a per-task loop; predict speed
 	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench_predict.py
+
+bench-memory: install ## peak memory of second-order, checkpointed and first-order MAML (Omniglot 20-way, slow on CPU)
+	$(BIN)/python scripts/bench_memory.py $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv and the decoded-image cache)
 	rm -rf logs outputs multirun lightning_logs .pytest_cache

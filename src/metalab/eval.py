@@ -57,6 +57,9 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int]) -> di
             dataset["image_size"] = input_shape[-1]
         if "channels" in dataset and len(input_shape) == 3:
             dataset["channels"] = input_shape[0]
+        # The episode shape the learner reads (few-shot episodes or sequences) goes along.
+        if "episodes" in trained["dataset"] and "dataset.episodes" not in " ".join(HydraConfig.get().overrides.task):
+            dataset["episodes"] = trained["dataset"]["episodes"]
         # A folder that is not split into train/val/test is all meta-test classes,
         # unless the command says otherwise.
         chosen = " ".join(HydraConfig.get().overrides.task)

@@ -131,8 +131,12 @@ class MetaLearner(LightningModule):
         self.train_tasks += tasks
         self.log("train/tasks_per_sec", tasks / max(seconds, 1e-9))
 
+    def parameter_groups(self) -> list[dict]:
+        """What the outer optimizer updates; a learner may give some parameters their own lr."""
+        return [{"params": list(self.parameters())}]
+
     def configure_optimizers(self):
-        optimizer = instantiate(self.algorithm_cfg["optimizer"], _partial_=True)(self.parameters())
+        optimizer = instantiate(self.algorithm_cfg["optimizer"], _partial_=True)(self.parameter_groups())
         scheduler_cfg = self.algorithm_cfg.get("scheduler")
         if scheduler_cfg is None:
             return optimizer

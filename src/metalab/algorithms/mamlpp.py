@@ -47,6 +47,17 @@ class MAMLPlusPlus(MAML):
             for n in self.norm_names
         })
 
+    def parameter_groups(self) -> list[dict]:
+        # The learned inner rates may take their own outer lr (`step_lr_lr`): Adam moves every
+        # parameter by about its lr per step, which is large next to a small initial α.
+        step_lr_lr = self.algorithm_cfg.get("step_lr_lr")
+        if step_lr_lr is None:
+            return super().parameter_groups()
+        rates = list(self.step_lrs.parameters())
+        chosen = {id(p) for p in rates}
+        return [{"params": [p for p in self.parameters() if id(p) not in chosen]},
+                {"params": rates, "lr": step_lr_lr}]
+
     # ------------------------------------------------------------------ schedules
     def training_first_order(self) -> bool:
         return self.first_order_at(self.global_step)

@@ -150,6 +150,8 @@ class SequenceLearner(MetaLearner):
 
     fixed_ways = True  # one output per label
     task_types = ("classification",)
+    # Trained on shuffled sequences: the application API shuffles a user's support set the same way.
+    reads_sequences = True
     memory = True
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
