@@ -25,6 +25,10 @@ SETTINGS = {
                   "meta_batch_size=1", "test_ways=5", *EVAL], 30),
     "maml": (["experiment=maml_omniglot_5w1s", "meta_batch_size=1", "queries=5", "algorithm.first_order=true",
               "algorithm.eval_inner_steps=5", "test_ways=5", *EVAL], 10),
+    "matchingnet": (["algorithm=matchingnet", "algorithm.fce=false", "dataset=omniglot", "ways=5", "shots=1",
+                     "queries=5", "meta_batch_size=1", "test_ways=5", *EVAL], 10),
+    "relationnet": (["algorithm=relationnet", "dataset=omniglot", "ways=5", "shots=1", "queries=5",
+                     "meta_batch_size=1", "test_ways=5", *EVAL], 10),
 }
 
 

@@ -21,8 +21,8 @@ from metalab.data import build_sources
 from metalab.errors import ConfigError, DataError
 from metalab.runner import build_datamodule
 
-CLASSIFIERS = ["protonet", "maml"]  # every classification learner
-METRIC = ["protonet"]  # learners whose predictions must not depend on the support order
+CLASSIFIERS = ["protonet", "maml", "matchingnet", "relationnet"]  # every classification learner
+METRIC = ["protonet", "matchingnet"]  # learners whose predictions must not depend on the support order
 FIXED_WAYS = ["maml"]  # learners with an output head sized to the training ways
 
 
