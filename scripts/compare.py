@@ -28,7 +28,7 @@ def run_experiments(experiments: list[str], overrides: list[str], log_dir: Path)
         command = [sys.executable, "-m", "metalab.train", f"experiment={experiment}",
                    f"paths.log_dir={experiment_dir}", *overrides]
         print("$", " ".join(command), flush=True)
-        finished = subprocess.run(command)
+        finished = subprocess.run(command, check=False)
         found = sorted(experiment_dir.glob("**/results.json"), key=lambda p: p.stat().st_mtime)
         if finished.returncode != 0 or not found:
             print(f"compare: {experiment} failed (exit {finished.returncode}); left out", file=sys.stderr)

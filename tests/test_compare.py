@@ -14,7 +14,7 @@ def test_compare_runs_experiments_and_writes_table_and_learning_curves(tmp_path)
                "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
                "val_episodes=10", "test_episodes=20", f"paths.cache_dir={tmp_path}",
                "--log-dir", str(tmp_path / "logs"), "--out", str(out), "--plot", str(plot)]
-    finished = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     results = json.loads(next((tmp_path / "logs").glob("**/results.json")).read_text())
     row = next(line for line in out.read_text().splitlines() if line.startswith("| maml"))
