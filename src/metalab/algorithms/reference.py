@@ -40,16 +40,17 @@ def per_task_meta_loss(model: nn.Module, batch: Episode, steps: int, lr: Learnin
             overrides = step_params(k) if step_params is not None else {}
             return functional_call(model, {**shared, **overrides, **fast}, (x,))
 
-        query_losses = [loss_fn(forward(0, batch.query_x[t]), batch.query_y[t])]
+        query_losses = []  # after each inner step, for the multi-step loss only
         for k in range(steps):
             support_loss = loss_fn(forward(k, batch.support_x[t]), batch.support_y[t])
             grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
             fast = {n: p - lr(k, n) * g for (n, p), g in zip(fast.items(), grads)}
-            query_losses.append(loss_fn(forward(k + 1, batch.query_x[t]), batch.query_y[t]))
+            if step_weights is not None:
+                query_losses.append(loss_fn(forward(k + 1, batch.query_x[t]), batch.query_y[t]))
         if step_weights is None:
-            task_losses.append(query_losses[-1])
+            task_losses.append(loss_fn(forward(steps, batch.query_x[t]), batch.query_y[t]))
         else:
-            task_losses.append(sum(w * loss for w, loss in zip(step_weights, query_losses[1:])))
+            task_losses.append(sum(w * loss for w, loss in zip(step_weights, query_losses)))
     return torch.stack(task_losses).mean()
 
 
