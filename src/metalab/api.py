@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metalab.algorithms import ALGORITHMS
+from metalab.algorithms.base import evaluation_mode
 from metalab.checkpoint import read_checkpoint
 from metalab.data.image_cache import MODES, decode_image, image_to_array
 from metalab.errors import ConfigError, DataError
@@ -139,7 +139,7 @@ class Learner:
         """
         items, item_labels = _pairs(support, labels)
         classes = list(dict.fromkeys(item_labels))
-        if getattr(self.model, "reads_sequences", False):
+        if self.model.reads_sequences:
             # Sequence learners were meta-trained on shuffled sequences; a support set grouped by
             # class reads worse (MANN: 52.8% vs 62.1% on Omniglot queries). A fixed seed keeps
             # adaptation reproducible.
@@ -149,7 +149,7 @@ class Learner:
         index = {label: i for i, label in enumerate(classes)}
         support_x = self._prepare(items, "support example")  # every image decoded and checked before any work
         support_y = torch.tensor([index[label] for label in item_labels], dtype=torch.long)
-        with _evaluation_mode():  # as meta-test: no meta-graph, an inner loop turns gradients on itself
+        with evaluation_mode():  # as meta-test: no meta-graph, an inner loop turns gradients on itself
             state = self.model.adapt(support_x.unsqueeze(0).to(self.device), support_y.unsqueeze(0).to(self.device))
         # The task is kept for many predictions: let go of any graph an inner loop left on the state.
         state = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
@@ -205,7 +205,7 @@ class AdaptedTask:
         step = batch_size or len(query)
         chunks = [query[start:start + step] for start in range(0, len(query), step)]
         self._warn_if_unmixed(min(len(chunk) for chunk in chunks))
-        with _evaluation_mode():
+        with evaluation_mode():
             return torch.cat([self._predict_tasks(self.state, chunk.unsqueeze(0))[0] for chunk in chunks])
 
     def _predict_tasks(self, state, query_x: Tensor) -> Tensor:
@@ -226,7 +226,7 @@ class AdaptedTask:
         if not leaves or any(t.dim() == 0 or t.shape[0] != 1 for t in leaves):
             group = 1
         outputs = []
-        with _evaluation_mode():
+        with evaluation_mode():
             for start in range(0, len(query), group):
                 items = query[start:start + group]
                 passes = torch.cat([context.expand(len(items), *context.shape), items[:, None]], 1)
@@ -312,14 +312,6 @@ def load_learner(path, device: str | torch.device = "cpu") -> Learner:
 
 
 # ---------------------------------------------------------------------- helpers
-@contextmanager
-def _evaluation_mode():
-    """What meta-test evaluation runs under (base._evaluate_and_store): out of inference
-    mode, gradients off; an inner loop turns gradients on for its own steps."""
-    with torch.inference_mode(False), torch.no_grad():
-        yield
-
-
 def _repeat_task(state, tasks: int):
     """The adapted state of one task, seen as `tasks` identical tasks (no copy)."""
     return tree_map(lambda t: t.expand(tasks, *t.shape[1:]) if isinstance(t, Tensor) else t, state)

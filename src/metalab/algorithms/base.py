@@ -20,6 +20,8 @@ episodes, Lightning's inference mode) is handled here once.
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,12 +36,26 @@ from metalab.errors import TrainingDiverged
 from metalab.evaluation import mean_and_ci95
 
 
+@contextmanager
+def evaluation_mode() -> Iterator[None]:
+    """What meta-test adaptation runs under, in evaluation and in the application API.
+
+    Out of inference mode (trainer.validate/test enter it by default, and the inner loop
+    cannot take gradients there) and with gradients off: no graph to the meta-parameters
+    is needed, and an inner loop turns gradients back on for its own steps (inner_loop.py).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class MetaLearner(LightningModule):
     # True when the output layer is sized to the training ways (MAML's head): then
     # evaluation must use the same number of ways.
     fixed_ways: bool = False
     # The kinds of dataset the learner can meta-train on.
     task_types: tuple[str, ...] = ("classification", "regression")
+    # True when the support set is read as a sequence, in order (the memory learners).
+    reads_sequences: bool = False
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__()
@@ -157,16 +173,11 @@ class MetaLearner(LightningModule):
         self._log_eval_summary("test")
 
     def _evaluate_and_store(self, batch: Episode) -> None:
-        # trainer.validate/test run under torch.inference_mode by default, where the
-        # inner loop's gradients cannot be taken. Leave it, and clone the batch out of
-        # inference tensors, so evaluation works whatever the Trainer was given.
-        with torch.inference_mode(False):
+        with evaluation_mode():
+            # A batch made under inference mode must be cloned out of it for autograd.
             if any(t.is_inference() for t in batch):
                 batch = Episode(*(t.clone() for t in batch))
-            # No graph to the meta-parameters is needed; an inner loop turns gradients
-            # back on for its own adaptation steps (inner_loop.py).
-            with torch.no_grad():
-                values = self.evaluate(batch)
+            values = self.evaluate(batch)
         for name, per_episode in values.items():
             self._eval_values[name].append(per_episode.detach().float())  # stays on device: no sync per batch
 

@@ -47,19 +47,23 @@ def batched_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
     return vmap(lambda params, x: functional_call(model, params, (x,)))
 
 
-def batched_loss(model: nn.Module, loss_fn: LossFn) -> BatchedLoss:
-    """loss(params, x, y) -> [tasks]: each task's mean loss under its own parameters.
+def mean_loss_per_task(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
+    """[tasks]: each task's mean loss, from [tasks, examples, ...] outputs and targets.
 
     `loss_fn` is a torch.nn.functional loss taking `reduction`. It runs once on all tasks'
     examples, unreduced, then is averaged per task: vmapping it instead falls back to a
     slow per-task path for cross-entropy.
     """
+    per_example = loss_fn(outputs.flatten(0, 1), y.flatten(0, 1), reduction="none")
+    return per_example.reshape(outputs.shape[0], -1).mean(1)
+
+
+def batched_loss(model: nn.Module, loss_fn: LossFn) -> BatchedLoss:
+    """loss(params, x, y) -> [tasks]: each task's mean loss under its own parameters."""
     forward = batched_forward(model)
 
     def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        outputs = forward(params, x)
-        per_example = loss_fn(outputs.flatten(0, 1), y.flatten(0, 1), reduction="none")
-        return per_example.reshape(outputs.shape[0], -1).mean(1)
+        return mean_loss_per_task(loss_fn, forward(params, x), y)
 
     return loss
 

@@ -60,8 +60,8 @@ class MAML(MetaLearner):
         adapted, inner_losses = self.inner_adapt(batch.support_x, batch.support_y, self.algorithm_cfg["inner_steps"],
                                                  self.training_first_order(), meta_gradient=True)
         predictions = self.predict(adapted, batch.query_x)
-        loss = self.task_loss_fn()(predictions.flatten(0, 1), batch.query_y.flatten(0, 1))
-        return loss, self.training_metrics(predictions, batch.query_y, inner_losses)
+        return self.query_loss(predictions, batch.query_y), self.training_metrics(predictions, batch.query_y,
+                                                                                  inner_losses)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
         # Evaluation needs no graph through the inner steps, so first order is exact here.
@@ -81,6 +81,11 @@ class MAML(MetaLearner):
         return results
 
     # ------------------------------------------------------------------ helpers
+    def query_loss(self, predictions: Tensor, targets: Tensor) -> Tensor:
+        """Mean loss over every query of the meta-batch (tasks are equally sized, so this is
+        also the mean of the per-task losses)."""
+        return self.task_loss_fn()(predictions.flatten(0, 1), targets.flatten(0, 1))
+
     def training_metrics(self, predictions: Tensor, targets: Tensor, inner_losses: Tensor | None) -> dict[str, Tensor]:
         metrics = {self.metric: self.episode_metric(predictions, targets)}
         if inner_losses is not None:  # the support loss of the last inner step, watched for divergence
@@ -91,10 +96,4 @@ class MAML(MetaLearner):
 def parameter_key(name: str) -> str:
     """A parameter name usable as a ParameterDict key ('.' is not allowed there)."""
     return name.replace(".", "__")
-
-
-def query_losses(loss_fn, predictions: Tensor, targets: Tensor) -> Tensor:
-    """Per-task mean loss of [tasks, queries, ...] predictions."""
-    per_example = loss_fn(predictions.flatten(0, 1), targets.flatten(0, 1), reduction="none")
-    return per_example.reshape(predictions.shape[0], -1).mean(1)
 

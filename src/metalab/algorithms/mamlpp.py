@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from metalab.algorithms.inner_loop import Params, checkpointed_sgd_step, per_task, sgd_step
-from metalab.algorithms.maml import MAML, parameter_key, query_losses
+from metalab.algorithms.maml import MAML, parameter_key
 from metalab.data.episodes import Episode
 
 
@@ -110,11 +110,8 @@ class MAMLPlusPlus(MAML):
                                                self.training_first_order(), meta_gradient=True)
         weights = self.step_loss_weights(self.global_step)
         final = self.predict(states[-1], batch.query_x)
-        loss_fn = self.task_loss_fn()
-        if weights is None:
-            loss = query_losses(loss_fn, final, batch.query_y).mean()
-        else:  # Σ_k v_k L(θ_k; Q), each L the mean over the meta-batch
-            losses = [query_losses(loss_fn, self.predict(s, batch.query_x), batch.query_y).mean() for s in states[1:-1]]
-            losses.append(query_losses(loss_fn, final, batch.query_y).mean())
-            loss = (weights.to(final.dtype).to(final.device) * torch.stack(losses)).sum()
+        loss = self.query_loss(final, batch.query_y)
+        if weights is not None:  # Σ_k v_k L(θ_k; Q), each L the mean over the meta-batch
+            losses = [self.query_loss(self.predict(s, batch.query_x), batch.query_y) for s in states[1:-1]]
+            loss = (weights.to(final.dtype).to(final.device) * torch.stack([*losses, loss])).sum()
         return loss, self.training_metrics(final, batch.query_y, inner_losses)

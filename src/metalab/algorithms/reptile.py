@@ -15,8 +15,8 @@ per outer step, so DDP averages it across processes like any other learner's.
 import torch
 from torch import Tensor
 
-from metalab.algorithms.inner_loop import Params, adam_adapt, per_task, sgd_adapt
-from metalab.algorithms.maml import MAML, query_losses
+from metalab.algorithms.inner_loop import Params, adam_adapt, mean_loss_per_task, per_task, sgd_adapt
+from metalab.algorithms.maml import MAML
 from metalab.data.episodes import Episode
 
 
@@ -39,5 +39,5 @@ class Reptile(MAML):
         with torch.no_grad():  # query performance of the adapted weights, for the logs only
             predictions = self.predict(adapted, batch.query_x)
         metrics = self.training_metrics(predictions, batch.query_y, inner_losses)
-        metrics["loss"] = query_losses(self.task_loss_fn(), predictions, batch.query_y)  # logged as train/loss
+        metrics["loss"] = mean_loss_per_task(self.task_loss_fn(), predictions, batch.query_y)  # logged as train/loss
         return surrogate, metrics
