@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from metalab.algorithms import ALGORITHMS
 from metalab.config import ConfigError, check_distributed, check_hardware, resolve
 from metalab.paths import CONFIG_DIR
-from metalab.runner import build_datamodule
+from metalab.runner import build_datamodule, guarded
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -179,6 +180,24 @@ def test_maml_metalab_train_on_two_cpu_processes_matches_one_process(tmp_path, c
     one = fit_and_validate("maml", str(cache_dir), str(data_dir), processes=1)
     assert_same_trained_weights(trained, one["weights"], setup("maml", str(cache_dir), str(data_dir))[0].state_dict())
 
+
+
+def test_a_command_ends_the_process_group_before_the_interpreter_exits(tmp_path):
+    # CI once saw a successful 2-process run abort at exit (-6) with gloo's threads still alive.
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group from another test is still open")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert guarded(lambda cfg: 0.5, None) == 0.5
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+
+    def crashing_command(cfg):
+        raise RuntimeError("a bug")
+
+    with mock.patch("metalab.runner.HydraConfig") as hydra, pytest.raises(RuntimeError, match="a bug"):
+        hydra.get.return_value.mode = "a single run"  # not a sweep: the traceback goes through
+        guarded(crashing_command, None)
+    assert not torch.distributed.is_initialized()
 
 if __name__ == "__main__":  # one of the two DDP processes of test_two_ddp_processes_match_one_process
     name, cache, data, out = sys.argv[1:]

@@ -117,6 +117,23 @@ def guarded(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> floa
     None, so the other jobs go on (a sweeper records None as a failed trial).
     """
     try:
+        return reporting_failures(task, cfg)
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """End DDP's process group while the interpreter is whole.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive Python and abort the process
+    ("terminate called without an active exception", exit -6) after a run that succeeded.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def reporting_failures(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
+    try:
         return task(cfg)
     except MetalabError as error:
         hydra = HydraConfig.get()
