@@ -180,6 +180,21 @@ def test_maml_metalab_train_on_two_cpu_processes_matches_one_process(tmp_path, c
     one = fit_and_validate("maml", str(cache_dir), str(data_dir), processes=1)
     assert_same_trained_weights(trained, one["weights"], setup("maml", str(cache_dir), str(data_dir))[0].state_dict())
 
+    # metalab-eval on 2 processes: one results.json, every episode once, the training run's meta-test score.
+    evaluated = {}
+    for hardware in ("ddp_cpu", "cpu"):
+        log_dir = tmp_path / f"eval_{hardware}"
+        args = [str(Path(sys.executable).parent / "metalab-eval"), f"ckpt_path={results['tested_checkpoint']}",
+                f"hardware={hardware}", f"paths.log_dir={log_dir}", "trainer.enable_progress_bar=false", "logger=none"]
+        proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (path,) = log_dir.rglob("results.json")
+        evaluated[hardware] = json.loads(path.read_text())
+    assert evaluated["ddp_cpu"]["world_size"] == 2 and evaluated["ddp_cpu"]["test_episodes_evaluated"] == 25
+    for run in evaluated.values():
+        assert run["test/mse"] == pytest.approx(results["test/mse"], rel=1e-5)
+        assert run["test/mse_ci95"] == pytest.approx(results["test/mse_ci95"], rel=1e-5)
+
 
 
 def test_a_command_ends_the_process_group_before_the_interpreter_exits(tmp_path):

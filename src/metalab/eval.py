@@ -28,7 +28,7 @@ from metalab.config import (
 from metalab.errors import ConfigError
 from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
-from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, write_results
+from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, process_rank, write_results
 
 OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
 
@@ -75,7 +75,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     checkpoint = read_checkpoint(config["ckpt_path"])
     hyper = checkpoint["hyper_parameters"]
     run = evaluation_config(config, hyper["config"], hyper["input_shape"])
-    save_config(run, run_dir)
+    if process_rank() == 0:  # under DDP every process runs this command in the same run dir
+        save_config(run, run_dir)
 
     for key in EVAL_KEYS:
         require_positive_int(run, key)
@@ -94,7 +95,9 @@ def evaluate(cfg: DictConfig) -> float | None:
     model = learner_cls.load_from_checkpoint(config["ckpt_path"], map_location="cpu", config=run)
     trainer = build_trainer(run, run_dir, with_callbacks=False)
     metrics = meta_test(trainer, model, datamodule, None, run)
-    write_results(run_dir, run, metrics, started, tested_checkpoint=config["ckpt_path"])
+    if trainer.is_global_zero:  # the metrics are already gathered from every process
+        write_results(run_dir, run, metrics, started, tested_checkpoint=config["ckpt_path"],
+                      world_size=trainer.world_size, test_episodes_evaluated=model.eval_episodes.get("test"))
     return metrics.get(f"test/{model.metric}")
 
 
