@@ -7,10 +7,13 @@ backward, optimizer step). Printed as a table with the ratio; nothing is asserte
     python scripts/bench.py                          # every learner: MLP 784-64-64-5, conv4 on Omniglot
     python scripts/bench.py --learners maml anil     # some of them
     python scripts/bench.py --device cuda            # on a GPU
+    python scripts/bench.py --compile no             # without the algorithm.compile=true rows
+    python scripts/bench.py --models mlp             # the MLP rows only
 """
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -26,9 +29,10 @@ WAYS, SHOTS, QUERIES, META_BATCH = 5, 1, 15, 32
 FAMILY = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")
 
 
-def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int, inner_lr: float) -> MAML:
+def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int, inner_lr: float,
+            compiled: bool = False) -> MAML:
     algorithm = {"name": name, "inner_lr": inner_lr, "inner_steps": inner_steps, "eval_inner_steps": inner_steps,
-                 "first_order": False, "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3}}
+                 "first_order": False, "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3}, "compile": compiled}
     if name == "reptile":
         algorithm.update(inner_optimizer="sgd", adam_beta1=0.0, adam_beta2=0.999)
     if name == "mamlpp":  # second order, multi-step loss on: its most expensive phase
@@ -68,8 +72,7 @@ def random_batch(features: int) -> Episode:
 
 
 def tasks_per_second(step, device: torch.device, min_seconds: float) -> float:
-    for _ in range(3):  # warm-up: allocator, kernels
-        step()
+    """Tasks per second over at least `min_seconds` and 3 outer steps."""
     steps, started = 0, time.perf_counter()
     while True:
         step()
@@ -79,6 +82,22 @@ def tasks_per_second(step, device: torch.device, min_seconds: float) -> float:
         elapsed = time.perf_counter() - started
         if elapsed >= min_seconds and steps >= 3:
             return steps * META_BATCH / elapsed
+
+
+def interleaved(fast, slow, device: torch.device, min_seconds: float, rounds: int = 5) -> tuple[float, float, float]:
+    """(fast tasks/s, slow tasks/s, ratio): medians over `rounds` back-to-back pairs of timings.
+
+    Timing the two sides in alternation puts both under the same machine conditions: on a
+    shared CPU one process's speed drifts by 30% over minutes, which a single pair of
+    timings would read as a change of ratio.
+    """
+    for _ in range(3):  # warm-up: allocator, kernels, compilation
+        fast()
+        slow()
+    window = min_seconds / rounds
+    pairs = [(tasks_per_second(fast, device, window), tasks_per_second(slow, device, window)) for _ in range(rounds)]
+    return (statistics.median(f for f, _ in pairs), statistics.median(s for _, s in pairs),
+            statistics.median(f / s for f, s in pairs))
 
 
 def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float) -> None:
@@ -95,38 +114,47 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
             optimizer.step()
         return step
 
-    vmapped = outer_step(lambda: model.meta_loss(batch)[0])
+    # algorithm.compile=true: the same vmapped meta-loss, its gradient from one compiled graph.
+    vmapped = outer_step((lambda: model.compiled_meta_loss(batch)[0]) if model.compiled
+                         else (lambda: model.meta_loss(batch)[0]))
     looped = outer_step(lambda: reference_meta_loss(model, batch))
-    fast = tasks_per_second(vmapped, device, min_seconds)
-    slow = tasks_per_second(looped, device, min_seconds)
-    print(f"| {cfg['name']:<8} | {name:<32} | {cfg['inner_steps']:>5} | {order:<6} | {slow:>10.1f} | "
-          f"{fast:>10.1f} | {fast / slow:>6.1f}x |", flush=True)
+    fast, slow, ratio = interleaved(vmapped, looped, device, min_seconds)
+    label = cfg["name"] + (" +compile" if model.compiled else "")
+    print(f"| {label:<16} | {name:<32} | {cfg['inner_steps']:>5} | {order:<6} | {slow:>10.1f} | "
+          f"{fast:>10.1f} | {ratio:>6.1f}x |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing window per measurement")
+    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per side, over 5 alternating rounds")
     parser.add_argument("--learners", nargs="+", default=list(FAMILY), choices=FAMILY)
+    parser.add_argument("--compile", choices=("both", "no", "only"), default="both",
+                        help="also time algorithm.compile=true for the learners that support it (first call compiles)")
+    parser.add_argument("--models", nargs="+", default=["mlp", "conv4"], choices=["mlp", "conv4"])
     args = parser.parse_args()
     keep_freed_memory()  # as metalab-train does; both sides benefit
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {META_BATCH}; {name}, torch {torch.__version__}")
-    print("| learner  | model                            | steps | order  | loop tasks/s | vmap tasks/s | ratio |")
-    print("|----------|----------------------------------|-------|--------|------------|------------|--------|")
+    print("| learner          | model                            | steps | order  | loop tasks/s | vmap tasks/s "
+          "| ratio |")
+    print("|------------------|----------------------------------|-------|--------|------------|------------|--------|")
+    variants = [(name, compiled) for name in args.learners for compiled in (False, True)
+                if {"no": not compiled, "only": compiled, "both": True}[args.compile]
+                and (not compiled or ALGORITHMS[name].compilable)]
     mlp = {"name": "mlp", "hidden_sizes": [64, 64]}
-    for learner_name in args.learners:
+    for learner_name, compiled in variants if "mlp" in args.models else []:
         for steps in (1, 5):
-            compare("MLP 784-64-64-5 (random inputs)", learner(learner_name, mlp, [784], steps, 0.4),
+            compare("MLP 784-64-64-5 (random inputs)", learner(learner_name, mlp, [784], steps, 0.4, compiled),
                     random_batch(784), device, args.seconds)
-    batch = omniglot_batch()
+    batch = omniglot_batch() if "conv4" in args.models else None
     if batch is not None:
         conv4 = {"name": "conv4", "hidden_channels": 64, "blocks": 4}
-        for learner_name in args.learners:
+        for learner_name, compiled in variants:
             for steps in (1, 5):
-                compare("conv4, Omniglot 28x28", learner(learner_name, conv4, [1, 28, 28], steps, 0.4), batch,
-                        device, args.seconds)
+                compare("conv4, Omniglot 28x28", learner(learner_name, conv4, [1, 28, 28], steps, 0.4, compiled),
+                        batch, device, args.seconds)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,15 @@ def test_meta_batch_must_split_evenly_over_processes():
     check_distributed(config_with("hardware=ddp_cpu", "meta_batch_size=24"), multirun=False, launcher="")
 
 
+def test_too_few_evaluation_batches_for_the_processes_are_refused():
+    config = config_with("hardware=ddp_cpu", "trainer.devices=2", "meta_batch_size=24", "val_episodes=10",
+                         "eval_batch_size=20")
+    with pytest.raises(ConfigError, match="val_episodes=10 in batches of eval_batch_size=20 .* at most 5"):
+        check_distributed(config, multirun=False, launcher="")
+    check_distributed(config_with("hardware=ddp_cpu", "trainer.devices=2", "meta_batch_size=24", "val_episodes=10",
+                                  "eval_batch_size=5"), multirun=False, launcher="")
+
+
 def test_local_multirun_with_ddp_is_refused_with_what_to_do_instead(monkeypatch):
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
     config = config_with("hardware=ddp_cpu", "meta_batch_size=24")

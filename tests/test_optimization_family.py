@@ -161,17 +161,20 @@ def test_reptile_adam_inner_loop_matches_torch_adam_per_task():
             torch.testing.assert_close(adapted[name][t], p.detach(), atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "maml+compile"])
 def test_each_learner_meta_trained_briefly_on_sinusoid_adapts_to_new_tasks(tmp_path, algorithm):
     steps = 1000
     # Each learner with its own defaults (conf/algorithm/), except Reptile: its paper setting
     # (5 inner steps, meta step 0.1) needs many more outer steps than a test can afford.
     faster = ({"algorithm.inner_steps": 10, "algorithm.eval_inner_steps": 10, "algorithm.optimizer.lr": 0.5}
               if algorithm == "reptile" else {})
+    algorithm, _, compiled = algorithm.partition("+")  # maml+compile: the torch.compile'd outer step
     model, datamodule = sinusoid_setup(tmp_path, algorithm=algorithm, test_episodes=100, val_episodes=0,
-                                       **{"trainer.max_steps": steps}, **faster)
+                                       **{"trainer.max_steps": steps}, **faster,
+                                       **({"algorithm.compile": "true"} if compiled else {}))
     trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)
+    assert (model._meta_gradient is not None) == bool(compiled)  # the outer steps took the path asked for
     metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     # After the inner loop, a new sine's error is well below the meta-learned prior's.
     assert metrics["test/mse"] < 0.5 * metrics["test/mse_before"], metrics
@@ -217,3 +220,35 @@ def test_checkpointed_inner_steps_give_the_same_second_order_meta_gradient(name)
     reference = gradients(plain.meta_loss(batch)[0], plain)
     for n in reference:
         torch.testing.assert_close(ours[n], reference[n], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd"])
+def test_compiled_meta_gradient_equals_the_loop(name):
+    """algorithm.compile=true: torch.func + torch.compile give the per-task loop's meta-gradient."""
+    model, batch = small_learner(name, MLP, [5], compile=True), random_batch([5])
+    first_order = name == "fomaml"
+    rates = ({n: model.inner_lrs[parameter_key(n)] for n, _ in model.model.named_parameters()}
+             if name == "metasgd" else None)
+    reference_loss = per_task_meta_loss(model.model, batch, 2, (lambda k, n: rates[n]) if rates else (lambda k, n: 0.3),
+                                        first_order, CE)
+    surrogate, metrics = model.compiled_meta_loss(batch)
+    torch.testing.assert_close(metrics["loss"], reference_loss.detach(), atol=1e-5, rtol=1e-5)
+    ours, theirs = gradients(surrogate, model), gradients(reference_loss, model)
+    for n in theirs:
+        torch.testing.assert_close(ours[n], theirs[n], atol=1e-5, rtol=1e-5, msg=f"gradient of {n}")
+    assert set(metrics) >= {"acc", "inner_loss", "loss"}
+
+
+def test_compile_is_refused_where_it_cannot_capture_the_learner():
+    from metalab.config import ConfigError, check_learner_fits_data
+    config = {"ways": 5, "test_ways": 5, "dataset": {"name": "omniglot"}}
+    for name in ("reptile", "anil", "mamlpp", "protonet"):
+        with pytest.raises(ConfigError, match=f"algorithm.compile=true is not available for algorithm={name}"):
+            check_learner_fits_data({**config, "algorithm": {"name": name, "compile": True}}, ALGORITHMS[name],
+                                    "classification")
+    with pytest.raises(ConfigError, match="checkpoint_inner_steps=true do not combine"):
+        check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True,
+                                                         "checkpoint_inner_steps": True}}, ALGORITHMS["maml"],
+                                "classification")
+    check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
+                            "classification")

@@ -106,6 +106,13 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
         raise ConfigError(
             f"meta_batch_size={cfg['meta_batch_size']} does not split evenly over {world} DDP processes "
             f"(trainer.devices x trainer.num_nodes); set meta_batch_size to a multiple of {world}")
+    # The fixed episodes go to the processes a batch at a time: each process needs one.
+    for key in ("val_episodes", "test_episodes"):
+        episodes, per_batch = cfg.get(key) or 0, cfg["eval_batch_size"]
+        if 0 < episodes and -(-episodes // per_batch) < world:
+            raise ConfigError(
+                f"{key}={episodes} in batches of eval_batch_size={per_batch} gives fewer batches than the {world} "
+                f"DDP processes, so one would have none; set eval_batch_size to at most {episodes // world}")
     # Lightning's DDP starts the other processes by re-running the command line, which a
     # Hydra multirun job cannot do. A cluster launcher starts every process itself.
     if multirun and not launched_by_cluster() and "submitit" not in launcher:
@@ -158,6 +165,13 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
             f"algorithm={name} needs a {' or '.join(learner_cls.task_types)} dataset, "
             f"but dataset={cfg['dataset']['name']} is {task_type}; choose another dataset"
         )
+    if cfg["algorithm"].get("compile"):
+        if not learner_cls.compilable:
+            raise ConfigError(f"algorithm.compile=true is not available for algorithm={name} (it is for maml, fomaml "
+                              f"and metasgd); leave it out")
+        if cfg["algorithm"].get("checkpoint_inner_steps"):
+            raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
+                              "(torch.compile cannot capture the recomputation); set one of them to false")
     if learner_cls.fixed_ways and task_type == "classification" and test_ways != ways:
         raise ConfigError(
             f"algorithm={name} has one output per training way, so test_ways={test_ways} must equal ways={ways}; "

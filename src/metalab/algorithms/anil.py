@@ -17,6 +17,8 @@ from metalab.algorithms.maml import MAML
 
 
 class ANIL(MAML):
+    compilable = False  # torch.compile breaks its graph at vmap over the body module
+
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         self.body, self.head = self.model[0], self.model[1]

@@ -56,6 +56,9 @@ class MetaLearner(LightningModule):
     task_types: tuple[str, ...] = ("classification", "regression")
     # True when the support set is read as a sequence, in order (the memory learners).
     reads_sequences: bool = False
+    # True when `meta_loss` is a pure function of the parameters that torch.compile can
+    # capture whole, so algorithm.compile=true may be set (see compiled_meta_loss).
+    compilable: bool = False
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__()
@@ -73,6 +76,8 @@ class MetaLearner(LightningModule):
         self._step_started = 0.0
         self.train_time = 0.0  # seconds spent in outer steps, for tasks per second
         self.train_tasks = 0
+        self.compiled = bool(self.algorithm_cfg.get("compile", False))
+        self._meta_gradient = None  # the compiled meta-gradient, built at the first outer step
 
     # ------------------------------------------------------------------ to implement
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
@@ -98,7 +103,7 @@ class MetaLearner(LightningModule):
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        loss, metrics = self.meta_loss(batch)
+        loss, metrics = self.compiled_meta_loss(batch) if self.compiled else self.meta_loss(batch)
         # A learner whose optimized loss is a surrogate (Reptile) reports its real loss here.
         reported_loss = metrics.pop("loss", loss).detach().mean()
         self.check_finite(reported_loss, metrics.get("inner_loss"))
@@ -116,6 +121,30 @@ class MetaLearner(LightningModule):
             self.log(f"train/{name}", values.detach().mean(), prog_bar=name == self.metric)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         return loss.detach()
+
+    def compiled_meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        """`meta_loss` with its gradient from one torch.compile'd graph (algorithm.compile=true).
+
+        The meta-gradient g = ∇θ meta_loss is `torch.func.grad` of `meta_loss` run on the
+        parameters θ as inputs, compiled whole (inner steps, their second-order terms and
+        the outer backward in one graph, so the elementwise work is fused). Returned is the
+        surrogate Σ θ·g, whose gradient is g: the outer step still makes exactly one
+        backward call, which DDP all-reduces. The real loss goes in the metrics as "loss".
+        The first step compiles (tens of seconds); a change of input shapes recompiles.
+        """
+        if self._meta_gradient is None:
+            call = MetaLossCall(self)
+
+            def loss_and_metrics(params: dict[str, Tensor], batch: Episode):
+                loss, metrics = torch.func.functional_call(call, {f"learner.{n}": p for n, p in params.items()},
+                                                           (batch,))
+                return loss, (loss.detach(), metrics)
+
+            self._meta_gradient = torch.compile(torch.func.grad(loss_and_metrics, has_aux=True), fullgraph=True)
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        grads, (loss, metrics) = self._meta_gradient({name: p.detach() for name, p in params.items()}, batch)
+        surrogate = sum((p * grads[name]).sum() for name, p in params.items())
+        return surrogate, {**metrics, "loss": loss}
 
     def check_finite(self, loss: Tensor, inner_losses: Tensor | None) -> None:
         """Stop before a NaN/inf loss reaches the weights, so every checkpoint written stays good.
@@ -222,3 +251,15 @@ class MetaLearner(LightningModule):
         if self.task_type == "classification":
             return (predictions.argmax(-1) == targets).float().mean(-1)
         return ((predictions - targets) ** 2).flatten(1).mean(-1)
+
+
+class MetaLossCall(torch.nn.Module):
+    """A learner's `meta_loss` as a module's forward, so torch.func.functional_call can run it
+    on parameters given as inputs (the learner is its submodule `learner`)."""
+
+    def __init__(self, learner: MetaLearner):
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.learner.meta_loss(batch)

@@ -28,6 +28,7 @@ from metalab.data.episodes import Episode
 class MAML(MetaLearner):
     # The linear head has one output per training way.
     fixed_ways = True
+    compilable = True
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
@@ -53,7 +54,7 @@ class MAML(MetaLearner):
         params = per_task(dict(self.model.named_parameters()), support_x.shape[0], meta_gradient)
         checkpointed = meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps", False)
         return sgd_adapt(self.inner_loss, params, support_x, support_y, steps, self.inner_learning_rate(),
-                         first_order, checkpointed)
+                         first_order, checkpointed, traceable=self.compiled and meta_gradient)
 
     # ------------------------------------------------------------------ learner interface
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:

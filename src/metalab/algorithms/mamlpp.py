@@ -29,6 +29,8 @@ from metalab.data.episodes import Episode
 
 
 class MAMLPlusPlus(MAML):
+    compilable = False  # its loss weights change every outer step: a recompilation each step
+
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         cfg = config["algorithm"]

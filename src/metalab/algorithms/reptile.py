@@ -21,6 +21,8 @@ from metalab.data.episodes import Episode
 
 
 class Reptile(MAML):
+    compilable = False  # its inner loop cuts the graph with requires_grad_, which torch.func forbids
+
     def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
                     meta_gradient: bool) -> tuple[Params, Tensor | None]:
         # Reptile never differentiates through the inner loop, in training or evaluation.
