@@ -4,12 +4,15 @@ Every batched meta-gradient is compared with `metalab.algorithms.reference`, a l
 tasks with `torch.autograd`, on small double-precision models, to 1e-5.
 """
 
+import sys
+
 import pytest
 import torch
 
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.maml import parameter_key
 from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction
+from metalab.config import ConfigError, check_learner_fits_data, cpp_compiler
 from metalab.data.episodes import Episode
 from test_learners import quiet_trainer, sinusoid_setup
 
@@ -17,6 +20,8 @@ WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 4
 MLP = {"name": "mlp", "hidden_sizes": [7, 6]}
 TINY_CONV = {"name": "conv4", "hidden_channels": 3, "blocks": 2}  # has BatchNorm: MAML++'s per-step norms matter
 CE = torch.nn.functional.cross_entropy
+needs_cpp_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile on a CPU needs a C++ "
+                                        "compiler (g++, or $CXX): none found")
 
 
 def small_learner(name: str, backbone: dict, input_shape: list[int], **algorithm):
@@ -161,7 +166,8 @@ def test_reptile_adam_inner_loop_matches_torch_adam_per_task():
             torch.testing.assert_close(adapted[name][t], p.detach(), atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "maml+compile"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp",
+                                       pytest.param("maml+compile", marks=needs_cpp_compiler)])
 def test_each_learner_meta_trained_briefly_on_sinusoid_adapts_to_new_tasks(tmp_path, algorithm):
     steps = 1000
     # Each learner with its own defaults (conf/algorithm/), except Reptile: its paper setting
@@ -222,6 +228,7 @@ def test_checkpointed_inner_steps_give_the_same_second_order_meta_gradient(name)
         torch.testing.assert_close(ours[n], reference[n], atol=1e-10, rtol=1e-10)
 
 
+@needs_cpp_compiler
 @pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd"])
 def test_compiled_meta_gradient_equals_the_loop(name):
     """algorithm.compile=true: torch.func + torch.compile give the per-task loop's meta-gradient."""
@@ -239,8 +246,7 @@ def test_compiled_meta_gradient_equals_the_loop(name):
     assert set(metrics) >= {"acc", "inner_loss", "loss"}
 
 
-def test_compile_is_refused_where_it_cannot_capture_the_learner():
-    from metalab.config import ConfigError, check_learner_fits_data
+def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):
     config = {"ways": 5, "test_ways": 5, "dataset": {"name": "omniglot"}}
     for name in ("reptile", "anil", "mamlpp", "protonet"):
         with pytest.raises(ConfigError, match=f"algorithm.compile=true is not available for algorithm={name}"):
@@ -250,5 +256,10 @@ def test_compile_is_refused_where_it_cannot_capture_the_learner():
         check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True,
                                                          "checkpoint_inner_steps": True}}, ALGORITHMS["maml"],
                                 "classification")
+    monkeypatch.setenv("CXX", sys.executable)  # any program found stands in for the compiler here
     check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
                             "classification")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .* none was found"):
+        check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
+                                "classification")

@@ -1,6 +1,7 @@
 """Turn a Hydra config into a plain dict and reject bad values before any work starts."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -157,6 +158,12 @@ def check_resumable(cfg: dict, trained: dict) -> None:
                 f"resume with the checkpoint's {key}, or start a new run without ckpt_path")
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call, if there is one."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
 def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
     ways, test_ways = cfg["ways"], cfg["test_ways"]
     name = cfg["algorithm"]["name"]
@@ -172,6 +179,9 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
         if cfg["algorithm"].get("checkpoint_inner_steps"):
             raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
                               "(torch.compile cannot capture the recomputation); set one of them to false")
+        if cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu" and cpp_compiler() is None:
+            raise ConfigError("algorithm.compile=true on a CPU needs a C++ compiler for torch.compile (g++, or the "
+                              "one named by $CXX) and none was found; install one or leave algorithm.compile out")
     if learner_cls.fixed_ways and task_type == "classification" and test_ways != ways:
         raise ConfigError(
             f"algorithm={name} has one output per training way, so test_ways={test_ways} must equal ways={ways}; "
