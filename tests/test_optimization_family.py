@@ -229,10 +229,12 @@ def test_checkpointed_inner_steps_give_the_same_second_order_meta_gradient(name)
 
 
 @needs_cpp_compiler
-@pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd"])
-def test_compiled_meta_gradient_equals_the_loop(name):
+@pytest.mark.parametrize("name,backbone,shape", [("maml", MLP, [5]), ("fomaml", MLP, [5]), ("metasgd", MLP, [5]),
+                                                 ("maml", TINY_CONV, [1, 8, 8])],  # conv: BatchNorm, max-pooling
+                         ids=["maml-mlp", "fomaml-mlp", "metasgd-mlp", "maml-conv"])
+def test_compiled_meta_gradient_equals_the_loop(name, backbone, shape):
     """algorithm.compile=true: torch.func + torch.compile give the per-task loop's meta-gradient."""
-    model, batch = small_learner(name, MLP, [5], compile=True), random_batch([5])
+    model, batch = small_learner(name, backbone, shape, compile=True), random_batch(shape)
     first_order = name == "fomaml"
     rates = ({n: model.inner_lrs[parameter_key(n)] for n, _ in model.model.named_parameters()}
              if name == "metasgd" else None)
