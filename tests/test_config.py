@@ -69,6 +69,11 @@ def test_experiments_compose(experiment):
     check_algorithm(cfg, ALGORITHMS)
     # Named <algorithm>_<dataset>_<setting>.
     assert experiment.startswith(f"{cfg['algorithm']['name']}_{cfg['dataset']['name']}_")
+    # Each few-shot paper setting records the published figure scripts/compare.py prints beside ours
+    # (the memory learners report a curve over instances, which one figure cannot hold).
+    if cfg["algorithm"]["name"] not in ("mann", "lstm"):
+        paper = cfg["paper"]
+        assert paper["metric"] in ("test/acc", "test/mse") and paper["source"], paper
 
 
 def test_hardware_choices():
