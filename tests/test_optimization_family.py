@@ -234,11 +234,11 @@ def test_checkpointed_inner_steps_give_the_same_second_order_meta_gradient(name)
                          ids=["maml-mlp", "fomaml-mlp", "metasgd-mlp", "maml-conv"])
 def test_compiled_meta_gradient_equals_the_loop(name, backbone, shape):
     """algorithm.compile=true: torch.func + torch.compile give the per-task loop's meta-gradient."""
-    model, batch = small_learner(name, backbone, shape, compile=True), random_batch(shape)
+    model, batch = small_learner(name, backbone, shape, inner_steps=1, compile=True), random_batch(shape)
     first_order = name == "fomaml"
     rates = ({n: model.inner_lrs[parameter_key(n)] for n, _ in model.model.named_parameters()}
              if name == "metasgd" else None)
-    reference_loss = per_task_meta_loss(model.model, batch, 2, (lambda k, n: rates[n]) if rates else (lambda k, n: 0.3),
+    reference_loss = per_task_meta_loss(model.model, batch, 1, (lambda k, n: rates[n]) if rates else (lambda k, n: 0.3),
                                         first_order, CE)
     surrogate, metrics = model.compiled_meta_loss(batch)
     torch.testing.assert_close(metrics["loss"], reference_loss.detach(), atol=1e-5, rtol=1e-5)
