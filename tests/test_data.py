@@ -2,7 +2,6 @@
 
 import csv
 import math
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -428,9 +427,7 @@ def test_omniglot_cache_is_reused(vinyals, data_dir, cache_dir, monkeypatch):
 
     monkeypatch.setattr(image_cache, "decode_all", no_decoding)
     cfg = {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True}
-    started = time.perf_counter()
-    again = build_sources(cfg, data_dir, cache_dir)
-    assert time.perf_counter() - started < 3.0
+    again = build_sources(cfg, data_dir, cache_dir)  # no_decoding fails the test if the cache is not used
     generator = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     assert all(torch.equal(a, b) for a, b in zip(vinyals["val"].sample(5, 1, 1, generator()),
                                                    again["val"].sample(5, 1, 1, generator())))
