@@ -5,7 +5,6 @@ process's environment), so Lightning's DDP joins them instead of re-launching py
 command-line path, where Lightning re-launches `metalab-train`, is tested with MAML.
 """
 
-import json
 import os
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from metalab.algorithms import ALGORITHMS
 from metalab.config import ConfigError, check_distributed, check_hardware, resolve
 from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule, guarded
+from test_cli import results, run
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -173,37 +173,28 @@ def test_slurm_launcher_ties_tasks_and_gpus_per_node_to_the_trainer():
 def test_maml_metalab_train_on_two_cpu_processes_matches_one_process(tmp_path, cache_dir, data_dir):
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir),
            "OMP_NUM_THREADS": "1"}
-    args = [str(Path(sys.executable).parent / "metalab-train"), f"paths.log_dir={tmp_path}", "hardware=ddp_cpu",
-            "trainer.enable_progress_bar=false", "logger=none", f"trainer.max_steps={STEPS}",
-            "trainer.val_check_interval=2", "test_episodes=25", *SETTINGS["maml"]]
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.rglob("results.json")  # one result, written by rank 0
-    results = json.loads(path.read_text())
-    assert results["world_size"] == 2 and results["global_step"] == STEPS
+    run("metalab-train", "hardware=ddp_cpu", "logger=none", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=2",
+        "test_episodes=25", *SETTINGS["maml"], env=env, log_dir=tmp_path / "train")
+    trained_run = results(tmp_path / "train")  # one result, written by rank 0
+    assert trained_run["world_size"] == 2 and trained_run["global_step"] == STEPS
     # 25 test episodes in batches of 3 over 2 processes (5 and 4 batches): each counted once.
-    assert results["test_episodes_evaluated"] == 25
-    assert results["test/mse"] > 0 and results["test/mse_ci95"] > 0
+    assert trained_run["test_episodes_evaluated"] == 25
+    assert trained_run["test/mse"] > 0 and trained_run["test/mse_ci95"] > 0
     # The same weights as one process on whole meta-batches (seed 0 for both).
-    trained = torch.load(results["last_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    trained = torch.load(trained_run["last_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
     one = fit_and_validate("maml", str(cache_dir), str(data_dir), processes=1)
     assert_same_trained_weights(trained, one["weights"], setup("maml", str(cache_dir), str(data_dir))[0].state_dict())
 
     # metalab-eval on 2 processes: one results.json, every episode once, the training run's meta-test score.
     evaluated = {}
     for hardware in ("ddp_cpu", "cpu"):
-        log_dir = tmp_path / f"eval_{hardware}"
-        args = [str(Path(sys.executable).parent / "metalab-eval"), f"ckpt_path={results['tested_checkpoint']}",
-                f"hardware={hardware}", f"paths.log_dir={log_dir}", "trainer.enable_progress_bar=false", "logger=none"]
-        proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        (path,) = log_dir.rglob("results.json")
-        evaluated[hardware] = json.loads(path.read_text())
+        run("metalab-eval", f"ckpt_path={trained_run['tested_checkpoint']}", f"hardware={hardware}", "logger=none",
+            env=env, log_dir=tmp_path / f"eval_{hardware}")
+        evaluated[hardware] = results(tmp_path / f"eval_{hardware}")
     assert evaluated["ddp_cpu"]["world_size"] == 2 and evaluated["ddp_cpu"]["test_episodes_evaluated"] == 25
-    for run in evaluated.values():
-        assert run["test/mse"] == pytest.approx(results["test/mse"], rel=1e-5)
-        assert run["test/mse_ci95"] == pytest.approx(results["test/mse_ci95"], rel=1e-5)
-
+    for evaluation in evaluated.values():
+        assert evaluation["test/mse"] == pytest.approx(trained_run["test/mse"], rel=1e-5)
+        assert evaluation["test/mse_ci95"] == pytest.approx(trained_run["test/mse_ci95"], rel=1e-5)
 
 
 def test_a_command_ends_the_process_group_before_the_interpreter_exits(tmp_path):

@@ -164,6 +164,22 @@ def cpp_compiler() -> str | None:
     return next((path for path in map(shutil.which, names) if path), None)
 
 
+def check_compile(cfg: dict, learner_cls) -> None:
+    """algorithm.compile=true needs a learner torch.compile can capture, and a compiler to run."""
+    algorithm = cfg["algorithm"]
+    if not algorithm.get("compile"):
+        return
+    if not learner_cls.compilable:
+        raise ConfigError(f"algorithm.compile=true is not available for algorithm={algorithm['name']} (it is for "
+                          f"maml, fomaml and metasgd); leave it out")
+    if algorithm.get("checkpoint_inner_steps"):
+        raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
+                          "(torch.compile cannot capture the recomputation); set one of them to false")
+    if cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu" and cpp_compiler() is None:
+        raise ConfigError("algorithm.compile=true on a CPU needs a C++ compiler for torch.compile (g++, or the "
+                          "one named by $CXX) and none was found; install one or leave algorithm.compile out")
+
+
 def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
     ways, test_ways = cfg["ways"], cfg["test_ways"]
     name = cfg["algorithm"]["name"]
@@ -172,16 +188,7 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
             f"algorithm={name} needs a {' or '.join(learner_cls.task_types)} dataset, "
             f"but dataset={cfg['dataset']['name']} is {task_type}; choose another dataset"
         )
-    if cfg["algorithm"].get("compile"):
-        if not learner_cls.compilable:
-            raise ConfigError(f"algorithm.compile=true is not available for algorithm={name} (it is for maml, fomaml "
-                              f"and metasgd); leave it out")
-        if cfg["algorithm"].get("checkpoint_inner_steps"):
-            raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
-                              "(torch.compile cannot capture the recomputation); set one of them to false")
-        if cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu" and cpp_compiler() is None:
-            raise ConfigError("algorithm.compile=true on a CPU needs a C++ compiler for torch.compile (g++, or the "
-                              "one named by $CXX) and none was found; install one or leave algorithm.compile out")
+    check_compile(cfg, learner_cls)
     if learner_cls.fixed_ways and task_type == "classification" and test_ways != ways:
         raise ConfigError(
             f"algorithm={name} has one output per training way, so test_ways={test_ways} must equal ways={ways}; "
