@@ -12,7 +12,7 @@ import torch
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.maml import parameter_key
 from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction
-from metalab.config import ConfigError, check_learner_fits_data, cpp_compiler
+from metalab.config import ConfigError, check_compile, check_learner_fits_data, cpp_compiler
 from metalab.data.episodes import Episode
 from test_learners import quiet_trainer, sinusoid_setup
 
@@ -252,16 +252,15 @@ def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):
     config = {"ways": 5, "test_ways": 5, "dataset": {"name": "omniglot"}}
     for name in ("reptile", "anil", "mamlpp", "protonet"):
         with pytest.raises(ConfigError, match=f"algorithm.compile=true is not available for algorithm={name}"):
-            check_learner_fits_data({**config, "algorithm": {"name": name, "compile": True}}, ALGORITHMS[name],
-                                    "classification")
+            check_compile({**config, "algorithm": {"name": name, "compile": True}}, ALGORITHMS[name])
     with pytest.raises(ConfigError, match="checkpoint_inner_steps=true do not combine"):
-        check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True,
-                                                         "checkpoint_inner_steps": True}}, ALGORITHMS["maml"],
-                                "classification")
+        check_compile({**config, "algorithm": {"name": "maml", "compile": True, "checkpoint_inner_steps": True}},
+                      ALGORITHMS["maml"])
     monkeypatch.setenv("CXX", sys.executable)  # any program found stands in for the compiler here
-    check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
-                            "classification")
+    check_compile({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"])
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .* none was found"):
-        check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
-                                "classification")
+        check_compile({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"])
+    # metalab-eval of a checkpoint trained with compile=true never compiles, so it needs no compiler.
+    check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
+                            "classification")

@@ -188,7 +188,6 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
             f"algorithm={name} needs a {' or '.join(learner_cls.task_types)} dataset, "
             f"but dataset={cfg['dataset']['name']} is {task_type}; choose another dataset"
         )
-    check_compile(cfg, learner_cls)
     if learner_cls.fixed_ways and task_type == "classification" and test_ways != ways:
         raise ConfigError(
             f"algorithm={name} has one output per training way, so test_ways={test_ways} must equal ways={ways}; "

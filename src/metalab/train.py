@@ -16,7 +16,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import check_distributed, check_learner_fits_data, check_train_config, resolve, save_config
+from metalab.config import (
+    check_compile,
+    check_distributed,
+    check_learner_fits_data,
+    check_train_config,
+    resolve,
+    save_config,
+)
 from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, process_rank, write_results
@@ -38,6 +45,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     learner_cls = ALGORITHMS[config["algorithm"]["name"]]
     check_learner_fits_data(config, learner_cls, datamodule.task_type)
+    check_compile(config, learner_cls)  # training only: evaluation never compiles
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     model = learner_cls(config, list(datamodule.input_shape), datamodule.task_type)
