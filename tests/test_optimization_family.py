@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from metalab.algorithms import ALGORITHMS
+from metalab.algorithms.compile_passes import unroll_short_matmuls
 from metalab.algorithms.maml import parameter_key
 from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction
 from metalab.config import ConfigError, check_compile, check_learner_fits_data, cpp_compiler
@@ -246,6 +248,25 @@ def test_compiled_meta_gradient_equals_the_loop(name, backbone, shape):
     for n in theirs:
         torch.testing.assert_close(ours[n], theirs[n], atol=1e-5, rtol=1e-5, msg=f"gradient of {n}")
     assert set(metrics) >= {"acc", "inner_loss", "loss"}
+
+
+def test_short_batched_matmuls_are_rewritten_as_arithmetic_with_the_same_result():
+    """The compile pass turns a bmm with a short contraction (an inner step's outer-product
+    weight gradient) into a broadcast multiply and sum; a long contraction stays a bmm."""
+    g = torch.Generator().manual_seed(0)
+    short_left, short_right = torch.randn(4, 9, 5, generator=g), torch.randn(4, 5, 7, generator=g)
+    long_left, long_right = torch.randn(4, 9, 30, generator=g), torch.randn(4, 30, 7, generator=g)
+
+    def two_matmuls(a, b, c, d):
+        return torch.bmm(a, b) + torch.bmm(c, d)
+
+    graph_module = make_fx(two_matmuls, tracing_mode="fake")(short_left, short_right, long_left, long_right)
+    assert unroll_short_matmuls(graph_module.graph) == 1
+    graph_module.recompile()
+    kept = [node for node in graph_module.graph.nodes if node.target is torch.ops.aten.bmm.default]
+    assert [node.args[0].meta["val"].shape[-1] for node in kept] == [30]
+    torch.testing.assert_close(graph_module(short_left, short_right, long_left, long_right),
+                               two_matmuls(short_left, short_right, long_left, long_right))
 
 
 def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):

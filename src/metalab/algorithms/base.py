@@ -30,6 +30,7 @@ from lightning import LightningModule
 from torch import Tensor
 
 from metalab import __version__
+from metalab.algorithms.compile_passes import inductor_options
 from metalab.checkpoint import MARKER
 from metalab.data.episodes import Episode
 from metalab.errors import TrainingDiverged
@@ -140,7 +141,8 @@ class MetaLearner(LightningModule):
                                                            (batch,))
                 return loss, (loss.detach(), metrics)
 
-            self._meta_gradient = torch.compile(torch.func.grad(loss_and_metrics, has_aux=True), fullgraph=True)
+            self._meta_gradient = torch.compile(torch.func.grad(loss_and_metrics, has_aux=True), fullgraph=True,
+                                                options=inductor_options())
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         grads, (loss, metrics) = self._meta_gradient({name: p.detach() for name, p in params.items()}, batch)
         surrogate = sum((p * grads[name]).sum() for name, p in params.items())
