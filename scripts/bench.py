@@ -135,6 +135,9 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as metalab-train does; both sides benefit
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
+                     f"leave out --device to run on the CPU")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {META_BATCH}; {name}, torch {torch.__version__}")
     print("| learner          | model                            | steps | order  | loop tasks/s | vmap tasks/s "

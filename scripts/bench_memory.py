@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="inner steps")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
+                     f"leave out --device to run on the CPU")
     if args.child:
         print(json.dumps(measure(args.child, args.device, args.meta_batch, args.steps)))
         return
