@@ -171,7 +171,7 @@ def check_compile(cfg: dict, learner_cls) -> None:
         return
     if not learner_cls.compilable:
         raise ConfigError(f"algorithm.compile=true is not available for algorithm={algorithm['name']} (it is for "
-                          f"maml, fomaml and metasgd); leave it out")
+                          f"maml, fomaml, metasgd and mamlpp); leave it out")
     if algorithm.get("checkpoint_inner_steps"):
         raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
                           "(torch.compile cannot capture the recomputation); set one of them to false")

@@ -29,7 +29,7 @@ from metalab.data.episodes import Episode
 
 
 class MAMLPlusPlus(MAML):
-    compilable = False  # its loss weights change every outer step: a recompilation each step
+    compilable = True
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
@@ -48,6 +48,10 @@ class MAMLPlusPlus(MAML):
             parameter_key(n): nn.Parameter(named[n].detach().clone().expand(self.steps, *named[n].shape).clone())
             for n in self.norm_names
         })
+        # algorithm.compile=true: the schedules of the current outer step, set outside the
+        # compiled graph (see compiled_meta_loss). Not saved: they follow from global_step.
+        self.register_buffer("msl_weights", torch.zeros(self.steps), persistent=False)
+        self.compiled_schedule: tuple[bool, Tensor | None] = (False, None)
 
     def parameter_groups(self) -> list[dict]:
         # The learned inner rates may take their own outer lr (`step_lr_lr`): Adam moves every
@@ -63,6 +67,22 @@ class MAMLPlusPlus(MAML):
     # ------------------------------------------------------------------ schedules
     def training_first_order(self) -> bool:
         return self.first_order_at(self.global_step)
+
+    def outer_schedule(self) -> tuple[bool, Tensor | None]:
+        """(first order?, multi-step loss weights v or None) at the current outer step."""
+        if torch.compiler.is_compiling():
+            return self.compiled_schedule
+        return self.training_first_order(), self.step_loss_weights(self.global_step)
+
+    def compiled_meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        # Read inside the graph, global_step would be a constant: a recompilation every outer
+        # step. Instead the weights v enter as a buffer updated in place (a graph input) and
+        # the two switches as flags, which change at most twice in a run (one compilation each).
+        first_order, weights = self.outer_schedule()  # outside the graph: from global_step
+        if weights is not None:
+            self.msl_weights.copy_(weights)
+        self.compiled_schedule = (first_order, None if weights is None else self.msl_weights)
+        return super().compiled_meta_loss(batch)
 
     def first_order_at(self, outer_step: int) -> bool:
         return outer_step < self.algorithm_cfg["first_order_steps"]
@@ -90,7 +110,8 @@ class MAMLPlusPlus(MAML):
             norm_sets.append(per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names},
                                       tasks, meta_gradient))
         states, inner_losses = [{**weights, **norm_sets[0]}], None
-        take_step = checkpointed_sgd_step if meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps") else sgd_step
+        checkpointed = meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps")
+        traceable = self.compiled and meta_gradient
         for k in range(steps):
             norms = norm_sets[min(k, self.steps)]
             lr = {n: self.step_lrs[parameter_key(n)][min(k, self.steps - 1)] for n in self.adapted_names}
@@ -98,7 +119,12 @@ class MAMLPlusPlus(MAML):
             def support_loss(params: Params, x: Tensor, y: Tensor, norms: Params = norms) -> Tensor:
                 return self.inner_loss({**params, **norms}, x, y)
 
-            weights, inner_losses = take_step(support_loss, weights, support_x, support_y, lr, first_order)
+            if checkpointed:
+                weights, inner_losses = checkpointed_sgd_step(support_loss, weights, support_x, support_y, lr,
+                                                              first_order)
+            else:
+                weights, inner_losses = sgd_step(support_loss, weights, support_x, support_y, lr, first_order,
+                                                 traceable)
             states.append({**weights, **norm_sets[min(k + 1, self.steps)]})
         return states, inner_losses
 
@@ -108,9 +134,9 @@ class MAMLPlusPlus(MAML):
         return states[-1], inner_losses
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        states, inner_losses = self.trajectory(batch.support_x, batch.support_y, self.steps,
-                                               self.training_first_order(), meta_gradient=True)
-        weights = self.step_loss_weights(self.global_step)
+        first_order, weights = self.outer_schedule()
+        states, inner_losses = self.trajectory(batch.support_x, batch.support_y, self.steps, first_order,
+                                               meta_gradient=True)
         final = self.predict(states[-1], batch.query_x)
         loss = self.query_loss(final, batch.query_y)
         if weights is not None:  # Σ_k v_k L(θ_k; Q), each L the mean over the meta-batch
