@@ -14,6 +14,8 @@ backward, optimizer step). Printed as a table with the ratio; nothing is asserte
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -124,6 +126,22 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
           f"{fast:>10.1f} | {ratio:>6.1f}x |", flush=True)
 
 
+MODELS = {  # --models name: (label, backbone config, input shape)
+    "mlp": ("MLP 784-64-64-5 (random inputs)", {"name": "mlp", "hidden_sizes": [64, 64]}, [784]),
+    "conv4": ("conv4, Omniglot 28x28", {"name": "conv4", "hidden_channels": 64, "blocks": 4}, [1, 28, 28]),
+}
+
+
+def run_row(row: str, device: torch.device, min_seconds: float) -> None:
+    """One table row, `model:learner:compiled:steps`, timed in this process."""
+    model_name, learner_name, compiled, steps = row.split(":")
+    label, backbone, shape = MODELS[model_name]
+    batch = random_batch(shape[0]) if model_name == "mlp" else omniglot_batch()
+    keep_freed_memory()  # as metalab-train does; both sides benefit
+    compare(label, learner(learner_name, backbone, shape, int(steps), 0.4, compiled == "1"), batch, device,
+            min_seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -131,33 +149,40 @@ def main() -> None:
     parser.add_argument("--learners", nargs="+", default=list(FAMILY), choices=FAMILY)
     parser.add_argument("--compile", choices=("both", "no", "only"), default="both",
                         help="also time algorithm.compile=true for the learners that support it (first call compiles)")
-    parser.add_argument("--models", nargs="+", default=["mlp", "conv4"], choices=["mlp", "conv4"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: time one row in this process
     args = parser.parse_args()
-    keep_freed_memory()  # as metalab-train does; both sides benefit
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
                      f"leave out --device to run on the CPU")
+    if args.row:
+        run_row(args.row, device, args.seconds)
+        return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {META_BATCH}; {name}, torch {torch.__version__}")
     print("| learner          | model                            | steps | order  | loop tasks/s | vmap tasks/s "
           "| ratio |")
-    print("|------------------|----------------------------------|-------|--------|------------|------------|--------|")
+    print("|------------------|----------------------------------|-------|--------|------------|------------|--------|",
+          flush=True)
     variants = [(name, compiled) for name in args.learners for compiled in (False, True)
                 if {"no": not compiled, "only": compiled, "both": True}[args.compile]
                 and (not compiled or ALGORITHMS[name].compilable)]
-    mlp = {"name": "mlp", "hidden_sizes": [64, 64]}
-    for learner_name, compiled in variants if "mlp" in args.models else []:
-        for steps in (1, 5):
-            compare("MLP 784-64-64-5 (random inputs)", learner(learner_name, mlp, [784], steps, 0.4, compiled),
-                    random_batch(784), device, args.seconds)
-    batch = omniglot_batch() if "conv4" in args.models else None
-    if batch is not None:
-        conv4 = {"name": "conv4", "hidden_channels": 64, "blocks": 4}
+    models = [m for m in args.models if m != "conv4" or omniglot_batch() is not None]
+    for model_name in models:
         for learner_name, compiled in variants:
             for steps in (1, 5):
-                compare("conv4, Omniglot 28x28", learner(learner_name, conv4, [1, 28, 28], steps, 0.4, compiled),
-                        batch, device, args.seconds)
+                # Each row in its own process: a clean allocator for every row, and a row that
+                # runs out of memory (MAML++ on conv4 at 5 steps needs more than 24 GiB) is
+                # reported instead of ending the benchmark.
+                row = f"{model_name}:{learner_name}:{int(compiled)}:{steps}"
+                child = subprocess.run([sys.executable, __file__, "--row", row, "--device", args.device,
+                                        "--seconds", str(args.seconds)])
+                if child.returncode != 0:
+                    why = (f"killed by signal {-child.returncode}" + (" (out of memory?)" if child.returncode == -9 else "")
+                           if child.returncode < 0 else f"failed with exit status {child.returncode}")
+                    label = learner_name + (" +compile" if compiled else "")
+                    print(f"| {label:<16} | {MODELS[model_name][0]:<32} | {steps:>5} | {why} |", flush=True)
 
 
 if __name__ == "__main__":
