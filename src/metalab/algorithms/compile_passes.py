@@ -4,20 +4,21 @@ Every inner SGD step of a task-batched linear layer computes a per-task weight g
 as an outer product over the support set, dW_t = X_tᵀ δ_t, a batched matmul whose
 contraction runs over only ways × shots examples (5 for 5-way 1-shot), and then uses it
 once, in θ'_t = θ_t − α dW_t. As a library matmul, each [tasks, 784, 64] result is
-written to memory and read back by the update: on a CPU these memory-bound outer
-products and their mirror images in the second-order backward pass took over a third of
-a compiled MAML step on the benchmark MLP.
+written to memory and read back by the update, and the same holds for the outer products
+of the second-order backward pass: memory traffic, on a CPU, with little arithmetic.
 
 Written instead as a broadcast multiply and a sum over the contraction, a matmul whose
 contraction is no longer than Inductor's unrolling threshold
 (`torch._inductor.config.unroll_reductions_threshold`, 8) turns into plain elementwise
-arithmetic that Inductor fuses into its consumer: the gradient is never stored. Longer
-contractions stay library matmuls; as reductions they measured several times slower.
+arithmetic that Inductor fuses into its consumer: the gradient is never stored. On the
+benchmark MLP (5-way 1-shot, 5 inner steps, 32 tasks) this took a compiled MAML step from
+about 13 ms to about 9 ms. Longer contractions stay library matmuls: rewritten, they
+become real reductions, which measured slower (2.3× slower at 5-way 5-shot).
 
 The rewrite changes only the order of float additions (a few ulp), and only for float32
 or float64 on the CPU, the one place it has been measured. It is applied through
 Inductor's documented hook for custom passes, `post_grad_custom_pre_pass` (before
-Inductor's own pattern passes, so they see the new arithmetic: measured 15% faster than after).
+Inductor's own pattern passes, so they see the new arithmetic: measured 14% faster than after).
 """
 
 from typing import Any
