@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-try:  # torch >= 2.6; on older versions compiling simply runs without the pass
+try:  # a torch without Inductor's custom-pass interface compiles without the pass
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 except ImportError:  # pragma: no cover
     CustomGraphPass = None

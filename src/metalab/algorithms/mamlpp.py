@@ -20,6 +20,8 @@ Evaluation with more inner steps than training reuses the last step's learning r
 and normalization parameters.
 """
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -110,8 +112,8 @@ class MAMLPlusPlus(MAML):
             norm_sets.append(per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names},
                                       tasks, meta_gradient))
         states, inner_losses = [{**weights, **norm_sets[0]}], None
-        checkpointed = meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps")
-        traceable = self.compiled and meta_gradient
+        take_step = (checkpointed_sgd_step if meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps")
+                     else partial(sgd_step, traceable=self.compiled and meta_gradient))
         for k in range(steps):
             norms = norm_sets[min(k, self.steps)]
             lr = {n: self.step_lrs[parameter_key(n)][min(k, self.steps - 1)] for n in self.adapted_names}
@@ -119,12 +121,7 @@ class MAMLPlusPlus(MAML):
             def support_loss(params: Params, x: Tensor, y: Tensor, norms: Params = norms) -> Tensor:
                 return self.inner_loss({**params, **norms}, x, y)
 
-            if checkpointed:
-                weights, inner_losses = checkpointed_sgd_step(support_loss, weights, support_x, support_y, lr,
-                                                              first_order)
-            else:
-                weights, inner_losses = sgd_step(support_loss, weights, support_x, support_y, lr, first_order,
-                                                 traceable)
+            weights, inner_losses = take_step(support_loss, weights, support_x, support_y, lr, first_order)
             states.append({**weights, **norm_sets[min(k + 1, self.steps)]})
         return states, inner_losses
 
