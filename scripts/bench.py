@@ -142,6 +142,12 @@ def run_row(row: str, device: torch.device, min_seconds: float) -> None:
             min_seconds)
 
 
+def describe_failure(returncode: int) -> str:
+    if returncode < 0:  # the kernel's out-of-memory killer sends SIGKILL
+        return f"killed by signal {-returncode}" + (" (out of memory?)" if returncode == -9 else "")
+    return f"failed with exit status {returncode}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -179,10 +185,9 @@ def main() -> None:
                 child = subprocess.run([sys.executable, __file__, "--row", row, "--device", args.device,
                                         "--seconds", str(args.seconds)])
                 if child.returncode != 0:
-                    why = (f"killed by signal {-child.returncode}" + (" (out of memory?)" if child.returncode == -9 else "")
-                           if child.returncode < 0 else f"failed with exit status {child.returncode}")
                     label = learner_name + (" +compile" if compiled else "")
-                    print(f"| {label:<16} | {MODELS[model_name][0]:<32} | {steps:>5} | {why} |", flush=True)
+                    print(f"| {label:<16} | {MODELS[model_name][0]:<32} | {steps:>5} | "
+                          f"{describe_failure(child.returncode)} |", flush=True)
 
 
 if __name__ == "__main__":

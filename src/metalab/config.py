@@ -170,8 +170,11 @@ def check_compile(cfg: dict, learner_cls) -> None:
     if not algorithm.get("compile"):
         return
     if not learner_cls.compilable:
+        from metalab.algorithms import ALGORITHMS  # here only: it imports every learner to list them
+
+        compilable = ", ".join(name for name, cls in ALGORITHMS.items() if cls.compilable)
         raise ConfigError(f"algorithm.compile=true is not available for algorithm={algorithm['name']} (it is for "
-                          f"maml, fomaml, metasgd and mamlpp); leave it out")
+                          f"{compilable}); leave it out")
     if algorithm.get("checkpoint_inner_steps"):
         raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
                           "(torch.compile cannot capture the recomputation); set one of them to false")

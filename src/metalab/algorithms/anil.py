@@ -17,7 +17,7 @@ from metalab.algorithms.maml import MAML
 
 
 class ANIL(MAML):
-    compilable = False  # torch.compile cannot capture its vmap over the body (graph break, then a failure)
+    compilable = False  # torch.compile fails on it inside AOTAutograd ("Cannot access storage of TensorWrapper")
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
