@@ -14,7 +14,7 @@ CKPT ?=
 PYTEST_WORKERS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval sweep tensorboard test test-full bench bench-memory clean
+.PHONY: help install train eval sweep tensorboard test test-full bench bench-memory device-carry device-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -63,6 +63,18 @@ bench: install ## meta-training tasks/s of each optimization learner, batched vs
 
 bench-memory: install ## peak memory of second-order, checkpointed and first-order MAML (Omniglot 20-way, slow on CPU)
 	$(BIN)/python scripts/bench_memory.py $(ARGS)
+
+device-carry: install ## fill device_carry/ (git-ignored) with the wheels and Omniglot archives a GPU machine lacks
+	mkdir -p device_carry/wheels device_carry/data/omniglot
+	$(BIN)/pip wheel -q --no-deps -w device_carry/wheels \
+	  "hydra-core==$$($(BIN)/python -c 'import hydra; print(hydra.__version__)')" \
+	  "omegaconf==$$($(BIN)/python -c 'import omegaconf; print(omegaconf.__version__)')" \
+	  "antlr4-python3-runtime==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("antlr4-python3-runtime"))')"
+	cp -r --no-preserve=mode "$${METALAB_DATA_DIR:-data}"/omniglot/images_background.zip "$${METALAB_DATA_DIR:-data}"/omniglot/images_evaluation.zip \
+	  "$${METALAB_DATA_DIR:-data}"/omniglot/SHA256SUMS "$${METALAB_DATA_DIR:-data}"/omniglot/splits device_carry/data/omniglot/
+
+device-check: ## the prepared GPU check (scripts/device_check.sh): figures to device_results/; ARGS='--smoke' on a CPU
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) bash scripts/device_check.sh $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv and the decoded-image cache)
 	rm -rf logs outputs multirun lightning_logs .pytest_cache

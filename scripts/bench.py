@@ -1,25 +1,31 @@
-"""Tasks per second of meta-training for the optimization-based family: task-batched
-(vmap) against the plain per-task loop of metalab.algorithms.reference.
+"""Meta-training speed: the optimization-based family task-batched (vmap) against the plain
+per-task loop of metalab.algorithms.reference, and the metric learners' training episodes.
 
-Both sides run the same learner, the same episodes and a full outer step (meta-loss,
-backward, optimizer step). Printed as a table with the ratio; nothing is asserted.
+Both sides of a row run the same learner, the same episodes and a full outer step
+(meta-loss, backward, optimizer step), timed in alternation. Printed as a table with the
+ratio (and, with --json, one JSON object per row); nothing is asserted.
 
     python scripts/bench.py                          # every learner: MLP 784-64-64-5, conv4 on Omniglot
     python scripts/bench.py --learners maml anil     # some of them
     python scripts/bench.py --device cuda            # on a GPU
     python scripts/bench.py --compile no             # without the algorithm.compile=true rows
     python scripts/bench.py --models mlp             # the MLP rows only
+    python scripts/bench.py --device cuda --precision tf32 bf16 --cudagraphs   # GPU settings
+    python scripts/bench.py --metric protonet        # ProtoNet's 60-way 5-shot training episodes/s
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.maml import MAML
@@ -27,16 +33,33 @@ from metalab.algorithms.reference import reference_meta_loss
 from metalab.data.episodes import Episode
 from metalab.memory import keep_freed_memory
 
-WAYS, SHOTS, QUERIES, META_BATCH = 5, 1, 15, 32
+CONF = Path(__file__).resolve().parents[1] / "conf"
+WAYS, SHOTS, QUERIES = 5, 1, 15
 FAMILY = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")
+# --metric learner: the (ways, shots, queries) of its paper's Omniglot training episodes, one per step.
+METRIC_EPISODES = {"protonet": (60, 5, 5), "matchingnet": (5, 1, 15), "relationnet": (5, 1, 19)}
+# --precision: float32 ("32"), float32 with TensorFloat-32 matmuls and convolutions, bf16 autocast (with TF32).
+PRECISIONS = ("32", "tf32", "bf16")
+# Row compile modes: 0 eager, 1 algorithm.compile=true, ro algorithm.compile=reduce-overhead.
+COMPILE_LABELS = {"0": "", "1": " +compile", "ro": " +cudagraph"}
+COMPILE_SETTING = {"0": False, "1": True, "ro": "reduce-overhead"}
+
+
+def algorithm_config(name: str, **overrides) -> dict:
+    """conf/algorithm/<name>.yaml with `overrides`: the benchmark builds what metalab-train builds."""
+    loaded = yaml.safe_load((CONF / "algorithm" / f"{name}.yaml").read_text()) or {}
+    defaults = loaded.get("algorithm", loaded)  # a group file may place its keys globally
+    defaults = {key: value for key, value in defaults.items() if key != "defaults"}
+    return {**defaults, "name": name, **overrides}
 
 
 def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int, inner_lr: float,
-            compiled: bool = False) -> MAML:
-    algorithm = {"name": name, "inner_lr": inner_lr, "inner_steps": inner_steps, "eval_inner_steps": inner_steps,
-                 "first_order": False, "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3}, "compile": compiled}
+            compiled: bool | str = False) -> MAML:
+    algorithm = algorithm_config(name, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=inner_steps,
+                                 first_order=False, optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
+                                 scheduler=None, compile=compiled)
     if name == "reptile":
-        algorithm.update(inner_optimizer="sgd", adam_beta1=0.0, adam_beta2=0.999)
+        algorithm.update(inner_optimizer="sgd")
     if name == "mamlpp":  # second order, multi-step loss on: its most expensive phase
         algorithm.update(msl_steps=1000, first_order_steps=0)
     torch.manual_seed(0)
@@ -44,8 +67,9 @@ def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int,
                             "classification")
 
 
-def omniglot_batch() -> Episode | None:
-    """A real 5-way 1-shot meta-batch of Omniglot, or None where the data is not present."""
+def omniglot_batch(ways: int = WAYS, shots: int = SHOTS, queries: int = QUERIES,
+                   meta_batch: int = 32) -> Episode | None:
+    """A real meta-batch of Omniglot training episodes, or None where the data is not present."""
     from metalab.data import build_sources
     from metalab.data.episodes import episode_generator, sample_meta_batch
     from metalab.errors import MetalabError
@@ -59,22 +83,31 @@ def omniglot_batch() -> Episode | None:
     except MetalabError as error:
         print(f"(conv4 on Omniglot skipped: {error})")
         return None
-    return sample_meta_batch(source, WAYS, SHOTS, QUERIES, META_BATCH, episode_generator(0, "bench", 0))
+    return sample_meta_batch(source, ways, shots, queries, meta_batch, episode_generator(0, "bench", 0))
 
 
-def random_batch(features: int) -> Episode:
+def random_batch(features: int, meta_batch: int) -> Episode:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(WAYS)
     return Episode(
-        torch.randn(META_BATCH, WAYS * SHOTS, features, generator=g),
-        labels.repeat_interleave(SHOTS).repeat(META_BATCH, 1),
-        torch.randn(META_BATCH, WAYS * QUERIES, features, generator=g),
-        labels.repeat_interleave(QUERIES).repeat(META_BATCH, 1),
+        torch.randn(meta_batch, WAYS * SHOTS, features, generator=g),
+        labels.repeat_interleave(SHOTS).repeat(meta_batch, 1),
+        torch.randn(meta_batch, WAYS * QUERIES, features, generator=g),
+        labels.repeat_interleave(QUERIES).repeat(meta_batch, 1),
     )
 
 
-def tasks_per_second(step, device: torch.device, min_seconds: float) -> float:
-    """Tasks per second over at least `min_seconds` and 3 outer steps."""
+def precision_context(precision: str, device: torch.device):
+    """Sets TF32 for `precision` (on a GPU) and returns the autocast context it runs under."""
+    if device.type == "cuda":
+        from metalab.runner import use_tf32
+
+        use_tf32(precision in ("tf32", "bf16"))
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def steps_per_second(step, device: torch.device, min_seconds: float) -> float:
+    """Outer steps per second over at least `min_seconds` and 3 steps."""
     steps, started = 0, time.perf_counter()
     while True:
         step()
@@ -83,11 +116,11 @@ def tasks_per_second(step, device: torch.device, min_seconds: float) -> float:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         if elapsed >= min_seconds and steps >= 3:
-            return steps * META_BATCH / elapsed
+            return steps / elapsed
 
 
 def interleaved(fast, slow, device: torch.device, min_seconds: float, rounds: int = 5) -> tuple[float, float, float]:
-    """(fast tasks/s, slow tasks/s, ratio): medians over `rounds` back-to-back pairs of timings.
+    """(fast steps/s, slow steps/s, ratio): medians over `rounds` back-to-back pairs of timings.
 
     Timing the two sides in alternation puts both under the same machine conditions: on a
     shared CPU one process's speed drifts by 30% over minutes, which a single pair of
@@ -97,33 +130,58 @@ def interleaved(fast, slow, device: torch.device, min_seconds: float, rounds: in
         fast()
         slow()
     window = min_seconds / rounds
-    pairs = [(tasks_per_second(fast, device, window), tasks_per_second(slow, device, window)) for _ in range(rounds)]
+    pairs = [(steps_per_second(fast, device, window), steps_per_second(slow, device, window)) for _ in range(rounds)]
     return (statistics.median(f for f, _ in pairs), statistics.median(s for _, s in pairs),
             statistics.median(f / s for f, s in pairs))
 
 
-def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float) -> None:
+def outer_step(model, loss_fn, precision: str, device: torch.device):
+    """One outer step of `loss_fn`'s loss: zero_grad, backward, Adam."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    autocast = precision_context(precision, device)
+
+    def step():
+        optimizer.zero_grad()
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float,
+            precision: str) -> dict:
     model = model.to(device)
     batch = Episode(*(t.to(device) for t in batch))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = model.algorithm_cfg
     order = "first" if cfg["name"] in ("fomaml", "reptile") else "second"
-
-    def outer_step(loss_fn):
-        def step():
-            optimizer.zero_grad()
-            loss_fn().backward()
-            optimizer.step()
-        return step
-
-    # algorithm.compile=true: the same vmapped meta-loss, its gradient from one compiled graph.
-    vmapped = outer_step((lambda: model.compiled_meta_loss(batch)[0]) if model.compiled
-                         else (lambda: model.meta_loss(batch)[0]))
-    looped = outer_step(lambda: reference_meta_loss(model, batch))
+    # algorithm.compile: the same vmapped meta-loss, its gradient from one compiled graph.
+    vmapped = outer_step(model, (lambda: model.compiled_meta_loss(batch)[0]) if model.compiled
+                         else (lambda: model.meta_loss(batch)[0]), precision, device)
+    looped = outer_step(model, lambda: reference_meta_loss(model, batch), precision, device)
     fast, slow, ratio = interleaved(vmapped, looped, device, min_seconds)
-    label = cfg["name"] + (" +compile" if model.compiled else "")
-    print(f"| {label:<16} | {name:<32} | {cfg['inner_steps']:>5} | {order:<6} | {slow:>10.1f} | "
-          f"{fast:>10.1f} | {ratio:>6.1f}x |", flush=True)
+    tasks = batch.support_x.shape[0]
+    return {"learner": cfg["name"], "model": name, "inner_steps": cfg["inner_steps"], "order": order,
+            "loop_tasks_per_sec": slow * tasks, "batched_tasks_per_sec": fast * tasks, "ratio": ratio}
+
+
+def episodes_per_second(name: str, device: torch.device, min_seconds: float, precision: str) -> dict:
+    """A metric learner's training episodes per second at its paper's Omniglot episode shape."""
+    ways, shots, queries = METRIC_EPISODES[name]
+    batch = omniglot_batch(ways, shots, queries, meta_batch=1)
+    if batch is None:
+        raise SystemExit(1)
+    options = yaml.safe_load((CONF / "algorithm" / f"{name}.yaml").read_text()).get("backbone_options", {})
+    torch.manual_seed(0)
+    model = ALGORITHMS[name]({"algorithm": algorithm_config(name, scheduler=None),
+                              "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4, **options},
+                              "ways": ways}, [1, 28, 28], "classification").to(device)
+    batch = Episode(*(t.to(device) for t in batch))
+    step = outer_step(model, lambda: model.meta_loss(batch)[0], precision, device)
+    for _ in range(3):
+        step()
+    return {"learner": name, "model": f"conv4, Omniglot {ways}-way {shots}-shot {queries} queries",
+            "episodes_per_sec": steps_per_second(step, device, min_seconds)}
 
 
 MODELS = {  # --models name: (label, backbone config, input shape)
@@ -132,14 +190,39 @@ MODELS = {  # --models name: (label, backbone config, input shape)
 }
 
 
-def run_row(row: str, device: torch.device, min_seconds: float) -> None:
-    """One table row, `model:learner:compiled:steps`, timed in this process."""
-    model_name, learner_name, compiled, steps = row.split(":")
-    label, backbone, shape = MODELS[model_name]
-    batch = random_batch(shape[0]) if model_name == "mlp" else omniglot_batch()
+def run_row(row: str, args) -> dict:
+    """One table row, `model:learner:compile:steps` or `metric:learner`, timed in this process."""
+    device = torch.device(args.device)
     keep_freed_memory()  # as metalab-train does; both sides benefit
-    compare(label, learner(learner_name, backbone, shape, int(steps), 0.4, compiled == "1"), batch, device,
-            min_seconds)
+    if row.startswith("metric:"):
+        result = episodes_per_second(row.split(":")[1], device, args.seconds, args.precision[0])
+    else:
+        model_name, learner_name, compiled, steps = row.split(":")
+        label, backbone, shape = MODELS[model_name]
+        batch = (random_batch(shape[0], args.meta_batch) if model_name == "mlp"
+                 else omniglot_batch(meta_batch=args.meta_batch))
+        model = learner(learner_name, backbone, shape, int(steps), 0.4, COMPILE_SETTING[compiled])
+        result = compare(label, model, batch, device, args.seconds, args.precision[0])
+        result["compile"] = COMPILE_SETTING[compiled]
+    result.update(precision=args.precision[0], device=device_name(device), torch=torch.__version__)
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def print_row(result: dict) -> None:
+    if "episodes_per_sec" in result:
+        print(f"| {result['learner']:<16} | {result['model']:<40} | {result['precision']:>9} | "
+              f"{result['episodes_per_sec']:>10.2f} episodes/s |", flush=True)
+        return
+    label = result["learner"] + {False: "", True: " +compile", "reduce-overhead": " +cudagraph"}[result["compile"]]
+    print(f"| {label:<20} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
+          f"{result['order']:<6} | {result['loop_tasks_per_sec']:>10.1f} | {result['batched_tasks_per_sec']:>10.1f} | "
+          f"{result['ratio']:>6.1f}x |", flush=True)
 
 
 def describe_failure(returncode: int) -> str:
@@ -152,10 +235,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per side, over 5 alternating rounds")
-    parser.add_argument("--learners", nargs="+", default=list(FAMILY), choices=FAMILY)
+    parser.add_argument("--learners", nargs="*", default=list(FAMILY), choices=FAMILY)
     parser.add_argument("--compile", choices=("both", "no", "only"), default="both",
                         help="also time algorithm.compile=true for the learners that support it (first call compiles)")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="also time algorithm.compile=reduce-overhead (the compiled step replayed as a CUDA graph)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 5], help="inner steps of each row")
+    parser.add_argument("--meta-batch", type=int, default=32, help="tasks per outer step")
+    parser.add_argument("--precision", nargs="+", default=["32"], choices=PRECISIONS,
+                        help="32: float32; tf32: float32 with TensorFloat-32 (GPU); bf16: bfloat16 autocast")
+    parser.add_argument("--metric", nargs="*", default=[], choices=list(METRIC_EPISODES),
+                        help="also time these metric learners' training episodes per second (conv4, Omniglot)")
+    parser.add_argument("--json", help="append each row as one JSON object per line to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: time one row in this process
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -163,31 +255,36 @@ def main() -> None:
         parser.error(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
                      f"leave out --device to run on the CPU")
     if args.row:
-        run_row(args.row, device, args.seconds)
+        result = run_row(args.row, args)
+        print_row(result)
+        if args.json:
+            with open(args.json, "a") as out:
+                out.write(json.dumps(result) + "\n")
         return
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {META_BATCH}; {name}, torch {torch.__version__}")
-    print("| learner          | model                            | steps | order  | loop tasks/s | vmap tasks/s "
-          "| ratio |")
-    print("|------------------|----------------------------------|-------|--------|------------|------------|--------|",
-          flush=True)
-    variants = [(name, compiled) for name in args.learners for compiled in (False, True)
-                if {"no": not compiled, "only": compiled, "both": True}[args.compile]
-                and (not compiled or ALGORITHMS[name].compilable)]
-    models = [m for m in args.models if m != "conv4" or omniglot_batch() is not None]
-    for model_name in models:
-        for learner_name, compiled in variants:
-            for steps in (1, 5):
-                # Each row in its own process: a clean allocator for every row, and a row that
-                # runs out of memory (MAML++ on conv4 at 5 steps needs more than 24 GiB) is
-                # reported instead of ending the benchmark.
-                row = f"{model_name}:{learner_name}:{int(compiled)}:{steps}"
-                child = subprocess.run([sys.executable, __file__, "--row", row, "--device", args.device,
-                                        "--seconds", str(args.seconds)])
-                if child.returncode != 0:
-                    label = learner_name + (" +compile" if compiled else "")
-                    print(f"| {label:<16} | {MODELS[model_name][0]:<32} | {steps:>5} | "
-                          f"{describe_failure(child.returncode)} |", flush=True)
+    print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {args.meta_batch}; {device_name(device)}, "
+          f"torch {torch.__version__}")
+    print("| learner              | model                            | precision | steps | order  | loop tasks/s "
+          "| vmap tasks/s | ratio |")
+    print("|----------------------|----------------------------------|-----------|-------|--------|------------|"
+          "------------|--------|", flush=True)
+    modes = ["0", "1"] + (["ro"] if args.cudagraphs else [])
+    wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro"}}[args.compile]
+    variants = [(name, mode) for name in args.learners for mode in modes
+                if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)]
+    models = [m for m in args.models if m != "conv4" or omniglot_batch(meta_batch=1) is not None]
+    rows = [f"{model_name}:{learner_name}:{mode}:{steps}" for model_name in models
+            for learner_name, mode in variants for steps in args.steps]
+    rows += [f"metric:{name}" for name in args.metric]
+    for precision in args.precision:
+        for row in rows:
+            # Each row in its own process: a clean allocator for every row, and a row that
+            # runs out of memory (MAML++ on conv4 at 5 steps needs more than 24 GiB) is
+            # reported instead of ending the benchmark.
+            command = [sys.executable, __file__, "--row", row, "--device", args.device, "--seconds",
+                       str(args.seconds), "--meta-batch", str(args.meta_batch), "--precision", precision]
+            child = subprocess.run(command + (["--json", args.json] if args.json else []), check=False)
+            if child.returncode != 0:
+                print(f"| {row} | {precision} | {describe_failure(child.returncode)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--meta-batch", type=int, default=16, help="tasks per outer step (the MAML paper's 20-way)")
     parser.add_argument("--steps", type=int, default=5, help="inner steps")
+    parser.add_argument("--json", help="also write the figures to this file, as {mode: {peak_mib, seconds_per_step}}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -83,6 +84,7 @@ def main() -> None:
           f"{args.steps} inner steps; {device}, torch {torch.__version__}")
     print("| mode                             | peak memory of a step (MiB) | seconds per outer step |")
     print("|----------------------------------|-----------------------------|------------------------|")
+    figures = {}
     for mode in MODES:
         child = subprocess.run([sys.executable, __file__, "--child", mode, "--device", args.device,
                                 "--meta-batch", str(args.meta_batch), "--steps", str(args.steps)],
@@ -90,8 +92,11 @@ def main() -> None:
         if child.returncode != 0:
             print(f"| {mode:<32} | failed: {child.stderr.strip().splitlines()[-1]} |")
             continue
-        result = json.loads(child.stdout.strip().splitlines()[-1])
+        result = figures[mode] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"| {mode:<32} | {result['peak_mib']:>27.0f} | {result['seconds_per_step']:>22.2f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "meta_batch": args.meta_batch,
+                                               "inner_steps": args.steps, "modes": figures}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

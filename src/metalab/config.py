@@ -169,6 +169,15 @@ def check_compile(cfg: dict, learner_cls) -> None:
     algorithm = cfg["algorithm"]
     if not algorithm.get("compile"):
         return
+    from metalab.algorithms.compile_passes import COMPILE_MODES
+
+    if algorithm["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"algorithm.compile={algorithm['compile']} is not a choice; use false, true or "
+                          f"reduce-overhead (true, and also replay the step as a CUDA graph on a GPU)")
+    on_cpu = cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu"
+    if algorithm["compile"] == "reduce-overhead" and on_cpu:
+        raise ConfigError("algorithm.compile=reduce-overhead replays CUDA graphs, which need a GPU; use "
+                          "algorithm.compile=true on a CPU, or hardware=gpu")
     if not learner_cls.compilable:
         from metalab.algorithms import ALGORITHMS  # here only: it imports every learner to list them
 
@@ -178,7 +187,7 @@ def check_compile(cfg: dict, learner_cls) -> None:
     if algorithm.get("checkpoint_inner_steps"):
         raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
                           "(torch.compile cannot capture the recomputation); set one of them to false")
-    if cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu" and cpp_compiler() is None:
+    if on_cpu and cpp_compiler() is None:
         raise ConfigError("algorithm.compile=true on a CPU needs a C++ compiler for torch.compile (g++, or the "
                           "one named by $CXX) and none was found; install one or leave algorithm.compile out")
 

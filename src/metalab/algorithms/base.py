@@ -75,9 +75,13 @@ class MetaLearner(LightningModule):
         self._eval_values: dict[str, list[Tensor]] = defaultdict(list)
         self.eval_episodes: dict[str, int] = {}  # stage -> fixed episodes in its last summary
         self._step_started = 0.0
-        self.train_time = 0.0  # seconds spent in outer steps, for tasks per second
+        # Seconds spent in outer steps and their tasks, for tasks per second; the first outer
+        # step of a process is left out: it warms up (allocations, kernels, torch.compile).
+        self.train_time = 0.0
         self.train_tasks = 0
-        self.compiled = bool(self.algorithm_cfg.get("compile", False))
+        self._warm = False
+        self.compile_mode = self.algorithm_cfg.get("compile", False)  # false, true or "reduce-overhead"
+        self.compiled = bool(self.compile_mode)
         self._meta_gradient = None  # the compiled meta-gradient, built at the first outer step
 
     # ------------------------------------------------------------------ to implement
@@ -142,7 +146,10 @@ class MetaLearner(LightningModule):
                 return loss, (loss.detach(), metrics)
 
             self._meta_gradient = torch.compile(torch.func.grad(loss_and_metrics, has_aux=True), fullgraph=True,
-                                                options=inductor_options())
+                                                options=inductor_options(self.compile_mode))
+        if self.compile_mode == "reduce-overhead":
+            # A new training iteration: the previous replay's outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         grads, (loss, metrics) = self._meta_gradient({name: p.detach() for name, p in params.items()}, batch)
         surrogate = sum((p * grads[name]).sum() for name, p in params.items())
@@ -174,8 +181,10 @@ class MetaLearner(LightningModule):
     def on_train_batch_end(self, outputs, batch: Episode, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_started
         tasks = batch.support_x.shape[0]
-        self.train_time += seconds
-        self.train_tasks += tasks
+        if self._warm:
+            self.train_time += seconds
+            self.train_tasks += tasks
+        self._warm = True
         self.log("train/tasks_per_sec", tasks / max(seconds, 1e-9))
 
     def parameter_groups(self) -> list[dict]:

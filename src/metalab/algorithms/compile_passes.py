@@ -74,6 +74,15 @@ if CustomGraphPass is not None:
             return get_hash_for_files((__file__,))
 
 
-def inductor_options() -> dict[str, Any]:
-    """`options=` for torch.compile of a meta-gradient."""
-    return {"post_grad_custom_pre_pass": UnrollShortMatmuls()} if CustomGraphPass is not None else {}
+# algorithm.compile values: true compiles with Inductor's defaults; "reduce-overhead" also
+# replays the compiled step as a CUDA graph (what torch.compile's mode of that name turns on;
+# given as an option here because torch.compile takes a mode or options, not both).
+COMPILE_MODES = (True, "reduce-overhead")
+
+
+def inductor_options(mode: bool | str = True) -> dict[str, Any]:
+    """`options=` for torch.compile of a meta-gradient under algorithm.compile=`mode`."""
+    options: dict[str, Any] = {"post_grad_custom_pre_pass": UnrollShortMatmuls()} if CustomGraphPass is not None else {}
+    if mode == "reduce-overhead":
+        options["triton.cudagraphs"] = True
+    return options
