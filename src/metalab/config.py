@@ -38,7 +38,7 @@ def require_positive_int(cfg: dict, key: str) -> None:
 
 def require_positive_number(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ConfigError(f"{name}={value!r} must be a positive, finite number; set e.g. {name}=0.001")
+        raise ConfigError(f"{name}={value!r} must be a positive number; set e.g. {name}=0.001")
 
 
 def require_finite_settings(cfg, where: str = "") -> None:

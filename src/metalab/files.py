@@ -18,6 +18,17 @@ from pathlib import Path
 from metalab.errors import StorageError
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; written files get the permissions a plain
+# open() would give them (0666 less the umask), as before they were written by rename.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
@@ -68,6 +79,8 @@ def write_atomic(path, data: bytes | str | memoryview, encoding: str = "utf-8", 
         descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         temporary = Path(name)
         with open(descriptor, "wb") as file:
+            if hasattr(os, "fchmod"):
+                os.fchmod(file.fileno(), FILE_MODE)
             file.write(payload)
             file.flush()
             os.fsync(file.fileno())
