@@ -110,7 +110,8 @@ def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot
     assert {"episode/support", "episode/query"} <= tags
 
     # Cross-domain: a plain folder of class folders (raw 105x105 black-on-white PNGs)
-    # is resized and inverted to what the model was trained on.
+    # is resized and inverted to what the model was trained on: the checkpoint's transform
+    # by default (image folders default to invert=false), and the choice is printed.
     folder = tmp_path / "classes"
     with zipfile.ZipFile(omniglot_dir / "images_evaluation.zip") as archive:
         pngs = sorted(n for n in archive.namelist() if n.endswith(".png") and "/Tibetan/" in n)
@@ -119,9 +120,10 @@ def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.read(name))
     eval_dir = tmp_path / "eval"
-    run("metalab-eval", f"ckpt_path={trained['last_checkpoint']}", "dataset=image_folder",
-        f"dataset.root={folder}", "dataset.invert=true", "test_ways=5", "test_episodes=100",
-        env=env, log_dir=eval_dir)
+    proc = run("metalab-eval", f"ckpt_path={trained['last_checkpoint']}", "dataset=image_folder",
+               f"dataset.root={folder}", "test_ways=5", "test_episodes=100", env=env, log_dir=eval_dir)
+    assert ("images as the model sees them: image_size=28 (the checkpoint's), channels=1 (the checkpoint's), "
+            "invert=True (the checkpoint's)") in proc.stderr
     crossed = results(eval_dir)
     assert crossed["config"]["dataset"] == "image_folder"
     assert crossed["test/acc"] > 0.6, crossed

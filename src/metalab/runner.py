@@ -127,11 +127,15 @@ def command_line(task: Callable[[DictConfig], float | None], config_name: str) -
     multi-line report and exit 1.
     """
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def hydra_main(cfg: DictConfig) -> float | None:
         _started.append(True)
         keep_freed_memory()
         return guarded(task, cfg)
+
+    # Hydra names the job (its log file, `--help`) after the task function's module: metalab.train
+    # or metalab.eval, also under `python -m`, where the module is __main__.
+    hydra_main.__module__ = f"metalab.{config_name}"
+    hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(hydra_main)
 
     def main() -> None:
         _started.clear()
