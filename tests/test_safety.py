@@ -336,6 +336,11 @@ def test_a_slurm_job_keeps_one_directory_across_requeues(tmp_path, monkeypatch):
     assert first == tmp_path / "slurm-4242" and run_dirs._make(tmp_path, "later", per_job=True) == first
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation is no job: its own dirs
     assert run_dirs._make(tmp_path, "stamp", per_job=True) == tmp_path / "stamp"
+    # torchrun's processes each resolve the directory themselves: they share one.
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    shared = [run_dirs._make(tmp_path, "t0", per_job=True) for rank in range(2)]
+    assert shared == [tmp_path / "t0_torchrun-abc"] * 2
 
 
 def test_a_log_dir_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ conf/hydra/default.yaml names its run and sweep directories through the resolver
   so runs started in the same second never share one.
 - `${metalab.run_dir:<parent>,<stamp>}`: the same, except inside a SLURM job, where it is
   `<parent>/slurm-<job>` (`slurm-<array job>_<task>`, `-step<k>` for an srun step): every task
-  of the job writes there, and a requeued job finds its checkpoints again (`requeued_checkpoint`).
+  of the job writes there, and a requeued job finds its checkpoints again (`requeued_checkpoint`);
+  under torchrun, a name its processes share (`shared_name`).
 
 Both are resolved once per process (Hydra resolves `hydra.run.dir` more than once).
 """
@@ -40,6 +41,19 @@ def slurm_job_name() -> str | None:
     return f"{name}-step{step}" if step and step.isdigit() else name
 
 
+def shared_name(stamp: str) -> str | None:
+    """The directory name every process of one launch computes alike, where a launcher starts them all.
+
+    SLURM: the job (see slurm_job_name). torchrun: `<stamp>_torchrun-<run id>`, shared by its
+    processes when they start in the same second, as before run directories were exclusive.
+    Lightning's own DDP launcher passes its run directory to the processes it starts.
+    """
+    job = slurm_job_name()
+    if job is None and "TORCHELASTIC_RUN_ID" in os.environ:
+        job = f"{stamp}_torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    return job
+
+
 def slurm_restarts() -> int:
     """How often SLURM has requeued this job (0: its first start, or not a SLURM job)."""
     value = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -56,7 +70,7 @@ def new_dir(parent: str, stamp: str, per_job: bool = False) -> str:
 def _make(parent: Path, stamp: str, per_job: bool) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        job = slurm_job_name() if per_job else None
+        job = shared_name(stamp) if per_job else None
         if job is not None:
             (parent / job).mkdir(exist_ok=True)
             return parent / job

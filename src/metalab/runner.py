@@ -180,7 +180,7 @@ def hydra_error_message(error: Exception) -> str | MetalabError:
             key = match.group(1)
             given = next((a for a in sys.argv[1:] if a.split("=", 1)[0] == key), key)
             return (f"{given}: there is no setting {key} to override; check its spelling "
-                    f"(metalab-train --cfg job lists every setting), or add a new key with +{given}")
+                    f"(--cfg job lists every setting), or add a new key with +{given}")
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
 
