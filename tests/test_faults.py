@@ -180,6 +180,7 @@ def test_sigterm_saves_the_state_exits_nonzero_and_a_requeued_slurm_job_resumes_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"metalab: requeued SLURM job: resuming from {last}" in proc.stderr
     assert [d.name for d in (tmp_path / "train" / "runs").iterdir()] == ["slurm-4242"]
+    assert not (run_dir / "error.txt").exists()  # the first attempt's, gone once the run finished
     assert_same_run(results(tmp_path), straight)
 
 

@@ -111,6 +111,9 @@ def summary(config: dict) -> dict:
 def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **extra) -> dict:
     results = {**metrics, "config": summary(config), "wall_time_sec": time.perf_counter() - started, **extra}
     write_json_atomic(run_dir / "results.json", results)
+    # A run that finished has no error: drop one left by an earlier attempt in this directory
+    # (a requeued SLURM job stopped by SIGTERM), which would mark it failed in a sweep.
+    (run_dir / "error.txt").unlink(missing_ok=True)
     for key in sorted(k for k in metrics if k.startswith("test/") and not k.endswith("_ci95")):
         ci = metrics.get(f"{key}_ci95")
         print(f"{key} = {metrics[key]:.4f}" + (f" ± {ci:.4f} (95% CI)" if ci is not None else ""))
