@@ -62,7 +62,11 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=config["ckpt_path"])
     except SIGTERMException:
         # Lightning stopped at the end of an outer step; ResumableCheckpoint saved last.ckpt.
-        last = run_dir / "checkpoints" / "last.ckpt"
+        saver = trainer.checkpoint_callback
+        if saver is None or not saver.last_model_path or saver._last_global_step_saved != trainer.global_step:
+            raise Interrupted(f"stopped by SIGTERM at step {trainer.global_step}; no checkpoint of that step was "
+                              "saved (checkpointing is off)") from None
+        last = saver.last_model_path
         resume = ("a requeued SLURM job resumes from it by itself" if slurm_job_name()
                   else f"resume with ckpt_path={last}")
         raise Interrupted(f"stopped by SIGTERM at step {trainer.global_step}; its state is saved in {last}; "
