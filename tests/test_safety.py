@@ -320,7 +320,9 @@ def make_dir(args) -> str:
 
 
 def test_runs_started_at_once_get_directories_of_their_own(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
+    # Separate processes racing for one name (fork: cheap to start; spawn where there is no fork).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(4) as pool:
         made = pool.map(make_dir, [(str(tmp_path / "runs"), "2026-01-01_00-00-00")] * 8)
     assert len(set(made)) == 8 and all(Path(d).is_dir() for d in made)
     assert sorted(Path(d).name for d in made)[:2] == ["2026-01-01_00-00-00", "2026-01-01_00-00-00_1"]
