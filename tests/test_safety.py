@@ -362,3 +362,14 @@ def test_hydra_errors_become_one_line():
                                    missing_cfg_file="algorithm/foo", options=["maml", "protonet"])
     assert hydra_error_message(error) == ("algorithm=foo is unknown (no conf/algorithm/foo.yaml); "
                                           "choose one of maml, protonet")
+
+
+def test_a_diverged_loss_says_when_the_weights_are_already_not_finite():
+    config = train_config()
+    model = ALGORITHMS["maml"](config, [1], "regression")
+    with pytest.raises(TrainingDiverged, match="The parameters were not updated with it"):
+        model.check_finite(torch.tensor(float("nan")), None)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))  # an earlier update blew them up
+    with pytest.raises(TrainingDiverged, match="The parameters were already non-finite after the previous update"):
+        model.check_finite(torch.tensor(float("nan")), None)
