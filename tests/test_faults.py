@@ -184,6 +184,30 @@ def test_sigterm_saves_the_state_exits_nonzero_and_a_requeued_slurm_job_resumes_
     assert_same_run(results(tmp_path), straight)
 
 
+# ---------------------------------------------------------------- a real write failure
+def under_a_file_size_limit():  # in the child: writes past 20 kB fail with EFBIG instead of killing it
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_a_checkpoint_the_os_refuses_to_write_is_one_line_and_leaves_no_temporary_file(tmp_path, cache_dir):
+    # The operating system really refuses the write (no injection): the first checkpoint is
+    # larger than the limit, as a checkpoint is larger than what is left on a full disk.
+    proc = subprocess.run(command(tmp_path, "trainer.max_steps=20", "trainer.val_check_interval=10"), check=False,
+                          env=run_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=600,
+                          preexec_fn=under_a_file_size_limit)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("metalab: error: cannot write ") and ".ckpt: File too large (" in last_line
+    assert "Traceback" not in proc.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    (error_file,) = tmp_path.rglob("error.txt")
+    assert error_file.read_text().strip() == last_line
+
+
 # ---------------------------------------------------------------- bad checkpoints: refused before any work
 def train_config(*overrides: str) -> dict:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
