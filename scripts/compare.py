@@ -12,12 +12,16 @@ as a PNG to --plot.
 """
 
 import argparse
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from metalab.errors import StorageError
+from metalab.files import write_atomic
 
 
 def run_experiments(experiments: list[str], overrides: list[str], log_dir: Path) -> list[Path]:
@@ -119,9 +123,10 @@ def plot(rows: list[dict], path: Path) -> None:
         if axis.lines:
             axis.legend(fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    write_atomic(path, image.getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,9 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [describe(d) for d in run_dirs]
     table = markdown(rows)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    plot(rows, args.plot)
+    try:  # whole or not at all: an earlier table is never left half-written
+        write_atomic(args.out, table)
+        plot(rows, args.plot)
+    except StorageError as error:
+        raise SystemExit(f"compare: error: {error}") from None
     print(f"table: {args.out}\ncurves: {args.plot}")
 
 

@@ -13,12 +13,16 @@ Writes summary.md and summary.csv into the sweep directory (or --out) and prints
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
 from pathlib import Path
 
 import yaml
+
+from metalab.errors import StorageError
+from metalab.files import write_atomic
 
 LOWER_IS_BETTER = ("mse", "loss")
 
@@ -118,13 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     header, rows = table(jobs, metric, descending, name)
 
     out = args.out or args.sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(header, rows)
-    (out / "summary.md").write_text(markdown)
-    with open(out / "summary.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    table_csv = io.StringIO(newline="")
+    writer = csv.writer(table_csv)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    try:  # each file whole or not at all: an earlier summary is never left half-written
+        write_atomic(out / "summary.md", markdown)
+        write_atomic(out / "summary.csv", table_csv.getvalue())
+    except StorageError as error:
+        print(f"summarize_sweep: error: {error}", file=sys.stderr)
+        return 2
     print(markdown, end="")
     print(f"\n{len(rows)} jobs ({sum(r[-1] == 'ok' for r in rows)} finished), sorted by {metric} "
           f"({'high' if descending else 'low'} first): {out / 'summary.md'}, {out / 'summary.csv'}")

@@ -110,7 +110,8 @@ def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot
     assert {"episode/support", "episode/query"} <= tags
 
     # Cross-domain: a plain folder of class folders (raw 105x105 black-on-white PNGs)
-    # is resized and inverted to what the model was trained on.
+    # is resized and inverted to what the model was trained on: the checkpoint's transform
+    # by default (image folders default to invert=false), and the choice is printed.
     folder = tmp_path / "classes"
     with zipfile.ZipFile(omniglot_dir / "images_evaluation.zip") as archive:
         pngs = sorted(n for n in archive.namelist() if n.endswith(".png") and "/Tibetan/" in n)
@@ -119,9 +120,10 @@ def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.read(name))
     eval_dir = tmp_path / "eval"
-    run("metalab-eval", f"ckpt_path={trained['last_checkpoint']}", "dataset=image_folder",
-        f"dataset.root={folder}", "dataset.invert=true", "test_ways=5", "test_episodes=100",
-        env=env, log_dir=eval_dir)
+    proc = run("metalab-eval", f"ckpt_path={trained['last_checkpoint']}", "dataset=image_folder",
+               f"dataset.root={folder}", "test_ways=5", "test_episodes=100", env=env, log_dir=eval_dir)
+    assert ("images as the model sees them: image_size=28 (the checkpoint's), channels=1 (the checkpoint's), "
+            "invert=True (the checkpoint's)") in proc.stderr
     crossed = results(eval_dir)
     assert crossed["config"]["dataset"] == "image_folder"
     assert crossed["test/acc"] > 0.6, crossed
@@ -172,8 +174,14 @@ def test_multirun_sweep_writes_one_run_dir_per_job(env, tmp_path, omniglot_dir):
 BAD = [
     (["dataset=omniglot", "ways=5000"], "ways=5000"),
     (["dataset=omniglot", "shots=15", "queries=10"], "shots"),
-    (["algorithm=nosuch"], "algorithm/nosuch"),
-    (["dataset=nosuch"], "dataset/nosuch"),
+    (["algorithm=nosuch"], "algorithm=nosuch is unknown (no conf/algorithm/nosuch.yaml); choose one of anil,"),
+    (["dataset=nosuch"], "dataset=nosuch is unknown"),
+    (["tranier.max_steps=5"], "there is no setting tranier.max_steps to override; check its spelling"),
+    (["trainer=gpu"], "trainer='gpu' is not a setting"),
+    (["algorithm.optimizer.lr=inf"], "algorithm.optimizer.lr=inf is not a finite number"),
+    (["algorithm.optimizer.lr=nan"], "algorithm.optimizer.lr=nan is not a finite number"),
+    (["dataset=omniglot", "ways=1"], "ways=1 is too few for classification"),
+    (["dataset=omniglot", "test_ways=1"], "test_ways=1 is too few for classification"),
     (["algorithm.optimizer.lr=-1"], "algorithm.optimizer.lr=-1"),
     (["algorithm.inner_lr=0"], "algorithm.inner_lr=0"),
     (["shots=0"], "shots=0"),
@@ -191,10 +199,51 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_config_fails_before_training_with_a_clear_message(overrides, message, env, tmp_path, omniglot_dir):
     proc = run("metalab-train", *overrides, env=env, log_dir=tmp_path, ok=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # One line, the same style for Hydra's own errors (an unknown choice or key) as for metalab's.
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("metalab: error: ")
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_log_dir_that_cannot_be_created_is_one_line(env, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run("metalab-train", env=env, log_dir=blocker / "logs", ok=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert f"cannot create a run directory in {blocker / 'logs'}" in proc.stderr and "paths.log_dir" in proc.stderr
+
+
+def test_config_and_error_files_replace_a_planted_symlink(env, tmp_path):
+    # Someone with write access to the run directory links config.yaml and error.txt to a file
+    # outside it; the run replaces the links and never writes through them.
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("config.yaml", "error.txt"):
+        (run_dir / name).symlink_to(precious)
+    proc = run("metalab-train", f"hydra.run.dir={run_dir}", "algorithm.optimizer.lr=-1", env=env, log_dir=tmp_path,
+               ok=False)
+    assert proc.returncode == 2 and precious.read_text() == "keep me"
+    assert not (run_dir / "config.yaml").is_symlink() and "lr: -1" in (run_dir / "config.yaml").read_text()
+    assert "algorithm.optimizer.lr=-1" in (run_dir / "error.txt").read_text()
+
+
+def test_runs_started_at_once_each_get_their_own_directory(env, tmp_path):
+    # Four runs that would name their directory alike (as runs started in the same second do)
+    # start together; each writes its config and error into a directory of its own.
+    base = "hydra.run.dir=${metalab.run_dir:" + str(tmp_path / "runs") + ",same}"
+    args = [str(BIN / "metalab-train"), base, "algorithm.optimizer.lr=-1"]
+    procs = [subprocess.Popen([*args, f"seed={seed}"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for seed in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [2] * 4
+    dirs = sorted((tmp_path / "runs").iterdir())
+    assert [d.name for d in dirs] == ["same", "same_1", "same_2", "same_3"]
+    seeds = sorted(int(line.split(": ")[1]) for d in dirs for line in (d / "config.yaml").read_text().splitlines()
+                   if line.startswith("seed: "))
+    assert seeds == [0, 1, 2, 3] and all((d / "error.txt").is_file() for d in dirs)
 
 
 def test_missing_data_names_the_files_and_the_variable(env, tmp_path):
@@ -210,4 +259,28 @@ def test_eval_refuses_a_file_that_is_not_a_metalab_checkpoint(env, tmp_path):
     torch.save({"state_dict": {}}, fake)
     proc = run("metalab-eval", f"ckpt_path={fake}", env=env, log_dir=tmp_path, ok=False)
     assert proc.returncode == 2 and "not a metalab checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["metalab-train", "metalab-eval", "metalab-predict"])
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(command, env, tmp_path):
+    from PIL import Image
+    from test_safety import hostile_checkpoint
+
+    marker = tmp_path / "payload_ran"
+    evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
+    if command == "metalab-predict":
+        for path in ("support/a/1.png", "support/b/1.png", "query/x.png"):
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (28, 28)).save(tmp_path / path)
+        args = [str(BIN / command), f"ckpt_path={evil}", f"support={tmp_path / 'support'}",
+                f"query={tmp_path / 'query'}"]
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    else:  # train: resume from it
+        proc = run(command, f"ckpt_path={evil}", env=env, log_dir=tmp_path / "logs", ok=False)
+    assert proc.returncode == 2 and not marker.exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"metalab: error: ckpt_path={evil} holds pickled Python objects other than tensors and plain values, "
+        "which could run code when loaded, so it is refused (metalab checkpoints hold none); give a checkpoint "
+        "written by metalab-train")
     assert "Traceback" not in proc.stderr

@@ -401,9 +401,11 @@ def test_omniglot_lake(data_dir, cache_dir):
 def test_omniglot_check_errors(vinyals):
     with pytest.raises(ConfigError, match=r"ways=5000 .*'train'.* 4112 classes; choose ways <= 4112"):
         vinyals["train"].check(5000, 1, 1, "train")
-    limit = r"shots\+queries=15\+6=21 .* only 20 images; choose shots\+queries <= 20"
+    limit = r"test_shots\+test_queries=15\+6=21 .* only 20 images; choose test_shots\+test_queries <= 20"
     with pytest.raises(ConfigError, match=limit):
         vinyals["test"].check(5, 15, 6, "test")
+    with pytest.raises(ConfigError, match=r"shots\+queries=15\+6=21 .*; choose shots\+queries <= 20, e.g. shots=15"):
+        vinyals["train"].check(5, 15, 6, "train")
 
 
 @pytest.mark.data

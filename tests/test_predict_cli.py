@@ -139,3 +139,39 @@ def test_module_entry_point_reports_without_traceback(protonet_ckpt, tree):
     proc = subprocess.run([sys.executable, "-m", "metalab.predict", *case[1]], capture_output=True, text=True, check=False,
                           timeout=600)
     assert proc.returncode == 2 and case[2] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.data
+def test_any_file_name_is_predicted_and_a_failed_write_keeps_the_old_output(protonet_ckpt, tree, tmp_path,
+                                                                           monkeypatch, capsys):
+    import os
+    import shutil
+
+    import metalab.files as files
+
+    root, _, truth = tree
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/query-\xff\xfe.png"))  # not valid UTF-8, fine on Linux
+    shutil.copy(sorted(truth)[0], odd)
+    output = tmp_path / "predictions.csv"
+    output.write_text("earlier predictions\n")
+    proc = subprocess.run([str(BIN / "metalab-predict"), f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}",
+                           f"query={odd}", f"output={output}"], capture_output=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, row = output.read_bytes().splitlines()
+    assert header.startswith(b"item,label,probability,p:")
+    assert row.startswith(os.fsencode(odd) + b",")  # the file's own name, byte for byte
+    assert b"query-\\xff\\xfe.png  " in proc.stdout  # shown escaped in the table
+
+    # A run that fails while writing (here the disk fills) leaves the earlier file whole.
+    before = output.read_bytes()
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    with pytest.raises(SystemExit) as exit_:
+        main([f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}", f"query={sorted(truth)[1]}",
+              f"output={output}"])
+    assert exit_.value.code == 2 and output.read_bytes() == before
+    assert f"metalab: error: cannot write {output}: No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([odd.name, "predictions.csv"])

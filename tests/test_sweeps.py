@@ -40,9 +40,14 @@ def test_failing_jobs_are_recorded_and_the_others_run_and_are_ranked(tmp_path, c
     # Lightning (an unexpected exception); the two good jobs still run.
     proc = multirun(tmp_path, "algorithm.optimizer.lr=0.001,0.01,-1", "trainer.precision=32-true,bogus",
                     cache_dir=cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Every job ran; then the sweep exits non-zero, naming each failed job and its error.txt.
+    assert proc.returncode == 1, proc.stderr[-3000:]
     root = sweep_dir(tmp_path)
     jobs = {int(p.name): p for p in root.iterdir() if p.name.isdigit()}
+    report = proc.stderr[proc.stderr.index("metalab: error: 4 job(s) of the sweep failed (2 finished)"):]
+    for n in (1, 3, 4, 5):
+        assert f"  job {n} (" in report and str(jobs[n] / "error.txt") in report
+    assert "job 0 (" not in report and "job 2 (" not in report
     finished = sorted(n for n, p in jobs.items() if (p / "results.json").is_file())
     assert finished == [0, 2]  # lr 0.001 and 0.01 with precision 32-true (the last key varies fastest)
     config_error = (jobs[4] / "error.txt").read_text()

@@ -42,9 +42,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.base import evaluation_mode
-from metalab.checkpoint import read_checkpoint
+from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
 from metalab.data.image_cache import MODES, decode_image, image_to_array
 from metalab.errors import ConfigError, DataError
 
@@ -287,25 +286,12 @@ def load_learner(path, device: str | torch.device = "cpu") -> Learner:
     device = _device(device)
     checkpoint = read_checkpoint(path)
     hyper = checkpoint["hyper_parameters"]
-    try:
-        config, input_shape, task_type = hyper["config"], list(hyper["input_shape"]), hyper["task_type"]
-        name = config["algorithm"]["name"]
-    except (KeyError, TypeError):
-        raise ConfigError(f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written "
-                          "by metalab-train") from None
+    config, input_shape, task_type = hyper["config"], list(hyper.get("input_shape", [])), hyper.get("task_type")
     if task_type != "classification" or len(input_shape) != 3:
         raise ConfigError(f"ckpt_path={path} is a {task_type} model on inputs of shape {input_shape} "
-                          f"(dataset={config['dataset'].get('name')}); load_learner serves image "
+                          f"(dataset={config.get('dataset', {}).get('name')}); load_learner serves image "
                           "classification checkpoints")
-    if name not in ALGORITHMS:
-        raise ConfigError(f"ckpt_path={path} was trained with algorithm={name!r}, which this metalab does not "
-                          f"have (it has {sorted(ALGORITHMS)})")
-    model = ALGORITHMS[name](config, input_shape, task_type)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError) as error:
-        raise ConfigError(f"ckpt_path={path}: its weights do not fit algorithm={name} as configured "
-                          f"({str(error).splitlines()[0]})") from None
+    model = learner_from_checkpoint(path, checkpoint)
     model.eval().to(device)  # as Lightning sets it for meta-test
     invert = bool(config["dataset"].get("invert", False))
     return Learner(model, ImageTransform(input_shape, invert), str(path))

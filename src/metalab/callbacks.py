@@ -9,6 +9,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from metalab.errors import TrainingDiverged
 
 
 def class_grid(images: torch.Tensor, labels: torch.Tensor, pad: int = 2) -> torch.Tensor:
@@ -69,6 +72,27 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # SIGTERM (a scheduler's notice before it kills the job): Lightning stops at the end of an
+        # outer step, a consistent state to resume from, and raises SIGTERMException; save it.
+        if (isinstance(exception, SIGTERMException) and self.save_last and self._saving(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # Never write a state whose weights are not finite (lr=inf, a diverged update) over a
+        # good checkpoint: training stops here instead, and the files on disk stay good.
+        bad = next((name for name, p in trainer.lightning_module.named_parameters()
+                    if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            kept = self._last_checkpoint_saved  # the last file actually written, all finite
+            raise TrainingDiverged(
+                f"training stopped at step {trainer.global_step}: the parameter {bad} is no longer finite, so "
+                f"{filepath} was not written; lower the learning rates or clip the meta-gradient with "
+                f"algorithm.grad_clip=<norm>. " + (f"The last good checkpoint is {kept}" if kept
+                                                    else "No checkpoint had been written yet"))
+        super()._save_checkpoint(trainer, filepath)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

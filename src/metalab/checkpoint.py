@@ -1,60 +1,135 @@
-"""Reading metalab checkpoints, with clear errors for files that are not ones, and writing them atomically."""
+"""Reading metalab checkpoints safely, with clear errors for files that are not ones, and writing them atomically.
 
+A checkpoint is loaded with `torch.load(weights_only=True)`: tensors, numbers, strings and
+containers only, so a file that holds other pickled objects (whose unpickling could run any
+code) is refused before anything in it is used. Every load goes through `read_checkpoint`:
+metalab-eval, metalab-predict, `metalab.load_learner`, and Lightning's own resume and test
+loads (`AtomicCheckpointIO.load_checkpoint`, the trainer's checkpoint IO).
+"""
+
+import inspect
 import io
-import os
+import pickle
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from metalab.errors import ConfigError
+from metalab.files import write_atomic
 
 # Written into every checkpoint by MetaLearner.on_save_checkpoint.
 MARKER = "metalab_version"
 
 
-def read_checkpoint(path) -> dict:
-    """Load a checkpoint on the CPU and check it was written by metalab."""
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint (on the CPU unless told) without unpickling objects, and check it was written by metalab."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"ckpt_path={path} does not exist; give the path of a .ckpt file in a run's checkpoints/")
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"ckpt_path={path} holds pickled Python objects other than tensors and plain values, "
+                          "which could run code when loaded, so it is refused (metalab checkpoints hold none); "
+                          "give a checkpoint written by metalab-train") from None
     except Exception as error:  # any unreadable file is the same problem for the user
         raise ConfigError(f"ckpt_path={path} is not a readable PyTorch checkpoint ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or MARKER not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ConfigError(f"ckpt_path={path} is not a metalab checkpoint; give a file from a metalab run's checkpoints/")
+    config = checkpoint["hyper_parameters"].get("config") if isinstance(checkpoint["hyper_parameters"], dict) else None
+    if not isinstance(config, dict):
+        raise ConfigError(f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written "
+                          "by metalab-train")
+    check_stored_targets(config, path)
     return checkpoint
 
 
+# What a stored config may name for Hydra to build (`_target_`): metalab's own classes, and
+# the kinds of class metalab's configs build from other packages, by module and base class.
+TRUSTED_TARGETS = {
+    "metalab.": object,
+    "torch.optim.": (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler),
+    "lightning.pytorch.loggers.": "lightning.pytorch.loggers.Logger",
+    "lightning.pytorch.callbacks.": "lightning.pytorch.callbacks.Callback",
+}
+
+
+def trusted_target(name) -> bool:
+    """True if `name` is a class metalab may build from a stored config.
+
+    Checked on the object the name resolves to, not on the name alone: a trusted prefix can
+    reach other objects through attributes (`metalab.config.os.system`).
+    """
+    prefix = next((p for p in TRUSTED_TARGETS if isinstance(name, str) and name.startswith(p)), None)
+    if prefix is None:
+        return False
+    try:
+        cls = get_class(name)  # imports only modules under the trusted prefix
+    except Exception:  # not found, or not a class
+        return False
+    bases = TRUSTED_TARGETS[prefix]
+    bases = tuple(get_class(b) if isinstance(b, str) else b for b in (bases if isinstance(bases, tuple) else (bases,)))
+    return inspect.isclass(cls) and cls.__module__.startswith(prefix) and issubclass(cls, bases)
+
+
+def check_stored_targets(config, path, where: str = "") -> None:
+    """Refuse a stored config naming anything but a trusted class to build (see TRUSTED_TARGETS)."""
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if target is not None and not trusted_target(target):
+            raise ConfigError(f"ckpt_path={path} names {target!r} at {where or ''}_target_ to build, which is not a "
+                              "metalab class (nor a torch optimizer or scheduler, a Lightning logger or callback), "
+                              "so it is refused; give a checkpoint written by metalab-train")
+        for key, value in config.items():
+            check_stored_targets(value, path, f"{where}{key}.")
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            check_stored_targets(value, path, f"{where}{i}.")
+
+
+def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
+    """The learner a checkpoint holds, built from `config` (default: its stored run config) with its weights."""
+    from metalab.algorithms import ALGORITHMS  # here only: the learners import this module
+
+    hyper = checkpoint["hyper_parameters"]
+    config = hyper["config"] if config is None else config
+    try:
+        name, input_shape, task_type = config["algorithm"]["name"], list(hyper["input_shape"]), hyper["task_type"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written "
+                          "by metalab-train") from None
+    if name not in ALGORITHMS:
+        raise ConfigError(f"ckpt_path={path} was trained with algorithm={name!r}, which this metalab does not "
+                          f"have (it has {sorted(ALGORITHMS)})")
+    model = ALGORITHMS[name](config, input_shape, task_type)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as error:
+        raise ConfigError(f"ckpt_path={path}: its weights do not fit algorithm={name} as configured "
+                          f"({str(error).splitlines()[0]})") from None
+    return model
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints that are either the old file or the complete new one, never half of one.
+    """Checkpoints that are either the old file or the complete new one, never half of one,
+    and loaded without unpickling objects.
 
     The checkpoint is written to a temporary file beside its target, flushed to disk, and
-    renamed over the target (a rename within one directory is atomic on POSIX). A run killed
-    mid-save (SIGKILL, out of memory, a pre-empted node) leaves the previous checkpoint,
-    still loadable, plus at most a stray `.tmp` file.
+    renamed over the target (files.write_atomic). A run killed mid-save (SIGKILL, out of
+    memory, a pre-empted node) leaves the previous checkpoint, still loadable; a full disk
+    is a StorageError naming the file and the space it needs, the previous file intact.
+    Lightning's loads (resume with ckpt_path=, meta-test of the best checkpoint, a SLURM
+    requeue's checkpoint) go through `read_checkpoint`.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialize first: a failure here touches no file
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                file.write(buffer.getbuffer())
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        # The rename itself is made durable by syncing the directory entry.
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomic(path, buffer.getbuffer())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(path, map_location=map_location)  # None: each tensor to the device it was saved from

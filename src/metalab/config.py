@@ -1,5 +1,6 @@
 """Turn a Hydra config into a plain dict and reject bad values before any work starts."""
 
+import math
 import os
 import shutil
 import sys
@@ -11,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from metalab.checkpoint import read_checkpoint
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, StorageError
+from metalab.files import write_atomic
 
 EPISODE_KEYS = ("ways", "shots", "queries", "meta_batch_size")
 EVAL_KEYS = ("test_ways", "test_shots", "test_queries", "test_episodes", "val_episodes", "eval_batch_size")
@@ -35,8 +37,21 @@ def require_positive_int(cfg: dict, key: str) -> None:
 
 
 def require_positive_number(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ConfigError(f"{name}={value!r} must be a positive number; set e.g. {name}=0.001")
+
+
+def require_finite_settings(cfg, where: str = "") -> None:
+    """No setting anywhere may be NaN or infinite: `algorithm.optimizer.lr=inf` passes a positivity
+    check but turns every weight non-finite at the first step."""
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            require_finite_settings(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(cfg, list):
+        for i, value in enumerate(cfg):
+            require_finite_settings(value, f"{where}[{i}]")
+    elif isinstance(cfg, float) and not math.isfinite(cfg):
+        raise ConfigError(f"{where}={cfg} is not a finite number; give a finite value")
 
 
 def device_count(trainer_cfg: dict) -> int:
@@ -137,7 +152,18 @@ def check_algorithm(cfg: dict, algorithms: dict) -> None:
             require_positive_int(algorithm, key)
 
 
+def check_trainer_section(cfg: dict) -> None:
+    """`trainer` holds Lightning Trainer settings; `trainer=gpu` (meaning the hardware) replaces them by a word."""
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, dict):
+        raise ConfigError(f"trainer={trainer!r} is not a setting: trainer.* are Lightning Trainer options "
+                          "(e.g. trainer.max_steps=1000); to choose the hardware use hardware=<cpu|gpu|ddp|ddp_cpu|slurm>, "
+                          "e.g. hardware=gpu")
+
+
 def check_train_config(cfg: dict, algorithms: dict) -> None:
+    check_trainer_section(cfg)
+    require_finite_settings(cfg)
     for key in EPISODE_KEYS + EVAL_KEYS:
         require_positive_int(cfg, key)
     require_positive_int(cfg["trainer"], "max_steps")
@@ -195,6 +221,11 @@ def check_compile(cfg: dict, learner_cls) -> None:
 def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
     ways, test_ways = cfg["ways"], cfg["test_ways"]
     name = cfg["algorithm"]["name"]
+    if task_type == "classification":
+        for key in ("ways", "test_ways"):
+            if cfg[key] < 2:
+                raise ConfigError(f"{key}={cfg[key]} is too few for classification: with one class every answer "
+                                  f"is right (accuracy 1.0 by construction); set {key}=2 or more")
     if task_type not in learner_cls.task_types:
         raise ConfigError(
             f"algorithm={name} needs a {' or '.join(learner_cls.task_types)} dataset, "
@@ -211,13 +242,24 @@ def save_config(cfg: dict, run_dir: Path) -> None:
     """Print the resolved config and keep a copy in the run directory."""
     text = yaml.safe_dump(cfg, sort_keys=False)
     print(text, flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(text)
+    write_atomic(run_dir / "config.yaml", text)
 
 
-def report_error(error: Exception, run_dir: Path | None) -> None:
+def report_error(error, run_dir: Path | None, details: str = "", echo: bool = True) -> Path | None:
+    """Print the one-line message (unless not `echo`); keep it (and `details`, e.g. a traceback) in
+    run_dir/error.txt.
+
+    Returns the error.txt written, or None where it could not be (a full disk, a read-only
+    directory: the message on stderr is then all there is, and says so).
+    """
     message = f"metalab: error: {error}"
-    print(message, file=sys.stderr, flush=True)
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(message + "\n")
+        try:
+            write_atomic(run_dir / "error.txt", message + "\n" + (f"\n{details}" if details else ""))
+            if echo:
+                print(message, file=sys.stderr, flush=True)
+            return run_dir / "error.txt"
+        except StorageError as failure:
+            message += f" (and error.txt could not be kept: {failure})"
+    print(message, file=sys.stderr, flush=True)
+    return None

@@ -2,7 +2,9 @@
 
 
 class MetalabError(Exception):
-    """Base class: the command-line entry points print these and exit with status 2."""
+    """Base class: the command-line entry points print these and exit with `exit_status`."""
+
+    exit_status = 2
 
 
 class ConfigError(MetalabError):
@@ -15,3 +17,13 @@ class DataError(MetalabError):
 
 class TrainingDiverged(MetalabError):
     """A loss became NaN or infinite; training stops before the bad update is applied."""
+
+
+class StorageError(MetalabError):
+    """A file could not be written (disk full, read-only file system, no permission)."""
+
+
+class Interrupted(MetalabError):
+    """The run was stopped by a signal (SIGTERM) after saving its state; resumable."""
+
+    exit_status = 143  # 128 + SIGTERM, what a scheduler expects of a job it terminated

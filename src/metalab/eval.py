@@ -8,33 +8,36 @@ dataset, paths, hardware) replace those for this evaluation only.
 """
 
 import copy
+import sys
 import time
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from metalab.algorithms import ALGORITHMS
-from metalab.checkpoint import read_checkpoint
+from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
 from metalab.config import (
     EVAL_KEYS,
     check_hardware,
     check_learner_fits_data,
+    check_trainer_section,
+    require_finite_settings,
     require_positive_int,
     resolve,
     save_config,
 )
 from metalab.errors import ConfigError
-from metalab.memory import keep_freed_memory
-from metalab.paths import CONFIG_DIR
-from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, process_rank, write_results
+from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
 OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
 
 
-def evaluation_config(config: dict, trained: dict, input_shape: list[int]) -> dict:
-    """The checkpoint's training config with this command's choices laid over it."""
+def evaluation_config(config: dict, trained: dict, input_shape: list[int], chosen: list[str]) -> dict:
+    """The checkpoint's training config with this command's choices laid over it.
+
+    `chosen` are the command line's overrides (`key=value`): a dataset setting given there is
+    kept as given; one left out that shapes the model's input takes the checkpoint's value.
+    """
     run = copy.deepcopy(trained)
     run["task_name"] = "eval"
     run["ckpt_path"] = config["ckpt_path"]
@@ -49,23 +52,40 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int]) -> di
                               f"algorithm={run['algorithm']['name']}; leave it out")
         run["algorithm"]["eval_inner_steps"] = config["eval_inner_steps"]
         require_positive_int(run["algorithm"], "eval_inner_steps")
+    given = {item.split("=", 1)[0].lstrip("+~") for item in chosen}
     dataset = config.get("dataset")
     if dataset is not None and dataset != trained["dataset"]:
         run["dataset"] = dataset = dict(dataset)
-        # Cross-domain: bring the images to what the model was trained on.
-        if "image_size" in dataset and len(input_shape) == 3:
-            dataset["image_size"] = input_shape[-1]
-        if "channels" in dataset and len(input_shape) == 3:
-            dataset["channels"] = input_shape[0]
+        if len(input_shape) == 3:
+            transform_as_trained(dataset, trained["dataset"], input_shape, given)
         # The episode shape the learner reads (few-shot episodes or sequences) goes along.
-        if "episodes" in trained["dataset"] and "dataset.episodes" not in " ".join(HydraConfig.get().overrides.task):
+        if "episodes" in trained["dataset"] and "dataset.episodes" not in given:
             dataset["episodes"] = trained["dataset"]["episodes"]
         # A folder that is not split into train/val/test is all meta-test classes,
         # unless the command says otherwise.
-        chosen = " ".join(HydraConfig.get().overrides.task)
-        if dataset.get("split_fractions") is not None and "dataset.split_fractions" not in chosen:
+        if dataset.get("split_fractions") is not None and "dataset.split_fractions" not in given:
             dataset["split_fractions"] = {"train": 0.0, "val": 0.0, "test": 1.0}
     return run
+
+
+def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], given: set[str]) -> None:
+    """Cross-domain: bring the images to what the model was trained on, as metalab-predict and
+    load_learner do (api.ImageTransform): the checkpoint's size, channels and ink polarity,
+    unless the command sets them; the choice is printed. (Images are scaled to [0, 1] and not
+    otherwise normalized, in training as here.)"""
+    chosen = {"image_size": input_shape[-1], "channels": input_shape[0],
+              "invert": bool(trained.get("invert", False))}
+    described = []
+    for key, value in chosen.items():
+        if key not in dataset and key != "invert":
+            continue  # a dataset without the setting (omniglot has no channels): nothing to bring
+        if f"dataset.{key}" in given:
+            described.append(f"{key}={dataset[key]} (given)")
+        else:
+            dataset[key] = value
+            described.append(f"{key}={value} (the checkpoint's)")
+    print(f"metalab: images as the model sees them: {', '.join(described)}; set dataset.<key>= to change one",
+          file=sys.stderr, flush=True)
 
 
 def evaluate(cfg: DictConfig) -> float | None:
@@ -74,10 +94,12 @@ def evaluate(cfg: DictConfig) -> float | None:
     run_dir = Path(config["paths"]["run_dir"])
     checkpoint = read_checkpoint(config["ckpt_path"])
     hyper = checkpoint["hyper_parameters"]
-    run = evaluation_config(config, hyper["config"], hyper["input_shape"])
+    run = evaluation_config(config, hyper["config"], hyper["input_shape"], list(HydraConfig.get().overrides.task))
     if process_rank() == 0:  # under DDP every process runs this command in the same run dir
         save_config(run, run_dir)
 
+    check_trainer_section(run)
+    require_finite_settings(run)
     for key in EVAL_KEYS:
         require_positive_int(run, key)
     check_hardware(run["trainer"])
@@ -88,11 +110,9 @@ def evaluate(cfg: DictConfig) -> float | None:
             f"dataset={run['dataset']['name']} gives inputs of shape {list(datamodule.input_shape)} but the "
             f"checkpoint expects {hyper['input_shape']}; choose a dataset of the same kind"
         )
-    learner_cls = ALGORITHMS[run["algorithm"]["name"]]
-    check_learner_fits_data(run, learner_cls, datamodule.task_type)
-
     # The learner gets this evaluation's config (e.g. eval_inner_steps), the checkpoint's weights.
-    model = learner_cls.load_from_checkpoint(config["ckpt_path"], map_location="cpu", config=run)
+    model = learner_from_checkpoint(config["ckpt_path"], checkpoint, config=run)
+    check_learner_fits_data(run, type(model), datamodule.task_type)
     trainer = build_trainer(run, run_dir, with_callbacks=False)
     metrics = meta_test(trainer, model, datamodule, None, run)
     if trainer.is_global_zero:  # the metrics are already gathered from every process
@@ -101,10 +121,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     return metrics.get(f"test/{model.metric}")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float | None:
-    keep_freed_memory()
-    return guarded(evaluate, cfg)
+main = command_line(evaluate, "eval")
 
 
 if __name__ == "__main__":

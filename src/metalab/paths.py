@@ -1,7 +1,9 @@
-"""Where metalab finds its Hydra configs."""
+"""Where metalab finds its Hydra configs, and the resolvers they name."""
 
 import os
 from pathlib import Path
+
+import metalab.run_dirs  # noqa: F401  (registers ${metalab.run_dir:...} and ${metalab.new_dir:...})
 
 # conf/ sits at the project root, beside src/ (the package is installed editable).
 # METALAB_CONFIG_DIR points elsewhere, e.g. at a copy of conf/ with your own groups.

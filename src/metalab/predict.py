@@ -21,6 +21,7 @@ Arguments are key=value pairs read literally (no Hydra), so any file name works.
 """
 
 import csv
+import io
 import json
 import sys
 import time
@@ -28,6 +29,7 @@ import warnings
 from pathlib import Path
 
 from metalab.errors import ConfigError, DataError, MetalabError
+from metalab.files import write_atomic
 from metalab.memory import keep_freed_memory
 
 KEYS = ("ckpt_path", "support", "query", "output", "device", "batch_size", "independent")
@@ -113,23 +115,35 @@ def query_files(paths: list[str]) -> list[Path]:
 
 
 def write(path: Path, rows: list[dict], labels: tuple) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The predictions as CSV or JSON, replacing `path` in one rename (a failure leaves it as it was).
+
+    File and class names are written as the file system holds them: a name that is not valid
+    UTF-8 keeps its original bytes in the CSV (surrogateescape) and is \\udcXX-escaped in the JSON.
+    """
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(rows, indent=1) + "\n")
+        write_atomic(path, json.dumps(rows, indent=1) + "\n")
         return
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["item", "label", "probability", *(f"p:{label}" for label in labels)])
-        for row in rows:
-            writer.writerow([row["item"], row["label"], f"{row['probability']:.6f}",
-                             *(f"{row['probabilities'][label]:.6f}" for label in labels)])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["item", "label", "probability", *(f"p:{label}" for label in labels)])
+    for row in rows:
+        writer.writerow([row["item"], row["label"], f"{row['probability']:.6f}",
+                         *(f"{row['probabilities'][label]:.6f}" for label in labels)])
+    write_atomic(path, text.getvalue(), errors="surrogateescape")
+
+
+def printable(name: str) -> str:
+    """A file name for the terminal: bytes that are not UTF-8 shown as \\xNN, not a UnicodeEncodeError."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def table(rows: list[dict]) -> str:
-    width = max(len("item"), *(len(r["item"]) for r in rows))
-    label_width = max(len("label"), *(len(r["label"]) for r in rows))
+    items, labels = [printable(r["item"]) for r in rows], [printable(str(r["label"])) for r in rows]
+    width = max(len("item"), *map(len, items))
+    label_width = max(len("label"), *map(len, labels))
     lines = [f"{'item':<{width}}  {'label':<{label_width}}  probability"]
-    lines += [f"{r['item']:<{width}}  {r['label']:<{label_width}}  {r['probability']:.4f}" for r in rows]
+    lines += [f"{item:<{width}}  {label:<{label_width}}  {r['probability']:.4f}"
+              for item, label, r in zip(items, labels, rows)]
     return "\n".join(lines)
 
 
@@ -164,7 +178,7 @@ def predict(argv: list[str]) -> list[dict]:
           f"predicted {len(rows)} items in {done - adapted:.3f} s", file=sys.stderr)
     if args["output"]:
         write(Path(args["output"]).expanduser(), rows, task.labels)
-        print(f"predictions: {args['output']}", file=sys.stderr)
+        print(f"predictions: {printable(args['output'])}", file=sys.stderr)
     return rows
 
 
@@ -177,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         predict(argv)
     except MetalabError as error:  # the message the other entry points print (config.report_error)
-        print(f"metalab: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(f"metalab: error: {printable(str(error))}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_status)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,33 @@
 """The steps metalab-train and metalab-eval share: data, trainer, meta-test, results.json."""
 
 import os
+import re
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from metalab.checkpoint import AtomicCheckpointIO
 from metalab.config import report_error
 from metalab.data import EpisodicDataModule
-from metalab.data.image_cache import write_json_atomic
-from metalab.errors import MetalabError
+from metalab.errors import Interrupted, MetalabError
+from metalab.files import write_json_atomic
+from metalab.memory import keep_freed_memory
+from metalab.paths import CONFIG_DIR
 
 # Run settings passed to the data module under the same names.
 EPISODE_SETTINGS = ("ways", "shots", "queries", "meta_batch_size", "test_ways", "test_shots", "test_queries",
@@ -103,6 +111,9 @@ def summary(config: dict) -> dict:
 def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **extra) -> dict:
     results = {**metrics, "config": summary(config), "wall_time_sec": time.perf_counter() - started, **extra}
     write_json_atomic(run_dir / "results.json", results)
+    # A run that finished has no error: drop one left by an earlier attempt in this directory
+    # (a requeued SLURM job stopped by SIGTERM), which would mark it failed in a sweep.
+    (run_dir / "error.txt").unlink(missing_ok=True)
     for key in sorted(k for k in metrics if k.startswith("test/") and not k.endswith("_ci95")):
         ci = metrics.get(f"{key}_ci95")
         print(f"{key} = {metrics[key]:.4f}" + (f" ± {ci:.4f} (95% CI)" if ci is not None else ""))
@@ -110,11 +121,103 @@ def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **
     return results
 
 
+def command_line(task: Callable[[DictConfig], float | None], config_name: str) -> Callable[[], None]:
+    """A console entry point: Hydra's main around `guarded(task)`.
+
+    Hydra's own errors, raised before the task starts (an unknown group choice such as
+    algorithm=foo, a misspelt key, a bad override, a run directory that cannot be made), are
+    the same one-line message and exit status 2 as every other bad setting, not Hydra's
+    multi-line report and exit 1.
+    """
+
+    def hydra_main(cfg: DictConfig) -> float | None:
+        _started.append(True)
+        keep_freed_memory()
+        return guarded(task, cfg)
+
+    # Hydra names the job (its log file, `--help`) after the task function's module: metalab.train
+    # or metalab.eval, also under `python -m`, where the module is __main__.
+    hydra_main.__module__ = f"metalab.{config_name}"
+    hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(hydra_main)
+
+    def main() -> None:
+        _started.clear()
+        previous = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them
+        try:
+            hydra_main()
+        except Exception as error:
+            if _started:  # the task's own failure: a bug, whose traceback is what helps
+                raise
+            report_error(hydra_error_message(error), None)
+            sys.exit(2)
+        finally:
+            if previous is None:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = previous
+
+    main.__doc__ = task.__doc__
+    return main
+
+
+_started: list[bool] = []  # set once the task function runs: errors before it are Hydra's
+
+
+def hydra_error_message(error: Exception) -> str | MetalabError:
+    """One line for an error Hydra raised while reading the command line and composing the config."""
+    chain, cause = [], error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    own = next((e for e in chain if isinstance(e, MetalabError)), None)
+    if own is not None:  # e.g. a run directory that cannot be created, from metalab's resolver
+        return own
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
+        group, _, choice = error.missing_cfg_file.rpartition("/")
+        if error.options:
+            return f"{group}={choice} is unknown (no conf/{group}/{choice}.yaml); choose one of {', '.join(error.options)}"
+    if isinstance(error, ConfigCompositionException):
+        match = re.match(r"Could not override '([^']+)'", str(error))
+        if match:
+            key = match.group(1)
+            given = next((a for a in sys.argv[1:] if a.split("=", 1)[0] == key), key)
+            return (f"{given}: there is no setting {key} to override; check its spelling "
+                    f"(--cfg job lists every setting), or add a new key with +{given}")
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+class FailedJobs(Callback):
+    """After a sweep (-m), the failed jobs by name with their error.txt, and a non-zero exit status.
+
+    Each failed job wrote error.txt in its own directory (guarded); this reads the sweep
+    directory, so it sees jobs run by any launcher, also in other processes (SLURM).
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = sorted(p for p in sweep_dir.rglob("error.txt") if ".submitit" not in p.parts)
+        if not failed:
+            return
+        finished = sum(1 for p in sweep_dir.rglob("results.json") if ".submitit" not in p.parts)
+        lines = [f"metalab: error: {len(failed)} job(s) of the sweep failed ({finished} finished) in {sweep_dir}:"]
+        for error_file in failed:
+            job_dir = error_file.parent
+            overrides = job_dir / ".hydra" / "overrides.yaml"
+            setting = " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.is_file() else ""
+            first = (error_file.read_text(errors="replace").splitlines() or [""])[0].removeprefix("metalab: ")
+            lines.append(f"  job {job_dir.name} ({setting}): {first} [{error_file}]")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def guarded(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
     """Run a command; a MetalabError becomes a one-line message (and error.txt), not a traceback.
 
     In a multirun sweep a failing job (any exception) writes error.txt in its run dir and returns
-    None, so the other jobs go on (a sweeper records None as a failed trial).
+    None, so the other jobs go on (a sweeper records None as a failed trial); FailedJobs reports
+    them when all have run.
     """
     try:
         return reporting_failures(task, cfg)
@@ -135,22 +238,23 @@ def close_process_group() -> None:
 def reporting_failures(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
     try:
         return task(cfg)
-    except MetalabError as error:
-        hydra = HydraConfig.get()
-        report_error(error, Path(hydra.runtime.output_dir))
-        if hydra.mode == RunMode.MULTIRUN:
-            return None
-        sys.exit(2)
-    except Exception as error:
+    except SIGTERMException:  # Lightning's way out of a loop on SIGTERM: a SystemExit of status 0
+        error = Interrupted("stopped by SIGTERM before the run finished")
+    except MetalabError as metalab_error:
+        error = metalab_error
+    except Exception as crash:
         hydra = HydraConfig.get()
         if hydra.mode != RunMode.MULTIRUN:
             raise  # a bug in a single run: the traceback is what helps
         # In a sweep, one job's crash (out of memory, a diverged run, a bug) must not end the
         # others: keep the traceback in the job's run dir and go on with the next job.
-        run_dir = Path(hydra.runtime.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(f"metalab: job failed: {type(error).__name__}: {error}\n\n"
-                                           + traceback.format_exc())
-        print(f"metalab: job {hydra.job.num} failed ({type(error).__name__}: {error}); "
-              f"traceback in {run_dir / 'error.txt'}", file=sys.stderr, flush=True)
+        kept = report_error(f"job failed: {type(crash).__name__}: {crash}", Path(hydra.runtime.output_dir),
+                            details=traceback.format_exc(), echo=False)
+        print(f"metalab: job {hydra.job.num} failed ({type(crash).__name__}: {crash}); "
+              f"traceback in {kept or 'no file (it could not be written)'}", file=sys.stderr, flush=True)
         return None
+    hydra = HydraConfig.get()
+    report_error(error, Path(hydra.runtime.output_dir))
+    if hydra.mode == RunMode.MULTIRUN:
+        return None
+    sys.exit(error.exit_status)

@@ -6,13 +6,14 @@
     metalab-train ckpt_path=<run>/checkpoints/last.ckpt           # resume a killed run where it stopped
 """
 
+import sys
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from metalab.algorithms import ALGORITHMS
@@ -24,15 +25,22 @@ from metalab.config import (
     resolve,
     save_config,
 )
-from metalab.memory import keep_freed_memory
-from metalab.paths import CONFIG_DIR
-from metalab.runner import build_datamodule, build_trainer, guarded, meta_test, process_rank, write_results
+from metalab.errors import Interrupted
+from metalab.run_dirs import requeued_checkpoint, slurm_job_name
+from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
 
 def train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     config = resolve(cfg)
     run_dir = Path(config["paths"]["run_dir"])
+    if config.get("ckpt_path") is None:
+        # A SLURM job that was requeued (pre-empted, or on Lightning's requeue signal) runs this
+        # same command again, in the same run directory: it resumes from its newest checkpoint.
+        requeued = requeued_checkpoint(run_dir)
+        if requeued is not None:
+            config["ckpt_path"] = str(requeued)
+            print(f"metalab: requeued SLURM job: resuming from {requeued}", file=sys.stderr, flush=True)
     if process_rank() == 0:  # DDP's other processes run this same function in the same run dir
         save_config(config, run_dir)
 
@@ -50,7 +58,19 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(config["seed"], workers=True, verbose=False)
     model = learner_cls(config, list(datamodule.input_shape), datamodule.task_type)
     trainer = build_trainer(config, run_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=config["ckpt_path"])
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=config["ckpt_path"])
+    except SIGTERMException:
+        # Lightning stopped at the end of an outer step; ResumableCheckpoint saved last.ckpt.
+        saver = trainer.checkpoint_callback
+        if saver is None or not saver.last_model_path or saver._last_global_step_saved != trainer.global_step:
+            raise Interrupted(f"stopped by SIGTERM at step {trainer.global_step}; no checkpoint of that step was "
+                              "saved (checkpointing is off)") from None
+        last = saver.last_model_path
+        resume = ("a requeued SLURM job resumes from it by itself" if slurm_job_name()
+                  else f"resume with ckpt_path={last}")
+        raise Interrupted(f"stopped by SIGTERM at step {trainer.global_step}; its state is saved in {last}; "
+                          f"{resume}") from None
 
     metrics, tested = {}, None
     if config["test_after_training"]:
@@ -82,10 +102,7 @@ def train(cfg: DictConfig) -> float | None:
     return objective
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    keep_freed_memory()
-    return guarded(train, cfg)
+main = command_line(train, "train")
 
 
 if __name__ == "__main__":

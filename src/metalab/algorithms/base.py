@@ -168,12 +168,16 @@ class MetaLearner(LightningModule):
             rates = [f"algorithm.optimizer.lr={cfg['optimizer'].get('lr')}"]
             if "inner_lr" in cfg:
                 rates.insert(0, f"algorithm.inner_lr={cfg['inner_lr']}")
-            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
+            # The file last written, never one refused for non-finite weights (callbacks.ResumableCheckpoint).
+            checkpoint = getattr(self.trainer.checkpoint_callback, "_last_checkpoint_saved", "") if self._trainer else ""
             kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
+            finite = all(bool(torch.isfinite(p).all()) for p in self.parameters())
+            state = ("The parameters were not updated with it" if finite else
+                     "The parameters were already non-finite after the previous update")
             raise TrainingDiverged(
                 f"training stopped at step {self.global_step}: the {what} is {worst}. Likely cause: a learning "
                 f"rate too large for this task ({', '.join(rates)}); lower it, or clip the meta-gradient with "
-                f"algorithm.grad_clip=<norm>. The parameters were not updated with it; {kept}")
+                f"algorithm.grad_clip=<norm>. {state}; {kept}")
 
     def on_train_batch_start(self, batch: Episode, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

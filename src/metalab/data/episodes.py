@@ -93,10 +93,17 @@ class ImageClassSource:
         smallest = int(self._counts.argmin())
         fewest = int(self._counts[smallest])
         if shots + queries > fewest:
+            shots_key, queries_key = ("shots", "queries") if split_name == "train" else ("test_shots", "test_queries")
+            if fewest < 2:  # no setting can help: an episode takes at least 1 support and 1 query image
+                allows = ("an episode needs at least 2 images of every class (1 support, 1 query), so give "
+                          "that class more images or remove it")
+            else:
+                allows = (f"choose {shots_key}+{queries_key} <= {fewest}, e.g. {shots_key}={min(shots, fewest - 1)} "
+                          f"{queries_key}={fewest - min(shots, fewest - 1)}")
+            plural = "image" if fewest == 1 else "images"
             raise ConfigError(
-                f"shots+queries={shots}+{queries}={shots + queries} but class "
-                f"{self.class_names[smallest]!r} of {where} has only {fewest} images; "
-                f"choose shots+queries <= {fewest}")
+                f"{shots_key}+{queries_key}={shots}+{queries}={shots + queries} but class "
+                f"{self.class_names[smallest]!r} of {where} has only {fewest} {plural}; {allows}")
 
     def sample(self, ways: int, shots: int, queries: int, generator: torch.Generator) -> Episode:
         per_class = shots + queries

@@ -6,11 +6,13 @@ so a changed setting or input file gets a new cache instead of a stale one.
 """
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
 from pathlib import Path
@@ -18,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from metalab.errors import DataError
+from metalab.errors import DataError, StorageError
+from metalab.files import free_space, megabytes, storage_error, write_json_atomic
 
 MODES = {1: "L", 3: "RGB"}
 CHUNK = 2048  # images per decode task: large enough that each task opens its zip archive once
@@ -51,10 +54,20 @@ def _decode_chunk(refs: list[ImageRef], image_size: int, channels: int, invert: 
     archive_path = refs[0][0]
     with zipfile.ZipFile(archive_path) if archive_path else contextlib.nullcontext() as archive:
         for i, (_, name) in enumerate(refs):
-            data = io.BytesIO(archive.read(name)) if archive_path else name
+            data = io.BytesIO(read_member(archive, archive_path, name)) if archive_path else name
             out[i] = decode_image(data, f"{archive_path}:{name}" if archive_path else name,
                                   image_size, channels, invert)
     return out
+
+
+def read_member(archive: zipfile.ZipFile, archive_path: str, name: str) -> bytes:
+    """One member's bytes; damage inside the archive (a bad CRC, undecompressable data) is a DataError,
+    as a truncated archive is when it is opened."""
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+        raise DataError(f"{archive_path} is not a valid zip archive: its member {name} is damaged "
+                        f"({error}); download it again") from None
 
 
 def _chunks(refs: list[ImageRef]) -> list[list[ImageRef]]:
@@ -79,7 +92,13 @@ def decode_all(refs: list[ImageRef], out: np.ndarray, image_size: int, channels:
         _fill(out, map(_decode_chunk, chunks, *args))
     else:
         with ProcessPoolExecutor(workers) as pool:
-            _fill(out, pool.map(_decode_chunk, chunks, *args))
+            try:
+                _fill(out, pool.map(_decode_chunk, chunks, *args))
+            except BaseException:
+                # A bad image, a full disk or Ctrl-C: drop the chunks not yet started, so the
+                # workers end now rather than decode the rest (the `with` then waits for them).
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def _fill(out: np.ndarray, blocks) -> None:
@@ -89,10 +108,20 @@ def _fill(out: np.ndarray, blocks) -> None:
         row += len(block)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def reserve(tmp: Path, array_path: Path) -> None:
+    """Allocate the whole memory-mapped file on disk now. Left sparse, a disk that fills while the
+    array is written kills the process with SIGBUS (no message, the file and pool workers left
+    behind); allocated, a full disk is an error here, before any decoding."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = tmp.stat().st_size
+    try:
+        with open(tmp, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as error:
+        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return  # a file system that cannot allocate ahead: written as before
+        raise storage_error(array_path, error, size) from None
 
 
 def load_or_build(cache_dir: Path, stem: str, fingerprint: dict, groups: dict[str, list[ImageRef]],
@@ -107,16 +136,28 @@ def load_or_build(cache_dir: Path, stem: str, fingerprint: dict, groups: dict[st
         return array_path, {k: tuple(v) for k, v in json.loads(index_path.read_text()).items()}
 
     refs = [ref for group in groups.values() for ref in group]
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    needed = len(refs) * channels * image_size * image_size + 4096  # the pixels and the .npy header
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(cache_dir, error) from None
+    free = free_space(cache_dir)
+    if free is not None and free < needed:  # refused before decoding anything
+        raise StorageError(f"the image cache {array_path} needs {megabytes(needed)} but {cache_dir} has "
+                        f"{megabytes(free)} free; free some space or set METALAB_CACHE_DIR (paths.cache_dir) "
+                        "to a disk with room")
     tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
     try:
         # Decode straight into a file-backed array so even large sets never sit whole in RAM.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(refs), channels, image_size, image_size))
+        reserve(tmp, array_path)
         decode_all(refs, out, image_size, channels, invert)
         out.flush()
         del out
         os.replace(tmp, array_path)
+    except OSError as error:  # creating, allocating or renaming the file
+        raise storage_error(array_path, error, needed) from None
     finally:
         tmp.unlink(missing_ok=True)
     index, row = {}, 0
