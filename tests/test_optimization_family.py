@@ -310,3 +310,70 @@ def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):
     # metalab-eval of a checkpoint trained with compile=true never compiles, so it needs no compiler.
     check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
                             "classification")
+
+
+def paper_msl_weights(steps: int, outer_step: int, msl_steps: int) -> torch.Tensor:
+    """Antoniou et al.'s multi-step-loss weights, written from the reference on its own
+    (HowToTrainYourMAMLPytorch, few_shot_learning_system.py `get_per_step_loss_importance_vector`),
+    with the epoch counted in outer steps."""
+    decay = 1.0 / steps / msl_steps
+    floor = 0.03 / steps
+    weights = [max(1.0 / steps - outer_step * decay, floor) for _ in range(steps - 1)]
+    weights.append(min(1.0 / steps + outer_step * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def mamlpp_reference_loss(model, batch: Episode, outer_step: int, msl_steps: int, second_order: bool) -> torch.Tensor:
+    """MAML++'s meta-loss, one task at a time, with the reference's per-step BatchNorm indexing:
+    inner step k normalizes its support pass and the query pass after its update with the
+    k-th set of BatchNorm weights (both net_forward calls of an inner step get num_step=k,
+    few_shot_learning_system.py `forward`); set 0 is the module's own here."""
+    from torch.func import functional_call
+
+    steps = model.steps
+    weights = paper_msl_weights(steps, outer_step, msl_steps)
+    named = dict(model.model.named_parameters())
+    norm_names = [n for n in named if n.startswith("0.layers.") and n.split(".")[3] == "1"]  # [conv, BN, ReLU, pool]
+    assert set(norm_names) == set(model.norm_names)
+
+    def norms(k: int) -> dict:
+        return {n: named[n] if k == 0 else model.step_norms[parameter_key(n)][k - 1] for n in norm_names}
+
+    total = 0.0
+    for t in range(batch.support_x.shape[0]):
+        fast = {n: p for n, p in named.items() if n not in norm_names}
+        task_loss = 0.0
+        for k in range(steps):
+            support = functional_call(model.model, {**fast, **norms(k)}, (batch.support_x[t],))
+            grads = torch.autograd.grad(CE(support, batch.support_y[t]), list(fast.values()), create_graph=second_order)
+            fast = {n: p - model.step_lrs[parameter_key(n)][k] * g for (n, p), g in zip(fast.items(), grads)}
+            query = functional_call(model.model, {**fast, **norms(k)}, (batch.query_x[t],))
+            task_loss = task_loss + weights[k] * CE(query, batch.query_y[t])
+        total = total + task_loss
+    return total / batch.support_x.shape[0]
+
+
+@pytest.mark.parametrize("outer_step", [3, 4, 7])
+def test_mamlpp_meta_gradient_at_annealed_weights_and_across_the_order_switch(monkeypatch, outer_step):
+    """Steps where the multi-step-loss weights are far from uniform, on both sides of the
+    switch from first to second order (first_order_steps=4), against a reference that takes
+    nothing from the learner but its parameters."""
+    from metalab.algorithms.mamlpp import MAMLPlusPlus
+
+    steps, shape, msl_steps = 3, [1, 8, 8], 8
+    model = small_learner("mamlpp", TINY_CONV, shape, inner_steps=steps, msl_steps=msl_steps, first_order_steps=4)
+    monkeypatch.setattr(MAMLPlusPlus, "global_step", property(lambda self: outer_step))
+    with torch.no_grad():  # rates and norms that differ per step, so using the wrong step would show
+        for rates in model.step_lrs.values():
+            rates.uniform_(0.05, 0.5)
+        for norms in model.step_norms.values():
+            norms.add_(torch.randn_like(norms) * 0.3)
+    weights = paper_msl_weights(steps, outer_step, msl_steps)
+    assert weights.max() - weights.min() > 0.2  # far from uniform at these steps
+    batch = random_batch(shape)
+    second_order = outer_step >= 4
+    reference = mamlpp_reference_loss(model, batch, outer_step, msl_steps, second_order)
+    ours = assert_same_gradients(model, batch, reference)
+    # The order matters to the gradient, so matching it checks the switch.
+    other = gradients(mamlpp_reference_loss(model, batch, outer_step, msl_steps, not second_order), model.model)
+    assert any((ours[f"model.{n}"] - g).abs().max() > 1e-6 for n, g in other.items())

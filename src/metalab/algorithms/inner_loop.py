@@ -58,12 +58,18 @@ def mean_loss_per_task(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
     return per_example.reshape(outputs.shape[0], -1).mean(1)
 
 
-def batched_loss(model: nn.Module, loss_fn: LossFn) -> BatchedLoss:
-    """loss(params, x, y) -> [tasks]: each task's mean loss under its own parameters."""
+def batched_loss(model: nn.Module, loss_fn: LossFn, scale: float = 1.0) -> BatchedLoss:
+    """loss(params, x, y) -> [tasks]: each task's mean loss under its own parameters, times `scale`.
+
+    `scale` sets the inner loss's reduction, and with it what an inner learning rate α
+    means: 1 is the mean over the support examples; N (the ways) is Finn et al.'s sum
+    over the N·K examples divided by K (`inner_loss_scale` in algorithms/maml.py).
+    """
     forward = batched_forward(model)
 
     def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return mean_loss_per_task(loss_fn, forward(params, x), y)
+        task_losses = mean_loss_per_task(loss_fn, forward(params, x), y)
+        return task_losses if scale == 1.0 else task_losses * scale
 
     return loss
 
