@@ -377,3 +377,46 @@ def test_mamlpp_meta_gradient_at_annealed_weights_and_across_the_order_switch(mo
     # The order matters to the gradient, so matching it checks the switch.
     other = gradients(mamlpp_reference_loss(model, batch, outer_step, msl_steps, not second_order), model.model)
     assert any((ours[f"model.{n}"] - g).abs().max() > 1e-6 for n, g in other.items())
+
+
+@pytest.mark.parametrize("name", ["maml", "anil"])
+def test_sum_over_shots_takes_finns_inner_step(name):
+    """cbfinn/maml adapts on Σ_i xent_i / K over the N·K support examples (utils.py `xent`,
+    summed by tf.gradients): with the same α that is N times the step of the mean loss."""
+    alpha = 0.4
+    model = small_learner(name, MLP, [5], inner_lr=alpha, inner_steps=1, eval_inner_steps=1,
+                          inner_loss="sum_over_shots")
+    batch = random_batch([5])
+    adapted = model.adapt(batch.support_x, batch.support_y)
+    net = model.head if name == "anil" else model.model  # ANIL adapts the head on the body's features
+    for t in range(TASKS):
+        inputs = model.body(batch.support_x[t]) if name == "anil" else batch.support_x[t]
+        finn_loss = CE(net(inputs), batch.support_y[t], reduction="sum") / SHOTS
+        grads = torch.autograd.grad(finn_loss, list(net.parameters()))
+        for (n, p), g in zip(net.named_parameters(), grads):
+            torch.testing.assert_close(adapted[n][t], (p - alpha * g).detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_inner_loss_reduction_is_checked_and_plain_sum_scales_by_the_examples():
+    with pytest.raises(ConfigError, match="algorithm.inner_loss='total'"):
+        small_learner("maml", MLP, [5], inner_loss="total")
+    batch = random_batch([5])
+    mean = small_learner("maml", MLP, [5], inner_loss="mean", inner_lr=0.1)
+    summed = small_learner("maml", MLP, [5], inner_loss="sum", inner_lr=0.1 / (WAYS * SHOTS))
+    for name, p in mean.adapt(batch.support_x, batch.support_y).items():
+        torch.testing.assert_close(summed.adapt(batch.support_x, batch.support_y)[name], p)
+
+
+def test_adapt_norm_false_meta_learns_batchnorm_without_adapting_it():
+    shape = [1, 8, 8]
+    model = small_learner("maml", TINY_CONV, shape, adapt_norm=False)
+    batch = random_batch(shape)
+    norm_names = model.norm_names
+    assert norm_names
+    adapted = model.adapt(batch.support_x, batch.support_y)
+    for n in norm_names:  # the same for every task: θ's own
+        torch.testing.assert_close(adapted[n], dict(model.model.named_parameters())[n].expand_as(adapted[n]))
+    others = [n for n, _ in model.model.named_parameters() if n not in norm_names]
+    reference = per_task_meta_loss(model.model, batch, 2, lambda k, n: 0.3, False, CE, adapted_names=others)
+    ours = assert_same_gradients(model, batch, reference)
+    assert all(ours[f"model.{n}"].abs().sum() > 0 for n in norm_names)  # still meta-learned

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
+from metalab.errors import ConfigError
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # (per-task params [tasks, ...], x [tasks, n, ...], y [tasks, n, ...]) -> per-task losses [tasks]
@@ -58,18 +60,25 @@ def mean_loss_per_task(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
     return per_example.reshape(outputs.shape[0], -1).mean(1)
 
 
-def batched_loss(model: nn.Module, loss_fn: LossFn, scale: float = 1.0) -> BatchedLoss:
-    """loss(params, x, y) -> [tasks]: each task's mean loss under its own parameters, times `scale`.
+INNER_LOSS_REDUCTIONS = ("mean", "sum", "sum_over_shots")
 
-    `scale` sets the inner loss's reduction, and with it what an inner learning rate α
-    means: 1 is the mean over the support examples; N (the ways) is Finn et al.'s sum
-    over the N·K examples divided by K (`inner_loss_scale` in algorithms/maml.py).
+
+def batched_loss(model: nn.Module, loss_fn: LossFn, reduction: str = "mean", ways: int = 1) -> BatchedLoss:
+    """loss(params, x, y) -> [tasks]: each task's loss under its own parameters.
+
+    `reduction` over a task's examples sets what an inner learning rate α means:
+    `mean`; `sum`; `sum_over_shots`, the sum over the N·K support examples divided by K,
+    which for balanced episodes is N (`ways`) × the mean (Finn et al.'s, algorithms/maml.py).
     """
+    if reduction not in INNER_LOSS_REDUCTIONS:
+        raise ConfigError(f"algorithm.inner_loss={reduction!r} is unknown; choose one of {list(INNER_LOSS_REDUCTIONS)}")
     forward = batched_forward(model)
 
     def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
         task_losses = mean_loss_per_task(loss_fn, forward(params, x), y)
-        return task_losses if scale == 1.0 else task_losses * scale
+        if reduction == "sum":
+            return task_losses * x.shape[1]
+        return task_losses * ways if reduction == "sum_over_shots" else task_losses
 
     return loss
 

@@ -12,7 +12,7 @@ inner loop is functional and batched over the tasks of the meta-batch (inner_loo
 Two settings follow Finn's code (cbfinn/maml) where it differs from the textbook form:
 
 - `inner_loss`: `mean` adapts on the mean support loss; `sum_over_shots` on the sum over
-  the N·K support examples divided by K, which is what cbfinn/maml differentiates
+  the N·K support examples divided by K (`sum`: the plain sum), which is what cbfinn/maml differentiates
   (utils.py:58, `xent` returns each example's loss / update_batch_size, and maml.py:90
   `tf.gradients` sums them). The second is N × the first, so the same α takes an N times
   larger step: the paper's α = 0.4 for 5-way Omniglot needs it.
@@ -35,7 +35,6 @@ from metalab.algorithms.base import MetaLearner
 from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, per_task, sgd_adapt
 from metalab.backbones import build_backbone
 from metalab.data.episodes import Episode
-from metalab.errors import ConfigError
 
 
 class MAML(MetaLearner):
@@ -49,17 +48,13 @@ class MAML(MetaLearner):
         outputs = config["ways"] if task_type == "classification" else 1
         self.model = nn.Sequential(backbone, nn.Linear(backbone.out_features, outputs))
         self.forward_tasks = batched_forward(self.model)
-        self.inner_loss = batched_loss(self.model, self.task_loss_fn(), self.inner_loss_scale())
+        self.inner_loss = batched_loss(self.model, self.task_loss_fn(), **self.inner_loss_reduction())
         self.norm_names = normalization_parameter_names(self.model)
 
-    def inner_loss_scale(self) -> float:
-        """The factor on the mean support loss that `algorithm.inner_loss` asks for."""
-        reduction = self.algorithm_cfg.get("inner_loss", "mean")
-        if reduction not in INNER_LOSS_REDUCTIONS:
-            raise ConfigError(f"algorithm.inner_loss={reduction!r} is unknown; choose one of "
-                              f"{list(INNER_LOSS_REDUCTIONS)}")
-        # Σ over the N·K support examples / K = N × the mean (balanced episodes; N = 1 for regression).
-        return float(self.config["ways"]) if reduction == "sum_over_shots" else 1.0
+    def inner_loss_reduction(self) -> dict:
+        """`algorithm.inner_loss` as keyword arguments of `batched_loss` (ways = 1 for regression)."""
+        ways = self.config["ways"] if self.task_type == "classification" else 1
+        return {"reduction": self.algorithm_cfg.get("inner_loss", "mean"), "ways": ways}
 
     # ------------------------------------------------------------------ hooks
     def training_first_order(self) -> bool:
@@ -123,9 +118,6 @@ class MAML(MetaLearner):
         if inner_losses is not None:  # the support loss of the last inner step, watched for divergence
             metrics["inner_loss"] = inner_losses
         return metrics
-
-
-INNER_LOSS_REDUCTIONS = ("mean", "sum_over_shots")
 
 
 def normalization_parameter_names(model: nn.Module) -> list[str]:
