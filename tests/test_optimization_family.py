@@ -420,3 +420,78 @@ def test_adapt_norm_false_meta_learns_batchnorm_without_adapting_it():
     reference = per_task_meta_loss(model.model, batch, 2, lambda k, n: 0.3, False, CE, adapted_names=others)
     ours = assert_same_gradients(model, batch, reference)
     assert all(ours[f"model.{n}"].abs().sum() > 0 for n in norm_names)  # still meta-learned
+
+
+def test_reptile_minibatches_are_consecutive_slices_of_reshuffled_passes():
+    """supervised-reptile `_mini_batches` (replacement=False): every pass over the support set
+    shows each example once; a minibatch may run on into the next pass."""
+    from metalab.algorithms.inner_loop import minibatch_indices
+
+    indices = minibatch_indices(3, 10, 5, 4, torch.Generator().manual_seed(0))  # 20 draws: two passes of 10
+    assert indices.shape == (3, 5, 4)
+    for task in indices.flatten(1):
+        assert sorted(task[:10].tolist()) == list(range(10)) and sorted(task[10:].tolist()) == list(range(10))
+    assert not torch.equal(indices[0], indices[1])  # each task its own order
+
+
+def reptile_with_shared_adam(**extra):
+    return small_learner("reptile", MLP, [5], inner_steps=3, eval_inner_steps=4, inner_lr=0.01, inner_optimizer="adam",
+                         adam_beta1=0.0, adam_beta2=0.999, inner_adam_state="shared", inner_batch_size=4,
+                         eval_inner_batch_size=None, **extra)
+
+
+def test_reptile_shared_adam_state_carries_over_tasks_and_outer_steps_like_the_reference():
+    """The reference adapts a meta-batch's tasks in turn with one Adam: the weights go back to θ
+    before each task, the Adam moments and step count do not (reptile.py `train_step`)."""
+    from metalab.algorithms.inner_loop import minibatch_indices, take_examples
+
+    model = reptile_with_shared_adam()
+    batch = random_batch([5])
+    reference = small_learner("reptile", MLP, [5], inner_optimizer="adam", adam_beta1=0.0, adam_beta2=0.999)
+    optimizer = torch.optim.Adam(reference.model.parameters(), lr=0.01, betas=(0.0, 0.999))
+    theta = {n: p.detach().clone() for n, p in reference.model.named_parameters()}
+    for outer_step in range(2):
+        torch.manual_seed(10 + outer_step)
+        adapted, _ = model.inner_adapt(batch.support_x, batch.support_y, 3, True, False, training=True)
+        torch.manual_seed(10 + outer_step)  # the same minibatches, drawn as the learner draws them
+        batches = minibatch_indices(TASKS, WAYS * SHOTS, 3, 4, None)
+        for t in range(TASKS):
+            with torch.no_grad():
+                for n, p in reference.model.named_parameters():
+                    p.copy_(theta[n])
+            for i in range(3):
+                x = take_examples(batch.support_x[t:t + 1], batches[t:t + 1, i])[0]
+                y = take_examples(batch.support_y[t:t + 1], batches[t:t + 1, i])[0]
+                optimizer.zero_grad()
+                CE(reference.model(x), y).backward()
+                optimizer.step()
+            for n, p in reference.model.named_parameters():
+                torch.testing.assert_close(adapted[n][t], p.detach(), atol=1e-7, rtol=1e-6,
+                                           msg=f"outer step {outer_step}, task {t}, {n}")
+    assert int(model.shared_adam.steps) == 2 * TASKS * 3
+    # Evaluation starts every task from the trained state and leaves it as it was.
+    state = {k: v.clone() for k, v in model.shared_adam.state_dict().items()}
+    model.adapt(batch.support_x, batch.support_y)
+    for k, v in model.shared_adam.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert "shared_adam.steps" in model.state_dict()  # kept in checkpoints: metalab-eval tests as training did
+
+
+def test_reptile_non_transductive_evaluation_predicts_each_query_beside_the_support_set():
+    shape = [1, 8, 8]
+    model = small_learner("reptile", TINY_CONV, shape, inner_optimizer="sgd", inner_lr=0.1, eval_inner_steps=2,
+                          transductive=False)
+    batch = random_batch(shape)
+    adapted = model.adapt(batch.support_x, batch.support_y)
+    ours = model.predict_beside_support(adapted, batch.support_x, batch.query_x)
+    from torch.func import functional_call
+
+    for t in range(TASKS):
+        params = {n: p[t] for n, p in adapted.items()}
+        for q in range(batch.query_x.shape[1]):  # reptile.py `_test_predictions`: [train set, sample], last row
+            alone = functional_call(model.model, params, (torch.cat([batch.support_x[t], batch.query_x[t, q:q + 1]]),))
+            torch.testing.assert_close(ours[t, q], alone[-1])
+    transductive = model.predict(adapted, batch.query_x)
+    assert (transductive - ours).abs().max() > 1e-3  # BatchNorm over the queries is a different prediction
+    accuracy = model.evaluate(batch)["acc"]
+    torch.testing.assert_close(accuracy, (ours.argmax(-1) == batch.query_y).double().mean(1).to(accuracy.dtype))

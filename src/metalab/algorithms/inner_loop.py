@@ -152,21 +152,62 @@ def checkpointed_sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tenso
     return dict(zip(names, values)), task_losses
 
 
+class AdamMoments:
+    """Adam's moment estimates and step count, kept across calls of `adam_adapt`.
+
+    `first` and `second` hold one tensor per parameter, of the parameters' per-task shape
+    [tasks, ...]; `adam_adapt` updates them in place, so views of longer-lived tensors (a
+    learner's buffers) carry the state on. `steps` counts the updates taken so far.
+    """
+
+    def __init__(self, first: Params, second: Params, steps: int = 0):
+        self.first, self.second, self.steps = first, second, steps
+
+    @classmethod
+    def zeros(cls, params: Params) -> "AdamMoments":
+        return cls({n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()})
+
+
+def minibatch_indices(tasks: int, examples: int, steps: int, batch_size: int, generator: torch.Generator | None,
+                      device: torch.device | None = None) -> Tensor:
+    """[tasks, steps, batch_size] example indices: consecutive minibatches of each task's
+    examples, reshuffled whenever a pass over them ends (a minibatch may straddle two passes).
+
+    The sampling of openai/supervised-reptile, reptile.py `_mini_batches` without replacement.
+    """
+    passes = -(-steps * batch_size // examples)
+    orders = [torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)]) for _ in range(tasks)]
+    return torch.stack(orders)[:, :steps * batch_size].reshape(tasks, steps, batch_size).to(device)
+
+
+def take_examples(x: Tensor, indices: Tensor) -> Tensor:
+    """x[t, indices[t]] for every task t: [tasks, batch, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], indices]
+
+
 def adam_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,
-               betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> tuple[Params, Tensor | None]:
+               betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8, moments: AdamMoments | None = None,
+               batches: Tensor | None = None) -> tuple[Params, Tensor | None]:
     """`steps` inner Adam steps on every task, each task with its own moment estimates.
 
     For learners that need no gradient through the inner loop (Reptile): every step is
     cut from the graph, so memory does not grow with the number of steps.
+
+    `moments`: the state to start from, updated in place (default: zeros, discarded).
+    `batches`: [tasks, steps, batch] support indices, step i on minibatch i (default: the
+    whole support set at every step).
     """
     beta1, beta2 = betas
-    first = {name: torch.zeros_like(p) for name, p in params.items()}
-    second = {name: torch.zeros_like(p) for name, p in params.items()}
+    moments = moments if moments is not None else AdamMoments.zeros(params)
+    first, second = moments.first, moments.second
     params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     task_losses = None
-    for t in range(1, steps + 1):
+    for i in range(steps):
+        moments.steps += 1
+        t = moments.steps
+        step_x, step_y = (x, y) if batches is None else (take_examples(x, batches[:, i]), take_examples(y, batches[:, i]))
         with torch.enable_grad():
-            task_losses = loss(params, x, y)
+            task_losses = loss(params, step_x, step_y)
             grads = torch.autograd.grad(task_losses.sum(), list(params.values()))
         updated = {}
         for (name, p), g in zip(params.items(), grads):

@@ -20,7 +20,8 @@ class SamePaddedConv2d(nn.Conv2d):
         return super().forward(F.pad(x, pads))
 
 
-def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: int = 1) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: int = 1,
+               ceil_pool: bool = False) -> nn.Sequential:
     # BatchNorm without running statistics: every forward pass normalizes with the
     # statistics of the images it is given. Under vmap each task is its own batch, so
     # the statistics are per task (transductive, as in MAML's reference code), the
@@ -33,7 +34,7 @@ def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: i
         nn.BatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),
     ]
-    return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.MaxPool2d(2, ceil_mode=ceil_pool)) if pool else nn.Sequential(*layers)
 
 
 class Conv4(nn.Module):
@@ -50,15 +51,17 @@ class Conv4(nn.Module):
     `forward_conv`) is `pooled_blocks=0, stride=2, global_average=True`: 3×3 convolutions of
     stride 2 with 'SAME' padding instead of max-pooling (28 -> 14 -> 7 -> 4 -> 2), and the
     final map averaged over its positions (64 features) rather than flattened.
+    `ceil_pool=True` pools like TensorFlow's 'same' max-pooling, keeping a last odd row and
+    column (84 -> 42 -> 21 -> 11 -> 6), as supervised-reptile's miniImageNet network does.
     """
 
     def __init__(self, input_shape: tuple[int, ...], hidden_channels: int = 64, blocks: int = 4,
                  pooled_blocks: int | None = None, feature_map: bool = False, stride: int = 1,
-                 global_average: bool = False):
+                 global_average: bool = False, ceil_pool: bool = False):
         super().__init__()
         pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
         channels = [input_shape[0]] + [hidden_channels] * blocks
-        self.layers = nn.Sequential(*(conv_block(c_in, c_out, pool=i < pooled_blocks, stride=stride)
+        self.layers = nn.Sequential(*(conv_block(c_in, c_out, pool=i < pooled_blocks, stride=stride, ceil_pool=ceil_pool)
                                       for i, (c_in, c_out) in enumerate(zip(channels, channels[1:]))))
         self.feature_map = feature_map
         self.global_average = global_average
