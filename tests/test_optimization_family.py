@@ -495,3 +495,14 @@ def test_reptile_non_transductive_evaluation_predicts_each_query_beside_the_supp
     assert (transductive - ours).abs().max() > 1e-3  # BatchNorm over the queries is a different prediction
     accuracy = model.evaluate(batch)["acc"]
     torch.testing.assert_close(accuracy, (ours.argmax(-1) == batch.query_y).double().mean(1).to(accuracy.dtype))
+
+
+def test_metalab_eval_can_test_reptile_without_transduction():
+    from metalab.eval import evaluation_config
+
+    trained = {"algorithm": {"name": "reptile", "transductive": True}, "dataset": {"name": "omniglot"}}
+    run = evaluation_config({"ckpt_path": "last.ckpt", "transductive": False}, trained, [1, 28, 28])
+    assert run["algorithm"]["transductive"] is False and trained["algorithm"]["transductive"] is True
+    with pytest.raises(ConfigError, match="transductive applies to learners with that option"):
+        evaluation_config({"ckpt_path": "last.ckpt", "transductive": False},
+                          {"algorithm": {"name": "maml"}, "dataset": {"name": "omniglot"}}, [1, 28, 28])
