@@ -407,9 +407,10 @@ def test_inner_loss_reduction_is_checked_and_plain_sum_scales_by_the_examples():
         torch.testing.assert_close(summed.adapt(batch.support_x, batch.support_y)[name], p)
 
 
-def test_adapt_norm_false_meta_learns_batchnorm_without_adapting_it():
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_adapt_norm_false_meta_learns_batchnorm_without_adapting_it(checkpointed):
     shape = [1, 8, 8]
-    model = small_learner("maml", TINY_CONV, shape, adapt_norm=False)
+    model = small_learner("maml", TINY_CONV, shape, adapt_norm=False, checkpoint_inner_steps=checkpointed)
     batch = random_batch(shape)
     norm_names = model.norm_names
     assert norm_names
