@@ -1,5 +1,6 @@
 """Every algorithm × dataset × hardware composes, validates and builds its learner."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def test_every_pair_composes_and_builds_or_is_refused_clearly(algorithm, dataset
     root = ["dataset.root=/some/classes"] if dataset == "image_folder" else []
     cfg = composed(f"algorithm={algorithm}", f"dataset={dataset}", *root)
     assert cfg["algorithm"]["name"] == algorithm and cfg["dataset"]["name"] == dataset
-    assert cfg["test_ways"] == cfg["ways"] and cfg["test_shots"] == cfg["shots"]  # test_* follow training
+    if not (Path(CONFIG_DIR) / "paper_defaults" / f"{algorithm}_{dataset}.yaml").is_file():  # a paper may test
+        assert cfg["test_ways"] == cfg["ways"] and cfg["test_shots"] == cfg["shots"]  # test_* follow training
     check_algorithm(cfg, ALGORITHMS)
     learner_cls, task_type = ALGORITHMS[algorithm], TASK_TYPES.get(dataset, "classification")
     if task_type not in learner_cls.task_types:
@@ -79,3 +81,49 @@ def test_experiments_compose(experiment):
 def test_hardware_choices():
     assert composed("hardware=cpu")["trainer"]["accelerator"] == "cpu"
     assert composed("hardware=gpu")["trainer"]["accelerator"] == "gpu"
+
+
+PAPER_DEFAULTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "paper_defaults").glob("*.yaml"))
+
+
+def paper_experiment(pair: str) -> str:
+    """The conf/experiment/ file whose setting conf/paper_defaults/<pair>.yaml carries (named in it)."""
+    text = (Path(CONFIG_DIR) / "paper_defaults" / f"{pair}.yaml").read_text()
+    return re.search(r"conf/experiment/(\w+)\.yaml", text).group(1)
+
+
+def test_a_bare_algorithm_and_dataset_is_the_papers_episode_shape():
+    protonet = composed("algorithm=protonet", "dataset=omniglot")
+    # Snell et al.: one 60-way episode per update, 5 queries per class; tested 5-way with 15.
+    assert (protonet["meta_batch_size"], protonet["ways"], protonet["queries"]) == (1, 60, 5)
+    assert (protonet["test_ways"], protonet["test_queries"]) == (5, 15)
+    maml = composed("algorithm=maml", "dataset=omniglot")
+    assert (maml["meta_batch_size"], maml["queries"], maml["algorithm"]["inner_lr"]) == (32, 1, 0.4)
+    assert composed("algorithm=reptile", "dataset=mini_imagenet")["meta_batch_size"] == 5
+    # Every learner with a paper setting on the dataset has its paper_defaults.
+    for algorithm in ALGORITHMS:
+        for dataset in ("omniglot", "mini_imagenet"):
+            if algorithm not in ("mann", "lstm"):  # these set their sequence shape in conf/algorithm/
+                assert f"{algorithm}_{dataset}" in PAPER_DEFAULTS, (algorithm, dataset)
+    # The command line still wins.
+    assert composed("algorithm=protonet", "dataset=omniglot", "meta_batch_size=4")["meta_batch_size"] == 4
+
+
+@pytest.mark.parametrize("pair", PAPER_DEFAULTS)
+def test_paper_defaults_equal_their_experiment_but_for_the_step_budget(pair):
+    experiment = paper_experiment(pair)
+    algorithm, dataset = experiment.split("_")[0], experiment.split("_", 1)[1].rsplit("_", 1)[0]
+    assert pair == f"{algorithm}_{dataset}"
+    paper = composed(f"experiment={experiment}")
+    budget = [f"trainer.{key}={paper['trainer'][key]}" for key in ("max_steps", "val_check_interval")]
+    bare = composed(f"algorithm={algorithm}", f"dataset={dataset}", *budget)
+    assert bare.pop("paper") is None and paper.pop("paper")
+    assert bare == paper
+
+
+def test_a_backbone_option_of_another_backbone_is_refused_clearly():
+    from metalab.backbones import build_backbone
+
+    with pytest.raises(ConfigError, match=r"backbone=mlp has no option global_average, pooled_blocks, stride .*; "
+                                          r"remove with ~backbone.global_average ~backbone.pooled_blocks ~backbone.stride"):
+        build_backbone(composed("algorithm=maml", "dataset=omniglot", "backbone=mlp")["backbone"], (1, 28, 28))

@@ -339,7 +339,7 @@ def test_download_then_load(omniglot_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(omniglot.urllib.request, "urlretrieve", fake_urlretrieve(archives))
     sources = build_sources({"name": "omniglot", "protocol": "lake", "download": True, "image_size": 28},
                             tmp_path / "data", tmp_path / "cache")
-    assert (len(sources["train"].class_names), len(sources["test"].class_names)) == (964, 659)
+    assert (len(sources["train"].class_names), len(sources["test"].class_names)) == (813, 659)
 
 
 @pytest.fixture(scope="module")
@@ -390,8 +390,12 @@ def test_omniglot_lake(data_dir, cache_dir):
     sources = build_sources({"name": "omniglot", "protocol": "lake", "image_size": 28, "invert": True,
                              "verify_checksums": True}, data_dir, cache_dir)
     names = {split: set(source.class_names) for split, source in sources.items()}
-    assert [len(names[s]) for s in ("train", "val", "test")] == [964, 659, 659]
-    assert not names["train"] & names["val"] and names["val"] == names["test"]
+    # 964 background characters, of which the last 5 alphabets (151 characters) validate.
+    assert [len(names[s]) for s in ("train", "val", "test")] == [813, 151, 659]
+    alphabets = {split: {name.split("/")[0] for name in names[split]} for split in names}
+    assert alphabets["val"] == {"Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)",
+                                "Tagalog", "Tifinagh"}
+    assert not (alphabets["train"] & alphabets["val"] or alphabets["val"] & alphabets["test"])
     assert all(name.count("/") == 1 for name in names["train"])  # characters, no rotations
     episode = sources["test"].sample(20, 1, 5, torch.Generator().manual_seed(0))
     assert_classification_episode(episode, 20, 1, 5, (1, 28, 28))
@@ -447,3 +451,51 @@ def test_omniglot_datamodule_matches_across_workers(data_dir, cache_dir):
     assert same(batches(dm.val_dataloader()), batches(dm2.val_dataloader()))
     with pytest.raises(ConfigError, match="ways=5000"):
         datamodule(cfg, data_dir, cache_dir=cache_dir, ways=5000)
+
+
+def assert_pairwise_disjoint(sources: dict) -> None:
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        a, b = sources[first], sources[second]
+        assert not set(a.class_names) & set(b.class_names), (first, second)
+        assert not a.image_rows() & b.image_rows(), (first, second)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("protocol", ["vinyals", "lake"])
+def test_omniglot_splits_are_pairwise_disjoint(protocol, data_dir, cache_dir):
+    sources = build_sources({"name": "omniglot", "protocol": protocol, "image_size": 28}, data_dir, cache_dir)
+    assert_pairwise_disjoint(sources)
+    characters = {split: {name.rsplit("/rot", 1)[0] for name in s.class_names} for split, s in sources.items()}
+    assert not (characters["train"] & characters["val"] or characters["train"] & characters["test"]
+                or characters["val"] & characters["test"])  # no character in two splits, at any rotation
+
+
+def test_image_folder_and_mini_imagenet_splits_are_pairwise_disjoint(folder, tmp_path, data_dir):
+    assert_pairwise_disjoint(build_sources(folder_cfg(folder), tmp_path, tmp_path / "cache"))
+    by_folders = tmp_path / "by_folders"
+    for split, classes in {"train": range(0, 3), "val": range(3, 5), "test": range(5, 7)}.items():
+        class_folders(by_folders / split, classes)
+    assert_pairwise_disjoint(build_sources({"name": "image_folder", "root": str(by_folders), "image_size": 8},
+                                           tmp_path, tmp_path / "cache2"))
+    ravi = data_dir / "mini_imagenet" / "splits" / "ravi"  # miniImageNet's own split files, when present
+    if ravi.is_dir():
+        labels = {split: {row["label"] for row in csv.DictReader((ravi / f"{split}.csv").open())}
+                  for split in ("train", "val", "test")}
+        assert [len(labels[s]) for s in ("train", "val", "test")] == [64, 16, 20]
+        assert not (labels["train"] & labels["val"] or labels["train"] & labels["test"] or labels["val"] & labels["test"])
+
+
+def test_splits_that_share_a_class_are_refused(tmp_path):
+    root, split_dir = tmp_path / "images", tmp_path / "splits"
+    split_dir.mkdir(parents=True)
+    for split, classes in {"train": [0, 1], "val": [2, 3], "test": [3, 4]}.items():  # class 3 in val and test
+        with (split_dir / f"{split}.csv").open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["filename", "label"])
+            for c in classes:
+                for i in range(4):
+                    write_image(root / f"c{c}_{i}.png", c, i)
+                    writer.writerow([f"c{c}_{i}.png", f"class{c}"])
+    cfg = {"name": "image_folder", "root": str(root), "split_dir": str(split_dir), "image_size": 8}
+    with pytest.raises(DataError, match=r"'val' and 'test' splits of image_folder share classes such as 'class3'"):
+        build_sources(cfg, tmp_path, tmp_path / "cache")

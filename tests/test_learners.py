@@ -49,3 +49,27 @@ def test_training_moves_parameters_and_logs(tmp_path):
     assert trainer.global_step == 5 and model.train_tasks == 5 * datamodule.meta_batch_size
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert {"train/loss", "train/mse", "train/lr", "train/tasks_per_sec"} <= set(trainer.callback_metrics)
+
+
+def test_conv4_finn_omniglot_network_strides_with_tensorflow_same_padding():
+    """cbfinn/maml's Omniglot net: 3×3 convolutions of stride 2, 'SAME' padding (TensorFlow pads
+    an odd total after, so output pixel i reads input rows 2i..2i+2), no max-pooling, the last
+    map averaged over its positions (utils.py conv_block, maml.py forward_conv)."""
+    from metalab.backbones.conv4 import Conv4
+
+    net = Conv4((1, 28, 28), hidden_channels=4, pooled_blocks=0, stride=2, global_average=True)
+    sizes, x = [], torch.zeros(2, 1, 28, 28)
+    for block in net.layers:
+        x = block(x)
+        sizes.append(x.shape[-1])
+    assert sizes == [14, 7, 4, 2] and net.out_features == 4
+    conv = net.layers[0][0]
+    with torch.no_grad():  # a kernel that reads only its top-left tap
+        conv.weight.zero_()
+        conv.weight[:, :, 0, 0] = 1.0
+        conv.bias.zero_()
+    image = torch.randn(1, 1, 28, 28)
+    torch.testing.assert_close(conv(image)[0, 0], image[0, 0, 0::2, 0::2])  # no padding before: row 2i
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    features = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(net.pooled(features), features.mean((2, 3)))

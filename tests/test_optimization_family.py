@@ -310,3 +310,200 @@ def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):
     # metalab-eval of a checkpoint trained with compile=true never compiles, so it needs no compiler.
     check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
                             "classification")
+
+
+def paper_msl_weights(steps: int, outer_step: int, msl_steps: int) -> torch.Tensor:
+    """Antoniou et al.'s multi-step-loss weights, written from the reference on its own
+    (HowToTrainYourMAMLPytorch, few_shot_learning_system.py `get_per_step_loss_importance_vector`),
+    with the epoch counted in outer steps."""
+    decay = 1.0 / steps / msl_steps
+    floor = 0.03 / steps
+    weights = [max(1.0 / steps - outer_step * decay, floor) for _ in range(steps - 1)]
+    weights.append(min(1.0 / steps + outer_step * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def mamlpp_reference_loss(model, batch: Episode, outer_step: int, msl_steps: int, second_order: bool) -> torch.Tensor:
+    """MAML++'s meta-loss, one task at a time, with the reference's per-step BatchNorm indexing:
+    inner step k normalizes its support pass and the query pass after its update with the
+    k-th set of BatchNorm weights (both net_forward calls of an inner step get num_step=k,
+    few_shot_learning_system.py `forward`); set 0 is the module's own here."""
+    from torch.func import functional_call
+
+    steps = model.steps
+    weights = paper_msl_weights(steps, outer_step, msl_steps)
+    named = dict(model.model.named_parameters())
+    norm_names = [n for n in named if n.startswith("0.layers.") and n.split(".")[3] == "1"]  # [conv, BN, ReLU, pool]
+    assert set(norm_names) == set(model.norm_names)
+
+    def norms(k: int) -> dict:
+        return {n: named[n] if k == 0 else model.step_norms[parameter_key(n)][k - 1] for n in norm_names}
+
+    total = 0.0
+    for t in range(batch.support_x.shape[0]):
+        fast = {n: p for n, p in named.items() if n not in norm_names}
+        task_loss = 0.0
+        for k in range(steps):
+            support = functional_call(model.model, {**fast, **norms(k)}, (batch.support_x[t],))
+            grads = torch.autograd.grad(CE(support, batch.support_y[t]), list(fast.values()), create_graph=second_order)
+            fast = {n: p - model.step_lrs[parameter_key(n)][k] * g for (n, p), g in zip(fast.items(), grads)}
+            query = functional_call(model.model, {**fast, **norms(k)}, (batch.query_x[t],))
+            task_loss = task_loss + weights[k] * CE(query, batch.query_y[t])
+        total = total + task_loss
+    return total / batch.support_x.shape[0]
+
+
+@pytest.mark.parametrize("outer_step", [3, 4, 7])
+def test_mamlpp_meta_gradient_at_annealed_weights_and_across_the_order_switch(monkeypatch, outer_step):
+    """Steps where the multi-step-loss weights are far from uniform, on both sides of the
+    switch from first to second order (first_order_steps=4), against a reference that takes
+    nothing from the learner but its parameters."""
+    from metalab.algorithms.mamlpp import MAMLPlusPlus
+
+    steps, shape, msl_steps = 3, [1, 8, 8], 8
+    model = small_learner("mamlpp", TINY_CONV, shape, inner_steps=steps, msl_steps=msl_steps, first_order_steps=4)
+    monkeypatch.setattr(MAMLPlusPlus, "global_step", property(lambda self: outer_step))
+    with torch.no_grad():  # rates and norms that differ per step, so using the wrong step would show
+        for rates in model.step_lrs.values():
+            rates.uniform_(0.05, 0.5)
+        for norms in model.step_norms.values():
+            norms.add_(torch.randn_like(norms) * 0.3)
+    weights = paper_msl_weights(steps, outer_step, msl_steps)
+    assert weights.max() - weights.min() > 0.2  # far from uniform at these steps
+    batch = random_batch(shape)
+    second_order = outer_step >= 4
+    reference = mamlpp_reference_loss(model, batch, outer_step, msl_steps, second_order)
+    ours = assert_same_gradients(model, batch, reference)
+    # The order matters to the gradient, so matching it checks the switch.
+    other = gradients(mamlpp_reference_loss(model, batch, outer_step, msl_steps, not second_order), model.model)
+    assert any((ours[f"model.{n}"] - g).abs().max() > 1e-6 for n, g in other.items())
+
+
+@pytest.mark.parametrize("name", ["maml", "anil"])
+def test_sum_over_shots_takes_finns_inner_step(name):
+    """cbfinn/maml adapts on Σ_i xent_i / K over the N·K support examples (utils.py `xent`,
+    summed by tf.gradients): with the same α that is N times the step of the mean loss."""
+    alpha = 0.4
+    model = small_learner(name, MLP, [5], inner_lr=alpha, inner_steps=1, eval_inner_steps=1,
+                          inner_loss="sum_over_shots")
+    batch = random_batch([5])
+    adapted = model.adapt(batch.support_x, batch.support_y)
+    net = model.head if name == "anil" else model.model  # ANIL adapts the head on the body's features
+    for t in range(TASKS):
+        inputs = model.body(batch.support_x[t]) if name == "anil" else batch.support_x[t]
+        finn_loss = CE(net(inputs), batch.support_y[t], reduction="sum") / SHOTS
+        grads = torch.autograd.grad(finn_loss, list(net.parameters()))
+        for (n, p), g in zip(net.named_parameters(), grads):
+            torch.testing.assert_close(adapted[n][t], (p - alpha * g).detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_inner_loss_reduction_is_checked_and_plain_sum_scales_by_the_examples():
+    with pytest.raises(ConfigError, match="algorithm.inner_loss='total'"):
+        small_learner("maml", MLP, [5], inner_loss="total")
+    batch = random_batch([5])
+    mean = small_learner("maml", MLP, [5], inner_loss="mean", inner_lr=0.1)
+    summed = small_learner("maml", MLP, [5], inner_loss="sum", inner_lr=0.1 / (WAYS * SHOTS))
+    for name, p in mean.adapt(batch.support_x, batch.support_y).items():
+        torch.testing.assert_close(summed.adapt(batch.support_x, batch.support_y)[name], p)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_adapt_norm_false_meta_learns_batchnorm_without_adapting_it(checkpointed):
+    shape = [1, 8, 8]
+    model = small_learner("maml", TINY_CONV, shape, adapt_norm=False, checkpoint_inner_steps=checkpointed)
+    batch = random_batch(shape)
+    norm_names = model.norm_names
+    assert norm_names
+    adapted = model.adapt(batch.support_x, batch.support_y)
+    for n in norm_names:  # the same for every task: θ's own
+        torch.testing.assert_close(adapted[n], dict(model.model.named_parameters())[n].expand_as(adapted[n]))
+    others = [n for n, _ in model.model.named_parameters() if n not in norm_names]
+    reference = per_task_meta_loss(model.model, batch, 2, lambda k, n: 0.3, False, CE, adapted_names=others)
+    ours = assert_same_gradients(model, batch, reference)
+    assert all(ours[f"model.{n}"].abs().sum() > 0 for n in norm_names)  # still meta-learned
+
+
+def test_reptile_minibatches_are_consecutive_slices_of_reshuffled_passes():
+    """supervised-reptile `_mini_batches` (replacement=False): every pass over the support set
+    shows each example once; a minibatch may run on into the next pass."""
+    from metalab.algorithms.inner_loop import minibatch_indices
+
+    indices = minibatch_indices(3, 10, 5, 4, torch.Generator().manual_seed(0))  # 20 draws: two passes of 10
+    assert indices.shape == (3, 5, 4)
+    for task in indices.flatten(1):
+        assert sorted(task[:10].tolist()) == list(range(10)) and sorted(task[10:].tolist()) == list(range(10))
+    assert not torch.equal(indices[0], indices[1])  # each task its own order
+
+
+def reptile_with_shared_adam(**extra):
+    return small_learner("reptile", MLP, [5], inner_steps=3, eval_inner_steps=4, inner_lr=0.01, inner_optimizer="adam",
+                         adam_beta1=0.0, adam_beta2=0.999, inner_adam_state="shared", inner_batch_size=4,
+                         eval_inner_batch_size=None, **extra)
+
+
+def test_reptile_shared_adam_state_carries_over_tasks_and_outer_steps_like_the_reference():
+    """The reference adapts a meta-batch's tasks in turn with one Adam: the weights go back to θ
+    before each task, the Adam moments and step count do not (reptile.py `train_step`)."""
+    from metalab.algorithms.inner_loop import minibatch_indices, take_examples
+
+    model = reptile_with_shared_adam()
+    batch = random_batch([5])
+    reference = small_learner("reptile", MLP, [5], inner_optimizer="adam", adam_beta1=0.0, adam_beta2=0.999)
+    optimizer = torch.optim.Adam(reference.model.parameters(), lr=0.01, betas=(0.0, 0.999))
+    theta = {n: p.detach().clone() for n, p in reference.model.named_parameters()}
+    for outer_step in range(2):
+        torch.manual_seed(10 + outer_step)
+        adapted, _ = model.inner_adapt(batch.support_x, batch.support_y, 3, True, False, training=True)
+        torch.manual_seed(10 + outer_step)  # the same minibatches, drawn as the learner draws them
+        batches = minibatch_indices(TASKS, WAYS * SHOTS, 3, 4, None)
+        for t in range(TASKS):
+            with torch.no_grad():
+                for n, p in reference.model.named_parameters():
+                    p.copy_(theta[n])
+            for i in range(3):
+                x = take_examples(batch.support_x[t:t + 1], batches[t:t + 1, i])[0]
+                y = take_examples(batch.support_y[t:t + 1], batches[t:t + 1, i])[0]
+                optimizer.zero_grad()
+                CE(reference.model(x), y).backward()
+                optimizer.step()
+            for n, p in reference.model.named_parameters():
+                torch.testing.assert_close(adapted[n][t], p.detach(), atol=1e-7, rtol=1e-6,
+                                           msg=f"outer step {outer_step}, task {t}, {n}")
+    assert int(model.shared_adam.steps) == 2 * TASKS * 3
+    # Evaluation starts every task from the trained state and leaves it as it was.
+    state = {k: v.clone() for k, v in model.shared_adam.state_dict().items()}
+    model.adapt(batch.support_x, batch.support_y)
+    for k, v in model.shared_adam.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert "shared_adam.steps" in model.state_dict()  # kept in checkpoints: metalab-eval tests as training did
+
+
+def test_reptile_non_transductive_evaluation_predicts_each_query_beside_the_support_set():
+    shape = [1, 8, 8]
+    model = small_learner("reptile", TINY_CONV, shape, inner_optimizer="sgd", inner_lr=0.1, eval_inner_steps=2,
+                          transductive=False)
+    batch = random_batch(shape)
+    adapted = model.adapt(batch.support_x, batch.support_y)
+    ours = model.predict_beside_support(adapted, batch.support_x, batch.query_x)
+    from torch.func import functional_call
+
+    for t in range(TASKS):
+        params = {n: p[t] for n, p in adapted.items()}
+        for q in range(batch.query_x.shape[1]):  # reptile.py `_test_predictions`: [train set, sample], last row
+            alone = functional_call(model.model, params, (torch.cat([batch.support_x[t], batch.query_x[t, q:q + 1]]),))
+            torch.testing.assert_close(ours[t, q], alone[-1])
+    transductive = model.predict(adapted, batch.query_x)
+    assert (transductive - ours).abs().max() > 1e-3  # BatchNorm over the queries is a different prediction
+    accuracy = model.evaluate(batch)["acc"]
+    torch.testing.assert_close(accuracy, (ours.argmax(-1) == batch.query_y).double().mean(1).to(accuracy.dtype))
+
+
+def test_metalab_eval_can_test_reptile_without_transduction():
+    from metalab.eval import evaluation_config
+
+    trained = {"algorithm": {"name": "reptile", "transductive": True}, "dataset": {"name": "omniglot"}}
+    run = evaluation_config({"ckpt_path": "last.ckpt", "transductive": False}, trained, [1, 28, 28])
+    assert run["algorithm"]["transductive"] is False and trained["algorithm"]["transductive"] is True
+    with pytest.raises(ConfigError, match="transductive applies to learners with that option"):
+        evaluation_config({"ckpt_path": "last.ckpt", "transductive": False},
+                          {"algorithm": {"name": "maml"}, "dataset": {"name": "omniglot"}}, [1, 28, 28])

@@ -52,6 +52,11 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
                               f"algorithm={run['algorithm']['name']}; leave it out")
         run["algorithm"]["eval_inner_steps"] = config["eval_inner_steps"]
         require_positive_int(run["algorithm"], "eval_inner_steps")
+    if config.get("transductive") is not None:  # Reptile: predict the queries together, or each beside the support
+        if "transductive" not in run["algorithm"]:
+            raise ConfigError(f"transductive applies to learners with that option (reptile), not "
+                              f"algorithm={run['algorithm']['name']}; leave it out")
+        run["algorithm"]["transductive"] = bool(config["transductive"])
     given = {item.split("=", 1)[0].lstrip("+~") for item in chosen}
     dataset = config.get("dataset")
     if dataset is not None and dataset != trained["dataset"]:

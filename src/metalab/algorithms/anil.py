@@ -23,7 +23,7 @@ class ANIL(MAML):
         super().__init__(config, input_shape, task_type)
         self.body, self.head = self.model[0], self.model[1]
         self.forward_head = batched_forward(self.head)
-        self.head_loss = batched_loss(self.head, self.task_loss_fn())
+        self.head_loss = batched_loss(self.head, self.task_loss_fn(), **self.inner_loss_reduction())
 
     def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
                     meta_gradient: bool) -> tuple[Params, Tensor | None]:

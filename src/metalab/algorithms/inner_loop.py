@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
+from metalab.errors import ConfigError
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # (per-task params [tasks, ...], x [tasks, n, ...], y [tasks, n, ...]) -> per-task losses [tasks]
@@ -58,12 +60,25 @@ def mean_loss_per_task(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
     return per_example.reshape(outputs.shape[0], -1).mean(1)
 
 
-def batched_loss(model: nn.Module, loss_fn: LossFn) -> BatchedLoss:
-    """loss(params, x, y) -> [tasks]: each task's mean loss under its own parameters."""
+INNER_LOSS_REDUCTIONS = ("mean", "sum", "sum_over_shots")
+
+
+def batched_loss(model: nn.Module, loss_fn: LossFn, reduction: str = "mean", ways: int = 1) -> BatchedLoss:
+    """loss(params, x, y) -> [tasks]: each task's loss under its own parameters.
+
+    `reduction` over a task's examples sets what an inner learning rate α means:
+    `mean`; `sum`; `sum_over_shots`, the sum over the N·K support examples divided by K,
+    which for balanced episodes is N (`ways`) × the mean (Finn et al.'s, algorithms/maml.py).
+    """
+    if reduction not in INNER_LOSS_REDUCTIONS:
+        raise ConfigError(f"algorithm.inner_loss={reduction!r} is unknown; choose one of {list(INNER_LOSS_REDUCTIONS)}")
     forward = batched_forward(model)
 
     def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return mean_loss_per_task(loss_fn, forward(params, x), y)
+        task_losses = mean_loss_per_task(loss_fn, forward(params, x), y)
+        if reduction == "sum":
+            return task_losses * x.shape[1]
+        return task_losses * ways if reduction == "sum_over_shots" else task_losses
 
     return loss
 
@@ -137,21 +152,62 @@ def checkpointed_sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tenso
     return dict(zip(names, values)), task_losses
 
 
+class AdamMoments:
+    """Adam's moment estimates and step count, kept across calls of `adam_adapt`.
+
+    `first` and `second` hold one tensor per parameter, of the parameters' per-task shape
+    [tasks, ...]; `adam_adapt` updates them in place, so views of longer-lived tensors (a
+    learner's buffers) carry the state on. `steps` counts the updates taken so far.
+    """
+
+    def __init__(self, first: Params, second: Params, steps: int = 0):
+        self.first, self.second, self.steps = first, second, steps
+
+    @classmethod
+    def zeros(cls, params: Params) -> "AdamMoments":
+        return cls({n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()})
+
+
+def minibatch_indices(tasks: int, examples: int, steps: int, batch_size: int, generator: torch.Generator | None,
+                      device: torch.device | None = None) -> Tensor:
+    """[tasks, steps, batch_size] example indices: consecutive minibatches of each task's
+    examples, reshuffled whenever a pass over them ends (a minibatch may straddle two passes).
+
+    The sampling of openai/supervised-reptile, reptile.py `_mini_batches` without replacement.
+    """
+    passes = -(-steps * batch_size // examples)
+    orders = [torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)]) for _ in range(tasks)]
+    return torch.stack(orders)[:, :steps * batch_size].reshape(tasks, steps, batch_size).to(device)
+
+
+def take_examples(x: Tensor, indices: Tensor) -> Tensor:
+    """x[t, indices[t]] for every task t: [tasks, batch, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], indices]
+
+
 def adam_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,
-               betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> tuple[Params, Tensor | None]:
+               betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8, moments: AdamMoments | None = None,
+               batches: Tensor | None = None) -> tuple[Params, Tensor | None]:
     """`steps` inner Adam steps on every task, each task with its own moment estimates.
 
     For learners that need no gradient through the inner loop (Reptile): every step is
     cut from the graph, so memory does not grow with the number of steps.
+
+    `moments`: the state to start from, updated in place (default: zeros, discarded).
+    `batches`: [tasks, steps, batch] support indices, step i on minibatch i (default: the
+    whole support set at every step).
     """
     beta1, beta2 = betas
-    first = {name: torch.zeros_like(p) for name, p in params.items()}
-    second = {name: torch.zeros_like(p) for name, p in params.items()}
+    moments = moments if moments is not None else AdamMoments.zeros(params)
+    first, second = moments.first, moments.second
     params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     task_losses = None
-    for t in range(1, steps + 1):
+    for i in range(steps):
+        moments.steps += 1
+        t = moments.steps
+        step_x, step_y = (x, y) if batches is None else (take_examples(x, batches[:, i]), take_examples(y, batches[:, i]))
         with torch.enable_grad():
-            task_losses = loss(params, x, y)
+            task_losses = loss(params, step_x, step_y)
             grads = torch.autograd.grad(task_losses.sum(), list(params.values()))
         updated = {}
         for (name, p), g in zip(params.items(), grads):

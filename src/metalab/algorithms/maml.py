@@ -9,6 +9,18 @@ give parameters that do well on its query set:
 The outer gradient flows through ∇θ L (second order) unless `first_order=true`. The
 inner loop is functional and batched over the tasks of the meta-batch (inner_loop.py).
 
+Two settings follow Finn's code (cbfinn/maml) where it differs from the textbook form:
+
+- `inner_loss`: `mean` adapts on the mean support loss; `sum_over_shots` on the sum over
+  the N·K support examples divided by K (`sum`: the plain sum), which is what cbfinn/maml differentiates
+  (utils.py:58, `xent` returns each example's loss / update_batch_size, and maml.py:90
+  `tf.gradients` sums them). The second is N × the first, so the same α takes an N times
+  larger step: the paper's α = 0.4 for 5-way Omniglot needs it.
+- `adapt_norm`: false keeps the normalization's scale/shift out of the inner loop. They
+  are then meta-learned only, as in cbfinn/maml, whose batch-norm variables are created by
+  tf.contrib.layers.batch_norm (utils.py:41) outside the `weights` dict that the inner
+  step updates (maml.py:90-93).
+
 `MAML` is also the base of the rest of the optimization-based family (first-order MAML,
 Reptile, ANIL, Meta-SGD, MAML++): each overrides only the hook that differs —
 `training_first_order`, `inner_learning_rate`, `inner_adapt`, `predict` or `meta_loss`.
@@ -36,7 +48,13 @@ class MAML(MetaLearner):
         outputs = config["ways"] if task_type == "classification" else 1
         self.model = nn.Sequential(backbone, nn.Linear(backbone.out_features, outputs))
         self.forward_tasks = batched_forward(self.model)
-        self.inner_loss = batched_loss(self.model, self.task_loss_fn())
+        self.inner_loss = batched_loss(self.model, self.task_loss_fn(), **self.inner_loss_reduction())
+        self.norm_names = normalization_parameter_names(self.model)
+
+    def inner_loss_reduction(self) -> dict:
+        """`algorithm.inner_loss` as keyword arguments of `batched_loss` (ways = 1 for regression)."""
+        ways = self.config["ways"] if self.task_type == "classification" else 1
+        return {"reduction": self.algorithm_cfg.get("inner_loss", "mean"), "ways": ways}
 
     # ------------------------------------------------------------------ hooks
     def training_first_order(self) -> bool:
@@ -53,8 +71,16 @@ class MAML(MetaLearner):
         per-task support losses of the last step."""
         params = per_task(dict(self.model.named_parameters()), support_x.shape[0], meta_gradient)
         checkpointed = meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps", False)
-        return sgd_adapt(self.inner_loss, params, support_x, support_y, steps, self.inner_learning_rate(),
-                         first_order, checkpointed, traceable=self.compiled and meta_gradient)
+        lr, loss = self.inner_learning_rate(), self.inner_loss
+        fixed = {} if self.algorithm_cfg.get("adapt_norm", True) else {n: params.pop(n) for n in self.norm_names}
+        if fixed:  # the normalization parameters take part in every forward pass but are not stepped
+            lr = {n: lr[n] for n in params} if isinstance(lr, Mapping) else lr
+
+            def loss(adapted: Params, x: Tensor, y: Tensor) -> Tensor:
+                return self.inner_loss({**adapted, **fixed}, x, y)
+        adapted, inner_losses = sgd_adapt(loss, params, support_x, support_y, steps, lr, first_order, checkpointed,
+                                          traceable=self.compiled and meta_gradient)
+        return {**adapted, **fixed}, inner_losses
 
     # ------------------------------------------------------------------ learner interface
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
@@ -92,6 +118,12 @@ class MAML(MetaLearner):
         if inner_losses is not None:  # the support loss of the last inner step, watched for divergence
             metrics["inner_loss"] = inner_losses
         return metrics
+
+
+def normalization_parameter_names(model: nn.Module) -> list[str]:
+    """The names of the normalization layers' scale and shift parameters in `model`."""
+    norm_modules = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+    return [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in norm_modules]
 
 
 def parameter_key(name: str) -> str:

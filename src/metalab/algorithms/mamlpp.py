@@ -10,7 +10,8 @@ On top of MAML's inner loop θ_{k+1} = θ_k − α_{k,l} ∇L(θ_k; S) this lear
 - derivative-order annealing: first order for the first `first_order_steps` outer
   steps, second order afterwards;
 - per-step normalization: BatchNorm's scale and shift are separate parameters for each
-  inner step (BNWB). They are meta-learned, not adapted. The normalization statistics
+  inner step (BNWB). They are meta-learned, not adapted. Step k's set normalizes step k's
+  support pass and the query pass after the update it makes. The normalization statistics
   are the batch statistics of each step's own forward pass, so they are per step by
   construction (metalab's backbones keep no running statistics: those do not work under
   vmap, and evaluation is transductive like MAML's);
@@ -37,17 +38,17 @@ class MAMLPlusPlus(MAML):
         super().__init__(config, input_shape, task_type)
         cfg = config["algorithm"]
         self.steps = cfg["inner_steps"]
-        norm_modules = {name for name, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
         named = dict(self.model.named_parameters())
-        self.norm_names = [n for n in named if n.rpartition(".")[0] in norm_modules]
         self.adapted_names = [n for n in named if n not in self.norm_names]
         # α_{k,l}: one learning rate per adapted parameter tensor and inner step.
         self.step_lrs = nn.ParameterDict({
             parameter_key(n): nn.Parameter(torch.full((self.steps,), float(cfg["inner_lr"]))) for n in self.adapted_names
         })
-        # Normalization scale/shift after k = 1..steps updates; k = 0 uses the module's own.
+        # Normalization scale/shift of inner steps k = 1..steps-1; step 0 uses the module's own.
+        # As in the reference, one set per inner step (MetaBatchNormLayer's weight and bias
+        # have a leading num_step dimension, meta_neural_network_architectures.py).
         self.step_norms = nn.ParameterDict({
-            parameter_key(n): nn.Parameter(named[n].detach().clone().expand(self.steps, *named[n].shape).clone())
+            parameter_key(n): nn.Parameter(named[n].detach().clone().expand(self.steps - 1, *named[n].shape).clone())
             for n in self.norm_names
         })
         # algorithm.compile=true: the schedules of the current outer step, set outside the
@@ -108,21 +109,25 @@ class MAMLPlusPlus(MAML):
         named = dict(self.model.named_parameters())
         weights = per_task({n: named[n] for n in self.adapted_names}, tasks, meta_gradient)
         norm_sets = [per_task({n: named[n] for n in self.norm_names}, tasks, meta_gradient)]
-        for k in range(self.steps):
+        for k in range(self.steps - 1):
             norm_sets.append(per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names},
                                       tasks, meta_gradient))
         states, inner_losses = [{**weights, **norm_sets[0]}], None
         take_step = (checkpointed_sgd_step if meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps")
                      else partial(sgd_step, traceable=self.compiled and meta_gradient))
         for k in range(steps):
-            norms = norm_sets[min(k, self.steps)]
-            lr = {n: self.step_lrs[parameter_key(n)][min(k, self.steps - 1)] for n in self.adapted_names}
+            step = min(k, self.steps - 1)  # evaluation past the trained steps reuses the last step's
+            norms = norm_sets[step]
+            lr = {n: self.step_lrs[parameter_key(n)][step] for n in self.adapted_names}
 
             def support_loss(params: Params, x: Tensor, y: Tensor, norms: Params = norms) -> Tensor:
                 return self.inner_loss({**params, **norms}, x, y)
 
             weights, inner_losses = take_step(support_loss, weights, support_x, support_y, lr, first_order)
-            states.append({**weights, **norm_sets[min(k + 1, self.steps)]})
+            # The query after update k+1 is normalized with step k's parameters, those of the
+            # support pass that made the update: few_shot_learning_system.py `forward` passes the
+            # same num_step to both net_forward calls of an inner step.
+            states.append({**weights, **norms})
         return states, inner_losses
 
     def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,

@@ -25,8 +25,9 @@ def per_task_meta_loss(model: nn.Module, batch: Episode, steps: int, lr: Learnin
     """Mean over tasks of the query loss after `steps` inner SGD steps, looping over tasks.
 
     adapted_names: the parameters the inner loop updates (default all; ANIL: the head).
-    step_params(k): parameters that replace the model's in forward passes after k
-        updates (MAML++'s per-step normalization).
+    step_params(k): parameters that replace the model's in inner step k's forward passes:
+        the support pass that makes update k+1 and the query pass after it (MAML++'s
+        per-step normalization, indexed as in few_shot_learning_system.py `forward`).
     step_weights: weights v_k of the query losses after steps 1..steps (MAML++'s
         multi-step loss); default: the last step's loss only.
     """
@@ -46,9 +47,9 @@ def per_task_meta_loss(model: nn.Module, batch: Episode, steps: int, lr: Learnin
             grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
             fast = {n: p - lr(k, n) * g for (n, p), g in zip(fast.items(), grads)}
             if step_weights is not None:
-                query_losses.append(loss_fn(forward(k + 1, batch.query_x[t]), batch.query_y[t]))
+                query_losses.append(loss_fn(forward(k, batch.query_x[t]), batch.query_y[t]))
         if step_weights is None:
-            task_losses.append(loss_fn(forward(steps, batch.query_x[t]), batch.query_y[t]))
+            task_losses.append(loss_fn(forward(steps - 1, batch.query_x[t]), batch.query_y[t]))
         else:
             task_losses.append(sum(w * loss for w, loss in zip(step_weights, query_losses)))
     return torch.stack(task_losses).mean()

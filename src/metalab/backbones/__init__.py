@@ -1,5 +1,6 @@
 """Feature extractors shared by every learner, chosen with `backbone=<name>`."""
 
+import inspect
 from collections.abc import Mapping
 
 from torch import nn
@@ -21,4 +22,11 @@ def build_backbone(cfg: Mapping, input_shape: tuple[int, ...]) -> nn.Module:
     name = options.pop("name")
     if name not in BACKBONES:
         raise ConfigError(f"backbone={name!r} is unknown; choose one of {sorted(BACKBONES)}")
+    # A paper setting's conv4 options (e.g. stride) under another backbone: say so, not a TypeError.
+    accepted = inspect.signature(BACKBONES[name]).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        removals = " ".join(f"~backbone.{key}" for key in unknown)
+        raise ConfigError(f"backbone={name} has no option {', '.join(unknown)} (a paper setting's for another "
+                          f"backbone?); remove with {removals}, or choose the backbone they belong to")
     return BACKBONES[name](input_shape=tuple(input_shape), **options)

@@ -3,21 +3,38 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
+class SamePaddedConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's 'SAME' padding: ceil(size / stride) outputs per side,
+    an odd pad pixel going after (bottom/right). For stride 1 and a 3×3 kernel that is
+    padding=1; for stride 2 PyTorch's symmetric padding would shift the sampling grid by a pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, stride, kernel in zip(reversed(x.shape[-2:]), reversed(self.stride), reversed(self.kernel_size)):
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]  # F.pad order: (left, right, top, bottom)
+        return super().forward(F.pad(x, pads))
+
+
+def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: int = 1,
+               ceil_pool: bool = False) -> nn.Sequential:
     # BatchNorm without running statistics: every forward pass normalizes with the
     # statistics of the images it is given. Under vmap each task is its own batch, so
     # the statistics are per task (transductive, as in MAML's reference code), the
     # module holds no buffers to mutate inside the inner loop, and an episode's result
     # does not depend on which other episodes share its meta-batch.
+    conv = (nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1) if stride == 1
+            else SamePaddedConv2d(in_channels, out_channels, kernel_size=3, stride=stride))
     layers = [
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        conv,
         nn.BatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),
     ]
-    return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.MaxPool2d(2, ceil_mode=ceil_pool)) if pool else nn.Sequential(*layers)
 
 
 class Conv4(nn.Module):
@@ -29,20 +46,32 @@ class Conv4(nn.Module):
     the max-pool in the first k blocks only (the Relation Network embedding: k=2, so
     Omniglot keeps a 64×7×7 map), and `feature_map=True` returns the [C, H, W] map
     unflattened, its shape in `out_shape`. The defaults are the network above.
+
+    Finn et al.'s Omniglot network (cbfinn/maml, utils.py:26-37 `conv_block`, maml.py:211-223
+    `forward_conv`) is `pooled_blocks=0, stride=2, global_average=True`: 3×3 convolutions of
+    stride 2 with 'SAME' padding instead of max-pooling (28 -> 14 -> 7 -> 4 -> 2), and the
+    final map averaged over its positions (64 features) rather than flattened.
+    `ceil_pool=True` pools like TensorFlow's 'same' max-pooling, keeping a last odd row and
+    column (84 -> 42 -> 21 -> 11 -> 6), as supervised-reptile's miniImageNet network does.
     """
 
     def __init__(self, input_shape: tuple[int, ...], hidden_channels: int = 64, blocks: int = 4,
-                 pooled_blocks: int | None = None, feature_map: bool = False):
+                 pooled_blocks: int | None = None, feature_map: bool = False, stride: int = 1,
+                 global_average: bool = False, ceil_pool: bool = False):
         super().__init__()
         pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
         channels = [input_shape[0]] + [hidden_channels] * blocks
-        self.layers = nn.Sequential(*(conv_block(c_in, c_out, pool=i < pooled_blocks)
+        self.layers = nn.Sequential(*(conv_block(c_in, c_out, pool=i < pooled_blocks, stride=stride, ceil_pool=ceil_pool)
                                       for i, (c_in, c_out) in enumerate(zip(channels, channels[1:]))))
         self.feature_map = feature_map
+        self.global_average = global_average
         with torch.no_grad():
-            self.out_shape = tuple(self.layers(torch.zeros(2, *input_shape)).shape[1:])
+            self.out_shape = tuple(self.pooled(self.layers(torch.zeros(2, *input_shape))).shape[1:])
         self.out_features = math.prod(self.out_shape)
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        return features.mean((-2, -1)) if self.global_average else features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.layers(x)
+        features = self.pooled(self.layers(x))
         return features if self.feature_map else features.flatten(1)

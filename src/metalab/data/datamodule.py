@@ -12,7 +12,7 @@ from metalab.data.image_folder import build_image_folder_sources, build_mini_ima
 from metalab.data.omniglot import build_omniglot_sources
 from metalab.data.sequences import episode_shaper
 from metalab.data.sinusoid import build_sinusoid_sources
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, DataError
 
 BUILDERS = {
     "sinusoid": build_sinusoid_sources,
@@ -32,7 +32,25 @@ def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict
         raise ConfigError(f"dataset.name={name!r} is unknown; choose one of {sorted(BUILDERS)}")
     # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading
     shape_episodes = episode_shaper(cfg.pop("episodes", "few_shot"), name)
-    return shape_episodes(BUILDERS[name](cfg, Path(data_dir), Path(cache_dir)))
+    sources = BUILDERS[name](cfg, Path(data_dir), Path(cache_dir))
+    check_disjoint_splits(sources, name)
+    return shape_episodes(sources)
+
+
+def check_disjoint_splits(sources: Mapping, dataset: str) -> None:
+    """No class, and no image, may be in two of train/val/test: validation on test classes
+    would select the checkpoint on the test set. Sources without classes (sinusoid: one task
+    family, episodes that differ only by seed) have nothing to check."""
+    splits = [split for split in ("train", "val", "test") if hasattr(sources.get(split), "class_names")]
+    for i, first in enumerate(splits):
+        for second in splits[i + 1:]:
+            a, b = sources[first], sources[second]
+            shared = sorted(set(a.class_names) & set(b.class_names))
+            rows = a.image_rows() & b.image_rows()
+            if shared or rows:
+                what = f"classes such as {shared[0]!r}" if shared else f"{len(rows)} images"
+                raise DataError(f"the '{first}' and '{second}' splits of {dataset} share {what}; "
+                                f"make the splits disjoint (check dataset.split_dir or the split files)")
 
 
 class TrainStream(IterableDataset):

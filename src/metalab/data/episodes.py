@@ -82,6 +82,10 @@ class ImageClassSource:
         images = torch.from_numpy(np.array(self.images[start:start + n]))
         return torch.rot90(images, int(self._rotations[index]), dims=(-2, -1))
 
+    def image_rows(self) -> set[int]:
+        """The rows of the image array this split's classes draw from."""
+        return {int(row) for start, n in zip(self._starts, self._counts) for row in range(start, start + n)}
+
     def check(self, ways: int, shots: int, queries: int, split_name: str) -> None:
         require_positive(split_name, ways=ways, shots=shots, queries=queries)
         where = f"the '{split_name}' split of {self.dataset}"

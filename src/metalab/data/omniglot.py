@@ -3,8 +3,10 @@
 Protocols:
 - vinyals: class lists from `<data_dir>/omniglot/splits/vinyals/{train,val,test}.txt`; a class is a
   character at a rotation of k*90 degrees, applied at sample time.
-- lake: train = the 964 characters of the 30 background alphabets, val = test = the 659 characters
-  of the 20 evaluation alphabets, unrotated.
+- lake: train = the characters of the 30 background alphabets but the last `lake_val_alphabets`
+  (by name), val = the characters of those held-out background alphabets, test = the 659
+  characters of the 20 evaluation alphabets; unrotated. Validation never sees a test class, so
+  the checkpoint validation picks was not selected on the test set.
 """
 
 import hashlib
@@ -25,7 +27,8 @@ DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
 # so they are checked against their own SHA256SUMS instead).
 OFFICIAL_MD5 = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
                 "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}
-DEFAULTS = {"protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True, "download": False}
+DEFAULTS = {"protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True, "download": False,
+            "lake_val_alphabets": 5}
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 
 
@@ -34,6 +37,10 @@ def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dic
     protocol, image_size = cfg["protocol"], cfg["image_size"]
     if protocol not in ("vinyals", "lake"):
         raise ConfigError(f"dataset.protocol={protocol!r} is unknown for omniglot; choose 'vinyals' or 'lake'")
+    held_out = cfg["lake_val_alphabets"]
+    if protocol == "lake" and (isinstance(held_out, bool) or not isinstance(held_out, int) or not 1 <= held_out < 30):
+        raise ConfigError(f"dataset.lake_val_alphabets={held_out!r} must be a count of background alphabets from "
+                          f"1 to 29 (held out of the 30 for validation); set e.g. dataset.lake_val_alphabets=5")
     if not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"dataset.image_size={image_size!r} is invalid; use a positive integer such as 28")
     root = Path(data_dir) / "omniglot"
@@ -45,9 +52,7 @@ def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dic
     characters = [_characters(path) for path in archives]
     groups = {key: refs for chars in characters for key, refs in chars.items()}
     if protocol == "lake":
-        background, evaluation = (sorted(chars) for chars in characters)
-        splits = {"train": [(c, 0) for c in background], "val": [(c, 0) for c in evaluation],
-                  "test": [(c, 0) for c in evaluation]}
+        splits = _lake_splits(*(sorted(chars) for chars in characters), cfg["lake_val_alphabets"])
     else:  # read before decoding, so a bad split file fails fast
         splits = {split: _vinyals_split(root / "splits" / "vinyals" / f"{split}.txt", groups)
                   for split in ("train", "val", "test")}
@@ -152,6 +157,15 @@ def _characters(archive: Path) -> dict[str, list[ImageRef]]:
         parts = member.split("/")  # images_background/Alphabet/characterNN/file.png
         characters.setdefault("/".join(parts[-3:-1]), []).append((str(archive), member))
     return characters
+
+
+def _lake_splits(background: list[str], evaluation: list[str], val_alphabets: int) -> dict[str, list[tuple[str, int]]]:
+    """Lake et al.'s background/evaluation protocol, validating on held-out background alphabets."""
+    alphabets = sorted({char.split("/")[0] for char in background})
+    held_out = set(alphabets[-val_alphabets:])
+    return {"train": [(c, 0) for c in background if c.split("/")[0] not in held_out],
+            "val": [(c, 0) for c in background if c.split("/")[0] in held_out],
+            "test": [(c, 0) for c in evaluation]}
 
 
 def _vinyals_split(path: Path, characters: Mapping) -> list[tuple[str, int]]:
