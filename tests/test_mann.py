@@ -167,6 +167,27 @@ def tiny_learner(tmp_path, algorithm: str, ways: int = 3):
     return ALGORITHMS[algorithm](cfg, [1, 2, 2], "classification")
 
 
+@pytest.mark.parametrize("add_vector", [False, True])
+def test_the_controller_writes_its_keys_or_its_add_vectors(tmp_path, add_vector):
+    cfg = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "ways=3", "backbone=mlp", "backbone.hidden_sizes=[]",
+                   "algorithm.hidden_size=16", "algorithm.memory_slots=8", "algorithm.memory_width=4",
+                   "algorithm.read_heads=4", f"algorithm.add_vector={str(add_vector).lower()}")
+    torch.manual_seed(0)
+    controller = ALGORITHMS["mann"](cfg, [1, 2, 2], "classification").controller
+    assert (controller.add is not None) == add_vector
+    state = controller.initial_state(2, torch.zeros(1))
+    state = state._replace(usage=torch.rand(2, 8))  # distinct usages: four distinct least-used slots
+    features, label = torch.rand(2, 4), torch.eye(3)[:2]
+    with torch.no_grad():
+        _, after = controller(state, features, label)
+        h, _ = controller.lstm(torch.cat([features, label, state.reads], -1), (state.h, state.c))
+        keys = torch.tanh(controller.key(h)).view(2, 4, 4)
+        values = torch.tanh(controller.add(h)).view(2, 4, 4) if add_vector else keys
+        gate = torch.sigmoid(controller.gate(h)).unsqueeze(-1)
+        expected, _ = lrua_write(state.memory, state.usage, state.read_weights, values, gate)
+    torch.testing.assert_close(after.memory, expected)
+
+
 @pytest.mark.parametrize("algorithm", ["mann", "lstm"])
 def test_step_t_sees_the_label_of_step_t_minus_1_and_never_its_own(tmp_path, algorithm):
     learner = tiny_learner(tmp_path, algorithm)
