@@ -225,6 +225,23 @@ def test_metric_predictions_do_not_depend_on_the_other_items(name, checkpoint, i
     torch.testing.assert_close(task.predict_proba(query, independent=True), together, rtol=0, atol=1e-5)
 
 
+@pytest.mark.data
+def test_a_metric_checkpoint_from_before_running_statistics_still_loads(checkpoint, images, tmp_path):
+    """A checkpoint written before algorithm.batch_norm existed (no such key, no running-statistics
+    buffers) loads as the transductive learner it was trained as."""
+    saved = torch.load(checkpoint("protonet"), map_location="cpu", weights_only=False)
+    algorithm = saved["hyper_parameters"]["config"]["algorithm"]
+    del algorithm["batch_norm"]
+    saved["state_dict"] = {k: v for k, v in saved["state_dict"].items()
+                           if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    learner = metalab.load_learner(old)
+    assert learner.transductive and learner.model.batch_norm == "transductive"
+    support, query, _ = support_and_query(images)
+    assert torch.isfinite(learner.adapt(support).predict_logits(query)).all()
+
+
 # ---------------------------------------------------------------- the training transform
 def archive_members(omniglot_dir: Path, character: str) -> list[tuple[Path, str]]:
     for archive in sorted(omniglot_dir.glob("images_*.zip")):
