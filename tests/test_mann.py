@@ -72,6 +72,9 @@ def test_sequence_episodes_are_chosen_by_config_and_refused_where_they_cannot_wo
     few_shot = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "dataset.episodes=few_shot")
     with pytest.raises(ConfigError, match="set dataset.episodes=sequence"):
         ALGORITHMS["mann"](few_shot, [1, 28, 28], "classification")
+    too_many_heads = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "algorithm.memory_slots=3")
+    with pytest.raises(ConfigError, match="algorithm.read_heads=4 must be between 1 and algorithm.memory_slots=3"):
+        ALGORITHMS["mann"](too_many_heads, [1, 28, 28], "classification")
 
 
 # ---------------------------------------------------------------------------------- LRUA memory

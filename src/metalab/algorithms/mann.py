@@ -177,6 +177,9 @@ class SequenceLearner(MetaLearner):
         cfg = self.algorithm_cfg
         self.ways = config["ways"]
         self.backbone = build_backbone(config["backbone"], input_shape)
+        if self.memory and not 0 < cfg["read_heads"] <= cfg["memory_slots"]:
+            raise ConfigError(f"algorithm.read_heads={cfg['read_heads']} must be between 1 and algorithm.memory_slots="
+                              f"{cfg['memory_slots']}: every head writes to its own least-used slot")
         memory = (cfg["memory_slots"], cfg["memory_width"], cfg["read_heads"], cfg["usage_decay"],
                   cfg["key_strength"], bool(cfg.get("add_vector", False))) if self.memory else (0, 0, 0, 0.0, False, False)
         self.controller = Controller(self.backbone.out_features, self.ways, cfg["hidden_size"], *memory)
