@@ -15,9 +15,10 @@ backbone (conv4 or MLP) and r_{t-1} the previous step's read vectors (MANN only)
 
 MANN memory M_t ∈ R^{N×W} (N slots of width W), with R read heads; head i emits a key
 k_t^i = tanh(W_k^i h_t) and a gate α_t^i = W_α^i h_t (the learned interpolation gate).
-By default (the paper's equations) head i writes its key; `algorithm.add_vector=true`
-writes a separate add vector a_t^i = tanh(W_a^i h_t) instead, as tristandeleu/ntm-one-shot
-does (mann/model.py, line 59). The paper reads with β_t = 1; `algorithm.key_strength=true`
+In the paper's equations head i writes its key (`algorithm.add_vector=false`, the paper
+experiment config); `algorithm.add_vector=true`, the `algorithm=mann` default, writes a separate
+add vector a_t^i = tanh(W_a^i h_t) instead, as tristandeleu/ntm-one-shot does (mann/model.py,
+line 59), which learned much faster on Omniglot sequences (README, memory-based results). The paper reads with β_t = 1; `algorithm.key_strength=true`
 adds the Neural Turing Machine's learned key strength β_t = 1 + softplus(W_β h_t), which
 lets a read focus on one slot. Least-recently-used access (LRUA), per step, following
 tristandeleu/ntm-one-shot mann/model.py lines 63-72:
