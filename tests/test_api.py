@@ -5,6 +5,7 @@ Checkpoints are genuine: a few real Omniglot steps in a Lightning Trainer
 """
 
 import random
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from metalab.runner import build_datamodule
 CLASSIFIERS = ["protonet", "maml", "matchingnet", "relationnet"]  # every classification learner
 METRIC = ["protonet", "matchingnet"]  # learners whose predictions must not depend on the support order
 FIXED_WAYS = ["maml"]  # learners with an output head sized to the training ways
+RUNNING_STATISTICS = ["protonet", "matchingnet", "relationnet"]  # BatchNorm with running statistics at meta-test
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +189,13 @@ def test_adapt_once_predict_many(name, checkpoint, images, monkeypatch):
         assert torch.equal(value, weights[key]), key
     # batch_size: passes of that many items; the default is one pass over all of them.
     torch.testing.assert_close(task.predict_proba(query, batch_size=len(query)), first, rtol=0, atol=0)
-    with pytest.warns(UserWarning, match="independent=True"):  # passes too small to hold every class
+    if learner.transductive:  # BatchNorm with each pass's statistics (the MAML family)
+        with pytest.warns(UserWarning, match="independent=True"):  # passes too small to hold every class
+            alone = task.predict_proba(query, batch_size=1)
+        with pytest.warns(UserWarning, match="independent=True"):
+            torch.testing.assert_close(alone[3:4], task.predict_proba(query[3:4]), rtol=0, atol=0)
+    else:
         alone = task.predict_proba(query, batch_size=1)
-    with pytest.warns(UserWarning, match="independent=True"):
-        torch.testing.assert_close(alone[3:4], task.predict_proba(query[3:4]), rtol=0, atol=0)
     torch.testing.assert_close(alone.sum(-1), torch.ones(len(query)))
     # independent: each item in a pass with the support examples, whatever else is predicted
     # (the passes run batched as tasks: equal up to float rounding).
@@ -198,8 +203,43 @@ def test_adapt_once_predict_many(name, checkpoint, images, monkeypatch):
     for i in (0, 3, len(query) - 1):
         beside_support = task.predict_proba(torch.stack([*task.support_x, query[i]]))[-1]
         torch.testing.assert_close(independent[i], beside_support, rtol=0, atol=1e-5)
+        # (with running statistics an independent item is predicted alone: equal up to float rounding)
         torch.testing.assert_close(task.predict_proba(query[i], independent=True)[0], beside_support,
-                                   rtol=0, atol=0)
+                                   rtol=0, atol=0 if learner.transductive else 1e-5)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", RUNNING_STATISTICS)
+def test_metric_predictions_do_not_depend_on_the_other_items(name, checkpoint, images):
+    """The metric learners meta-test with BatchNorm's running statistics (eval mode), as their
+    authors' code does: an item predicted alone gets what it gets in a batch."""
+    learner = metalab.load_learner(checkpoint(name))
+    assert not learner.transductive
+    support, query, _ = support_and_query(images)
+    task = learner.adapt(support)
+    together = task.predict_proba(query)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the passes do not interact
+        one_at_a_time = torch.cat([task.predict_proba(item.unsqueeze(0)) for item in query])
+    torch.testing.assert_close(one_at_a_time, together, rtol=0, atol=1e-5)
+    torch.testing.assert_close(task.predict_proba(query, independent=True), together, rtol=0, atol=1e-5)
+
+
+@pytest.mark.data
+def test_a_metric_checkpoint_from_before_running_statistics_still_loads(checkpoint, images, tmp_path):
+    """A checkpoint written before algorithm.batch_norm existed (no such key, no running-statistics
+    buffers) loads as the transductive learner it was trained as."""
+    saved = torch.load(checkpoint("protonet"), map_location="cpu", weights_only=False)
+    algorithm = saved["hyper_parameters"]["config"]["algorithm"]
+    del algorithm["batch_norm"]
+    saved["state_dict"] = {k: v for k, v in saved["state_dict"].items()
+                           if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    learner = metalab.load_learner(old)
+    assert learner.transductive and learner.model.batch_norm == "transductive"
+    support, query, _ = support_and_query(images)
+    assert torch.isfinite(learner.adapt(support).predict_logits(query)).all()
 
 
 # ---------------------------------------------------------------- the training transform

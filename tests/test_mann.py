@@ -72,13 +72,16 @@ def test_sequence_episodes_are_chosen_by_config_and_refused_where_they_cannot_wo
     few_shot = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "dataset.episodes=few_shot")
     with pytest.raises(ConfigError, match="set dataset.episodes=sequence"):
         ALGORITHMS["mann"](few_shot, [1, 28, 28], "classification")
+    too_many_heads = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "algorithm.memory_slots=3")
+    with pytest.raises(ConfigError, match="algorithm.read_heads=4 must be between 1 and algorithm.memory_slots=3"):
+        ALGORITHMS["mann"](too_many_heads, [1, 28, 28], "classification")
 
 
 # ---------------------------------------------------------------------------------- LRUA memory
-def test_least_used_marks_the_smallest_usages():
+def test_least_used_gives_each_head_its_own_slot_least_used_first():
     usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
-    assert least_used(usage, 1).tolist() == [[0, 1, 0, 0]]
-    assert least_used(usage, 2).tolist() == [[0, 1, 0, 1]]
+    assert least_used(usage, 1).tolist() == [[[0, 1, 0, 0]]]
+    assert least_used(usage, 2).tolist() == [[[0, 1, 0, 0], [0, 0, 0, 1]]]
 
 
 @pytest.mark.parametrize("gate, slot1, slot2", [
@@ -95,6 +98,56 @@ def test_lrua_writes_where_the_gate_says(gate, slot1, slot2):
     assert torch.allclose(weights, torch.tensor([[[0.0, 1 - gate, gate, 0.0]]]))
     expected = torch.tensor([[[1.0, 0.0], slot1, slot2, [2.0, 0.0]]])
     assert torch.allclose(new, expected)
+
+
+def reference_lrua_step(memory, usage, read_weights, keys, values, gates, strengths, decay):
+    """One MANN memory step for one sequence, head by head, from Santoro et al. (2016) eqs. 17-22
+    and tristandeleu/ntm-one-shot (head i writes to the i-th least-used slot; the least-used slot
+    is erased). memory [N, W], usage [N], read_weights [R, N], keys/values [R, W], gates/strengths [R]."""
+    slots, heads = memory.shape[0], keys.shape[0]
+    order = sorted(range(slots), key=lambda j: float(usage[j]))  # the least used first
+    new_memory = memory.clone()
+    new_memory[order[0]] = 0.0
+    write_weights = torch.zeros(heads, slots, dtype=memory.dtype)
+    for i in range(heads):
+        for j in range(slots):
+            least_used_here = 1.0 if j == order[i] else 0.0
+            write_weights[i, j] = gates[i] * read_weights[i, j] + (1 - gates[i]) * least_used_here
+    for i in range(heads):
+        for j in range(slots):
+            new_memory[j] = new_memory[j] + write_weights[i, j] * values[i]
+    new_reads, reads = torch.zeros(heads, slots, dtype=memory.dtype), []
+    for i in range(heads):
+        cosines = torch.stack([torch.dot(keys[i], new_memory[j]) / (keys[i].norm() * new_memory[j].norm())
+                               for j in range(slots)])
+        new_reads[i] = torch.softmax(strengths[i] * cosines, 0)
+        reads.append(sum(new_reads[i, j] * new_memory[j] for j in range(slots)))
+    new_usage = decay * usage + new_reads.sum(0) + write_weights.sum(0)
+    return new_memory, new_usage, new_reads, torch.stack(reads)
+
+
+def test_lrua_with_four_heads_matches_a_per_head_loop_of_the_equations():
+    """Several steps of write then read with R = 4 heads and distinct usages: every head has its own
+    least-used slot and only one slot is erased (one head writing everywhere would not match)."""
+    torch.manual_seed(0)
+    batch, slots, width, heads, decay = 2, 10, 3, 4, 0.95
+    memory = torch.randn(batch, slots, width, dtype=torch.float64)
+    usage = torch.rand(batch, slots, dtype=torch.float64)
+    read_weights = torch.rand(batch, heads, slots, dtype=torch.float64).softmax(-1)
+    for step in range(4):
+        keys = torch.randn(batch, heads, width, dtype=torch.float64).tanh()
+        values = torch.randn(batch, heads, width, dtype=torch.float64).tanh()  # a separate add vector
+        gates = torch.rand(batch, heads, 1, dtype=torch.float64)
+        strengths = 1 + 3 * torch.rand(batch, heads, 1, dtype=torch.float64)
+        new_memory, write_weights = lrua_write(memory, usage, read_weights, values, gates)
+        new_reads, reads = content_read(new_memory, keys, strengths)
+        new_usage = decay * usage + new_reads.sum(1) + write_weights.sum(1)
+        for b in range(batch):
+            expected = reference_lrua_step(memory[b], usage[b], read_weights[b], keys[b], values[b],
+                                           gates[b, :, 0], strengths[b, :, 0], decay)
+            for got, want in zip((new_memory[b], new_usage[b], new_reads[b], reads[b]), expected):
+                assert torch.allclose(got, want, atol=1e-12), f"step {step}, sequence {b}"
+        memory, usage, read_weights = new_memory, new_usage, new_reads
 
 
 def test_content_read_is_a_softmax_over_cosine_similarity():
@@ -115,6 +168,27 @@ def tiny_learner(tmp_path, algorithm: str, ways: int = 3):
                      if algorithm == "mann" else []))
     torch.manual_seed(0)
     return ALGORITHMS[algorithm](cfg, [1, 2, 2], "classification")
+
+
+@pytest.mark.parametrize("add_vector", [False, True])
+def test_the_controller_writes_its_keys_or_its_add_vectors(tmp_path, add_vector):
+    cfg = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "ways=3", "backbone=mlp", "backbone.hidden_sizes=[]",
+                   "algorithm.hidden_size=16", "algorithm.memory_slots=8", "algorithm.memory_width=4",
+                   "algorithm.read_heads=4", f"algorithm.add_vector={str(add_vector).lower()}")
+    torch.manual_seed(0)
+    controller = ALGORITHMS["mann"](cfg, [1, 2, 2], "classification").controller
+    assert (controller.add is not None) == add_vector
+    state = controller.initial_state(2, torch.zeros(1))
+    state = state._replace(usage=torch.rand(2, 8))  # distinct usages: four distinct least-used slots
+    features, label = torch.rand(2, 4), torch.eye(3)[:2]
+    with torch.no_grad():
+        _, after = controller(state, features, label)
+        h, _ = controller.lstm(torch.cat([features, label, state.reads], -1), (state.h, state.c))
+        keys = torch.tanh(controller.key(h)).view(2, 4, 4)
+        values = torch.tanh(controller.add(h)).view(2, 4, 4) if add_vector else keys
+        gate = torch.sigmoid(controller.gate(h)).unsqueeze(-1)
+        expected, _ = lrua_write(state.memory, state.usage, state.read_weights, values, gate)
+    torch.testing.assert_close(after.memory, expected)
 
 
 @pytest.mark.parametrize("algorithm", ["mann", "lstm"])

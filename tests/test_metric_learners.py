@@ -146,6 +146,129 @@ def test_relationnet_class_feature_is_the_sum_over_shots(tmp_path):
     torch.testing.assert_close(classes[0, 1], maps[4:8].sum(0))
 
 
+# ---------------------------------------------------------------- BatchNorm: training vs meta-test
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_at_meta_test_a_query_does_not_depend_on_the_other_queries(variant, tmp_path):
+    model = learner(configured(tmp_path, "unused", tmp_path, *VARIANTS[variant]))
+    assert model.batch_norm == "running"  # the configs' default: the authors' model.eval() protocol
+    for step in range(3):  # training-mode passes: batch statistics, running averages updated
+        model.meta_loss(random_episodes(2, 5, 1, 2))
+    model.eval()  # as Lightning's validate/test and metalab.load_learner set it
+    batch = random_episodes(2, ways=5, shots=2, queries=3)
+    with torch.no_grad():
+        adapted = model.adapt(batch.support_x, batch.support_y)
+        together = model.predict(adapted, batch.query_x)
+        one_at_a_time = torch.cat([model.predict(adapted, batch.query_x[:, i:i + 1])
+                                   for i in range(batch.query_x.shape[1])], 1)
+        # and a task's prediction does not depend on the other tasks of its batch either
+        first_alone = model.predict(model.adapt(batch.support_x[:1], batch.support_y[:1]), batch.query_x[:1])
+    torch.testing.assert_close(one_at_a_time, together, rtol=0, atol=1e-5)
+    torch.testing.assert_close(first_alone, together[:1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "relationnet"])
+def test_running_statistics_are_those_of_the_whole_meta_batch(algorithm, tmp_path):
+    """Training normalizes all the meta-batch's images as one batch and moves the running averages
+    toward its statistics; `transductive` keeps every task's own statistics and no averages."""
+    batch = random_episodes(3, 5, 1, 2)
+    model = learner(configured(tmp_path, "unused", tmp_path, algorithm))
+    first_norm = model.backbone.layers[0][1]
+    model.meta_loss(batch)
+    def mean_response(images):  # the first BatchNorm's input, averaged over every task's images
+        return model.backbone.layers[0][0](images.flatten(0, 1)).mean((0, 2, 3)).detach()
+
+    # PyTorch's running mean from 0 with momentum 0.1: ProtoNet embeds support and query in one
+    # pass (one update), Relation Networks in two (support, then query).
+    if algorithm == "protonet":
+        expected = 0.1 * mean_response(torch.cat([batch.support_x, batch.query_x], 1))
+    else:
+        expected = 0.9 * 0.1 * mean_response(batch.support_x) + 0.1 * mean_response(batch.query_x)
+    torch.testing.assert_close(first_norm.running_mean, expected, rtol=1e-4, atol=1e-6)
+    transductive = learner(configured(tmp_path, "unused", tmp_path, algorithm, "algorithm.batch_norm=transductive"))
+    assert transductive.backbone.layers[0][1].running_mean is None
+    transductive.eval()
+    with torch.no_grad():
+        together = transductive.predict(transductive.adapt(batch.support_x, batch.support_y), batch.query_x)
+        alone = transductive.predict(transductive.adapt(batch.support_x, batch.support_y), batch.query_x[:, :1])
+    assert not torch.allclose(alone, together[:, :1], atol=1e-5)  # the option keeps the old, transductive behaviour
+
+
+def test_a_checkpoint_without_the_setting_loads_as_it_was_trained(tmp_path):
+    """A config written before algorithm.batch_norm existed means per-task statistics: such a
+    checkpoint's weights (no running-statistics buffers) load into the learner it was trained as."""
+    config = configured(tmp_path, "unused", tmp_path, "protonet")
+    old_config = {**config, "algorithm": {k: v for k, v in config["algorithm"].items() if k != "batch_norm"}}
+    old = learner(old_config)
+    assert old.batch_norm == "transductive" and not any("running" in key for key in old.state_dict())
+    learner(old_config, seed=1).load_state_dict(old.state_dict())  # strict: every key fits
+    with pytest.raises(ConfigError, match="algorithm.batch_norm='bogus'"):
+        learner(configured(tmp_path, "unused", tmp_path, "protonet", "algorithm.batch_norm=bogus"))
+
+
+# ---------------------------------------------------------------- Matching Networks' full context embeddings
+def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One LSTM step for one vector: gates i, f, g, o (PyTorch's weight layout)."""
+    i, f, g, o = (w_ih @ x + b_ih + w_hh @ h + b_hh).chunk(4)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def reference_fce(model, support, query, steps):
+    """g(S) and f(x̂, S) for one task from Vinyals et al. (2016), appendix A.1-A.2, written
+    example by example with the learner's LSTM weights.
+
+    g(x_i, S) = h→_i + h←_i + g'(x_i), the two directions of an LSTM over g'(x_1..n) in order;
+    f(x̂, S): ĥ_k, c_k = LSTM(f'(x̂), [h_{k-1}, r_{k-1}], c_{k-1}); h_k = ĥ_k + f'(x̂);
+    r_{k-1} = Σ_i a(h_{k-1}, g(x_i)) g(x_i), a = softmax_i(h_{k-1}ᵀ g(x_i)); f = h_K.
+    The LSTM's hidden input is [h, r]: its weights on it are the learner's hidden weights on h
+    and its input weights on r. The paper leaves h_0 open; metalab starts from h_0 = f'(x̂), c_0 = 0.
+    """
+    lstm, cell, dim = model.support_lstm, model.query_cell, support.shape[-1]
+    forward = [None] * len(support)
+    h = c = torch.zeros(dim, dtype=support.dtype)
+    for i in range(len(support)):
+        h, c = lstm_step(support[i], h, c, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+        forward[i] = h
+    backward = [None] * len(support)
+    h = c = torch.zeros(dim, dtype=support.dtype)
+    for i in reversed(range(len(support))):
+        h, c = lstm_step(support[i], h, c, lstm.weight_ih_l0_reverse, lstm.weight_hh_l0_reverse,
+                         lstm.bias_ih_l0_reverse, lstm.bias_hh_l0_reverse)
+        backward[i] = h
+    g = torch.stack([forward[i] + backward[i] + support[i] for i in range(len(support))])
+    w_x, w_r = cell.weight_ih[:, :dim], cell.weight_ih[:, dim:]
+    w_hidden = torch.cat([cell.weight_hh, w_r], 1)  # the LSTM's weights on its hidden input [h, r]
+    f = []
+    for x in query:
+        h, c = x, torch.zeros(dim, dtype=x.dtype)
+        for _ in range(steps):
+            attention = torch.softmax(torch.stack([h @ g_i for g_i in g]), 0)
+            r = sum(a * g_i for a, g_i in zip(attention, g))
+            h_hat, c = lstm_step(x, torch.cat([h, r]), c, w_x, w_hidden, cell.bias_ih, cell.bias_hh)
+            h = h_hat + x
+        f.append(h)
+    return g, torch.stack(f)
+
+
+def test_full_context_embeddings_follow_the_papers_appendix(tmp_path):
+    model = learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.fce=true",
+                               "algorithm.read_steps=3")).double()
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the default initialization: every term counts
+            p.uniform_(-0.5, 0.5)
+    torch.manual_seed(1)
+    tasks, shots, queries, dim = 2, 5, 4, model.backbone.out_features
+    support, query = torch.randn(tasks, shots, dim, dtype=torch.float64), torch.randn(tasks, queries, dim,
+                                                                                       dtype=torch.float64)
+    with torch.no_grad():
+        g = model.context_support(support)
+        f = model.context_query(query, g)
+        for t in range(tasks):
+            g_t, f_t = reference_fce(model, support[t], query[t], steps=3)
+            torch.testing.assert_close(g[t], g_t, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(f[t], f_t, rtol=1e-10, atol=1e-10)
+
+
 # ---------------------------------------------------------------- shapes at test time
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("ways,shots,queries", [(20, 2, 1), (3, 3, 2)])

@@ -18,8 +18,11 @@ numpy array is a raw image too (PIL's `fromarray`); a torch tensor is taken as a
 model-ready: float [C, H, W] in [0, 1] of the checkpoint's input shape, as the episode
 tensors are (`learner.transform(item)` gives one).
 
-BatchNorm in conv4 uses the statistics of the batch it is given (no running averages),
-so a query's output depends on the other items predicted in the same pass. `predict`
+The metric learners' BatchNorm meta-tests with running statistics (eval mode, as
+`load_learner` sets it; algorithms/metric.py), so an item's output does not depend on the
+others predicted with it. The MAML family's conv4 BatchNorm uses the statistics of the batch
+it is given (no running averages), so there a query's output depends on the other items
+predicted in the same pass (`Learner.transductive` says which). `predict`
 by default passes all given items together, as meta-test evaluation passes an episode's
 queries (best when the items are a mix of the classes, as there); `batch_size=k` splits
 them into passes of k items. `independent=True` predicts each item in its own pass
@@ -121,7 +124,8 @@ class Learner:
         self.checkpoint_path = checkpoint_path
         self.algorithm = model.config["algorithm"]["name"]
         self.training_ways = model.config.get("ways")
-        # conv4's BatchNorm normalizes with the statistics of each forward pass.
+        # True when some BatchNorm normalizes with the statistics of each forward pass (the
+        # MAML family's conv4); the metric learners' keep running statistics.
         self.transductive = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
                                 for m in model.modules())
 

@@ -15,15 +15,20 @@ backbone (conv4 or MLP) and r_{t-1} the previous step's read vectors (MANN only)
 
 MANN memory M_t ∈ R^{N×W} (N slots of width W), with R read heads; head i emits a key
 k_t^i = tanh(W_k^i h_t) and a gate α_t^i = W_α^i h_t (the learned interpolation gate).
-The paper reads with β_t = 1; `algorithm.key_strength=true` adds the Neural Turing Machine's
-learned key strength β_t = 1 + softplus(W_β h_t), which lets a read focus on one slot.
-Least-recently-used access (LRUA), per step:
+In the paper's equations head i writes its key (`algorithm.add_vector=false`, the paper
+experiment config); `algorithm.add_vector=true`, the `algorithm=mann` default, writes a separate
+add vector a_t^i = tanh(W_a^i h_t) instead, as tristandeleu/ntm-one-shot does (mann/model.py,
+line 59), which learned much faster on Omniglot sequences (README, memory-based results). The paper reads with β_t = 1; `algorithm.key_strength=true`
+adds the Neural Turing Machine's learned key strength β_t = 1 + softplus(W_β h_t), which
+lets a read focus on one slot. Least-recently-used access (LRUA), per step, following
+tristandeleu/ntm-one-shot mann/model.py lines 63-72:
 
-    w^lu_{t-1}(j) = 1 if w^u_{t-1}(j) is among the R smallest usages, else 0
-    w^w_t = σ(α_t) w^r_{t-1} + (1 − σ(α_t)) w^lu_{t-1}      write to the last-read slot or a least-used one
-    M_t(j) = M_{t-1}(j) (1 − w^lu_{t-1}(j)) + Σ_i w^w_t^i(j) k_t^i     least-used slots are erased first
-    w^r_t(j) = softmax_j( β_t K(k_t, M_t(j)) ),  K = cosine similarity        read by content
-    r_t = Σ_j w^r_t(j) M_t(j)
+    lu_{t-1}(i) = the slot of i-th smallest usage w^u_{t-1}     each head its own least-used slot
+    w^w_t^i = σ(α_t^i) w^r_{t-1}^i + (1 − σ(α_t^i)) e_{lu_{t-1}(i)}   write to the last-read slot or it
+    M_t = M_{t-1} with row lu_{t-1}(1) set to zero + Σ_i w^w_t^i (k_t^i or a_t^i)ᵀ
+                                     (the paper: "the least used memory location ... is set to zero")
+    w^r_t^i(j) = softmax_j( β_t K(k_t^i, M_t(j)) ),  K = cosine similarity   read by content
+    r_t^i = Σ_j w^r_t^i(j) M_t(j)
     w^u_t = γ w^u_{t-1} + Σ_i (w^r_t^i + w^w_t^i)            usage, decaying by γ
 
 Training minimises the cross-entropy of every step's prediction, averaged over the steps and
@@ -73,21 +78,27 @@ class State(NamedTuple):
 
 
 def least_used(usage: Tensor, count: int) -> Tensor:
-    """[B, slots] w^lu: 1 at the `count` slots of smallest usage (exactly `count`, ties broken by topk), 0 elsewhere."""
-    slots = torch.topk(-usage, count, dim=-1).indices
-    return torch.zeros_like(usage).scatter_(-1, slots, 1.0)
+    """[B, count, slots]: row i one-hot at the slot of i-th smallest usage (ties broken by topk).
+
+    Head i's least-used slot, as tristandeleu/ntm-one-shot's `argsort(wu_tm1)[:, :nb_reads]`
+    (mann/model.py, line 63): the R heads write to R different slots.
+    """
+    slots = torch.topk(-usage, count, dim=-1).indices  # sorted: the least used first
+    return nn.functional.one_hot(slots, usage.shape[-1]).to(usage.dtype)
 
 
-def lrua_write(memory: Tensor, usage: Tensor, read_weights: Tensor, keys: Tensor,
+def lrua_write(memory: Tensor, usage: Tensor, read_weights: Tensor, values: Tensor,
                gate: Tensor) -> tuple[Tensor, Tensor]:
     """One LRUA write: (new memory [B, N, W], write weights [B, R, N]).
 
     memory [B, N, W]; usage and read_weights from the previous step ([B, N], [B, R, N]);
-    keys [B, R, W]; gate σ(α) in [0, 1], [B, R, 1].
+    values [B, R, W], what head i writes (its key, or its add vector); gate σ(α) in [0, 1], [B, R, 1].
+    Head i writes to its last-read slot or its own least-used one; only the single least-used
+    slot is erased first (tristandeleu/ntm-one-shot mann/model.py lines 66-72).
     """
-    unused = least_used(usage, keys.shape[1])
-    write_weights = gate * read_weights + (1 - gate) * unused.unsqueeze(1)
-    memory = memory * (1 - unused).unsqueeze(-1) + write_weights.transpose(1, 2) @ keys
+    unused = least_used(usage, values.shape[1])  # [B, R, N]
+    write_weights = gate * read_weights + (1 - gate) * unused
+    memory = memory * (1 - unused[:, 0]).unsqueeze(-1) + write_weights.transpose(1, 2) @ values
     return memory, write_weights
 
 
@@ -106,7 +117,7 @@ class Controller(nn.Module):
     """The recurrent core of both learners: one LSTM step, plus the memory when `slots` > 0."""
 
     def __init__(self, features: int, ways: int, hidden: int, slots: int, width: int, heads: int,
-                 usage_decay: float, key_strength: bool):
+                 usage_decay: float, key_strength: bool, add_vector: bool):
         super().__init__()
         self.ways, self.slots, self.width, self.heads, self.usage_decay = ways, slots, width, heads, usage_decay
         reads = heads * width if slots else 0
@@ -115,6 +126,7 @@ class Controller(nn.Module):
             self.key = nn.Linear(hidden, heads * width)
             self.gate = nn.Linear(hidden, heads)
             self.strength = nn.Linear(hidden, heads) if key_strength else None
+            self.add = nn.Linear(hidden, heads * width) if add_vector else None
         self.out = nn.Linear(hidden + reads, ways)
 
     def initial_state(self, batch: int, like: Tensor) -> State:
@@ -135,7 +147,9 @@ class Controller(nn.Module):
         batch = h.shape[0]
         keys = torch.tanh(self.key(h)).view(batch, self.heads, self.width)
         gate = torch.sigmoid(self.gate(h)).unsqueeze(-1)
-        memory, write_weights = lrua_write(state.memory, state.usage, state.read_weights, keys, gate)
+        # The paper writes the key itself; tristandeleu/ntm-one-shot a separate add vector (model.py line 59).
+        values = keys if self.add is None else torch.tanh(self.add(h)).view(batch, self.heads, self.width)
+        memory, write_weights = lrua_write(state.memory, state.usage, state.read_weights, values, gate)
         # Optional NTM-style key strength β = 1 + softplus(W_β h) >= 1 sharpens the read (not in the paper).
         strength = None if self.strength is None else 1 + nn.functional.softplus(self.strength(h)).unsqueeze(-1)
         read_weights, reads = content_read(memory, keys, strength)
@@ -164,8 +178,11 @@ class SequenceLearner(MetaLearner):
         cfg = self.algorithm_cfg
         self.ways = config["ways"]
         self.backbone = build_backbone(config["backbone"], input_shape)
+        if self.memory and not 0 < cfg["read_heads"] <= cfg["memory_slots"]:
+            raise ConfigError(f"algorithm.read_heads={cfg['read_heads']} must be between 1 and algorithm.memory_slots="
+                              f"{cfg['memory_slots']}: every head writes to its own least-used slot")
         memory = (cfg["memory_slots"], cfg["memory_width"], cfg["read_heads"], cfg["usage_decay"],
-                  cfg["key_strength"]) if self.memory else (0, 0, 0, 0.0, False)
+                  cfg["key_strength"], bool(cfg.get("add_vector", False))) if self.memory else (0, 0, 0, 0.0, False, False)
         self.controller = Controller(self.backbone.out_features, self.ways, cfg["hidden_size"], *memory)
 
     def encode(self, x: Tensor) -> Tensor:

@@ -27,24 +27,24 @@ temperature, not part of the paper.
 
 Both LSTMs run over whatever set they are given, so any ways/shots/queries work at test
 time. The backbone is shared (f' = g'), as in the paper's image experiments.
+
+BatchNorm: `algorithm.batch_norm` (algorithms/metric.py). The authors published no code;
+the default `running` treats it as ProtoNet's reference code does (support and query
+images in one training batch, running statistics at meta-test).
 """
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
-from metalab.algorithms.base import MetaLearner
-from metalab.backbones import build_backbone
+from metalab.algorithms.metric import MetricLearner
 from metalab.data.episodes import Episode
 from metalab.errors import ConfigError
 
 
-class MatchingNet(MetaLearner):
-    task_types = ("classification",)
-
+class MatchingNet(MetricLearner):
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
-        self.backbone = build_backbone(config["backbone"], input_shape)
+        self.backbone = self.build_embedding(config["backbone"], input_shape)
         self.fce = bool(self.algorithm_cfg.get("fce", False))
         self.read_steps = self.algorithm_cfg.get("read_steps", 5)
         self.eps = float(self.algorithm_cfg.get("cosine_eps", 1e-8))
@@ -81,7 +81,10 @@ class MatchingNet(MetaLearner):
     # ------------------------------------------------------------------ learner interface
     def adapt(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
         """(g(S) [tasks, support, dim], one-hot support labels [tasks, support, ways])."""
-        support = vmap(self.backbone)(support_x)  # one task per vmap slice: its own normalization statistics
+        return self.support_set(self.embed(self.backbone, support_x), support_y)
+
+    def support_set(self, support: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+        """`adapt` from the support embeddings g'(x_i)."""
         if self.fce:
             support = self.context_support(support)
         ways = int(support_y.max()) + 1
@@ -89,8 +92,11 @@ class MatchingNet(MetaLearner):
 
     def predict(self, adapted: tuple[Tensor, Tensor], query_x: Tensor) -> Tensor:
         """[tasks, queries, ways] log P(y = k | x̂, S)."""
+        return self.attend(adapted, self.embed(self.backbone, query_x))
+
+    def attend(self, adapted: tuple[Tensor, Tensor], query: Tensor) -> Tensor:
+        """`predict` from the query embeddings f'(x̂)."""
         support, one_hot = adapted
-        query = vmap(self.backbone)(query_x)
         if self.fce:
             query = self.context_query(query, support)
         # Cosine similarity; the epsilon keeps an all-zero embedding (possible after a
@@ -102,6 +108,7 @@ class MatchingNet(MetaLearner):
         return torch.logsumexp(log_attention.unsqueeze(-1) + one_hot.log().unsqueeze(1), dim=2)
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        log_probs = self.predict(self.adapt(batch.support_x, batch.support_y), batch.query_x)
+        support, query = self.embed_episode(self.backbone, batch.support_x, batch.query_x)
+        log_probs = self.attend(self.support_set(support, batch.support_y), query)
         loss = nn.functional.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
         return loss, {"acc": self.episode_metric(log_probs, batch.query_y)}

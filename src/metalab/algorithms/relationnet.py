@@ -19,36 +19,43 @@ The embedding is the shared backbone (`backbone=`), asked for its feature map; t
 paper's conv4 embedding pools after its first two blocks only, set per backbone in
 `algorithm.backbone_options` (conf/algorithm/relationnet.yaml). Nothing is sized to the
 number of ways or shots, so test episodes may use others than training.
+
+BatchNorm (embedding and relation module): `algorithm.batch_norm` (algorithms/metric.py).
+The default `running` meta-tests with running statistics, so a query's score does not
+depend on the other queries; the authors' test scripts instead normalize each pass with its
+own statistics (they never call `model.eval()`), which is `transductive`. Support and query
+images are embedded in separate passes, as in the authors' training script
+(omniglot/omniglot_train_one_shot.py, lines 172-173).
 """
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
-from metalab.algorithms.base import MetaLearner
-from metalab.backbones import build_backbone
+from metalab.algorithms.metric import MetricLearner
 from metalab.data.episodes import Episode
 from metalab.errors import ConfigError
 
 
-def relation_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
-    """[3×3 conv, BatchNorm (batch statistics, as in the backbones), ReLU, 2×2 max-pool]."""
+def relation_block(in_channels: int, out_channels: int, pool: bool, running_stats: bool) -> nn.Sequential:
+    """[3×3 conv, BatchNorm (running statistics or not, as the embedding's), ReLU, 2×2 max-pool]."""
     layers = [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-              nn.BatchNorm2d(out_channels, track_running_stats=False), nn.ReLU()]
+              nn.BatchNorm2d(out_channels, track_running_stats=running_stats), nn.ReLU()]
     return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 
 class RelationModule(nn.Module):
     """g_ϕ: a [2C, H, W] pair map -> one relation score in [0, 1]."""
 
-    def __init__(self, in_shape: tuple[int, int, int], channels: int, hidden: int):
+    def __init__(self, in_shape: tuple[int, int, int], channels: int, hidden: int, running_stats: bool):
         super().__init__()
         blocks, probe = [], torch.zeros(2, *in_shape)
         for in_channels in (in_shape[0], channels):
             # A map already 1×1 is not pooled, so small embeddings (ResNet-12 on 28×28) work.
-            blocks.append(relation_block(in_channels, channels, pool=min(probe.shape[-2:]) >= 2))
+            blocks.append(relation_block(in_channels, channels, pool=min(probe.shape[-2:]) >= 2,
+                                         running_stats=running_stats))
             with torch.no_grad():
-                probe = blocks[-1](probe)
+                probe = blocks[-1].eval()(probe)  # eval: the shape probe leaves the statistics alone
+                blocks[-1].train()
         self.convs = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(probe[0].numel(), hidden), nn.ReLU(),
                                   nn.Linear(hidden, 1), nn.Sigmoid())
@@ -57,14 +64,12 @@ class RelationModule(nn.Module):
         return self.head(self.convs(pairs)).squeeze(-1)
 
 
-class RelationNet(MetaLearner):
-    task_types = ("classification",)
-
+class RelationNet(MetricLearner):
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         backbone_cfg = dict(config["backbone"])
         extra = (self.algorithm_cfg.get("backbone_options") or {}).get(backbone_cfg["name"]) or {}
-        self.backbone = build_backbone({**backbone_cfg, **extra}, input_shape)
+        self.backbone = self.build_embedding({**backbone_cfg, **extra}, input_shape)
         shape = tuple(getattr(self.backbone, "out_shape", ()))
         if len(shape) != 3 or not hasattr(self.backbone, "feature_map"):
             raise ConfigError(f"algorithm=relationnet compares [C, H, W] feature maps, but backbone="
@@ -72,23 +77,24 @@ class RelationNet(MetaLearner):
         self.backbone.feature_map = True  # return the map unflattened (and, for resnet12, unpooled)
         self.relation = RelationModule((2 * shape[0], shape[1], shape[2]),
                                        channels=int(self.algorithm_cfg.get("relation_channels", 64)),
-                                       hidden=int(self.algorithm_cfg.get("relation_hidden", 8)))
+                                       hidden=int(self.algorithm_cfg.get("relation_hidden", 8)),
+                                       running_stats=self.running_stats)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         """[tasks, ways, C, H, W] class features: each class's support maps summed over its shots."""
-        support = vmap(self.backbone)(support_x)  # one task per vmap slice: its own normalization statistics
+        support = self.embed(self.backbone, support_x)
         ways = int(support_y.max()) + 1
         one_hot = nn.functional.one_hot(support_y, ways).to(support.dtype)  # [tasks, support, ways]
         return torch.einsum("tsk,tschw->tkchw", one_hot, support)
 
     def predict(self, classes: Tensor, query_x: Tensor) -> Tensor:
         """[tasks, queries, ways] relation scores in [0, 1]."""
-        query = vmap(self.backbone)(query_x)  # [tasks, queries, C, H, W]
+        query = self.embed(self.backbone, query_x)  # [tasks, queries, C, H, W]
         tasks, queries, ways = query.shape[0], query.shape[1], classes.shape[1]
         pairs = torch.cat([query.unsqueeze(2).expand(-1, -1, ways, -1, -1, -1),
                            classes.unsqueeze(1).expand(-1, queries, -1, -1, -1, -1)], dim=3)
-        # One task's query-class pairs form one batch for the relation module's BatchNorm.
-        scores = vmap(self.relation)(pairs.flatten(1, 2))
+        # transductive: one task's query-class pairs form one batch for the relation module's BatchNorm.
+        scores = self.embed(self.relation, pairs.flatten(1, 2))
         return scores.view(tasks, queries, ways)
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:

@@ -13,10 +13,16 @@ from metalab.errors import ConfigError
 BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 
 
-def build_backbone(cfg: Mapping, input_shape: tuple[int, ...]) -> nn.Module:
+# Backbones with BatchNorm layers, which can keep running statistics (`running_stats`).
+NORMALIZED = ("conv4", "resnet12")
+
+
+def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bool = False) -> nn.Module:
     """Build the backbone named by `cfg["name"]` for inputs of `input_shape` (no batch dim).
 
     Every backbone exposes `out_features`: the size of the flat feature vector it returns.
+    `running_stats=True`: its BatchNorm layers keep running statistics, used in eval mode
+    (for learners that never vmap the backbone; a backbone without BatchNorm ignores it).
     """
     options = dict(cfg)
     name = options.pop("name")
@@ -29,4 +35,6 @@ def build_backbone(cfg: Mapping, input_shape: tuple[int, ...]) -> nn.Module:
         removals = " ".join(f"~backbone.{key}" for key in unknown)
         raise ConfigError(f"backbone={name} has no option {', '.join(unknown)} (a paper setting's for another "
                           f"backbone?); remove with {removals}, or choose the backbone they belong to")
+    if running_stats and name in NORMALIZED:
+        options["running_stats"] = True
     return BACKBONES[name](input_shape=tuple(input_shape), **options)

@@ -21,17 +21,19 @@ class SamePaddedConv2d(nn.Conv2d):
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: int = 1,
-               ceil_pool: bool = False) -> nn.Sequential:
-    # BatchNorm without running statistics: every forward pass normalizes with the
-    # statistics of the images it is given. Under vmap each task is its own batch, so
+               ceil_pool: bool = False, running_stats: bool = False) -> nn.Sequential:
+    # By default BatchNorm without running statistics: every forward pass normalizes with
+    # the statistics of the images it is given. Under vmap each task is its own batch, so
     # the statistics are per task (transductive, as in MAML's reference code), the
     # module holds no buffers to mutate inside the inner loop, and an episode's result
-    # does not depend on which other episodes share its meta-batch.
+    # does not depend on which other episodes share its meta-batch. `running_stats=True`
+    # keeps running averages, used in eval mode; only for learners that do not vmap the
+    # backbone (the metric learners, algorithms/metric.py).
     conv = (nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1) if stride == 1
             else SamePaddedConv2d(in_channels, out_channels, kernel_size=3, stride=stride))
     layers = [
         conv,
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        nn.BatchNorm2d(out_channels, track_running_stats=running_stats),
         nn.ReLU(),
     ]
     return nn.Sequential(*layers, nn.MaxPool2d(2, ceil_mode=ceil_pool)) if pool else nn.Sequential(*layers)
@@ -53,20 +55,25 @@ class Conv4(nn.Module):
     final map averaged over its positions (64 features) rather than flattened.
     `ceil_pool=True` pools like TensorFlow's 'same' max-pooling, keeping a last odd row and
     column (84 -> 42 -> 21 -> 11 -> 6), as supervised-reptile's miniImageNet network does.
+    `running_stats=True`: BatchNorm keeps running statistics (see conv_block).
     """
 
     def __init__(self, input_shape: tuple[int, ...], hidden_channels: int = 64, blocks: int = 4,
                  pooled_blocks: int | None = None, feature_map: bool = False, stride: int = 1,
-                 global_average: bool = False, ceil_pool: bool = False):
+                 global_average: bool = False, ceil_pool: bool = False,
+                 running_stats: bool = False):
         super().__init__()
         pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
         channels = [input_shape[0]] + [hidden_channels] * blocks
-        self.layers = nn.Sequential(*(conv_block(c_in, c_out, pool=i < pooled_blocks, stride=stride, ceil_pool=ceil_pool)
+        self.layers = nn.Sequential(*(conv_block(c_in, c_out, pool=i < pooled_blocks, stride=stride, ceil_pool=ceil_pool,
+                                                 running_stats=running_stats)
                                       for i, (c_in, c_out) in enumerate(zip(channels, channels[1:]))))
         self.feature_map = feature_map
         self.global_average = global_average
         with torch.no_grad():
-            self.out_shape = tuple(self.pooled(self.layers(torch.zeros(2, *input_shape))).shape[1:])
+            # eval: the shape probe must not update running statistics
+            self.out_shape = tuple(self.pooled(self.layers.eval()(torch.zeros(2, *input_shape))).shape[1:])
+        self.layers.train()
         self.out_features = math.prod(self.out_shape)
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:

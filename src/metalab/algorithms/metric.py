@@ -1,0 +1,64 @@
+"""What the metric learners (ProtoNet, Matching Networks, Relation Networks) share: how their
+BatchNorm normalizes, chosen with `algorithm.batch_norm`.
+
+- `running` (the default in their configs): the authors' protocol as in
+  jakesnell/prototypical-networks, which trains in training mode (protonets/engine.py,
+  line 29) and evaluates after `model.eval()` (protonets/utils/model.py, line 15;
+  scripts/predict/few_shot/eval.py, line 16). In training, BatchNorm normalizes with the
+  statistics of the whole meta-batch's images, embedded as one batch (the weights are
+  shared across tasks, so no per-task vmap is needed), and keeps running averages; at
+  meta-test, in eval mode (Lightning's validate/test, and `metalab.load_learner`), it
+  uses those averages, so a query's output depends on the support set and itself only.
+- `transductive`: every task's images are normalized with that task's own statistics
+  (the backbone vmapped per task, BatchNorm without running statistics), in training and
+  at meta-test alike, so a query's output depends on the other queries of its pass. This is
+  what floodsung/LearningToCompare_FSL's test scripts compute: they never call
+  `model.eval()`, so their BatchNorm (momentum 1, omniglot/omniglot_test_one_shot.py lines
+  62-98) normalizes the support set and the queries each with their own pass's statistics
+  (lines 172-173). It is also what a
+  checkpoint written before this setting existed was trained with: a config without
+  `algorithm.batch_norm` is read as `transductive`, so such checkpoints load and predict as
+  they did.
+"""
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from metalab.algorithms.base import MetaLearner
+from metalab.backbones import build_backbone
+from metalab.errors import ConfigError
+
+BATCH_NORM = ("running", "transductive")
+
+
+class MetricLearner(MetaLearner):
+    task_types = ("classification",)
+
+    def __init__(self, config: dict, input_shape: list[int], task_type: str):
+        super().__init__(config, input_shape, task_type)
+        self.batch_norm = self.algorithm_cfg.get("batch_norm", "transductive")  # absent: an older checkpoint
+        if self.batch_norm not in BATCH_NORM:
+            raise ConfigError(f"algorithm.batch_norm={self.batch_norm!r} is unknown; use running (the authors' "
+                              f"evaluation with running statistics) or transductive (each task's own statistics)")
+        self.running_stats = self.batch_norm == "running"
+
+    def build_embedding(self, backbone_cfg: dict, input_shape: list[int]) -> nn.Module:
+        return build_backbone(backbone_cfg, input_shape, running_stats=self.running_stats)
+
+    def embed(self, module: nn.Module, x: Tensor) -> Tensor:
+        """module applied to [tasks, n, ...] inputs -> [tasks, n, ...] outputs: all tasks as one
+        batch (`running`), or each task as its own batch (`transductive`)."""
+        if self.running_stats:
+            return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return vmap(module)(x)
+
+    def embed_episode(self, module: nn.Module, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+        """(support, query) embeddings for training. `running`: support and query images in one
+        batch, as prototypical-networks' loss does (protonets/models/few_shot.py, lines 39-42);
+        `transductive`: support and query passes apart, as at meta-test."""
+        if not self.running_stats:
+            return self.embed(module, support_x), self.embed(module, query_x)
+        both = self.embed(module, torch.cat([support_x, query_x], 1))
+        return both[:, :support_x.shape[1]], both[:, support_x.shape[1]:]
+
