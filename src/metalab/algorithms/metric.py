@@ -15,10 +15,9 @@ BatchNorm normalizes, chosen with `algorithm.batch_norm`.
   what floodsung/LearningToCompare_FSL's test scripts compute: they never call
   `model.eval()`, so their BatchNorm (momentum 1, omniglot/omniglot_test_one_shot.py lines
   62-98) normalizes the support set and the queries each with their own pass's statistics
-  (lines 172-173). It is also what a
-  checkpoint written before this setting existed was trained with: a config without
-  `algorithm.batch_norm` is read as `transductive`, so such checkpoints load and predict as
-  they did.
+  (lines 172-173). It is also what a checkpoint written before this setting existed was
+  trained with: a config without `algorithm.batch_norm` is read as `transductive`, so such
+  checkpoints load and predict as they did.
 """
 
 import torch
