@@ -85,7 +85,7 @@ def train(cfg: DictConfig) -> float | None:
     if not trainer.is_global_zero:
         return objective
     # Each process timed its own share of every meta-batch, in parallel with the others.
-    train_rate = model.train_tasks * trainer.world_size / model.train_time if model.train_time else None
+    train_rate = model.timed_tasks * trainer.world_size / model.train_time if model.train_time else None
     write_results(
         run_dir,
         config,

@@ -75,10 +75,11 @@ class MetaLearner(LightningModule):
         self._eval_values: dict[str, list[Tensor]] = defaultdict(list)
         self.eval_episodes: dict[str, int] = {}  # stage -> fixed episodes in its last summary
         self._step_started = 0.0
+        self.train_tasks = 0  # tasks meta-trained on by this process
         # Seconds spent in outer steps and their tasks, for tasks per second; the first outer
         # step of a process is left out: it warms up (allocations, kernels, torch.compile).
         self.train_time = 0.0
-        self.train_tasks = 0
+        self.timed_tasks = 0
         self._warm = False
         self.compile_mode = self.algorithm_cfg.get("compile", False)  # false, true or "reduce-overhead"
         self.compiled = bool(self.compile_mode)
@@ -185,9 +186,10 @@ class MetaLearner(LightningModule):
     def on_train_batch_end(self, outputs, batch: Episode, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_started
         tasks = batch.support_x.shape[0]
+        self.train_tasks += tasks
         if self._warm:
             self.train_time += seconds
-            self.train_tasks += tasks
+            self.timed_tasks += tasks
         self._warm = True
         self.log("train/tasks_per_sec", tasks / max(seconds, 1e-9))
 
