@@ -502,8 +502,10 @@ def test_metalab_eval_can_test_reptile_without_transduction():
     from metalab.eval import evaluation_config
 
     trained = {"algorithm": {"name": "reptile", "transductive": True}, "dataset": {"name": "omniglot"}}
-    run = evaluation_config({"ckpt_path": "last.ckpt", "transductive": False}, trained, [1, 28, 28])
+    run = evaluation_config({"ckpt_path": "last.ckpt", "transductive": False}, trained, [1, 28, 28],
+                            ["transductive=false"])
     assert run["algorithm"]["transductive"] is False and trained["algorithm"]["transductive"] is True
     with pytest.raises(ConfigError, match="transductive applies to learners with that option"):
         evaluation_config({"ckpt_path": "last.ckpt", "transductive": False},
-                          {"algorithm": {"name": "maml"}, "dataset": {"name": "omniglot"}}, [1, 28, 28])
+                          {"algorithm": {"name": "maml"}, "dataset": {"name": "omniglot"}}, [1, 28, 28],
+                          ["transductive=false"])
