@@ -77,6 +77,7 @@ def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):
     assert trained["test/mse"] < fewer["test/mse"] < fewer["test/mse_before"] == trained["test/mse_before"]
 
 
+@pytest.mark.slow  # kept out of the default run for its time (10-minute budget); `make test-full` runs it
 def test_resume_continues_from_the_saved_step(env, tmp_path):
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
     short = ["trainer.val_check_interval=100", "val_episodes=10", "test_episodes=20"]

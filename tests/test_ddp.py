@@ -170,6 +170,7 @@ def test_slurm_launcher_ties_tasks_and_gpus_per_node_to_the_trainer():
 
 
 # ---------------------------------------------------------------- the command line: Lightning re-launches it
+@pytest.mark.slow  # kept out of the default run for its time (10-minute budget); `make test-full` runs it
 def test_maml_metalab_train_on_two_cpu_processes_matches_one_process(tmp_path, cache_dir, data_dir):
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir),
            "OMP_NUM_THREADS": "1"}

@@ -170,7 +170,7 @@ def test_reptile_adam_inner_loop_matches_torch_adam_per_task():
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp",
-                                       pytest.param("maml+compile", marks=needs_cpp_compiler)])
+                                       pytest.param("maml+compile", marks=[needs_cpp_compiler, pytest.mark.slow])])
 def test_each_learner_meta_trained_briefly_on_sinusoid_adapts_to_new_tasks(tmp_path, algorithm):
     steps = 1000
     # Each learner with its own defaults (conf/algorithm/), except Reptile: its paper setting
@@ -233,7 +233,7 @@ def test_checkpointed_inner_steps_give_the_same_second_order_meta_gradient(name)
 
 @needs_cpp_compiler
 @pytest.mark.parametrize("name,backbone,shape", [("maml", MLP, [5]), ("fomaml", MLP, [5]), ("metasgd", MLP, [5]),
-                                                 ("maml", TINY_CONV, [1, 8, 8])],  # conv: BatchNorm, max-pooling
+                                                 pytest.param("maml", TINY_CONV, [1, 8, 8], marks=pytest.mark.slow)],  # conv: BatchNorm, max-pooling
                          ids=["maml-mlp", "fomaml-mlp", "metasgd-mlp", "maml-conv"])
 def test_compiled_meta_gradient_equals_the_loop(name, backbone, shape):
     """algorithm.compile=true: torch.func + torch.compile give the per-task loop's meta-gradient."""
@@ -252,6 +252,7 @@ def test_compiled_meta_gradient_equals_the_loop(name, backbone, shape):
 
 
 @needs_cpp_compiler
+@pytest.mark.slow  # kept out of the default run for its time (10-minute budget); `make test-full` runs it
 def test_compiled_mamlpp_follows_its_schedules_and_compiles_once_per_switch(monkeypatch):
     """MAML++ with algorithm.compile=true: the same meta-gradient as eager (itself tested against
     the loop above) at every outer step, while the multi-step loss weights anneal, the

@@ -92,6 +92,7 @@ def test_every_searched_setting_exists_in_the_config(name, extra):
     assert sweeper.direction == ("maximize" if cfg.dataset.metric_mode == "max" else "minimize")
 
 
+@pytest.mark.slow  # kept out of the default run for its time (10-minute budget); `make test-full` runs it
 def test_optuna_search_optimizes_the_validation_metric(tmp_path, cache_dir):
     proc = multirun(tmp_path, "hparams_search=maml_optuna", "hydra.sweeper.n_trials=3", cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
