@@ -41,8 +41,8 @@ METRIC_EPISODES = {"protonet": (60, 5, 5), "matchingnet": (5, 1, 15), "relationn
 # --precision: float32 ("32"), float32 with TensorFloat-32 matmuls and convolutions, bf16 autocast (with TF32).
 PRECISIONS = ("32", "tf32", "bf16")
 # Row compile modes: 0 eager, 1 algorithm.compile=true, ro algorithm.compile=reduce-overhead.
-COMPILE_LABELS = {"0": "", "1": " +compile", "ro": " +cudagraph"}
 COMPILE_SETTING = {"0": False, "1": True, "ro": "reduce-overhead"}
+COMPILE_LABEL = {False: "", True: " +compile", "reduce-overhead": " +cudagraph"}  # by setting, in the table
 
 
 def algorithm_config(name: str, **overrides) -> dict:
@@ -219,7 +219,7 @@ def print_row(result: dict) -> None:
         print(f"| {result['learner']:<16} | {result['model']:<40} | {result['precision']:>9} | "
               f"{result['episodes_per_sec']:>10.2f} episodes/s |", flush=True)
         return
-    label = result["learner"] + {False: "", True: " +compile", "reduce-overhead": " +cudagraph"}[result["compile"]]
+    label = result["learner"] + COMPILE_LABEL[result["compile"]]
     print(f"| {label:<20} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
           f"{result['order']:<6} | {result['loop_tasks_per_sec']:>10.1f} | {result['batched_tasks_per_sec']:>10.1f} | "
           f"{result['ratio']:>6.1f}x |", flush=True)

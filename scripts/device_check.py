@@ -34,8 +34,11 @@ from pathlib import Path
 import torch
 
 SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+import bench as bench_script  # noqa: E402  (the benchmark's helpers, beside this file)
+
 PRECISION_TRAINER = {"32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed"}  # --precision -> trainer.precision
-COMPILE_ROW = {False: "0", True: "1", "reduce-overhead": "ro"}
+COMPILE_ROW = {setting: code for code, setting in bench_script.COMPILE_SETTING.items()}  # algorithm.compile -> bench row
 
 
 class Check:
@@ -108,23 +111,20 @@ def bench(check: Check, part: str, extra: list[str]) -> list[dict]:
 
 def gradient_accuracy(args) -> dict:
     """Relative difference of the meta-gradient of (compile, precision) against float64 eager, per parameter."""
-    sys.path.insert(0, str(SCRIPTS))
-    import bench as bench_module
-
     device = torch.device(args.device)
     # conv4 on real Omniglot; the smoke run takes the MLP (conv4 compiles for minutes on a small CPU).
-    _, backbone, shape = bench_module.MODELS["mlp" if args.smoke else "conv4"]
-    batch = (bench_module.random_batch(shape[0], args.meta_batch) if args.smoke
-             else bench_module.omniglot_batch(meta_batch=args.meta_batch))
+    _, backbone, shape = bench_script.MODELS["mlp" if args.smoke else "conv4"]
+    batch = (bench_script.random_batch(shape[0], args.meta_batch) if args.smoke
+             else bench_script.omniglot_batch(meta_batch=args.meta_batch))
     result = {}
     for steps in args.steps:
         grads = {}
         for label, compiled, precision, dtype in (("float64 eager", False, "32", torch.float64),
                                                   ("fast", args.compile, args.precision, torch.float32)):
-            model = bench_module.learner("maml", backbone, shape, steps, 0.4, compiled).to(device, dtype)
+            model = bench_script.learner("maml", backbone, shape, steps, 0.4, compiled).to(device, dtype)
             episode = type(batch)(batch.support_x.to(device, dtype), batch.support_y.to(device),
                                   batch.query_x.to(device, dtype), batch.query_y.to(device))
-            with bench_module.precision_context(precision, device):
+            with bench_script.precision_context(precision, device):
                 loss = (model.compiled_meta_loss(episode) if model.compiled else model.meta_loss(episode))[0]
             loss.backward()
             grads[label] = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
