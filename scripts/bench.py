@@ -43,6 +43,9 @@ PRECISIONS = ("32", "tf32", "bf16")
 # Row compile modes: 0 eager, 1 algorithm.compile=true, ro algorithm.compile=reduce-overhead.
 COMPILE_SETTING = {"0": False, "1": True, "ro": "reduce-overhead"}
 COMPILE_LABEL = {False: "", True: " +compile", "reduce-overhead": " +cudagraph"}  # by setting, in the table
+# --executions: algorithm.task_execution of the batched side (auto: the default path).
+EXECUTIONS = ("auto", "per_task", "vmap")
+EXECUTION_LABEL = {"auto": "", "per_task": " per_task", "vmap": " vmap"}
 
 
 def algorithm_config(name: str, **overrides) -> dict:
@@ -54,10 +57,10 @@ def algorithm_config(name: str, **overrides) -> dict:
 
 
 def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int, inner_lr: float,
-            compiled: bool | str = False) -> MAML:
+            compiled: bool | str = False, execution: str = "auto") -> MAML:
     algorithm = algorithm_config(name, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=inner_steps,
                                  first_order=False, optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
-                                 scheduler=None, compile=compiled)
+                                 scheduler=None, compile=compiled, task_execution=execution)
     if name == "reptile":
         algorithm.update(inner_optimizer="sgd")
     if name == "mamlpp":  # second order, multi-step loss on: its most expensive phase
@@ -135,6 +138,22 @@ def interleaved(fast, slow, device: torch.device, min_seconds: float, rounds: in
             statistics.median(f / s for f, s in pairs))
 
 
+def matmul_gflops(device: torch.device, size: int = 2048, min_seconds: float = 1.0) -> float:
+    """The machine's float32 matmul rate (size × size), the yardstick of the GFLOP/s columns."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    return 2 * size ** 3 * steps_per_second(lambda: a @ b, device, min_seconds) / 1e9
+
+
+def step_flops(step) -> int:
+    """Floating-point operations of one call of `step`, counted by torch (matmuls and convolutions,
+    forward and backward; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def outer_step(model, loss_fn, precision: str, device: torch.device):
     """One outer step of `loss_fn`'s loss: zero_grad, backward, Adam."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -161,8 +180,12 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     looped = outer_step(model, lambda: reference_meta_loss(model, batch), precision, device)
     fast, slow, ratio = interleaved(vmapped, looped, device, min_seconds)
     tasks = batch.support_x.shape[0]
+    flops = step_flops(vmapped) if not model.compiled else step_flops(looped)  # the same work either way
     return {"learner": cfg["name"], "model": name, "inner_steps": cfg["inner_steps"], "order": order,
-            "loop_tasks_per_sec": slow * tasks, "batched_tasks_per_sec": fast * tasks, "ratio": ratio}
+            "execution": cfg.get("task_execution", "auto"), "loop_tasks_per_sec": slow * tasks,
+            "batched_tasks_per_sec": fast * tasks, "ratio": ratio, "step_gflop": flops / 1e9,
+            "batched_gflops": flops * fast / 1e9, "loop_gflops": flops * slow / 1e9,
+            "matmul_gflops": matmul_gflops(device)}
 
 
 def episodes_per_second(name: str, device: torch.device, min_seconds: float, precision: str) -> dict:
@@ -180,8 +203,11 @@ def episodes_per_second(name: str, device: torch.device, min_seconds: float, pre
     step = outer_step(model, lambda: model.meta_loss(batch)[0], precision, device)
     for _ in range(3):
         step()
+    rate = steps_per_second(step, device, min_seconds)
+    flops = step_flops(step)
     return {"learner": name, "model": f"conv4, Omniglot {ways}-way {shots}-shot {queries} queries",
-            "episodes_per_sec": steps_per_second(step, device, min_seconds)}
+            "episodes_per_sec": rate, "step_gflop": flops / 1e9, "gflops": flops * rate / 1e9,
+            "matmul_gflops": matmul_gflops(device)}
 
 
 MODELS = {  # --models name: (label, backbone config, input shape)
@@ -191,17 +217,17 @@ MODELS = {  # --models name: (label, backbone config, input shape)
 
 
 def run_row(row: str, args) -> dict:
-    """One table row, `model:learner:compile:steps` or `metric:learner`, timed in this process."""
+    """One table row, `model:learner:compile:steps:execution` or `metric:learner`, timed in this process."""
     device = torch.device(args.device)
     keep_freed_memory()  # as metalab-train does; both sides benefit
     if row.startswith("metric:"):
         result = episodes_per_second(row.split(":")[1], device, args.seconds, args.precision[0])
     else:
-        model_name, learner_name, compiled, steps = row.split(":")
+        model_name, learner_name, compiled, steps, execution = row.split(":")
         label, backbone, shape = MODELS[model_name]
         batch = (random_batch(shape[0], args.meta_batch) if model_name == "mlp"
                  else omniglot_batch(meta_batch=args.meta_batch))
-        model = learner(learner_name, backbone, shape, int(steps), 0.4, COMPILE_SETTING[compiled])
+        model = learner(learner_name, backbone, shape, int(steps), 0.4, COMPILE_SETTING[compiled], execution)
         result = compare(label, model, batch, device, args.seconds, args.precision[0])
         result["compile"] = COMPILE_SETTING[compiled]
     result.update(precision=args.precision[0], device=device_name(device), torch=torch.__version__)
@@ -217,12 +243,19 @@ def device_name(device: torch.device) -> str:
 def print_row(result: dict) -> None:
     if "episodes_per_sec" in result:
         print(f"| {result['learner']:<16} | {result['model']:<40} | {result['precision']:>9} | "
-              f"{result['episodes_per_sec']:>10.2f} episodes/s |", flush=True)
+              f"{result['episodes_per_sec']:>10.2f} episodes/s | {rate_of_matmul(result['gflops'], result)} |",
+              flush=True)
         return
-    label = result["learner"] + COMPILE_LABEL[result["compile"]]
-    print(f"| {label:<20} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
+    label = result["learner"] + COMPILE_LABEL[result["compile"]] + EXECUTION_LABEL[result["execution"]]
+    print(f"| {label:<24} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
           f"{result['order']:<6} | {result['loop_tasks_per_sec']:>10.1f} | {result['batched_tasks_per_sec']:>10.1f} | "
-          f"{result['ratio']:>6.1f}x |", flush=True)
+          f"{result['ratio']:>6.2f}x | {rate_of_matmul(result['loop_gflops'], result)} | "
+          f"{rate_of_matmul(result['batched_gflops'], result)} |", flush=True)
+
+
+def rate_of_matmul(gflops: float, result: dict) -> str:
+    """GFLOP/s with its share of the matmul rate measured in the same process."""
+    return f"{gflops:6.1f} ({100 * gflops / result['matmul_gflops']:3.0f}%)"
 
 
 def describe_failure(returncode: int) -> str:
@@ -247,6 +280,8 @@ def main() -> None:
                         help="32: float32; tf32: float32 with TensorFloat-32 (GPU); bf16: bfloat16 autocast")
     parser.add_argument("--metric", nargs="*", default=[], choices=list(METRIC_EPISODES),
                         help="also time these metric learners' training episodes per second (conv4, Omniglot)")
+    parser.add_argument("--executions", nargs="+", default=["auto"], choices=EXECUTIONS,
+                        help="algorithm.task_execution of the batched side (auto: the default path)")
     parser.add_argument("--json", help="append each row as one JSON object per line to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: time one row in this process
     args = parser.parse_args()
@@ -263,17 +298,20 @@ def main() -> None:
         return
     print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {args.meta_batch}; {device_name(device)}, "
           f"torch {torch.__version__}")
-    print("| learner              | model                            | precision | steps | order  | loop tasks/s "
-          "| vmap tasks/s | ratio |")
-    print("|----------------------|----------------------------------|-----------|-------|--------|------------|"
-          "------------|--------|", flush=True)
+    print(f"float32 matmul {2048}x{2048}: {matmul_gflops(device):.0f} GFLOP/s (each row measures it again beside "
+          f"its own timing; GFLOP/s count matmuls and convolutions)")
+    print("| learner                  | model                            | precision | steps | order  | loop tasks/s "
+          "| batched tasks/s | ratio | loop GFLOP/s | batched GFLOP/s |")
+    print("|--------------------------|----------------------------------|-----------|-------|--------|------------|"
+          "------------|--------|--------------|--------------|", flush=True)
     modes = ["0", "1"] + (["ro"] if args.cudagraphs else [])
     wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro"}}[args.compile]
     variants = [(name, mode) for name in args.learners for mode in modes
                 if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)]
     models = [m for m in args.models if m != "conv4" or omniglot_batch(meta_batch=1) is not None]
-    rows = [f"{model_name}:{learner_name}:{mode}:{steps}" for model_name in models
-            for learner_name, mode in variants for steps in args.steps]
+    rows = [f"{model_name}:{learner_name}:{mode}:{steps}:{execution}" for model_name in models
+            for learner_name, mode in variants for steps in args.steps
+            for execution in (args.executions if mode == "0" else ["auto"])]
     rows += [f"metric:{name}" for name in args.metric]
     for precision in args.precision:
         for row in rows:

@@ -37,7 +37,7 @@ def test_reduce_overhead_turns_on_cuda_graphs_beside_the_graph_pass():
 
 def test_bench_row_writes_its_figures_as_json(tmp_path):
     rows = tmp_path / "rows.jsonl"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--row", "mlp:maml:0:1", "--seconds",
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--row", "mlp:maml:0:1:vmap", "--seconds",
                     "0.05", "--meta-batch", "2", "--precision", "bf16", "--json", str(rows)], check=True,
                    capture_output=True, timeout=300)
     (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
@@ -45,6 +45,8 @@ def test_bench_row_writes_its_figures_as_json(tmp_path):
     assert row["precision"] == "bf16" and row["device"].startswith("CPU")
     assert row["loop_tasks_per_sec"] > 0 and row["batched_tasks_per_sec"] > 0
     assert row["ratio"] == pytest.approx(row["batched_tasks_per_sec"] / row["loop_tasks_per_sec"], rel=0.5)
+    assert row["execution"] == "vmap" and row["step_gflop"] > 0 and row["matmul_gflops"] > 0
+    assert row["batched_gflops"] == pytest.approx(row["step_gflop"] * row["batched_tasks_per_sec"] / 2)
 
 
 @pytest.mark.slow

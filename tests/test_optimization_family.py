@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.compile_passes import unroll_short_matmuls
 from metalab.algorithms.maml import parameter_key
-from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction
+from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction, reference_meta_loss
 from metalab.config import ConfigError, check_compile, check_learner_fits_data, cpp_compiler
 from metalab.data.episodes import Episode
 from test_learners import quiet_trainer, sinusoid_setup
@@ -510,3 +510,25 @@ def test_metalab_eval_can_test_reptile_without_transduction():
         evaluation_config({"ckpt_path": "last.ckpt", "transductive": False},
                           {"algorithm": {"name": "maml"}, "dataset": {"name": "omniglot"}}, [1, 28, 28],
                           ["transductive=false"])
+
+
+@pytest.mark.parametrize("name", ["maml", "mamlpp", "metasgd"])
+@pytest.mark.parametrize("execution", ["per_task", "vmap"])
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
+def test_every_task_execution_and_memory_format_gives_the_loops_meta_gradient(name, execution, memory_format):
+    # algorithm.task_execution and backbone.memory_format choose kernels, not numbers.
+    model = small_learner(name, {**TINY_CONV, "memory_format": memory_format}, [1, 8, 8], task_execution=execution,
+                          **({"msl_steps": 10, "first_order_steps": 0} if name == "mamlpp" else {}))
+    batch = random_batch([1, 8, 8])
+    assert_same_gradients(model, batch, reference_meta_loss(model, batch))
+    predictions = model.predict(model.adapt(batch.support_x, batch.support_y), batch.query_x)
+    auto = small_learner(name, TINY_CONV, [1, 8, 8], **({"msl_steps": 10, "first_order_steps": 0}
+                                                         if name == "mamlpp" else {}))
+    torch.testing.assert_close(predictions, auto.predict(auto.adapt(batch.support_x, batch.support_y), batch.query_x))
+
+
+def test_unknown_task_execution_and_memory_format_are_refused():
+    with pytest.raises(ConfigError, match="algorithm.task_execution='loop'"):
+        small_learner("maml", MLP, [5], task_execution="loop")
+    with pytest.raises(ConfigError, match="backbone.memory_format='nhwc'"):
+        small_learner("maml", {**TINY_CONV, "memory_format": "nhwc"}, [1, 8, 8])

@@ -44,9 +44,43 @@ def per_task(params: Mapping[str, Tensor], tasks: int, meta_gradient: bool = Tru
     return views
 
 
-def batched_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
-    """f(params, x): the model run with per-task `params` on per-task inputs, vmapped over tasks."""
-    return vmap(lambda params, x: functional_call(model, params, (x,)))
+# How the tasks' forward passes run (algorithm.task_execution); the numbers are the same:
+#   vmap:     all tasks at once, vmapped: per-task convolution weights become one grouped
+#             convolution, and every activation holds the whole meta-batch;
+#   per_task: the model once per task on its own slice of the per-task parameters, plain
+#             kernels on cache-sized tensors; everything around the forward passes (losses,
+#             inner gradients, parameter updates) stays batched over the tasks;
+#   auto:     per_task for a convolutional model on a CPU, whose grouped-convolution kernels
+#             are slower than plain ones and which runs a whole meta-batch's feature maps at
+#             memory speed; vmap for the rest (an MLP's per-task layers become batched matmuls,
+#             faster than a loop), on other devices and while torch.compile traces (one graph,
+#             not one per task). docs/speed.md has the measurements.
+TASK_EXECUTIONS = ("auto", "per_task", "vmap")
+
+
+def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Params, Tensor], Tensor]:
+    """f(params, x): the model run with per-task `params` ([tasks, ...]) on per-task inputs
+    ([tasks, n, ...]), giving [tasks, n, ...] outputs."""
+    if execution not in TASK_EXECUTIONS:
+        raise ConfigError(f"algorithm.task_execution={execution!r} is unknown; choose one of {list(TASK_EXECUTIONS)}")
+    vmapped = vmap(lambda params, x: functional_call(model, params, (x,)))
+
+    def looped(params: Params, x: Tensor) -> Tensor:
+        # unbind/stack: each task's gradient lands in its own slice in one copy, where
+        # indexing p[t] would add a full [tasks, ...] tensor per task.
+        slices = zip(*(p.unbind(0) for p in params.values()))
+        return torch.stack([functional_call(model, dict(zip(params, task_params)), (x_t,))
+                            for task_params, x_t in zip(slices, x.unbind(0))])
+
+    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+    def forward(params: Params, x: Tensor) -> Tensor:
+        if execution == "auto":
+            loop = convolutional and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            return looped(params, x) if loop else vmapped(params, x)
+        return looped(params, x) if execution == "per_task" else vmapped(params, x)
+
+    return forward
 
 
 def mean_loss_per_task(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
@@ -63,16 +97,18 @@ def mean_loss_per_task(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
 INNER_LOSS_REDUCTIONS = ("mean", "sum", "sum_over_shots")
 
 
-def batched_loss(model: nn.Module, loss_fn: LossFn, reduction: str = "mean", ways: int = 1) -> BatchedLoss:
+def batched_loss(model: nn.Module, loss_fn: LossFn, reduction: str = "mean", ways: int = 1,
+                 execution: str = "auto") -> BatchedLoss:
     """loss(params, x, y) -> [tasks]: each task's loss under its own parameters.
 
     `reduction` over a task's examples sets what an inner learning rate α means:
     `mean`; `sum`; `sum_over_shots`, the sum over the N·K support examples divided by K,
     which for balanced episodes is N (`ways`) × the mean (Finn et al.'s, algorithms/maml.py).
+    `execution`: how the forward passes run (TASK_EXECUTIONS).
     """
     if reduction not in INNER_LOSS_REDUCTIONS:
         raise ConfigError(f"algorithm.inner_loss={reduction!r} is unknown; choose one of {list(INNER_LOSS_REDUCTIONS)}")
-    forward = batched_forward(model)
+    forward = batched_forward(model, execution)
 
     def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
         task_losses = mean_loss_per_task(loss_fn, forward(params, x), y)

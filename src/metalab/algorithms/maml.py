@@ -47,14 +47,19 @@ class MAML(MetaLearner):
         backbone = build_backbone(config["backbone"], input_shape)
         outputs = config["ways"] if task_type == "classification" else 1
         self.model = nn.Sequential(backbone, nn.Linear(backbone.out_features, outputs))
-        self.forward_tasks = batched_forward(self.model)
+        self.forward_tasks = batched_forward(self.model, self.task_execution())
         self.inner_loss = batched_loss(self.model, self.task_loss_fn(), **self.inner_loss_reduction())
         self.norm_names = normalization_parameter_names(self.model)
 
     def inner_loss_reduction(self) -> dict:
         """`algorithm.inner_loss` as keyword arguments of `batched_loss` (ways = 1 for regression)."""
         ways = self.config["ways"] if self.task_type == "classification" else 1
-        return {"reduction": self.algorithm_cfg.get("inner_loss", "mean"), "ways": ways}
+        return {"reduction": self.algorithm_cfg.get("inner_loss", "mean"), "ways": ways,
+                "execution": self.task_execution()}
+
+    def task_execution(self) -> str:
+        """`algorithm.task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS)."""
+        return self.algorithm_cfg.get("task_execution", "auto")
 
     # ------------------------------------------------------------------ hooks
     def training_first_order(self) -> bool:
