@@ -20,6 +20,7 @@ from metalab.config import (
     EVAL_KEYS,
     check_hardware,
     check_learner_fits_data,
+    check_loggers,
     check_trainer_section,
     require_finite_settings,
     require_positive_int,
@@ -44,7 +45,7 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
     for key in OVERRIDABLE:
         if config.get(key) is not None:
             run[key] = config[key]
-    for key in ("paths", "trainer", "logger", "num_workers"):
+    for key in ("paths", "trainer", "logger", "num_workers", "tags"):
         run[key] = config.get(key)
     if config.get("eval_inner_steps") is not None:
         if "eval_inner_steps" not in run["algorithm"]:
@@ -104,6 +105,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         save_config(run, run_dir)
 
     check_trainer_section(run)
+    check_loggers(run)
     require_finite_settings(run)
     for key in EVAL_KEYS:
         require_positive_int(run, key)
