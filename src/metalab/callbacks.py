@@ -207,8 +207,12 @@ class ProgressLines(Callback):
         self._log(f"validation at step {trainer.global_step}: " + ", ".join(shown))
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        episodes = getattr(trainer.datamodule, "test_episodes", None)
-        self._log(f"meta-testing on {episodes} fixed episodes" if episodes else "meta-testing")
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "test_episodes"):
+            return self._log("meta-testing")
+        # trainer.limit_test_batches and fast_dev_run (debug=limit, fdr) evaluate only some batches
+        batches = sum(trainer.num_test_batches) * trainer.world_size
+        self._log(f"meta-testing on {min(data.test_episodes, batches * data.eval_batch_size)} fixed episodes")
 
 
 def scalar_metrics(trainer: Trainer, prefixes: tuple[str, ...], keep_ci: bool = False) -> list[tuple[str, float]]:

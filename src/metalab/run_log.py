@@ -69,6 +69,10 @@ def quiet_known_warnings() -> None:
     # lightning/pytorch/utilities/_pytree.py still calls at every batch transfer: not ours to fix.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # trainer.overfit_batches (debug=overfit): Lightning 2.6 takes any IterableDataset loader for a
+    # shuffled one (data_connector.py, _resolve_overfit_batches); metalab's training stream is
+    # never shuffled, and its first meta-batches replay as they are.
+    warnings.filterwarnings("ignore", message="You requested to overfit but enabled train dataloader shuffling")
     logging.captureWarnings(True)
 
 

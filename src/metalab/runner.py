@@ -88,7 +88,8 @@ def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicData
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    metrics["test_tasks_per_sec"] = datamodule.test_episodes / seconds
+    # the episodes actually evaluated: trainer.limit_test_batches or fast_dev_run (debug=) take fewer
+    metrics["test_tasks_per_sec"] = (model.eval_episodes.get("test") or datamodule.test_episodes) / seconds
     # TensorBoard's hyper-parameter table: one row per run, with its meta-test result; the other
     # loggers (csv, wandb, mlflow) get the same settings (their test/* metrics came with the test).
     hparams = {**summary(config), "algorithm": config["algorithm"], "backbone": config.get("backbone"),
