@@ -35,9 +35,9 @@ def run_dir_of(tmp_path: Path) -> Path:
     return results.parent
 
 
-def train_config(*overrides: str) -> dict:
+def train_config(run_dir: Path, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return resolve(compose("train", overrides=["paths.run_dir=unused", *overrides]))
+        return resolve(compose("train", overrides=[f"paths.run_dir={run_dir}", *overrides]))
 
 
 # ---------------------------------------------------------------- debug=
@@ -74,8 +74,7 @@ def test_each_debug_setup_runs_end_to_end(choice, tmp_path):
 
 
 def test_overfit_replays_the_same_few_meta_batches(tmp_path):
-    config = train_config("debug=overfit", "trainer.max_steps=7", "trainer.val_check_interval=7", *TINY)
-    config["paths"]["run_dir"] = str(tmp_path)
+    config = train_config(tmp_path, "debug=overfit", "trainer.max_steps=7", "trainer.val_check_interval=7", *TINY)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     model = ALGORITHMS["maml"](config, list(datamodule.input_shape), datamodule.task_type)
@@ -155,7 +154,7 @@ def test_on_a_terminal_one_bar_counts_the_steps_of_max_steps(tmp_path, monkeypat
     assert isinstance(bar, StepProgressBar) and isinstance(lines, ProgressLines) and not lines.console
     assert [type(c) for c in progress_callbacks(enable_progress_bar=False)] == [ProgressLines]
 
-    config = train_config("trainer.max_steps=5", "trainer.val_check_interval=5", *TINY)
+    config = train_config(tmp_path, "trainer.max_steps=5", "trainer.val_check_interval=5", *TINY)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     model = ALGORITHMS["maml"](config, list(datamodule.input_shape), datamodule.task_type)

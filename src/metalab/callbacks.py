@@ -35,7 +35,8 @@ class EpisodeImages(Callback):
         if logger is None or len(pl_module.input_shape) != 3:
             return  # only image episodes have pictures to show
         batch = trainer.datamodule.example_batch("train")
-        for name, images, labels in (("support", batch.support_x, batch.support_y), ("query", batch.query_x, batch.query_y)):
+        shown = (("support", batch.support_x, batch.support_y), ("query", batch.query_x, batch.query_y))
+        for name, images, labels in shown:
             grid = class_grid(images[0].float().cpu(), labels[0].cpu())
             logger.experiment.add_image(f"episode/{name}", grid.clamp(0, 1), global_step=trainer.global_step)
 

@@ -8,7 +8,6 @@ dataset, paths, hardware) replace those for this evaluation only.
 """
 
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from metalab.config import (
     save_config,
 )
 from metalab.errors import ConfigError
+from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
 OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
@@ -90,8 +90,7 @@ def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], g
         else:
             dataset[key] = value
             described.append(f"{key}={value} (the checkpoint's)")
-    print(f"metalab: images as the model sees them: {', '.join(described)}; set dataset.<key>= to change one",
-          file=sys.stderr, flush=True)
+    log.warning(f"images as the model sees them: {', '.join(described)}; set dataset.<key>= to change one")
 
 
 def evaluate(cfg: DictConfig) -> float | None:

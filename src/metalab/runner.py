@@ -187,7 +187,8 @@ def hydra_error_message(error: Exception) -> str | MetalabError:
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
         group, _, choice = error.missing_cfg_file.rpartition("/")
         if error.options:
-            return f"{group}={choice} is unknown (no conf/{group}/{choice}.yaml); choose one of {', '.join(error.options)}"
+            choices = ", ".join(error.options)
+            return f"{group}={choice} is unknown (no conf/{group}/{choice}.yaml); choose one of {choices}"
     if isinstance(error, ConfigCompositionException):
         match = re.match(r"Could not override '([^']+)'", str(error))
         if match:
@@ -261,8 +262,8 @@ def reporting_failures(task: Callable[[DictConfig], float | None], cfg: DictConf
         # others: keep the traceback in the job's run dir and go on with the next job.
         kept = report_error(f"job failed: {type(crash).__name__}: {crash}", Path(hydra.runtime.output_dir),
                             details=traceback.format_exc(), echo=False)
-        print(f"metalab: job {hydra.job.num} failed ({type(crash).__name__}: {crash}); "
-              f"traceback in {kept or 'no file (it could not be written)'}", file=sys.stderr, flush=True)
+        log.error(f"job {hydra.job.num} failed ({type(crash).__name__}: {crash}); "
+                  f"traceback in {kept or 'no file (it could not be written)'}")
         return None
     hydra = HydraConfig.get()
     report_error(error, Path(hydra.runtime.output_dir))
