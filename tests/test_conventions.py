@@ -109,7 +109,6 @@ def test_a_redirected_run_logs_its_progress_to_the_file_and_its_log(tmp_path):
     assert "[metalab][INFO] - step 20/40 (50%)" in log  # timed, named lines in the file
     # The config as a tree, plain text in a file.
     assert "├── algorithm" in printed and "\x1b[" not in printed
-    assert (run_dir / "config_tree.log").read_text().startswith("config")
     # No drawn progress bar, no Lightning advertisement, no deprecation warning.
     everything = printed + proc.stderr + log
     for noise in ("Epoch 0/-2", "Tip:", "LeafSpec", "deprecated", "\r"):

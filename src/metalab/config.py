@@ -268,7 +268,7 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
 def save_config(cfg: dict, run_dir: Path) -> None:
     """Keep the resolved config in the run directory (config.yaml) and show it as a tree."""
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    print_config_tree(cfg, run_dir)
+    print_config_tree(cfg)
 
 
 def report_error(error, run_dir: Path | None, details: str = "", echo: bool = True) -> Path | None:

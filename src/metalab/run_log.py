@@ -9,7 +9,6 @@ named there.
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
@@ -100,17 +99,10 @@ def config_tree(config: dict, highlight: bool = True):
     return tree
 
 
-def print_config_tree(config: dict, run_dir: Path) -> None:
-    """Show the resolved config at the start of a run (rank 0), and keep the rendering beside
-    config.yaml as config_tree.log."""
+def print_config_tree(config: dict) -> None:
+    """Show the resolved config at the start of a run (rank 0); config.yaml keeps it."""
     from rich.console import Console
 
-    if not is_rank_zero():
-        return
-    console = Console(file=sys.stdout, soft_wrap=True)  # a file: plain text, no colours
-    console.print(config_tree(config, highlight=console.is_terminal))
-    try:
-        with open(run_dir / "config_tree.log", "w") as file:
-            Console(file=file, width=120, no_color=True).print(config_tree(config, highlight=False))
-    except OSError as error:  # the config itself is already kept in config.yaml
-        log.warning(f"config_tree.log could not be written: {error}")
+    if is_rank_zero():
+        console = Console(file=sys.stdout, soft_wrap=True)  # a file: plain text, no colours
+        console.print(config_tree(config, highlight=console.is_terminal))
