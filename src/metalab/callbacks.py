@@ -166,30 +166,33 @@ class StepProgressBar(RichProgressBar):
 
 
 class ProgressLines(Callback):
-    """A log line about every 1/`lines` of training: step/max_steps, the training and validation
-    metrics, tasks per second and the time left; one after each validation.
+    """A log line about every 1/`lines` of training, and at least every `max_seconds`: step/max_steps,
+    the training and validation metrics, tasks per second and the time left; one after each validation.
 
     The lines go to the run's log file always, and to the console when `console` (stdout is not
     a terminal, so no progress bar is drawn: `metalab-train ... > run.log`, a batch job).
     """
 
-    def __init__(self, lines: int = 20, console: bool = True):
-        self.lines, self.console = lines, console
-        self.first_step, self.started, self.every = 0, 0.0, 1
+    def __init__(self, lines: int = 20, max_seconds: float = 300.0, console: bool = True):
+        self.lines, self.max_seconds, self.console = lines, max_seconds, console
+        self.first_step, self.started, self.last_line, self.every = 0, 0.0, 0.0, 1
 
     def _log(self, message: str) -> None:
         log.info(message, extra={"console": self.console})
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.first_step, self.started = trainer.global_step, time.perf_counter()
+        self.first_step = trainer.global_step
+        self.started = self.last_line = time.perf_counter()
         self.every = max(1, trainer.max_steps // self.lines)
         self._log(f"meta-training from step {trainer.global_step} to {trainer.max_steps}")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        step, last = trainer.global_step, trainer.max_steps
-        if step % self.every and step != last and step != self.first_step + 1:
+        step, last, now = trainer.global_step, trainer.max_steps, time.perf_counter()
+        due = step % self.every == 0 or step in (last, self.first_step + 1) or now - self.last_line >= self.max_seconds
+        if not due:
             return
-        done, elapsed = step - self.first_step, time.perf_counter() - self.started
+        self.last_line = now
+        done, elapsed = step - self.first_step, now - self.started
         parts = [f"step {step}/{last} ({100 * step / last:.0f}%)"]
         parts += [f"{key} {value:.4g}" for key, value in scalar_metrics(trainer, ("train/", "val/"))]
         meta_batch = getattr(trainer.datamodule, "meta_batch_size", None)
