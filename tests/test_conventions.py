@@ -169,3 +169,11 @@ def test_on_a_terminal_one_bar_counts_the_steps_of_max_steps(tmp_path, monkeypat
     trainer.callbacks.append(watch)
     trainer.fit(model, datamodule=datamodule)
     assert watch.shown == ("Meta-training", 5, 5)
+
+
+def test_an_evaluation_records_its_own_tags(tmp_path):
+    from metalab.eval import evaluation_config
+
+    trained = train_config(tmp_path, "tags=[trained]")
+    command = {"ckpt_path": "x.ckpt", "paths": {}, "trainer": {}, "logger": None, "tags": ["cross", "eval"]}
+    assert evaluation_config(command, trained, [1], [])["tags"] == ["cross", "eval"]
