@@ -14,7 +14,7 @@ CKPT ?=
 PYTEST_WORKERS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval sweep tensorboard test test-full bench bench-memory device-carry device-check clean
+.PHONY: help install train eval sweep tensorboard lint test test-full bench bench-memory device-carry device-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ sweep: install ## a Hydra multirun: MAML and ProtoNet on Omniglot 5-way 1-shot (
 
 tensorboard: install ## serve the TensorBoard logs of all runs under logs/
 	$(BIN)/tensorboard --logdir logs --bind_all
+
+lint: install ## ruff check: the lint rules in pyproject.toml ([tool.ruff])
+	$(BIN)/ruff check .
 
 test: install ## the test suite (under 10 minutes on 2 cores; slow tests excluded)
 	$(BIN)/pytest $(ARGS)

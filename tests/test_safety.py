@@ -278,16 +278,17 @@ def folder_dataset(**given) -> dict:
             "split_fractions": {"train": 0.64, "val": 0.16, "test": 0.2}, **given}
 
 
-def test_cross_domain_eval_defaults_to_the_checkpoints_transform(capsys):
+def test_cross_domain_eval_defaults_to_the_checkpoints_transform(caplog):
     trained = train_config("algorithm=protonet", "dataset=omniglot")
     command = {"ckpt_path": "x.ckpt", "dataset": folder_dataset(), "paths": {}, "trainer": {}, "logger": None}
     run = evaluation_config(command, trained, [1, 28, 28], ["dataset=image_folder", "dataset.root=/x"])
     assert (run["dataset"]["image_size"], run["dataset"]["channels"], run["dataset"]["invert"]) == (28, 1, True)
-    assert "invert=True (the checkpoint's)" in capsys.readouterr().err
+    assert "invert=True (the checkpoint's)" in caplog.text  # logged as a warning: stderr and eval.log
+    caplog.clear()
     # Given on the command line, the choice stands, and is printed as given.
     command["dataset"] = folder_dataset(invert=False)
     run = evaluation_config(command, trained, [1, 28, 28], ["dataset=image_folder", "dataset.invert=false"])
-    assert run["dataset"]["invert"] is False and "invert=False (given)" in capsys.readouterr().err
+    assert run["dataset"]["invert"] is False and "invert=False (given)" in caplog.text
 
 
 # ---------------------------------------------------------------- a diverged state is never saved as good

@@ -1,17 +1,20 @@
 """Lightning callbacks for metalab runs."""
 
 import random
+import sys
+import time
 from typing import Any
 
 import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from metalab.errors import TrainingDiverged
+from metalab.run_log import log
 
 
 def class_grid(images: torch.Tensor, labels: torch.Tensor, pad: int = 2) -> torch.Tensor:
@@ -32,7 +35,8 @@ class EpisodeImages(Callback):
         if logger is None or len(pl_module.input_shape) != 3:
             return  # only image episodes have pictures to show
         batch = trainer.datamodule.example_batch("train")
-        for name, images, labels in (("support", batch.support_x, batch.support_y), ("query", batch.query_x, batch.query_y)):
+        shown = (("support", batch.support_x, batch.support_y), ("query", batch.query_x, batch.query_y))
+        for name, images, labels in shown:
             grid = class_grid(images[0].float().cpu(), labels[0].cpu())
             logger.experiment.add_image(f"episode/{name}", grid.clamp(0, 1), global_step=trainer.global_step)
 
@@ -127,3 +131,112 @@ class RandomState(Callback):
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar counting outer steps of trainer.max_steps, one bar for the run.
+
+    Lightning's own counts the batches of an epoch and is titled "Epoch 0/-2" when training is
+    bounded by steps (max_epochs=-1); metalab trains by steps only (an endless episode stream),
+    and a resumed run starts the bar where it stopped. (Overrides private hooks of Lightning
+    2.6's RichProgressBar: lightning/pytorch/callbacks/progress/rich_progress.py.)
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'Meta-training':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.is_disabled or (self.progress is not None and self.train_progress_bar_id is not None):
+            return  # keep the one bar across Lightning's epochs (trainer.overfit_batches makes short ones)
+        super().on_train_epoch_start(trainer, pl_module)
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.is_disabled:
+            return
+        if self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
+class ProgressLines(Callback):
+    """A log line about every 1/`lines` of training, and at least every `max_seconds`: step/max_steps,
+    the training and validation metrics, tasks per second and the time left; one after each validation.
+
+    The lines go to the run's log file always, and to the console when `console` (stdout is not
+    a terminal, so no progress bar is drawn: `metalab-train ... > run.log`, a batch job).
+    """
+
+    def __init__(self, lines: int = 20, max_seconds: float = 300.0, console: bool = True):
+        self.lines, self.max_seconds, self.console = lines, max_seconds, console
+        self.first_step, self.started, self.last_line, self.every = 0, 0.0, 0.0, 1
+
+    def _log(self, message: str) -> None:
+        log.info(message, extra={"console": self.console})
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.first_step = trainer.global_step
+        self.started = self.last_line = time.perf_counter()
+        self.every = max(1, trainer.max_steps // self.lines)
+        self._log(f"meta-training from step {trainer.global_step} to {trainer.max_steps}")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step, last, now = trainer.global_step, trainer.max_steps, time.perf_counter()
+        due = step % self.every == 0 or step in (last, self.first_step + 1) or now - self.last_line >= self.max_seconds
+        if not due:
+            return
+        self.last_line = now
+        done, elapsed = step - self.first_step, now - self.started
+        parts = [f"step {step}/{last} ({100 * step / last:.0f}%)"]
+        parts += [f"{key} {value:.4g}" for key, value in scalar_metrics(trainer, ("train/", "val/"))]
+        meta_batch = getattr(trainer.datamodule, "meta_batch_size", None)
+        if elapsed > 0 and meta_batch:
+            parts.append(f"{done * meta_batch / elapsed:.1f} tasks/s")
+        if done and step < last:
+            parts.append(f"ETA {format_seconds(elapsed / done * (last - step))}")
+        self._log(" | ".join(parts))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        values = dict(scalar_metrics(trainer, ("val/",), keep_ci=True))
+        shown = [f"{key} {value:.4g}" + (f" ± {values[f'{key}_ci95']:.2g}" if f"{key}_ci95" in values else "")
+                 for key, value in values.items() if not key.endswith("_ci95")]
+        self._log(f"validation at step {trainer.global_step}: " + ", ".join(shown))
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "test_episodes"):
+            return self._log("meta-testing")
+        # trainer.limit_test_batches and fast_dev_run (debug=limit, fdr) evaluate only some batches
+        batches = sum(trainer.num_test_batches) * trainer.world_size
+        self._log(f"meta-testing on {min(data.test_episodes, batches * data.eval_batch_size)} fixed episodes")
+
+
+def scalar_metrics(trainer: Trainer, prefixes: tuple[str, ...], keep_ci: bool = False) -> list[tuple[str, float]]:
+    """The logged metrics under `prefixes`, as floats; the 95% CIs, learning rate and the
+    learner's own per-step rate left out unless asked for."""
+    hidden = ("train/lr", "train/tasks_per_sec")
+    return [(key, float(value)) for key, value in trainer.callback_metrics.items()
+            if key.startswith(prefixes) and key not in hidden and (keep_ci or not key.endswith("_ci95"))
+            and getattr(value, "numel", lambda: 1)() == 1]
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def progress_callbacks(enable_progress_bar: bool) -> list[Callback]:
+    """On a terminal, one bar of steps (and the progress lines in the log file only); otherwise
+    the progress lines on the console too, and no bar: a bar redrawn into a file is unreadable."""
+    if enable_progress_bar and sys.stdout.isatty():
+        return [StepProgressBar(), ProgressLines(console=False)]
+    return [ProgressLines(console=True)]

@@ -1,5 +1,6 @@
 """Turn a Hydra config into a plain dict and reject bad values before any work starts."""
 
+import importlib.util
 import math
 import os
 import shutil
@@ -14,6 +15,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from metalab.checkpoint import read_checkpoint
 from metalab.errors import ConfigError, StorageError
 from metalab.files import write_atomic
+from metalab.run_log import print_config_tree
 
 EPISODE_KEYS = ("ways", "shots", "queries", "meta_batch_size")
 EVAL_KEYS = ("test_ways", "test_shots", "test_queries", "test_episodes", "val_episodes", "eval_batch_size")
@@ -152,17 +154,42 @@ def check_algorithm(cfg: dict, algorithms: dict) -> None:
             require_positive_int(algorithm, key)
 
 
+HARDWARE = ("cpu", "gpu", "ddp", "ddp_cpu", "slurm")  # conf/hardware/
+
+
 def check_trainer_section(cfg: dict) -> None:
-    """`trainer` holds Lightning Trainer settings; `trainer=gpu` (meaning the hardware) replaces them by a word."""
+    """`trainer` holds Lightning Trainer settings. lightning-hydra-template's users choose the
+    hardware with a `trainer=` group (trainer=gpu, trainer=ddp); metalab's is `hardware=`, which also
+    sets what goes with the hardware (num_workers, tf32), so `trainer=<word>` is refused naming it."""
     trainer = cfg.get("trainer")
     if not isinstance(trainer, dict):
+        example = f"hardware={trainer}" if trainer in HARDWARE else "hardware=gpu"
         raise ConfigError(f"trainer={trainer!r} is not a setting: trainer.* are Lightning Trainer options "
-                          "(e.g. trainer.max_steps=1000); to choose the hardware use hardware=<cpu|gpu|ddp|ddp_cpu|slurm>, "
-                          "e.g. hardware=gpu")
+                          f"(e.g. trainer.max_steps=1000); to choose the hardware use "
+                          f"hardware=<{'|'.join(HARDWARE)}>, e.g. {example}")
+
+
+# Loggers whose package is an optional extra: class name -> (module, extra).
+OPTIONAL_LOGGERS = {"WandbLogger": ("wandb", "wandb"), "MLFlowLogger": ("mlflow", "mlflow")}
+
+
+def check_loggers(cfg: dict) -> None:
+    """logger=wandb or mlflow needs its package (an optional extra); tags must be a list of words."""
+    for name, logger in (cfg.get("logger") or {}).items():
+        target = str((logger or {}).get("_target_", "")).rsplit(".", 1)[-1]
+        if target in OPTIONAL_LOGGERS:
+            module, extra = OPTIONAL_LOGGERS[target]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"logger={name} needs the {module} package, which is not installed; "
+                                  f"install it with pip install -e '.[{extra}]', or choose logger=tensorboard or csv")
+    tags = cfg.get("tags")
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags)):
+        raise ConfigError(f"tags={tags!r} must be a list of words; set e.g. tags=[baseline,omniglot]")
 
 
 def check_train_config(cfg: dict, algorithms: dict) -> None:
     check_trainer_section(cfg)
+    check_loggers(cfg)
     require_finite_settings(cfg)
     for key in EPISODE_KEYS + EVAL_KEYS:
         require_positive_int(cfg, key)
@@ -239,10 +266,9 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
 
 
 def save_config(cfg: dict, run_dir: Path) -> None:
-    """Print the resolved config and keep a copy in the run directory."""
-    text = yaml.safe_dump(cfg, sort_keys=False)
-    print(text, flush=True)
-    write_atomic(run_dir / "config.yaml", text)
+    """Keep the resolved config in the run directory (config.yaml) and show it as a tree."""
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    print_config_tree(cfg)
 
 
 def report_error(error, run_dir: Path | None, details: str = "", echo: bool = True) -> Path | None:

@@ -8,7 +8,6 @@ dataset, paths, hardware) replace those for this evaluation only.
 """
 
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from metalab.config import (
     EVAL_KEYS,
     check_hardware,
     check_learner_fits_data,
+    check_loggers,
     check_trainer_section,
     require_finite_settings,
     require_positive_int,
@@ -27,6 +27,7 @@ from metalab.config import (
     save_config,
 )
 from metalab.errors import ConfigError
+from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
 OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
@@ -44,7 +45,7 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
     for key in OVERRIDABLE:
         if config.get(key) is not None:
             run[key] = config[key]
-    for key in ("paths", "trainer", "logger", "num_workers"):
+    for key in ("paths", "trainer", "logger", "num_workers", "tags"):
         run[key] = config.get(key)
     if config.get("eval_inner_steps") is not None:
         if "eval_inner_steps" not in run["algorithm"]:
@@ -89,8 +90,7 @@ def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], g
         else:
             dataset[key] = value
             described.append(f"{key}={value} (the checkpoint's)")
-    print(f"metalab: images as the model sees them: {', '.join(described)}; set dataset.<key>= to change one",
-          file=sys.stderr, flush=True)
+    log.warning(f"images as the model sees them: {', '.join(described)}; set dataset.<key>= to change one")
 
 
 def evaluate(cfg: DictConfig) -> float | None:
@@ -104,6 +104,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         save_config(run, run_dir)
 
     check_trainer_section(run)
+    check_loggers(run)
     require_finite_settings(run)
     for key in EVAL_KEYS:
         require_positive_int(run, key)

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from metalab.callbacks import StepProgressBar, progress_callbacks
 from metalab.checkpoint import AtomicCheckpointIO
 from metalab.config import report_error
 from metalab.data import EpisodicDataModule
@@ -28,6 +29,7 @@ from metalab.errors import Interrupted, MetalabError
 from metalab.files import write_json_atomic
 from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
+from metalab.run_log import log, quiet_known_warnings
 
 # Run settings passed to the data module under the same names.
 EPISODE_SETTINGS = ("ways", "shots", "queries", "meta_batch_size", "test_ways", "test_shots", "test_queries",
@@ -47,10 +49,12 @@ def build_datamodule(config: dict) -> EpisodicDataModule:
 def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> Trainer:
     loggers = [instantiate(cfg) for cfg in (config.get("logger") or {}).values()]
     callbacks = [instantiate(cfg) for cfg in (config.get("callbacks") or {}).values()] if with_callbacks else []
+    # trainer.enable_progress_bar: metalab's bar of steps on a terminal; the progress lines always
+    callbacks += progress_callbacks(config["trainer"].get("enable_progress_bar", True))
     if config["trainer"].get("accelerator") in ("gpu", "cuda"):
         use_tf32(bool(config.get("tf32", False)))
     return Trainer(
-        **config["trainer"],
+        **{**config["trainer"], "enable_progress_bar": any(isinstance(c, StepProgressBar) for c in callbacks)},
         default_root_dir=str(run_dir),
         logger=loggers or False,
         callbacks=callbacks,
@@ -84,14 +88,19 @@ def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicData
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    metrics["test_tasks_per_sec"] = datamodule.test_episodes / seconds
-    # TensorBoard's hyper-parameter table: one row per run, with its meta-test result.
-    hparams = {**summary(config), "algorithm": config["algorithm"], "backbone": config.get("backbone")}
+    # the episodes actually evaluated: trainer.limit_test_batches or fast_dev_run (debug=) take fewer
+    metrics["test_tasks_per_sec"] = (model.eval_episodes.get("test") or datamodule.test_episodes) / seconds
+    # TensorBoard's hyper-parameter table: one row per run, with its meta-test result; the other
+    # loggers (csv, wandb, mlflow) get the same settings (their test/* metrics came with the test).
+    hparams = {**summary(config), "algorithm": config["algorithm"], "backbone": config.get("backbone"),
+               "tags": ",".join(config.get("tags") or [])}
     scores = {f"hp/{k.removeprefix('test/')}": v for k, v in metrics.items() if k.startswith("test/")}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams, scores)
-            logger.finalize("success")  # test already closed the writer: flush what was reopened
+        else:
+            logger.log_hyperparams(hparams)
+        logger.finalize("success")  # test already closed the writer: flush what was reopened
     return metrics
 
 
@@ -109,15 +118,16 @@ def summary(config: dict) -> dict:
 
 
 def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **extra) -> dict:
-    results = {**metrics, "config": summary(config), "wall_time_sec": time.perf_counter() - started, **extra}
+    results = {**metrics, "config": summary(config), "tags": list(config.get("tags") or []),
+               "wall_time_sec": time.perf_counter() - started, **extra}
     write_json_atomic(run_dir / "results.json", results)
     # A run that finished has no error: drop one left by an earlier attempt in this directory
     # (a requeued SLURM job stopped by SIGTERM), which would mark it failed in a sweep.
     (run_dir / "error.txt").unlink(missing_ok=True)
     for key in sorted(k for k in metrics if k.startswith("test/") and not k.endswith("_ci95")):
         ci = metrics.get(f"{key}_ci95")
-        print(f"{key} = {metrics[key]:.4f}" + (f" ± {ci:.4f} (95% CI)" if ci is not None else ""))
-    print(f"results: {run_dir / 'results.json'}", flush=True)
+        log.info(f"{key} = {metrics[key]:.4f}" + (f" ± {ci:.4f} (95% CI)" if ci is not None else ""))
+    log.info(f"results: {run_dir / 'results.json'}")
     return results
 
 
@@ -142,6 +152,7 @@ def command_line(task: Callable[[DictConfig], float | None], config_name: str) -
 
     def main() -> None:
         _started.clear()
+        quiet_known_warnings()
         previous = os.environ.get("HYDRA_FULL_ERROR")
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them
         try:
@@ -176,7 +187,8 @@ def hydra_error_message(error: Exception) -> str | MetalabError:
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
         group, _, choice = error.missing_cfg_file.rpartition("/")
         if error.options:
-            return f"{group}={choice} is unknown (no conf/{group}/{choice}.yaml); choose one of {', '.join(error.options)}"
+            choices = ", ".join(error.options)
+            return f"{group}={choice} is unknown (no conf/{group}/{choice}.yaml); choose one of {choices}"
     if isinstance(error, ConfigCompositionException):
         match = re.match(r"Could not override '([^']+)'", str(error))
         if match:
@@ -250,8 +262,8 @@ def reporting_failures(task: Callable[[DictConfig], float | None], cfg: DictConf
         # others: keep the traceback in the job's run dir and go on with the next job.
         kept = report_error(f"job failed: {type(crash).__name__}: {crash}", Path(hydra.runtime.output_dir),
                             details=traceback.format_exc(), echo=False)
-        print(f"metalab: job {hydra.job.num} failed ({type(crash).__name__}: {crash}); "
-              f"traceback in {kept or 'no file (it could not be written)'}", file=sys.stderr, flush=True)
+        log.error(f"job {hydra.job.num} failed ({type(crash).__name__}: {crash}); "
+                  f"traceback in {kept or 'no file (it could not be written)'}")
         return None
     hydra = HydraConfig.get()
     report_error(error, Path(hydra.runtime.output_dir))

@@ -6,7 +6,6 @@
     metalab-train ckpt_path=<run>/checkpoints/last.ckpt           # resume a killed run where it stopped
 """
 
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from metalab.config import (
 )
 from metalab.errors import Interrupted
 from metalab.run_dirs import requeued_checkpoint, slurm_job_name
+from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
 
@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> float | None:
         requeued = requeued_checkpoint(run_dir)
         if requeued is not None:
             config["ckpt_path"] = str(requeued)
-            print(f"metalab: requeued SLURM job: resuming from {requeued}", file=sys.stderr, flush=True)
+            log.warning(f"requeued SLURM job: resuming from {requeued}")
     if process_rank() == 0:  # DDP's other processes run this same function in the same run dir
         save_config(config, run_dir)
 
