@@ -22,8 +22,6 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
-import torch
-
 from metalab.errors import ConfigError
 
 PREFIX = "pretrained:"
@@ -66,6 +64,8 @@ def resolve(path):
 def ship(name: str, checkpoint: Path, results: str, licence: str, metric: str | None = None,
          value: float | None = None) -> Path:
     """Copy the loadable part of a metalab checkpoint into the package as `pretrained:<name>`."""
+    import torch
+
     from metalab.checkpoint import MARKER, read_checkpoint  # here only: checkpoint imports this module
 
     if not name or any(c in name for c in "/\\:") or name.startswith("."):
