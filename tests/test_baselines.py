@@ -261,3 +261,53 @@ def test_pretrained_baseline_learns_sinusoids(tmp_path):
     # and fine-tuning on the K points lowers the error further.
     assert first["val/mse_before"] > 3.8 and last["val/mse_before"] < 3.5, (first, last)
     assert last["val/mse"] < last["val/mse_step1"] < last["val/mse_before"], last
+
+
+# ---------------------------------------------------------------- the command line, and the checkpoint round trip
+def command(name: str, *overrides: str, data_dir, cache_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
+    return subprocess.run([str(Path(sys.executable).parent / name), "trainer.enable_progress_bar=false", "logger=none",
+                           *overrides], capture_output=True, text=True, env=env, timeout=600)
+
+
+TINY_RUN = ["experiment=baselinepp_omniglot_5w1s", "trainer.max_steps=4", "trainer.val_check_interval=4",
+            "val_episodes=5", "algorithm.finetune.epochs=5"]
+
+
+@pytest.mark.slow  # three commands (~25 s); the refusal below covers metalab-train's sizing step in the default run
+@pytest.mark.data
+def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test(tmp_path, data_dir, cache_dir):
+    """metalab-train fills algorithm.num_classes from the data; metalab-eval rebuilds the learner
+    from the checkpoint alone (its fine-tuning settings included) and meta-tests it to the same figure."""
+    import json
+
+    episodes = ["test_episodes=10", "eval_batch_size=5"]
+    proc = command("metalab-train", *TINY_RUN, *episodes, f"paths.run_dir={tmp_path / 'run'}",
+                   data_dir=data_dir, cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((tmp_path / "run" / "results.json").read_text())
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["config"]["algorithm"]["num_classes"] == 4112
+    assert saved["state_dict"]["classifier.direction"].shape[0] == 4112
+    proc = command("metalab-eval", f"ckpt_path={checkpoint}", *episodes, f"paths.run_dir={tmp_path / 'eval'}",
+                   data_dir=data_dir, cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+
+
+@pytest.mark.data
+def test_metalab_train_refuses_a_classifier_smaller_than_the_training_classes(tmp_path, data_dir, cache_dir):
+    proc = command("metalab-train", *TINY_RUN, "algorithm.num_classes=10", f"paths.run_dir={tmp_path}",
+                   data_dir=data_dir, cache_dir=cache_dir)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("metalab: error")]
+    assert proc.returncode == 2 and errors == [
+        "metalab: error: algorithm.num_classes=10 but the training split has 4112 classes; set "
+        "algorithm.num_classes=4112, or null to take it from the data"], proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
