@@ -132,6 +132,16 @@ def test_training_episodes_carry_each_class_index_in_the_training_split(data_dir
     assert episode.support_y.tolist() == episode.support_y.view(3, 2)[:, 0].repeat_interleave(2).tolist()
 
 
+def test_tensorboard_episode_grid_takes_global_labels():
+    from metalab.callbacks import class_grid
+
+    images = torch.rand(8, 1, 4, 4)
+    labels = torch.tensor([3486, 3486, 12, 12, 401, 401, 7, 7])  # 4 classes, 2 images each, global labels
+    grid = class_grid(images, labels, pad=0)
+    assert grid.shape == (1, 4 * 4, 2 * 4)
+    torch.testing.assert_close(grid[:, :4, :4], images[6])  # first row: the smallest label, 7
+
+
 @pytest.mark.data
 def test_the_classifier_is_sized_from_the_data_and_a_bad_size_is_refused(tmp_path, data_dir, cache_dir):
     config = composed(tmp_path, "experiment=baseline_omniglot_5w1s", data_dir=data_dir, cache_dir=cache_dir)
@@ -271,19 +281,20 @@ def command(name: str, *overrides: str, data_dir, cache_dir):
     from pathlib import Path
 
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([str(Path(sys.executable).parent / name), "trainer.enable_progress_bar=false", "logger=none",
-                           *overrides], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([str(Path(sys.executable).parent / name), "trainer.enable_progress_bar=false", *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 TINY_RUN = ["experiment=baselinepp_omniglot_5w1s", "trainer.max_steps=4", "trainer.val_check_interval=4",
             "val_episodes=5", "algorithm.finetune.epochs=5"]
 
 
-@pytest.mark.slow  # three commands (~25 s); the refusal below covers metalab-train's sizing step in the default run
+@pytest.mark.slow  # two commands (~25 s); the refusal below covers metalab-train's sizing step in the default run
 @pytest.mark.data
 def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test(tmp_path, data_dir, cache_dir):
-    """metalab-train fills algorithm.num_classes from the data; metalab-eval rebuilds the learner
-    from the checkpoint alone (its fine-tuning settings included) and meta-tests it to the same figure."""
+    """metalab-train fills algorithm.num_classes from the data (and logs to TensorBoard, whose
+    episode grid reads the global labels); metalab-eval rebuilds the learner from the checkpoint
+    alone (its fine-tuning settings included) and meta-tests it to the same figure."""
     import json
 
     episodes = ["test_episodes=10", "eval_batch_size=5"]
@@ -304,7 +315,7 @@ def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test
 
 @pytest.mark.data
 def test_metalab_train_refuses_a_classifier_smaller_than_the_training_classes(tmp_path, data_dir, cache_dir):
-    proc = command("metalab-train", *TINY_RUN, "algorithm.num_classes=10", f"paths.run_dir={tmp_path}",
+    proc = command("metalab-train", *TINY_RUN, "algorithm.num_classes=10", f"paths.run_dir={tmp_path}", "logger=none",
                    data_dir=data_dir, cache_dir=cache_dir)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("metalab: error")]
     assert proc.returncode == 2 and errors == [

@@ -19,6 +19,7 @@ give the batch of 16 images Chen et al. train with).
 import torch
 
 from metalab.data.episodes import Episode
+from metalab.errors import ConfigError
 
 
 class GlobalLabelSource:
@@ -28,7 +29,8 @@ class GlobalLabelSource:
 
     def __init__(self, source):
         if not hasattr(source, "sample_with_classes"):
-            raise TypeError(f"{type(source).__name__} cannot tell which class an episode's label stands for")
+            raise ConfigError(f"dataset.episodes=global_labels needs a dataset of image classes; the "
+                              f"{type(source).__name__} source cannot tell which class a label stands for")
         self.source = source
         self.input_shape = source.input_shape
         self.class_names = source.class_names
