@@ -31,6 +31,9 @@ SETTINGS = {
                      "queries=5", "meta_batch_size=1", "test_ways=5", *EVAL], 30),
     "relationnet": (["algorithm=relationnet", "dataset=omniglot", "ways=5", "shots=1", "queries=5",
                      "meta_batch_size=1", "test_ways=5", *EVAL], 30),
+    # The transfer baselines: 100 steps of 16 images labelled among all training classes.
+    "baseline": (["experiment=baseline_omniglot_5w1s", *EVAL], 100),
+    "baselinepp": (["experiment=baselinepp_omniglot_5w1s", *EVAL], 100),
 }
 
 
@@ -51,6 +54,7 @@ def trained_checkpoint(name: str, tmp_path_factory, data_dir: Path, cache_dir: P
     config = run_config(name, data_dir, cache_dir, folder / name)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
+    ALGORITHMS[name].settings_from_data(config, datamodule)  # as metalab-train: e.g. the classifier's size
     L.seed_everything(0, verbose=False)
     model = ALGORITHMS[name](config, list(datamodule.input_shape), datamodule.task_type)
     trainer = quiet_trainer(max_steps=SETTINGS[name][1], limit_val_batches=0, num_sanity_val_steps=0)

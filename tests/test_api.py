@@ -22,10 +22,11 @@ from metalab.data import build_sources
 from metalab.errors import ConfigError, DataError
 from metalab.runner import build_datamodule
 
-CLASSIFIERS = ["protonet", "maml", "matchingnet", "relationnet"]  # every classification learner
+CLASSIFIERS = ["protonet", "maml", "matchingnet", "relationnet", "baseline", "baselinepp"]  # every classification learner
 METRIC = ["protonet", "matchingnet"]  # learners whose predictions must not depend on the support order
 FIXED_WAYS = ["maml"]  # learners with an output head sized to the training ways
-RUNNING_STATISTICS = ["protonet", "matchingnet", "relationnet"]  # BatchNorm with running statistics at meta-test
+# BatchNorm with running statistics at meta-test
+RUNNING_STATISTICS = ["protonet", "matchingnet", "relationnet", "baseline", "baselinepp"]
 
 
 @pytest.fixture(scope="module")

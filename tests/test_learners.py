@@ -28,9 +28,14 @@ def quiet_trainer(**kwargs) -> Trainer:
                    enable_model_summary=False, accelerator="cpu", **kwargs)
 
 
+# The learners for regression beside MAML (the default) join the shared tests here.
+REGRESSION = ["maml", "pretrained"]
+
+
+@pytest.mark.parametrize("algorithm", REGRESSION)
 @pytest.mark.parametrize("stage", ["validate", "test"])
-def test_evaluation_works_under_lightnings_default_inference_mode(tmp_path, stage):
-    model, datamodule = sinusoid_setup(tmp_path, test_episodes=40, val_episodes=40)
+def test_evaluation_works_under_lightnings_default_inference_mode(tmp_path, stage, algorithm):
+    model, datamodule = sinusoid_setup(tmp_path, test_episodes=40, val_episodes=40, algorithm=algorithm)
     results = []
     for inference_mode in (True, False):  # True is Lightning's default for validate/test
         metrics = getattr(quiet_trainer(inference_mode=inference_mode), stage)(model, datamodule=datamodule,
@@ -41,8 +46,9 @@ def test_evaluation_works_under_lightnings_default_inference_mode(tmp_path, stag
     assert results[0][f"{prefix}/mse"] < results[0][f"{prefix}/mse_before"] * 2  # adaptation ran and is finite
 
 
-def test_training_moves_parameters_and_logs(tmp_path):
-    model, datamodule = sinusoid_setup(tmp_path, **{"trainer.max_steps": 5})
+@pytest.mark.parametrize("algorithm", REGRESSION)
+def test_training_moves_parameters_and_logs(tmp_path, algorithm):
+    model, datamodule = sinusoid_setup(tmp_path, **{"trainer.max_steps": 5, "algorithm": algorithm})
     before = [p.detach().clone() for p in model.parameters()]
     trainer = quiet_trainer(max_steps=5, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)

@@ -20,7 +20,7 @@ from metalab.run_log import log
 def class_grid(images: torch.Tensor, labels: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """Tile one episode's images [N, C, H, W] into a [C, H', W'] grid, one row per class."""
     order = torch.argsort(labels, stable=True)
-    ways = int(labels.max()) + 1
+    ways = labels.unique().numel()  # labels need not be 0..ways-1 (global labels: data/global_labels.py)
     images = torch.nn.functional.pad(images[order], (pad, pad, pad, pad), value=0.5)
     _, channels, height, width = images.shape
     rows = images.reshape(ways, -1, channels, height, width)  # [ways, per_class, C, H, W]

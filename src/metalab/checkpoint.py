@@ -18,14 +18,18 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from metalab.errors import ConfigError
 from metalab.files import write_atomic
+from metalab.pretrained import resolve as resolve_named
 
 # Written into every checkpoint by MetaLearner.on_save_checkpoint.
 MARKER = "metalab_version"
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint (on the CPU unless told) without unpickling objects, and check it was written by metalab."""
-    file = Path(path)
+    """Load a checkpoint (on the CPU unless told) without unpickling objects, and check it was written by metalab.
+
+    `path` may name a checkpoint shipped in the package, `pretrained:<name>` (metalab/pretrained/).
+    """
+    file = Path(resolve_named(path))
     if not file.is_file():
         raise ConfigError(f"ckpt_path={path} does not exist; give the path of a .ckpt file in a run's checkpoints/")
     try:

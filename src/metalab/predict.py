@@ -3,7 +3,7 @@
     metalab-predict ckpt_path=run/checkpoints/last.ckpt support=my_classes/ query=new_images/
     metalab-predict ckpt_path=... support=my_classes/ query=a.png query=b.png output=predictions.csv
 
-  ckpt_path=FILE    a checkpoint written by metalab-train
+  ckpt_path=FILE    a checkpoint written by metalab-train, or pretrained:<name>, one shipped with metalab
   support=DIR       one folder per class, named after it, holding that class's example images
   query=PATH        an image, or a folder of images (searched recursively); may be repeated
   output=FILE       also write the predictions to FILE.csv or FILE.json
@@ -31,6 +31,7 @@ from pathlib import Path
 from metalab.errors import ConfigError, DataError, MetalabError
 from metalab.files import write_atomic
 from metalab.memory import keep_freed_memory
+from metalab.pretrained import resolve as resolve_named
 
 KEYS = ("ckpt_path", "support", "query", "output", "device", "batch_size", "independent")
 BOOLEANS = {"true": True, "false": False}
@@ -67,6 +68,7 @@ def parse(argv: list[str]) -> dict:
     args["independent"] = BOOLEANS[args["independent"].lower()]
     if args["output"] and Path(args["output"]).suffix.lower() not in FORMATS:
         raise ConfigError(f"output={args['output']} must end in .csv or .json")
+    resolve_named(args["ckpt_path"])  # an unknown pretrained:<name> fails before any file is read
     return args
 
 

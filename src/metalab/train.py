@@ -53,6 +53,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     learner_cls = ALGORITHMS[config["algorithm"]["name"]]
     check_learner_fits_data(config, learner_cls, datamodule.task_type)
+    learner_cls.settings_from_data(config, datamodule)  # e.g. a classifier sized to the training classes
     check_compile(config, learner_cls)  # training only: evaluation never compiles
 
     L.seed_everything(config["seed"], workers=True, verbose=False)

@@ -22,6 +22,10 @@ _LEARNERS = {
     "protonet": "protonet:ProtoNet",
     "matchingnet": "matchingnet:MatchingNet",
     "relationnet": "relationnet:RelationNet",
+    # transfer baselines: trained without episodes, fine-tuned at meta-test
+    "baseline": "baseline:Baseline",
+    "baselinepp": "baseline:BaselinePlusPlus",
+    "pretrained": "pretrained:PretrainedBaseline",
     # memory-based, and its memoryless baseline
     "mann": "mann:MANN",
     "lstm": "mann:LSTMBaseline",

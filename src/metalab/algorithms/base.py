@@ -85,6 +85,12 @@ class MetaLearner(LightningModule):
         self.compiled = bool(self.compile_mode)
         self._meta_gradient = None  # the compiled meta-gradient, built at the first outer step
 
+    @classmethod
+    def settings_from_data(cls, config: dict, datamodule) -> None:
+        """Fill in, or check, settings a learner takes from its training data, before it is built
+        (metalab-train calls it once the data module is set up). Default: none; the transfer
+        baselines size their classifier to the training split's classes (algorithms/baseline.py)."""
+
     # ------------------------------------------------------------------ to implement
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -1,5 +1,6 @@
 """What the metric learners (ProtoNet, Matching Networks, Relation Networks) share: how their
-BatchNorm normalizes, chosen with `algorithm.batch_norm`.
+BatchNorm normalizes, chosen with `algorithm.batch_norm`. The transfer baselines (Baseline,
+Baseline++: algorithms/baseline.py) embed their images the same way.
 
 - `running` (the default in their configs): the authors' protocol as in
   jakesnell/prototypical-networks, which trains in training mode (protonets/engine.py,

@@ -110,6 +110,11 @@ class ImageClassSource:
                 f"{self.class_names[smallest]!r} of {where} has only {fewest} {plural}; {allows}")
 
     def sample(self, ways: int, shots: int, queries: int, generator: torch.Generator) -> Episode:
+        return self.sample_with_classes(ways, shots, queries, generator)[0]
+
+    def sample_with_classes(self, ways: int, shots: int, queries: int,
+                            generator: torch.Generator) -> tuple[Episode, Tensor]:
+        """The episode `sample` draws, and [ways] the index in this split of the class behind each label."""
         per_class = shots + queries
         # The random class order is the label assignment: label i is the i-th drawn class.
         classes = torch.randperm(len(self.class_names), generator=generator)[:ways].tolist()
@@ -124,9 +129,10 @@ class ImageClassSource:
                 x[label] = torch.rot90(x[label], int(self._rotations[c]), dims=(-2, -1))
         x = x.float() / 255
         labels = torch.arange(ways).unsqueeze(1)
-        return Episode(
+        episode = Episode(
             support_x=x[:, :shots].reshape(ways * shots, *self.input_shape),
             support_y=labels.expand(ways, shots).reshape(-1),
             query_x=x[:, shots:].reshape(ways * queries, *self.input_shape),
             query_y=labels.expand(ways, queries).reshape(-1),
         )
+        return episode, torch.tensor(classes, dtype=torch.long)

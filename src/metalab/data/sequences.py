@@ -18,7 +18,9 @@ evaluation episodes work unchanged, meta-batch first):
   `adapt`/`predict` (`acc_query`), which is how the application API uses a memory learner.
 
 Chosen with `dataset.episodes=sequence` (the `mann` and `lstm` algorithm configs set it);
-`dataset.episodes=few_shot` (the default) keeps the support/query episodes of the other learners.
+`dataset.episodes=few_shot` (the default) keeps the support/query episodes of the other learners;
+`dataset.episodes=global_labels` labels the training episodes with global class indices, for the
+transfer baselines (data/global_labels.py).
 """
 
 from collections.abc import Callable, Mapping
@@ -27,9 +29,10 @@ import torch
 from torch import Tensor
 
 from metalab.data.episodes import Episode
+from metalab.data.global_labels import GlobalLabelSource
 from metalab.errors import ConfigError
 
-EPISODE_KINDS = ("few_shot", "sequence")
+EPISODE_KINDS = ("few_shot", "sequence", "global_labels")
 
 
 def episode_shaper(kind: str, dataset: str) -> Callable[[Mapping], dict]:
@@ -42,8 +45,10 @@ def episode_shaper(kind: str, dataset: str) -> Callable[[Mapping], dict]:
             return dict(sources)
         task_type = next(iter(sources.values())).task_type
         if task_type != "classification":
-            raise ConfigError(f"dataset.episodes=sequence needs a classification dataset, but dataset={dataset} "
+            raise ConfigError(f"dataset.episodes={kind} needs a classification dataset, but dataset={dataset} "
                               f"is {task_type}; choose e.g. dataset=omniglot")
+        if kind == "global_labels":  # the transfer baselines' training split (data/global_labels.py)
+            return {**sources, "train": GlobalLabelSource(sources["train"])}
         return {split: SequenceSource(source) for split, source in sources.items()}
 
     return shape
