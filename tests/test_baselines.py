@@ -92,7 +92,8 @@ def test_batched_head_fit_equals_a_per_task_sgd_loop(kind, shots):
         expected = torch.stack([head(q) for head, q in zip(reference, queries)])
     torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-5)
     # The fit did something: every task's support loss fell well below its start's.
-    start = {n: p.expand(tasks, *p.shape) for n, p in initial_head(kind, ways, dim, torch.Generator().manual_seed(3)).items()}
+    head = initial_head(kind, ways, dim, torch.Generator().manual_seed(3))
+    start = {n: p.expand(tasks, *p.shape) for n, p in head.items()}
 
     def support_loss(head):
         logits = head_logits(kind, features, head, scale)
@@ -222,14 +223,15 @@ def test_pretraining_is_plain_regression_on_the_support_points(tmp_path):
     model, datamodule = sinusoid(tmp_path)
     batch = datamodule.example_batch()
     loss, metrics = model.meta_loss(batch)
-    expected = torch.stack([nn.functional.mse_loss(model.model(x), y) for x, y in zip(batch.support_x, batch.support_y)])
+    expected = torch.stack([nn.functional.mse_loss(model.model(x), y)
+                            for x, y in zip(batch.support_x, batch.support_y)])
     torch.testing.assert_close(loss, expected.mean())
     torch.testing.assert_close(metrics["mse"], expected)
     everything, _ = sinusoid(tmp_path, "algorithm.fit_points=all")
     everything.load_state_dict(model.state_dict())
     points_x, points_y = torch.cat([batch.support_x, batch.query_x], 1), torch.cat([batch.support_y, batch.query_y], 1)
-    torch.testing.assert_close(everything.meta_loss(batch)[0], nn.functional.mse_loss(model.model(points_x.flatten(0, 1)),
-                                                                              points_y.flatten(0, 1)))
+    joint_loss = nn.functional.mse_loss(model.model(points_x.flatten(0, 1)), points_y.flatten(0, 1))
+    torch.testing.assert_close(everything.meta_loss(batch)[0], joint_loss)
     with pytest.raises(ConfigError, match="algorithm.fit_points='query' is unknown"):
         sinusoid(tmp_path, "algorithm.fit_points=query")
 

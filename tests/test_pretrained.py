@@ -67,7 +67,7 @@ def test_metalab_predict_takes_a_name_and_refuses_an_unknown_one(registry, proto
                                                                    capsys):
     ship_tiny(registry, protonet_ckpt)
     support, query = omniglot_folders(omniglot_dir, tmp_path, classes=3, shots=1, queries=2)
-    predict_main([f"ckpt_path=pretrained:tiny-protonet", f"support={tmp_path / 'support'}",
+    predict_main(["ckpt_path=pretrained:tiny-protonet", f"support={tmp_path / 'support'}",
                   f"query={tmp_path / 'query'}"])
     out = capsys.readouterr().out
     assert all(path.name in out for path in query)
