@@ -62,7 +62,8 @@ def fit_and_validate(name: str, cache_dir: str, data_dir: str, processes: int) -
     trainer.limit_val_batches = 1.0
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()}, "val": validated,
-            "episodes": model.eval_episodes["val"], "tasks": model.train_tasks, "rank": trainer.global_rank}
+            "episodes": model.eval_episodes["val"], "per_episode": model.eval_per_episode["val"],
+            "tasks": model.train_tasks, "rank": trainer.global_rank}
 
 
 def free_port() -> int:
@@ -105,6 +106,11 @@ def test_protonet_on_two_ddp_processes_matches_one_process(tmp_path, cache_dir, 
     assert two["episodes"] == one["episodes"] == 10
     for key, value in one["val"].items():
         assert two["val"][key] == pytest.approx(value, rel=1e-5), key
+    # Each episode's own value comes back in episode order (rank 0 had batches 0-2 and 6-8, rank 1
+    # 3-5 and 9), so runs can be compared episode by episode whatever their process count.
+    assert two["per_episode"]["episode"] == one["per_episode"]["episode"] == list(range(10))
+    assert two["per_episode"]["values"]["acc"] == pytest.approx(one["per_episode"]["values"]["acc"], abs=1e-6)
+    assert len(set(one["per_episode"]["values"]["acc"])) > 1  # distinct episodes: a reordering would show
 
 
 # ---------------------------------------------------------------- configuration checks (no processes)
