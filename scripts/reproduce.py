@@ -416,13 +416,29 @@ def plot(entries: list[dict], path: Path) -> None:
     write_atomic(path, image.getvalue())
 
 
+def plot_link(readme: Path, plot_path: Path) -> str:
+    try:
+        return plot_path.resolve().relative_to(readme.resolve().parent).as_posix()
+    except ValueError:
+        return str(plot_path)
+
+
+def readme_disagrees(results_dir: Path, readme: Path, plot_path: Path) -> str | None:
+    """None when README's generated block is exactly what results/ gives, else what differs."""
+    text = readme.read_text()
+    start, end = readme_block(text)
+    expected = render_block(load_entries(results_dir), plot_link(readme, plot_path))
+    if text[start:end] == expected:
+        return None
+    shown, wanted = text[start:end].splitlines(), expected.splitlines()
+    line = next((i for i, (a, b) in enumerate(zip(shown, wanted)) if a != b), min(len(shown), len(wanted)))
+    return (f"{readme}'s results block differs from what {results_dir} generates (block line {line + 1}); "
+            "regenerate it with python scripts/reproduce.py --readme")
+
+
 def regenerate(results_dir: Path, readme: Path, plot_path: Path) -> None:
     entries = load_entries(results_dir)
-    try:
-        relative = plot_path.resolve().relative_to(readme.resolve().parent).as_posix()
-    except ValueError:
-        relative = str(plot_path)
-    changed = update_readme(readme, render_block(entries, relative))
+    changed = update_readme(readme, render_block(entries, plot_link(readme, plot_path)))
     if entries:
         plot(entries, plot_path)
     print(f"reproduce: {len(entries)} result(s) in {results_dir}; {readme} {'updated' if changed else 'unchanged'}"
@@ -439,6 +455,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the results/ entry's name (one per experiment or run dir, in order)")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README block and plot")
     parser.add_argument("--no-readme", action="store_true", help="leave README.md and the plot as they are")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that the README block is what results/ generates (exit 1 if not)")
     parser.add_argument("--log-dir", type=Path, default=REPO / "logs" / "reproduce", help="where runs are written")
     parser.add_argument("--results-dir", type=Path, default=REPO / "results")
     parser.add_argument("--readme-path", type=Path, default=REPO / "README.md")
@@ -461,6 +479,13 @@ def run(args: argparse.Namespace) -> int:
     if experiments == ["all"]:
         experiments = experiment_names()
     # Everything that can be wrong is refused before any run starts.
+    if args.check:
+        if args.targets or args.collect or args.readme:
+            raise ReproduceError("--check compares README.md with results/ alone; give it nothing else")
+        stale = readme_disagrees(args.results_dir, args.readme_path, args.plot)
+        print(f"reproduce: {stale}" if stale else f"reproduce: {args.readme_path} agrees with {args.results_dir}",
+              file=sys.stderr if stale else sys.stdout)
+        return 1 if stale else 0
     if args.readme:
         if args.targets or args.collect:
             raise ReproduceError("--readme regenerates from results/ alone; give it no experiments or --collect")

@@ -5,10 +5,9 @@ import platform
 import subprocess
 from pathlib import Path
 
-import torch
-
 from metalab import __version__
 
+TEST_EPISODES_FILE = "test_episodes.json"  # beside results.json: the per-episode meta-test values
 # Dataset settings that do not change which episodes are drawn (checks, downloads, the metric's name).
 NOT_EPISODE_SHAPING = ("verify_checksums", "download", "metric", "metric_mode")
 
@@ -23,12 +22,16 @@ def machine() -> dict:
                 break
     except OSError:
         pass  # not Linux: platform's description
+    import torch  # here, so that reading results (scripts/compare.py, reproduce.py) does not load torch
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
 
 
 def software() -> dict:
     """torch's and metalab's versions, and metalab's git commit where it runs from a checkout."""
+    import torch
+
     source = Path(__file__).resolve().parent
     commit, dirty = None, None
     def git(*args: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from metalab.errors import MetalabError
-from metalab.runner import TEST_EPISODES_FILE
+from metalab.provenance import TEST_EPISODES_FILE
 
 
 class NotPaired(MetalabError):

@@ -28,9 +28,7 @@ from metalab.errors import Interrupted, MetalabError
 from metalab.files import write_json_atomic
 from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
-from metalab.provenance import machine, software, test_episodes_identity
-
-TEST_EPISODES_FILE = "test_episodes.json"  # beside results.json: the per-episode meta-test values
+from metalab.provenance import TEST_EPISODES_FILE, machine, software, test_episodes_identity
 
 # Run settings passed to the data module under the same names.
 EPISODE_SETTINGS = ("ways", "shots", "queries", "meta_batch_size", "test_ways", "test_shots", "test_queries",
