@@ -252,8 +252,10 @@ def paper_budget(paper: dict) -> str:
         parts.append(f"{count(budget['steps'])} steps")
     if budget.get("episodes") is not None:
         parts.append(f"{count(budget['episodes'])} episodes")
-    text = " = ".join(parts)
-    return f"{text} ({budget['note']})" if budget.get("note") else text or "not stated"
+    text, note = " = ".join(parts), budget.get("note")
+    if note:
+        return f"{text} ({note})" if text else note
+    return text or "not stated"
 
 
 def describe_machine(entry: dict) -> str:

@@ -214,10 +214,10 @@ class MetaLearner(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
-        self._evaluate_and_store(batch, self._episode_indices("val", batch_idx, batch))
+        self._evaluate_and_store(batch, self._episode_indices("val", batch_idx))
 
     def test_step(self, batch: Episode, batch_idx: int) -> None:
-        self._evaluate_and_store(batch, self._episode_indices("test", batch_idx, batch))
+        self._evaluate_and_store(batch, self._episode_indices("test", batch_idx))
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_summary("val")
@@ -225,16 +225,14 @@ class MetaLearner(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_summary("test")
 
-    def _episode_indices(self, stage: str, batch_idx: int, batch: Episode) -> Tensor:
+    def _episode_indices(self, stage: str, batch_idx: int) -> Tensor | None:
         """The fixed-episode indices of this evaluation batch, as the data module dealt it out."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(datamodule, "eval_batches"):
             return torch.tensor(datamodule.eval_batches(stage)[batch_idx])
-        # Loaders given without metalab's data module: episodes numbered as they come.
-        start = sum(len(i) for i in self._eval_indices)
-        return torch.arange(start, start + batch.support_x.shape[0])
+        return None
 
-    def _evaluate_and_store(self, batch: Episode, indices: Tensor) -> None:
+    def _evaluate_and_store(self, batch: Episode, indices: Tensor | None = None) -> None:
         with evaluation_mode():
             # A batch made under inference mode must be cloned out of it for autograd.
             if any(t.is_inference() for t in batch):
@@ -242,6 +240,9 @@ class MetaLearner(LightningModule):
             values = self.evaluate(batch)
         for name, per_episode in values.items():
             self._eval_values[name].append(per_episode.detach().float())  # stays on device: no sync per batch
+        if indices is None:  # loaders given without metalab's data module: episodes numbered as they come
+            start = sum(len(i) for i in self._eval_indices)
+            indices = torch.arange(start, start + batch.support_x.shape[0])
         self._eval_indices.append(indices)
 
     def _log_eval_summary(self, stage: str) -> None:
