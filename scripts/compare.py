@@ -77,6 +77,8 @@ def describe(run_dir: Path) -> dict:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     paper = config.get("paper") or {}
     metric = paper.get("metric") or f"test/{config['dataset'].get('metric', 'acc')}"
+    if not metric.startswith("test/"):  # the paper's figure is of another evaluation (reproduce.py makes it)
+        metric, paper = f"test/{config['dataset'].get('metric', 'acc')}", {}
     scale = 100.0 if metric.rsplit("/", 1)[-1].startswith("acc") else 1.0  # accuracy in %, as papers print it
     s = results["config"]
     setting = (f"{s['test_ways']}-way {s['test_shots']}-shot" if s["dataset"] != "sinusoid"

@@ -153,6 +153,34 @@ def record_per_episode(run_dir: Path, results: dict, eval_dir: Path) -> tuple[di
     return recorded, f"metalab-eval re-run of {checkpoint} by reproduce.py (the run predates per-episode values)"
 
 
+def extra_evaluations(paper: dict, results: dict, values: dict, eval_root: Path) -> dict:
+    """The paper's figures measured in another test setting than the run's own (e.g. MSE after one
+    inner step, where the run tests after ten): `paper.evaluations` names each, with the
+    metalab-eval overrides that make it; each is a metalab-eval of the tested checkpoint on the
+    same fixed episodes. Returns their `<evaluation>/test/*` figures; their per-episode values go
+    into `values` as `<evaluation>/<metric>`."""
+    found = {}
+    for evaluation, overrides in (paper.get("evaluations") or {}).items():
+        checkpoint = results.get("tested_checkpoint") or results.get("last_checkpoint")
+        eval_dir = eval_root.parent / f"{eval_root.name}_{evaluation}"
+        print(f"reproduce: the paper's {evaluation} figures: metalab-eval {' '.join(overrides)} on {checkpoint}", flush=True)
+        status = python_module("metalab.eval", f"ckpt_path={checkpoint}", *overrides, "trainer.enable_progress_bar=false",
+                               f"hydra.run.dir={eval_dir}")
+        recorded = per_episode(eval_dir) if status == 0 else None
+        if recorded is None or recorded["episodes"] != values["episodes"] or recorded["episode"] != values["episode"]:
+            raise ReproduceError(f"metalab-eval {' '.join(overrides)} on {checkpoint} failed or tested other episodes "
+                                 f"(exit {status}); its log is in {eval_dir}")
+        evaluated = read_json(eval_dir / "results.json")
+        found.update({f"{evaluation}/{k}": v for k, v in evaluated.items() if k.startswith("test/")})
+        values["values"].update({f"{evaluation}/{k}": v for k, v in recorded["values"].items()})
+    return found
+
+
+def per_episode_key(metric: str) -> str:
+    """`test/acc` -> `acc`; `one_step/test/mse` -> `one_step/mse` (the per-episode values' names)."""
+    return metric.replace("test/", "")
+
+
 def compact(values: list[float]) -> list[float]:
     return [float(f"{v:.7g}") for v in values]  # float32's digits: the file stays small
 
@@ -175,13 +203,14 @@ def collect(run_dir: Path, name: str | None, log_dir: Path) -> dict:
         name = derive_name(experiment, overrides)
     check_name(name)
     values, source = record_per_episode(run_dir, results, log_dir / f"{name}_eval")
+    paper = paper_of(experiment)
+    results = {**results, **extra_evaluations(paper, results, values, log_dir / name)}
     setting = dict(results["config"])
     metric_key = f"test/{config['dataset'].get('metric', 'acc')}"
-    paper = paper_of(experiment)
     steps = trained.get("global_step")
     batch = setting.get("meta_batch_size")
     provenance_at_run = "machine" in trained
-    tag = (paper.get("metric") or metric_key).replace("test/", "val/")
+    tag = "val/" + (paper.get("metric") or metric_key).rsplit("/", 1)[-1]  # training validated in its own setting
     curve_steps, curve_values = scalar_series(trained_dir, tag)
     ci_steps, ci_values = scalar_series(trained_dir, f"{tag}_ci95")
     ci_at = dict(zip(ci_steps, ci_values))
@@ -195,7 +224,7 @@ def collect(run_dir: Path, name: str | None, log_dir: Path) -> dict:
         "metric": paper.get("metric") or metric_key,
         "metrics": {key: {"mean": results[key], "ci95": results.get(f"{key}_ci95"),
                           "episodes": results.get("test_episodes_evaluated")}
-                    for key in sorted(results) if key.startswith("test/") and not key.endswith("_ci95")},
+                    for key in sorted(results) if "test/" in key and not key.endswith("_ci95")},
         "per_episode": {"source": source, "episodes": values["episodes"], "episode": values["episode"],
                         "values": {k: compact(v) for k, v in values["values"].items()}},
         "budget": {"steps": steps, "meta_batch_size": batch,
@@ -324,7 +353,7 @@ def pairwise_table(entries: list[dict]) -> list[str]:
     for entry, reference in pairs(entries):
         metric = entry["metric"]
         try:
-            d = paired_difference(entry["per_episode"], reference["per_episode"], metric.removeprefix("test/"),
+            d = paired_difference(entry["per_episode"], reference["per_episode"], per_episode_key(metric),
                                   (entry["name"], reference["name"]))
         except NotPaired:
             continue

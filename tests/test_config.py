@@ -75,7 +75,10 @@ def test_experiments_compose(experiment):
     # beside ours (the memory learners: the 2nd instance, and each instance under `figures`), and
     # where given the paper's training budget.
     paper = cfg["paper"]
-    assert re.fullmatch(r"test/(acc|mse)(_inst\d+)?", paper["metric"]) and paper["source"], paper
+    # A figure measured in another test setting names the evaluation that makes it (reproduce.py).
+    evaluation = re.fullmatch(r"(?:(\w+)/)?test/(acc|mse)(_inst\d+)?", paper["metric"])
+    assert evaluation and paper["source"], paper
+    assert evaluation.group(1) is None or evaluation.group(1) in paper["evaluations"], paper
     assert all(key.startswith("test/") and isinstance(value, float) for key, value in (paper.get("figures") or {}).items())
     budget = paper.get("budget") or {}
     assert set(budget) <= {"steps", "episodes", "note"} and all(isinstance(budget.get(k, 0), int) for k in ("steps", "episodes"))

@@ -149,7 +149,14 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     values = entry["per_episode"]["values"]["mse"]
     assert sum(values) / 30 == pytest.approx(entry["metrics"]["test/mse"]["mean"], rel=1e-5)
     assert entry["machine"]["cores"] >= 1 and entry["software"]["torch"] and entry["curve"]["step"]
-    assert "| maml_sinusoid_5shot | test/mse |" in (repo_copy / "README.md").read_text()
+    # The paper's figure is after one inner step, the run tests after ten: reproduce.py meta-tested
+    # the checkpoint again with eval_inner_steps=1 (paper.evaluations) on the same episodes.
+    one_step = entry["metrics"]["one_step/test/mse"]
+    assert one_step["mean"] != entry["metrics"]["test/mse"]["mean"]
+    assert one_step["mean"] == pytest.approx(sum(entry["per_episode"]["values"]["one_step/mse"]) / 30, rel=1e-5)
+    assert entry["metric"] == "one_step/test/mse" and entry["curve"]["tag"] == "val/mse"
+    assert (f"| maml_sinusoid_5shot | one_step/test/mse | {one_step['mean']:.2f} ± {one_step['ci95']:.2f} (30) | 0.67 |"
+            in (repo_copy / "README.md").read_text())
 
     # The same run as one made before per-episode values: collect re-evaluates its checkpoint, says so,
     # and gets the very same values.
@@ -162,8 +169,7 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     assert old["per_episode"]["source"].startswith("metalab-eval re-run of")
     assert old["per_episode"]["values"] == entry["per_episode"]["values"]
     # Two runs on the same episodes, neither ProtoNet: the pair is in the README's paired table.
-    assert "| old_run | maml_sinusoid_5shot | test/mse | 0.00 ± 0.00 | 30 |" in (repo_copy / "README.md").read_text() or \
-        "| maml_sinusoid_5shot | old_run | test/mse | 0.00 ± 0.00 | 30 |" in (repo_copy / "README.md").read_text()
+    assert "| maml_sinusoid_5shot | old_run | one_step/test/mse | 0.00 ± 0.00 | 30 |" in (repo_copy / "README.md").read_text()
     # A finished run is not trained again.
     again = reproduce_cli("maml_sinusoid_5shot", *budget, root=repo_copy)
     assert again.returncode == 2 and "holds a finished run already" in again.stderr
