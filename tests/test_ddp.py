@@ -5,6 +5,7 @@ process's environment), so Lightning's DDP joins them instead of re-launching py
 command-line path, where Lightning re-launches `metalab-train`, is tested with MAML.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -202,6 +203,12 @@ def test_maml_metalab_train_on_two_cpu_processes_matches_one_process(tmp_path, c
     for evaluation in evaluated.values():
         assert evaluation["test/mse"] == pytest.approx(trained_run["test/mse"], rel=1e-5)
         assert evaluation["test/mse_ci95"] == pytest.approx(trained_run["test/mse_ci95"], rel=1e-5)
+    # Rank 0 wrote each episode's values, gathered from both processes in episode order.
+    episodes = {name: json.loads(next((tmp_path / name).rglob("test_episodes.json")).read_text())
+                for name in ("train", "eval_ddp_cpu", "eval_cpu")}
+    assert all(e["episode"] == list(range(25)) for e in episodes.values())
+    for name in ("train", "eval_ddp_cpu"):
+        assert episodes[name]["values"]["mse"] == pytest.approx(episodes["eval_cpu"]["values"]["mse"], rel=1e-5)
 
 
 def test_a_command_ends_the_process_group_before_the_interpreter_exits(tmp_path):
