@@ -120,6 +120,8 @@ def write_results(run_dir: Path, config: dict, metrics: dict, started: float, pe
         write_json_atomic(run_dir / TEST_EPISODES_FILE,
                           {"episodes": test_episodes_identity(config), **per_episode})
         results["per_episode_file"] = TEST_EPISODES_FILE
+    else:  # no meta-test this time: an earlier attempt's values in this directory are not this run's
+        (run_dir / TEST_EPISODES_FILE).unlink(missing_ok=True)
     write_json_atomic(run_dir / "results.json", results)
     # A run that finished has no error: drop one left by an earlier attempt in this directory
     # (a requeued SLURM job stopped by SIGTERM), which would mark it failed in a sweep.
