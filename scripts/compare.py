@@ -169,6 +169,9 @@ def plot(groups: list[dict], path: Path) -> None:
     for metric, axis in metric_axes.items():
         for value in dict.fromkeys(g["paper"] for g in groups if g["metric"] == metric and g["paper"] is not None):
             axis.axhline(value, color="black", linestyle="--", linewidth=1, label=f"paper: {value}")
+            low, high = axis.get_ylim()  # horizontal lines do not widen the axis: keep the paper's in view
+            margin = 0.05 * (max(high, value) - min(low, value))
+            axis.set_ylim(min(low, value - margin), max(high, value + margin))
         unit = " (%)" if metric.rsplit("/", 1)[-1].startswith("acc") else ""
         axis.set(xlabel="outer step", ylabel=f"validation {metric.split('/')[-1]}{unit}",
                  title="meta-validation (band: 95% CI)")

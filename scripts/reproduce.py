@@ -431,8 +431,12 @@ def plot(entries: list[dict], path: Path) -> None:
         paper = group[0]["paper"]
         if paper.get("value") is not None:
             axis.axhline(paper["value"], color="black", linestyle="--", linewidth=1, label=f"paper {paper['value']}")
-            if paper.get("ci95") is not None:
-                axis.axhspan(paper["value"] - paper["ci95"], paper["value"] + paper["ci95"], color="black", alpha=0.08)
+            ci = paper.get("ci95") or 0.0
+            if ci:
+                axis.axhspan(paper["value"] - ci, paper["value"] + ci, color="black", alpha=0.08)
+            low, high = axis.get_ylim()  # horizontal lines do not widen the axis: keep the paper's in view
+            margin = 0.05 * (max(high, paper["value"] + ci) - min(low, paper["value"] - ci))
+            axis.set_ylim(min(low, paper["value"] - ci - margin), max(high, paper["value"] + ci + margin))
         metric = group[0]["curve"]["tag"]
         axis.set(title=experiment, xlabel="outer step",
                  ylabel=metric + (" (%)" if scale(metric) == 100 else ""))
