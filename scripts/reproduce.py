@@ -566,7 +566,8 @@ def run(args: argparse.Namespace) -> int:
 def entry_json(entry: dict) -> str:
     """Indented JSON with each list of numbers on one line (1,000 per-episode values stay readable)."""
     text = json.dumps(entry, indent=1)
-    return re.sub(r"\[([-0-9.eE+,\snulNaIfity]*)\]",
+    # Only the lists json.dumps spread over lines ("[" then a newline): text inside strings stays as it is.
+    return re.sub(r"\[(\n[-0-9.eE+,\snulNaIfity]*)\]",
                   lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",") if x.strip()) + "]", text) + "\n"
 
 

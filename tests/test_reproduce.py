@@ -173,3 +173,9 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     # A finished run is not trained again.
     again = reproduce_cli("maml_sinusoid_5shot", *budget, root=repo_copy)
     assert again.returncode == 2 and "holds a finished run already" in again.stderr
+
+
+def test_entry_json_puts_number_lists_on_one_line_and_leaves_strings_alone():
+    entry = {"overrides": ["backbone.hidden_sizes=[32,32]"], "values": {"acc": [0.8, 1.0, None]}, "empty": []}
+    text = reproduce.entry_json(entry)
+    assert json.loads(text) == entry and '"acc": [0.8, 1.0, null]' in text
