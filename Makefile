@@ -14,7 +14,7 @@ CKPT ?=
 PYTEST_WORKERS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval sweep tensorboard lint test test-full bench bench-memory device-carry device-check clean
+.PHONY: help install train eval sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ eval: install ## meta-test a checkpoint: make eval CKPT=logs/train/runs/<run>/ch
 
 sweep: install ## a Hydra multirun: MAML and ProtoNet on Omniglot 5-way 1-shot (their paper settings)
 	$(BIN)/metalab-train -m experiment=maml_omniglot_5w1s,protonet_omniglot_5w1s $(ARGS)
+
+reproduce: install ## reproduce paper settings into results/ and the README: make reproduce ARGS='protonet_omniglot_5w1s' (or '--collect <run dir>', '--readme')
+	$(BIN)/python scripts/reproduce.py $(ARGS)
 
 tensorboard: install ## serve the TensorBoard logs of all runs under logs/
 	$(BIN)/tensorboard --logdir logs --bind_all

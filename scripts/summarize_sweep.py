@@ -19,10 +19,9 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
-
 from metalab.errors import StorageError
 from metalab.files import write_atomic
+from metalab.results import as_dict, overrides_of, varying_overrides
 
 LOWER_IS_BETTER = ("mse", "loss")
 
@@ -30,10 +29,7 @@ LOWER_IS_BETTER = ("mse", "loss")
 def load_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
     for run_dir in sorted({p.parent for name in ("results.json", "error.txt") for p in sweep_dir.rglob(name)}):
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        job = {"job": str(run_dir.relative_to(sweep_dir)) or ".",
-               "overrides": dict(o.split("=", 1) for o in overrides if "=" in o)}
+        job = {"job": str(run_dir.relative_to(sweep_dir)) or ".", "overrides": as_dict(overrides_of(run_dir))}
         if (run_dir / "results.json").is_file():
             job["results"] = json.loads((run_dir / "results.json").read_text())
         else:
@@ -58,8 +54,7 @@ def default_metric(jobs: list[dict], name: str) -> str:
 
 
 def table(jobs: list[dict], metric: str, descending: bool, name: str) -> tuple[list[str], list[list]]:
-    varying = sorted({k for job in jobs for k in job["overrides"]
-                      if len({job2["overrides"].get(k) for job2 in jobs}) > 1})
+    varying = varying_overrides([job["overrides"] for job in jobs])
     columns = list(dict.fromkeys([metric, f"val/{name}", f"test/{name}", f"test/{name}_ci95"]))
     done = [j for j in jobs if "results" in j]
     failed = [j for j in jobs if "results" not in j]

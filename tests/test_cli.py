@@ -70,6 +70,16 @@ def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):
     evaluated = results(tmp_path)
     assert evaluated["test/mse"] == trained["test/mse"]
     assert evaluated["test/mse_ci95"] == trained["test/mse_ci95"]
+    # Each test episode's values, in episode order, with what fixes the episodes: the same in both.
+    trained_episodes = json.loads((Path(trained["last_checkpoint"]).parents[1] / "test_episodes.json").read_text())
+    (evaluated_file,) = tmp_path.rglob("test_episodes.json")
+    evaluated_episodes = json.loads(evaluated_file.read_text())
+    assert trained_episodes == evaluated_episodes
+    assert trained_episodes["episode"] == list(range(200))
+    assert trained_episodes["episodes"]["eval_seed"] == 0 and trained_episodes["episodes"]["test_shots"] == 10
+    mse = trained_episodes["values"]["mse"]
+    assert sum(mse) / len(mse) == pytest.approx(trained["test/mse"], rel=1e-6)
+    assert evaluated["machine"]["cores"] >= 1 and evaluated["software"]["torch"] == torch.__version__
     # Fewer inner steps at meta-test than the trained run's 10: a worse fit, same prior.
     one_step = tmp_path / "one_step"
     run("metalab-eval", f"ckpt_path={trained['tested_checkpoint']}", "eval_inner_steps=1", env=env, log_dir=one_step)

@@ -73,11 +73,17 @@ def test_experiments_compose(experiment):
     check_algorithm(cfg, ALGORITHMS)
     # Named <algorithm>_<dataset>_<setting>.
     assert experiment.startswith(f"{cfg['algorithm']['name']}_{cfg['dataset']['name']}_")
-    # Each few-shot paper setting records the published figure scripts/compare.py prints beside ours
-    # (the memory learners report a curve over instances, which one figure cannot hold).
-    if cfg["algorithm"]["name"] not in ("mann", "lstm"):
-        paper = cfg["paper"]
-        assert paper["metric"] in ("test/acc", "test/mse") and paper["source"], paper
+    # Each paper setting records the published figure scripts/compare.py and reproduce.py print
+    # beside ours (the memory learners: the 2nd instance, and each instance under `figures`), and
+    # where given the paper's training budget.
+    paper = cfg["paper"]
+    # A figure measured in another test setting names the evaluation that makes it (reproduce.py).
+    evaluation = re.fullmatch(r"(?:(\w+)/)?test/(acc|mse)(_inst\d+)?", paper["metric"])
+    assert evaluation and paper["source"], paper
+    assert evaluation.group(1) is None or evaluation.group(1) in paper["evaluations"], paper
+    assert all(key.startswith("test/") and isinstance(value, float) for key, value in (paper.get("figures") or {}).items())
+    budget = paper.get("budget") or {}
+    assert set(budget) <= {"steps", "episodes", "note"} and all(isinstance(budget.get(k, 0), int) for k in ("steps", "episodes"))
 
 
 def test_hardware_choices():

@@ -5,6 +5,7 @@ process's environment), so Lightning's DDP joins them instead of re-launching py
 command-line path, where Lightning re-launches `metalab-train`, is tested with MAML.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -62,7 +63,8 @@ def fit_and_validate(name: str, cache_dir: str, data_dir: str, processes: int) -
     trainer.limit_val_batches = 1.0
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()}, "val": validated,
-            "episodes": model.eval_episodes["val"], "tasks": model.train_tasks, "rank": trainer.global_rank}
+            "episodes": model.eval_episodes["val"], "per_episode": model.eval_per_episode["val"],
+            "tasks": model.train_tasks, "rank": trainer.global_rank}
 
 
 def free_port() -> int:
@@ -105,6 +107,11 @@ def test_protonet_on_two_ddp_processes_matches_one_process(tmp_path, cache_dir, 
     assert two["episodes"] == one["episodes"] == 10
     for key, value in one["val"].items():
         assert two["val"][key] == pytest.approx(value, rel=1e-5), key
+    # Each episode's own value comes back in episode order (rank 0 had batches 0-2 and 6-8, rank 1
+    # 3-5 and 9), so runs can be compared episode by episode whatever their process count.
+    assert two["per_episode"]["episode"] == one["per_episode"]["episode"] == list(range(10))
+    assert two["per_episode"]["values"]["acc"] == pytest.approx(one["per_episode"]["values"]["acc"], abs=1e-6)
+    assert len(set(one["per_episode"]["values"]["acc"])) > 1  # distinct episodes: a reordering would show
 
 
 # ---------------------------------------------------------------- configuration checks (no processes)
@@ -196,6 +203,12 @@ def test_maml_metalab_train_on_two_cpu_processes_matches_one_process(tmp_path, c
     for evaluation in evaluated.values():
         assert evaluation["test/mse"] == pytest.approx(trained_run["test/mse"], rel=1e-5)
         assert evaluation["test/mse_ci95"] == pytest.approx(trained_run["test/mse_ci95"], rel=1e-5)
+    # Rank 0 wrote each episode's values, gathered from both processes in episode order.
+    episodes = {name: json.loads(next((tmp_path / name).rglob("test_episodes.json")).read_text())
+                for name in ("train", "eval_ddp_cpu", "eval_cpu")}
+    assert all(e["episode"] == list(range(25)) for e in episodes.values())
+    for name in ("train", "eval_ddp_cpu"):
+        assert episodes[name]["values"]["mse"] == pytest.approx(episodes["eval_cpu"]["values"]["mse"], rel=1e-5)
 
 
 def test_a_command_ends_the_process_group_before_the_interpreter_exits(tmp_path):

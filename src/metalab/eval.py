@@ -123,7 +123,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     metrics = meta_test(trainer, model, datamodule, None, run)
     if trainer.is_global_zero:  # the metrics are already gathered from every process
         write_results(run_dir, run, metrics, started, tested_checkpoint=config["ckpt_path"],
-                      world_size=trainer.world_size, test_episodes_evaluated=model.eval_episodes.get("test"))
+                      world_size=trainer.world_size, test_episodes_evaluated=model.eval_episodes.get("test"),
+                      per_episode=model.eval_per_episode.get("test"))
     return metrics.get(f"test/{model.metric}")
 
 

@@ -29,6 +29,7 @@ from metalab.errors import Interrupted, MetalabError
 from metalab.files import write_json_atomic
 from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
+from metalab.provenance import TEST_EPISODES_FILE, machine, software, test_episodes_identity
 from metalab.run_log import log, quiet_known_warnings
 
 # Run settings passed to the data module under the same names.
@@ -117,9 +118,19 @@ def summary(config: dict) -> dict:
     }
 
 
-def write_results(run_dir: Path, config: dict, metrics: dict, started: float, **extra) -> dict:
+def write_results(run_dir: Path, config: dict, metrics: dict, started: float, per_episode: dict | None = None,
+                  **extra) -> dict:
+    """results.json, and beside it test_episodes.json: each meta-test episode's values in
+    episode order (`per_episode`, the learner's eval_per_episode["test"]) with what fixes
+    those episodes, so that runs on the same episodes can be compared pairwise."""
     results = {**metrics, "config": summary(config), "tags": list(config.get("tags") or []),
-               "wall_time_sec": time.perf_counter() - started, **extra}
+               "wall_time_sec": time.perf_counter() - started, **extra, "machine": machine(), "software": software()}
+    if per_episode is not None and per_episode["episode"]:
+        write_json_atomic(run_dir / TEST_EPISODES_FILE,
+                          {"episodes": test_episodes_identity(config), **per_episode})
+        results["per_episode_file"] = TEST_EPISODES_FILE
+    else:  # no meta-test this time: an earlier attempt's values in this directory are not this run's
+        (run_dir / TEST_EPISODES_FILE).unlink(missing_ok=True)
     write_json_atomic(run_dir / "results.json", results)
     # A run that finished has no error: drop one left by an earlier attempt in this directory
     # (a requeued SLURM job stopped by SIGTERM), which would mark it failed in a sweep.

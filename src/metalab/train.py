@@ -98,6 +98,7 @@ def train(cfg: DictConfig) -> float | None:
         global_step=trainer.global_step,
         world_size=trainer.world_size,
         test_episodes_evaluated=model.eval_episodes.get("test"),
+        per_episode=model.eval_per_episode.get("test"),
         **{f"val/{model.metric}": val_best},
     )
     return objective

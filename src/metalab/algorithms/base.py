@@ -49,6 +49,9 @@ def evaluation_mode() -> Iterator[None]:
         yield
 
 
+_EPISODE = "__episode__"  # the episode indices' key beside the metrics while they are gathered
+
+
 class MetaLearner(LightningModule):
     # True when the output layer is sized to the training ways (MAML's head): then
     # evaluation must use the same number of ways.
@@ -73,7 +76,11 @@ class MetaLearner(LightningModule):
         self.task_type = task_type
         self.metric = "acc" if task_type == "classification" else "mse"
         self._eval_values: dict[str, list[Tensor]] = defaultdict(list)
+        self._eval_indices: list[Tensor] = []  # the fixed episodes' indices, beside _eval_values
         self.eval_episodes: dict[str, int] = {}  # stage -> fixed episodes in its last summary
+        # stage -> {"episode": [index, ...], "values": {metric: [value, ...]}} of its last summary,
+        # in episode order: runs on the same fixed episodes can be compared episode by episode.
+        self.eval_per_episode: dict[str, dict] = {}
         self._step_started = 0.0
         self.train_tasks = 0  # tasks meta-trained on by this process
         # Seconds spent in outer steps and their tasks, for tasks per second; the first outer
@@ -213,10 +220,10 @@ class MetaLearner(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
-        self._evaluate_and_store(batch)
+        self._evaluate_and_store(batch, self._episode_indices("val", batch_idx))
 
     def test_step(self, batch: Episode, batch_idx: int) -> None:
-        self._evaluate_and_store(batch)
+        self._evaluate_and_store(batch, self._episode_indices("test", batch_idx))
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_summary("val")
@@ -224,7 +231,14 @@ class MetaLearner(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_summary("test")
 
-    def _evaluate_and_store(self, batch: Episode) -> None:
+    def _episode_indices(self, stage: str, batch_idx: int) -> Tensor | None:
+        """The fixed-episode indices of this evaluation batch, as the data module dealt it out."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "eval_batches"):
+            return torch.tensor(datamodule.eval_batches(stage)[batch_idx])
+        return None
+
+    def _evaluate_and_store(self, batch: Episode, indices: Tensor | None = None) -> None:
         with evaluation_mode():
             # A batch made under inference mode must be cloned out of it for autograd.
             if any(t.is_inference() for t in batch):
@@ -232,32 +246,43 @@ class MetaLearner(LightningModule):
             values = self.evaluate(batch)
         for name, per_episode in values.items():
             self._eval_values[name].append(per_episode.detach().float())  # stays on device: no sync per batch
+        if indices is None:  # loaders given without metalab's data module: episodes numbered as they come
+            start = sum(len(i) for i in self._eval_indices)
+            indices = torch.arange(start, start + batch.support_x.shape[0])
+        self._eval_indices.append(indices)
 
     def _log_eval_summary(self, stage: str) -> None:
-        values = self._gather_eval_values()
+        indices, values = self._gather_eval_values()
         for name, per_episode in values.items():
             mean, ci95 = mean_and_ci95(per_episode)
             # Every DDP process holds the same gathered figures: the "sync" averages equal values.
             self.log(f"{stage}/{name}", mean, prog_bar=name == self.metric, sync_dist=True)
             self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)
         # How many fixed episodes the figures are over (each exactly once, whatever the process count).
-        self.eval_episodes[stage] = len(next(iter(values.values()))) if values else 0
+        self.eval_episodes[stage] = len(indices)
+        self.eval_per_episode[stage] = {"episode": indices.tolist(),
+                                        "values": {name: v.tolist() for name, v in values.items()}}
         self._eval_values.clear()
+        self._eval_indices.clear()
 
-    def _gather_eval_values(self) -> dict[str, Tensor]:
-        """{metric: per-episode values} over every process's share of the fixed episodes.
+    def _gather_eval_values(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The evaluated episodes' indices and {metric: per-episode values}, in episode order,
+        over every process's share of the fixed episodes.
 
-        Under DDP each process evaluated a disjoint share of the episodes (datamodule._eval_loader);
+        Under DDP each process evaluated a disjoint share of the episodes (datamodule.eval_batches);
         shares differ in size, and a process may have none, so they travel as Python objects.
         Every process gets the same values and so logs the same mean and CI.
         """
         local = {name: torch.cat(chunks).cpu() for name, chunks in self._eval_values.items()}
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return local
-        shares = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shares, local)
-        names = sorted({name for share in shares for name in share})
-        return {name: torch.cat([share[name] for share in shares if name in share]) for name in names}
+        local[_EPISODE] = torch.cat(self._eval_indices).long() if self._eval_indices else torch.zeros(0, dtype=torch.long)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shares, local)
+            names = sorted({name for share in shares for name in share})
+            local = {name: torch.cat([share[name] for share in shares if name in share]) for name in names}
+        indices = local.pop(_EPISODE)
+        order = torch.argsort(indices, stable=True)
+        return indices[order], {name: values[order] for name, values in local.items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MARKER] = __version__

@@ -163,14 +163,22 @@ class EpisodicDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str, num_workers: int) -> DataLoader:
         episodes = FixedEpisodes(self.sources[split], *self._shape(split), self._length(split),
                                  self.eval_seed, split)
-        # Under DDP each process evaluates every world-th batch of the fixed episodes, with no
-        # padding or repeats: the learner gathers the per-episode values, so each episode counts
-        # exactly once (Lightning's distributed sampler would pad with repeated episodes).
-        rank, world = self._rank_and_world()
-        batches = [list(range(b, min(b + self.eval_batch_size, len(episodes))))
-                   for b in range(0, len(episodes), self.eval_batch_size)]
-        return DataLoader(episodes, batch_sampler=batches[rank::world], num_workers=num_workers,
+        return DataLoader(episodes, batch_sampler=self.eval_batches(split), num_workers=num_workers,
                           persistent_workers=False, pin_memory=False)
+
+    def eval_batches(self, split: str) -> list[list[int]]:
+        """The indices of the fixed `split` episodes this process evaluates, batch by batch.
+
+        Under DDP each process evaluates every world-th batch, with no padding or repeats: the
+        learner gathers the per-episode values, so each episode counts exactly once (Lightning's
+        distributed sampler would pad with repeated episodes), and puts them back in episode
+        order by these indices.
+        """
+        length = self._length(split) or 0
+        rank, world = self._rank_and_world()
+        batches = [list(range(b, min(b + self.eval_batch_size, length)))
+                   for b in range(0, length, self.eval_batch_size)]
+        return batches[rank::world]
 
     def _rank_and_world(self) -> tuple[int, int]:
         """This process's DDP rank and the process count; (0, 1) outside a distributed Trainer."""

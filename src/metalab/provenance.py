@@ -1,0 +1,59 @@
+"""Where a result came from: the machine, the software, and which fixed episodes it was measured on."""
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from metalab import __version__
+
+TEST_EPISODES_FILE = "test_episodes.json"  # beside results.json: the per-episode meta-test values
+# Dataset settings that do not change which episodes are drawn (checks, downloads, the metric's name).
+NOT_EPISODE_SHAPING = ("verify_checksums", "download", "metric", "metric_mode")
+
+
+def machine() -> dict:
+    """CPU model and core count, and the GPU's name where one is visible."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass  # not Linux: platform's description
+    import torch  # here, so that reading results (scripts/compare.py, reproduce.py) does not load torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
+
+
+def software() -> dict:
+    """torch's and metalab's versions, and metalab's git commit where it runs from a checkout."""
+    import torch
+
+    source = Path(__file__).resolve().parent
+    commit, dirty = None, None
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        # Only metalab's own checkout (src/metalab under its top level), not a repository that
+        # happens to hold the environment metalab is installed in.
+        if Path(git("rev-parse", "--show-toplevel")).resolve() / "src" / "metalab" == source:
+            commit = git("rev-parse", "HEAD") or None
+            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed package, or no git: the version alone
+    return {"torch": torch.__version__, "metalab": __version__, "commit": commit, "dirty": dirty}
+
+
+def test_episodes_identity(config: dict) -> dict:
+    """What fixes a run's meta-test episodes: episode j is drawn from (eval_seed, "test", j) over
+    the test split of this dataset, in this shape. Two runs with equal identities share
+    episode j for every j both evaluated, whatever learner or seed trained them."""
+    dataset = {k: v for k, v in config["dataset"].items() if k not in NOT_EPISODE_SHAPING}
+    return {"dataset": dataset, "split": "test", "eval_seed": config["eval_seed"],
+            "test_ways": config["test_ways"], "test_shots": config["test_shots"],
+            "test_queries": config["test_queries"]}

@@ -1,0 +1,181 @@
+"""scripts/reproduce.py: results/ entries from runs, and the README block generated from them (and tested to agree)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import reproduce  # noqa: E402
+from test_compare import fake_run  # noqa: E402
+
+
+# ---------------------------------------------------------------- the committed README and results/
+def test_readme_results_block_is_what_results_generates():
+    """The README's results section is regenerated from the committed results/, whatever is there:
+    a hand-edited figure, or an entry added without regenerating, fails here."""
+    assert reproduce.readme_disagrees(REPO / "results", REPO / "README.md", REPO / "docs" / "results.png") is None
+    for entry in reproduce.load_entries(REPO / "results"):  # every committed entry is a full one
+        assert entry["per_episode"]["episode"] and entry["machine"]["cpu"] and entry["budget"]["steps"], entry["name"]
+        assert (REPO / "conf" / "experiment" / f"{entry['experiment']}.yaml").is_file(), entry["name"]
+
+
+# ---------------------------------------------------------------- the generator, on fixture entries
+def fixture_entry(name: str, algorithm: str, values: list[float], eval_seed: int = 0, paper_value: float = 98.8) -> dict:
+    mean = sum(values) / len(values)
+    identity = {"dataset": {"name": "omniglot", "protocol": "vinyals", "image_size": 28}, "split": "test",
+                "eval_seed": eval_seed, "test_ways": 5, "test_shots": 1, "test_queries": 15}
+    return {
+        "name": name, "experiment": f"{algorithm}_omniglot_5w1s", "overrides": [f"experiment={algorithm}_omniglot_5w1s"],
+        "variant": [], "budget_overrides": [], "setting": {"algorithm": algorithm, "dataset": "omniglot"},
+        "metric": "test/acc", "metrics": {"test/acc": {"mean": mean, "ci95": 0.01, "episodes": len(values)}},
+        "per_episode": {"source": "recorded by the run", "episodes": identity, "episode": list(range(len(values))),
+                        "values": {"acc": values}},
+        "budget": {"steps": 1500, "meta_batch_size": 1, "episodes": 1500, "wall_time_sec": 700.0},
+        "paper": {"metric": "test/acc", "value": paper_value, "source": "x",
+                  "budget": {"episodes": 1000000, "note": "at most"}},
+        "curve": {"tag": "val/acc", "step": [500, 1000, 1500], "value": [0.9, 0.95, 0.97], "ci95": [0.01, 0.01, 0.01]},
+        "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None}, "software": {"torch": "2", "commit": "abc", "dirty": False},
+        "provenance": "recorded by the run", "run_dir": "/nowhere", "tested_checkpoint": None,
+    }
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """A README with the generated block's markers, and an empty results/."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text("# x\n\n## Results\n\n" + "\n".join(reproduce.MARKERS) + "\n\n## Next\n")
+    return tmp_path
+
+
+def write_entries(results_dir: Path, *entries: dict) -> None:
+    for entry in entries:
+        (results_dir / f"{entry['name']}.json").write_text(reproduce.entry_json(entry))
+
+
+def test_generated_block_holds_each_figure_budget_machine_and_the_paired_difference(repo_copy):
+    # MAML's per-episode accuracies minus ProtoNet's: 0, +0.2, −0.2 ... by hand: mean −0.04,
+    # sd 0.1673 (differences 0, .2, -.2, 0, -.2), t(0.975, 4) = 2.7764, CI 2.7764·0.1673/√5 = 0.2078.
+    protonet = fixture_entry("protonet_omniglot_5w1s", "protonet", [0.8, 0.8, 1.0, 0.6, 1.0])
+    maml = fixture_entry("maml_omniglot_5w1s", "maml", [0.8, 1.0, 0.8, 0.6, 0.8], paper_value=98.7)
+    other_episodes = fixture_entry("relationnet_omniglot_5w1s", "relationnet", [1.0, 1.0, 1.0, 0.8, 0.8], eval_seed=1)
+    write_entries(repo_copy / "results", protonet, maml, other_episodes)
+    plot = repo_copy / "docs" / "results.png"
+    reproduce.regenerate(repo_copy / "results", repo_copy / "README.md", plot)
+    readme = (repo_copy / "README.md").read_text()
+    assert readme.startswith("# x\n\n## Results\n\n") and readme.endswith("\n\n## Next\n")  # the rest untouched
+    rows = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | test/acc")]
+    assert rows[0] == ("| maml_omniglot_5w1s | test/acc % | 80.00 ± 1.00 (5) | 98.70 | "
+                                          "1,500 steps × 1 = 1,500 episodes, 12 min | 1,000,000 episodes (at most) | "
+                                          "Test CPU, 2 cores |")
+    paired = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | protonet")]
+    assert paired == ["| maml_omniglot_5w1s | protonet_omniglot_5w1s | test/acc % | -4.00 ± 20.78 | 5 |"]
+    # Runs on other episodes (eval_seed=1) are not paired with ProtoNet's.
+    assert not any(line.startswith("| relationnet_omniglot_5w1s | protonet") for line in readme.splitlines())
+    assert "![Validation learning curves, the paper's figure dashed](docs/results.png)" in readme
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The agreement check: it holds now, and fails once an entry changes without regenerating.
+    assert reproduce.readme_disagrees(repo_copy / "results", repo_copy / "README.md", plot) is None
+    maml["metrics"]["test/acc"]["mean"] = 0.81
+    write_entries(repo_copy / "results", maml)
+    assert "differs from what" in reproduce.readme_disagrees(repo_copy / "results", repo_copy / "README.md", plot)
+
+
+def test_an_empty_results_dir_says_so_in_the_readme(repo_copy):
+    reproduce.regenerate(repo_copy / "results", repo_copy / "README.md", repo_copy / "results.png")
+    assert "No reproduced results are committed yet" in (repo_copy / "README.md").read_text()
+    assert not (repo_copy / "results.png").exists()
+
+
+def test_a_variant_is_named_by_its_setting_overrides_not_its_budget():
+    overrides = ["experiment=mann_omniglot_5w10i", "algorithm.add_vector=true", "trainer.max_steps=100",
+                 "test_episodes=1000", "trainer.enable_progress_bar=false", "hardware=cpu"]
+    assert reproduce.derive_name("mann_omniglot_5w10i", overrides) == "mann_omniglot_5w10i_add_vector-true"
+    assert reproduce.derive_name("protonet_omniglot_5w1s", ["trainer.max_steps=50"]) == "protonet_omniglot_5w1s"
+
+
+# ---------------------------------------------------------------- the command line, end to end
+def reproduce_cli(*args: str, root: Path) -> subprocess.CompletedProcess:
+    paths = ["--log-dir", str(root / "logs"), "--results-dir", str(root / "results"),
+             "--readme-path", str(root / "README.md"), "--plot", str(root / "docs" / "results.png")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), *args, *paths], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=600, check=False)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["maml_sinusoid_55shot"], "unknown experiment maml_sinusoid_55shot: no conf/experiment/maml_sinusoid_55shot.yaml"),
+    (["--collect", "nowhere"], "nowhere: no results.json (not a finished run)"),
+    (["maml_sinusoid_5shot", "fomaml_sinusoid_5shot", "--name", "one"], "1 --name for 2 run(s)"),
+    (["maml_sinusoid_5shot", "--name", "a/b"], "--name 'a/b' is not a file name"),
+])
+def test_bad_arguments_are_refused_in_one_line_before_any_run(repo_copy, args, message):
+    finished = reproduce_cli(*args, root=repo_copy)
+    assert finished.returncode == 2 and message in finished.stderr, finished.stderr
+    assert len(finished.stderr.strip().splitlines()) == 1 and not (repo_copy / "logs").exists()
+
+
+def test_collect_reads_a_finished_run_without_training(tmp_path):
+    run_dir = fake_run(tmp_path / "run", ["experiment=maml_omniglot_5w1s", "algorithm.inner_lr=0.1",
+                                          "trainer.max_steps=300", "test_episodes=5"], per_episode=[0.8, 1.0, 0.8, 0.6, 0.8])
+    entry = reproduce.collect(run_dir, None, tmp_path / "logs")
+    assert entry["name"] == "maml_omniglot_5w1s_inner_lr-0.1" and entry["variant"] == ["algorithm.inner_lr=0.1"]
+    assert entry["budget_overrides"] == ["trainer.max_steps=300"] and entry["budget"]["steps"] == 300
+    # The paper's figure and budget come from the experiment file as it is now.
+    assert entry["paper"]["value"] == 98.7 and entry["paper"]["budget"]["episodes"] == 1920000
+    assert entry["per_episode"]["values"]["acc"] == [0.8, 1.0, 0.8, 0.6, 0.8]
+    assert entry["curve"] == {"tag": "val/acc", "step": [100, 200, 300], "value": [0.5, 0.7, 0.8],
+                              "ci95": [0.05, 0.04, 0.03]}
+    # A run that did not record its machine gets the collecting one's, and says so.
+    assert entry["machine"]["cores"] >= 1 and entry["provenance"].startswith("not recorded by the run")
+    assert not (tmp_path / "logs").exists()  # nothing was run
+
+
+def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
+    # A short real run through reproduce.py (MAML, sinusoid K=5, 20 outer steps): trained, meta-tested,
+    # collected into results/ and the README, with the budget override recorded.
+    budget = ["trainer.max_steps=20", "trainer.val_check_interval=10", "val_episodes=10", "test_episodes=30"]
+    finished = reproduce_cli("maml_sinusoid_5shot", *budget, root=repo_copy)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    entry = json.loads((repo_copy / "results" / "maml_sinusoid_5shot.json").read_text())
+    assert entry["budget"]["steps"] == 20 and entry["budget"]["episodes"] == 20 * 25
+    assert entry["budget_overrides"] == ["trainer.max_steps=20"] and entry["variant"] == []
+    assert entry["paper"]["value"] == 0.67 and entry["paper"]["budget"]["steps"] == 70000
+    assert entry["per_episode"]["episode"] == list(range(30)) and entry["per_episode"]["source"] == "recorded by the run"
+    values = entry["per_episode"]["values"]["mse"]
+    assert sum(values) / 30 == pytest.approx(entry["metrics"]["test/mse"]["mean"], rel=1e-5)
+    assert entry["machine"]["cores"] >= 1 and entry["software"]["torch"] and entry["curve"]["step"]
+    # The paper's figure is after one inner step, the run tests after ten: reproduce.py meta-tested
+    # the checkpoint again with eval_inner_steps=1 (paper.evaluations) on the same episodes.
+    one_step = entry["metrics"]["one_step/test/mse"]
+    assert one_step["mean"] != entry["metrics"]["test/mse"]["mean"]
+    assert one_step["mean"] == pytest.approx(sum(entry["per_episode"]["values"]["one_step/mse"]) / 30, rel=1e-5)
+    assert entry["metric"] == "one_step/test/mse" and entry["curve"]["tag"] == "val/mse"
+    assert (f"| maml_sinusoid_5shot | one_step/test/mse | {one_step['mean']:.2f} ± {one_step['ci95']:.2f} (30) | 0.67 |"
+            in (repo_copy / "README.md").read_text())
+
+    # The same run as one made before per-episode values: collect re-evaluates its checkpoint, says so,
+    # and gets the very same values.
+    run_dir = repo_copy / "logs" / "maml_sinusoid_5shot"
+    (run_dir / "test_episodes.json").unlink()
+    collected = reproduce_cli("--collect", str(run_dir), "--name", "old_run", root=repo_copy)
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert "predates per-episode values: re-running metalab-eval" in collected.stdout
+    old = json.loads((repo_copy / "results" / "old_run.json").read_text())
+    assert old["per_episode"]["source"].startswith("metalab-eval re-run of")
+    assert old["per_episode"]["values"] == entry["per_episode"]["values"]
+    # Two runs on the same episodes, neither ProtoNet: the pair is in the README's paired table.
+    assert "| maml_sinusoid_5shot | old_run | one_step/test/mse | 0.00 ± 0.00 | 30 |" in (repo_copy / "README.md").read_text()
+    # A finished run is not trained again.
+    again = reproduce_cli("maml_sinusoid_5shot", *budget, root=repo_copy)
+    assert again.returncode == 2 and "holds a finished run already" in again.stderr
+
+
+def test_entry_json_puts_number_lists_on_one_line_and_leaves_strings_alone():
+    entry = {"overrides": ["backbone.hidden_sizes=[32,32]"], "values": {"acc": [0.8, 1.0, None]}, "empty": []}
+    text = reproduce.entry_json(entry)
+    assert json.loads(text) == entry and '"acc": [0.8, 1.0, null]' in text
