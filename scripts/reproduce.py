@@ -163,9 +163,10 @@ def extra_evaluations(paper: dict, results: dict, values: dict, eval_root: Path)
     for evaluation, overrides in (paper.get("evaluations") or {}).items():
         checkpoint = results.get("tested_checkpoint") or results.get("last_checkpoint")
         eval_dir = eval_root.parent / f"{eval_root.name}_{evaluation}"
-        print(f"reproduce: the paper's {evaluation} figures: metalab-eval {' '.join(overrides)} on {checkpoint}", flush=True)
-        status = python_module("metalab.eval", f"ckpt_path={checkpoint}", *overrides, "trainer.enable_progress_bar=false",
-                               f"hydra.run.dir={eval_dir}")
+        print(f"reproduce: the paper's {evaluation} figures: "
+              f"metalab-eval {' '.join(overrides)} on {checkpoint}", flush=True)
+        status = python_module("metalab.eval", f"ckpt_path={checkpoint}", *overrides,
+                               "trainer.enable_progress_bar=false", f"hydra.run.dir={eval_dir}")
         recorded = per_episode(eval_dir) if status == 0 else None
         if recorded is None or recorded["episodes"] != values["episodes"] or recorded["episode"] != values["episode"]:
             raise ReproduceError(f"metalab-eval {' '.join(overrides)} on {checkpoint} failed or tested other episodes "
@@ -229,7 +230,8 @@ def collect(run_dir: Path, name: str | None, log_dir: Path) -> dict:
                         "values": {k: compact(v) for k, v in values["values"].items()}},
         "budget": {"steps": steps, "meta_batch_size": batch,
                    "episodes": steps * batch if steps is not None and batch is not None else None,
-                   "wall_time_sec": trained.get("wall_time_sec"), "train_tasks_per_sec": trained.get("train_tasks_per_sec"),
+                   "wall_time_sec": trained.get("wall_time_sec"),
+                   "train_tasks_per_sec": trained.get("train_tasks_per_sec"),
                    "world_size": trained.get("world_size")},
         "paper": paper,
         "curve": {"tag": tag, "step": curve_steps, "value": compact(curve_values),
@@ -267,7 +269,8 @@ def count(n) -> str:
 def our_budget(budget: dict) -> str:
     seconds = budget.get("wall_time_sec")
     time = "" if seconds is None else f", {seconds:.0f} s" if seconds < 60 else f", {seconds / 60:.0f} min"
-    return f"{count(budget.get('steps'))} steps × {budget.get('meta_batch_size')} = {count(budget.get('episodes'))} episodes{time}"
+    return (f"{count(budget.get('steps'))} steps × {budget.get('meta_batch_size')} = "
+            f"{count(budget.get('episodes'))} episodes{time}")
 
 
 def paper_budget(paper: dict) -> str:
@@ -533,7 +536,8 @@ def run(args: argparse.Namespace) -> int:
                                  "finish, or leave it out")
     else:
         if not experiments:
-            raise ReproduceError("name experiments from conf/experiment/ (or all), or give --collect RUN_DIR or --readme")
+            raise ReproduceError("name experiments from conf/experiment/ (or all), "
+                                 "or give --collect RUN_DIR or --readme")
         unknown = sorted(set(experiments) - set(experiment_names()))
         if unknown:
             raise ReproduceError(f"unknown experiment {', '.join(unknown)}: no conf/experiment/{unknown[0]}.yaml; "

@@ -91,7 +91,8 @@ def test_paired_difference_and_its_ci_match_a_hand_computation(tmp_path):
     # By hand: differences 0.1, 0, 0.2, 0, 0.2; mean 0.1; sample sd sqrt(0.04/4 + ...) = sqrt(0.01) = 0.1;
     # t(0.975, 4) = 2.776445; CI half-width 2.776445 * 0.1 / sqrt(5) = 0.124166.
     assert t_quantile_975(4) == pytest.approx(2.776445, abs=1e-6)
-    assert t_quantile_975(999) == pytest.approx(1.962341, abs=1e-6) and t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile_975(999) == pytest.approx(1.962341, abs=1e-6)
+    assert t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
     run_a = fake_run(tmp_path / "a", ["algorithm=maml"], per_episode=a)
     run_b = fake_run(tmp_path / "b", ["algorithm=protonet"], per_episode=b)
     d = paired_difference(compare.per_episode(run_a), compare.per_episode(run_b), "acc")

@@ -25,12 +25,14 @@ def test_readme_results_block_is_what_results_generates():
 
 
 # ---------------------------------------------------------------- the generator, on fixture entries
-def fixture_entry(name: str, algorithm: str, values: list[float], eval_seed: int = 0, paper_value: float = 98.8) -> dict:
+def fixture_entry(name: str, algorithm: str, values: list[float], eval_seed: int = 0,
+                  paper_value: float = 98.8) -> dict:
     mean = sum(values) / len(values)
     identity = {"dataset": {"name": "omniglot", "protocol": "vinyals", "image_size": 28}, "split": "test",
                 "eval_seed": eval_seed, "test_ways": 5, "test_shots": 1, "test_queries": 15}
     return {
-        "name": name, "experiment": f"{algorithm}_omniglot_5w1s", "overrides": [f"experiment={algorithm}_omniglot_5w1s"],
+        "name": name, "experiment": f"{algorithm}_omniglot_5w1s",
+        "overrides": [f"experiment={algorithm}_omniglot_5w1s"],
         "variant": [], "budget_overrides": [], "setting": {"algorithm": algorithm, "dataset": "omniglot"},
         "metric": "test/acc", "metrics": {"test/acc": {"mean": mean, "ci95": 0.01, "episodes": len(values)}},
         "per_episode": {"source": "recorded by the run", "episodes": identity, "episode": list(range(len(values))),
@@ -39,7 +41,8 @@ def fixture_entry(name: str, algorithm: str, values: list[float], eval_seed: int
         "paper": {"metric": "test/acc", "value": paper_value, "source": "x",
                   "budget": {"episodes": 1000000, "note": "at most"}},
         "curve": {"tag": "val/acc", "step": [500, 1000, 1500], "value": [0.9, 0.95, 0.97], "ci95": [0.01, 0.01, 0.01]},
-        "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None}, "software": {"torch": "2", "commit": "abc", "dirty": False},
+        "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None},
+        "software": {"torch": "2", "commit": "abc", "dirty": False},
         "provenance": "recorded by the run", "run_dir": "/nowhere", "tested_checkpoint": None,
     }
 
@@ -121,7 +124,8 @@ def test_bad_arguments_are_refused_in_one_line_before_any_run(repo_copy, args, m
 
 def test_collect_reads_a_finished_run_without_training(tmp_path):
     run_dir = fake_run(tmp_path / "run", ["experiment=maml_omniglot_5w1s", "algorithm.inner_lr=0.1",
-                                          "trainer.max_steps=300", "test_episodes=5"], per_episode=[0.8, 1.0, 0.8, 0.6, 0.8])
+                                          "trainer.max_steps=300", "test_episodes=5"],
+                       per_episode=[0.8, 1.0, 0.8, 0.6, 0.8])
     entry = reproduce.collect(run_dir, None, tmp_path / "logs")
     assert entry["name"] == "maml_omniglot_5w1s_inner_lr-0.1" and entry["variant"] == ["algorithm.inner_lr=0.1"]
     assert entry["budget_overrides"] == ["trainer.max_steps=300"] and entry["budget"]["steps"] == 300
@@ -145,7 +149,8 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     assert entry["budget"]["steps"] == 20 and entry["budget"]["episodes"] == 20 * 25
     assert entry["budget_overrides"] == ["trainer.max_steps=20"] and entry["variant"] == []
     assert entry["paper"]["value"] == 0.67 and entry["paper"]["budget"]["steps"] == 70000
-    assert entry["per_episode"]["episode"] == list(range(30)) and entry["per_episode"]["source"] == "recorded by the run"
+    assert entry["per_episode"]["episode"] == list(range(30))
+    assert entry["per_episode"]["source"] == "recorded by the run"
     values = entry["per_episode"]["values"]["mse"]
     assert sum(values) / 30 == pytest.approx(entry["metrics"]["test/mse"]["mean"], rel=1e-5)
     assert entry["machine"]["cores"] >= 1 and entry["software"]["torch"] and entry["curve"]["step"]
@@ -169,7 +174,8 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     assert old["per_episode"]["source"].startswith("metalab-eval re-run of")
     assert old["per_episode"]["values"] == entry["per_episode"]["values"]
     # Two runs on the same episodes, neither ProtoNet: the pair is in the README's paired table.
-    assert "| maml_sinusoid_5shot | old_run | one_step/test/mse | 0.00 ± 0.00 | 30 |" in (repo_copy / "README.md").read_text()
+    paired_row = "| maml_sinusoid_5shot | old_run | one_step/test/mse | 0.00 ± 0.00 | 30 |"
+    assert paired_row in (repo_copy / "README.md").read_text()
     # A finished run is not trained again.
     again = reproduce_cli("maml_sinusoid_5shot", *budget, root=repo_copy)
     assert again.returncode == 2 and "holds a finished run already" in again.stderr
