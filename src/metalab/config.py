@@ -12,9 +12,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from metalab.backbones import backbone_options
 from metalab.checkpoint import read_checkpoint
 from metalab.errors import ConfigError, StorageError
 from metalab.files import write_atomic
+from metalab.paths import CONFIG_DIR
 from metalab.run_log import print_config_tree
 
 EPISODE_KEYS = ("ways", "shots", "queries", "meta_batch_size")
@@ -141,11 +143,52 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
             f"every job's processes itself")
 
 
+# Algorithm settings that every learner's outer step reads (algorithms/base.py), whether or not
+# the learner's own conf/algorithm/<name>.yaml lists them.
+SHARED_ALGORITHM_KEYS = ("name", "optimizer", "scheduler", "grad_clip", "compile")
+
+
+def algorithm_group_defaults(name: str) -> dict | None:
+    """The `algorithm` settings conf/algorithm/<name>.yaml gives (following its defaults list);
+    None when there is no such file (a config directory of the user's own)."""
+    path = Path(CONFIG_DIR) / "algorithm" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    content = yaml.safe_load(text) or {}
+    settings: dict = {}
+    for entry in content.pop("defaults", None) or []:
+        if isinstance(entry, str) and entry != "_self_":
+            settings.update(algorithm_group_defaults(entry) or {})
+    # A `@package _global_` file (baseline, mann) sets `algorithm:` beside other groups' keys.
+    own = content.get("algorithm", {}) if "@package _global_" in text else content
+    return {**settings, **own}
+
+
+def check_algorithm_keys(algorithm: dict, learner_cls) -> None:
+    """Every algorithm setting acts or is refused: a key that neither the learner's own yaml nor
+    the shared outer step defines is read by no code (`+algorithm.first_ordr=true`), and a
+    setting the learner fixes by definition (fomaml's first_order) may not be changed."""
+    name = algorithm["name"]
+    defaults = algorithm_group_defaults(name)
+    if defaults is not None:
+        accepted = list(dict.fromkeys([*defaults, *SHARED_ALGORITHM_KEYS]))
+        unknown = sorted(set(algorithm) - set(accepted))
+        if unknown:
+            removals = " ".join(f"~algorithm.{key}" for key in unknown)
+            raise ConfigError(f"algorithm={name} has no setting {', '.join(unknown)}, so it would be ignored; its "
+                              f"settings are {', '.join(accepted)}; remove with {removals}")
+    for key, (value, why) in learner_cls.fixed_settings.items():
+        if key in algorithm and algorithm[key] != value:
+            raise ConfigError(f"algorithm.{key}={algorithm[key]} cannot act: {why}")
+
+
 def check_algorithm(cfg: dict, algorithms: dict) -> None:
     algorithm = cfg["algorithm"]
     name = algorithm.get("name")
     if name not in algorithms:
         raise ConfigError(f"algorithm={name!r} is unknown; choose one of {sorted(algorithms)}")
+    check_algorithm_keys(algorithm, algorithms[name])
     require_positive_number(algorithm["optimizer"].get("lr"), "algorithm.optimizer.lr")
     if "inner_lr" in algorithm:
         require_positive_number(algorithm["inner_lr"], "algorithm.inner_lr")
@@ -195,6 +238,7 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
         require_positive_int(cfg, key)
     require_positive_int(cfg["trainer"], "max_steps")
     check_algorithm(cfg, algorithms)
+    backbone_options(cfg["backbone"])  # an unknown backbone key, before the data is read
     check_hardware(cfg["trainer"])
     if cfg.get("ckpt_path") is not None:
         check_resumable(cfg, read_checkpoint(cfg["ckpt_path"])["hyper_parameters"]["config"])
@@ -258,11 +302,27 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
             f"algorithm={name} needs a {' or '.join(learner_cls.task_types)} dataset, "
             f"but dataset={cfg['dataset']['name']} is {task_type}; choose another dataset"
         )
+    check_metric(cfg["dataset"], task_type)
     if learner_cls.fixed_ways and task_type == "classification" and test_ways != ways:
         raise ConfigError(
             f"algorithm={name} has one output per training way, so test_ways={test_ways} must equal ways={ways}; "
             f"set test_ways={ways} (or use a metric learner such as protonet)"
         )
+
+
+def check_metric(dataset: dict, task_type: str) -> None:
+    """dataset.metric / metric_mode name what the best checkpoint and a sweep's direction follow
+    (conf/callbacks/default.yaml, conf/hparams_search/); the learners report one metric per task
+    type (algorithms/base.py METRICS), so another value would monitor a metric never logged, or
+    keep the worst checkpoint."""
+    from metalab.algorithms.base import METRICS  # here: it imports torch and Lightning
+
+    metric, mode = METRICS[task_type]
+    for key, value in (("metric", metric), ("metric_mode", mode)):
+        if key in dataset and dataset[key] != value:
+            raise ConfigError(f"dataset.{key}={dataset[key]} disagrees with the metric learners report on "
+                              f"{task_type} tasks ({metric}, best at its {mode}imum); set dataset.{key}={value} "
+                              f"(the dataset's default)")
 
 
 def save_config(cfg: dict, run_dir: Path) -> None:

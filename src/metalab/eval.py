@@ -31,6 +31,24 @@ from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
 OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
+# Run settings taken from this command, not the checkpoint: where and on what it runs.
+FROM_COMMAND = ("paths", "trainer", "logger", "num_workers", "tags", "tf32")
+# Everything this command's line may set (evaluation_config reads each; `hardware`, `paths`,
+# `logger`, `dataset` are also group choices).
+ACTING = (*OVERRIDABLE, *FROM_COMMAND, "ckpt_path", "task_name", "eval_inner_steps", "transductive", "dataset",
+          "hardware")
+# Settings that cannot change at evaluation, and why (anything else not in ACTING: generic).
+FIXED_AT_TRAINING = {
+    "algorithm": "the learner and its hyper-parameters are the checkpoint's (only eval_inner_steps and "
+                 "transductive change at meta-test)",
+    "backbone": "the network's architecture is the checkpoint's, its weights were trained for it",
+    "ways": "the checkpoint was trained with its ways; meta-test another number with test_ways",
+    "shots": "it is a training setting; meta-test another number with test_shots",
+    "queries": "it is a training setting; meta-test another number with test_queries",
+    "seed": "it seeds training; the meta-test episodes follow eval_seed",
+    "meta_batch_size": "it is a training setting; evaluation batches are eval_batch_size",
+    "val_episodes": "metalab-eval runs the test episodes only; set test_episodes",
+}
 
 
 def evaluation_config(config: dict, trained: dict, input_shape: list[int], chosen: list[str]) -> dict:
@@ -45,7 +63,9 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
     for key in OVERRIDABLE:
         if config.get(key) is not None:
             run[key] = config[key]
-    for key in ("paths", "trainer", "logger", "num_workers", "tags"):
+    given = {item.split("=", 1)[0].lstrip("+~") for item in chosen}
+    refuse_inactive(given)
+    for key in FROM_COMMAND:  # tf32 too: a hardware setting of this run, not the training's
         run[key] = config.get(key)
     if config.get("eval_inner_steps") is not None:
         if "eval_inner_steps" not in run["algorithm"]:
@@ -58,7 +78,6 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
             raise ConfigError(f"transductive applies to learners with that option (reptile), not "
                               f"algorithm={run['algorithm']['name']}; leave it out")
         run["algorithm"]["transductive"] = bool(config["transductive"])
-    given = {item.split("=", 1)[0].lstrip("+~") for item in chosen}
     dataset = config.get("dataset")
     if dataset is not None and dataset != trained["dataset"]:
         run["dataset"] = dataset = dict(dataset)
@@ -72,6 +91,17 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
         if dataset.get("split_fractions") is not None and "dataset.split_fractions" not in given:
             dataset["split_fractions"] = {"train": 0.0, "val": 0.0, "test": 1.0}
     return run
+
+
+def refuse_inactive(given: set[str]) -> None:
+    """A setting on this command line that evaluation would not use is refused, not dropped."""
+    for key in sorted(given):
+        top = key.split(".", 1)[0]
+        if top in ACTING:
+            continue
+        why = FIXED_AT_TRAINING.get(top, "metalab-eval does not read it")
+        raise ConfigError(f"{key} cannot change at evaluation: {why}; leave it out (what metalab-eval sets: "
+                          f"{', '.join(ACTING)})")
 
 
 def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], given: set[str]) -> None:
