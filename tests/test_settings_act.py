@@ -101,3 +101,25 @@ def test_eval_refuses_what_cannot_change_at_evaluation(override, why):
     chosen = ["ckpt_path=x.ckpt", override]
     with pytest.raises(ConfigError, match=rf"cannot change at evaluation: .*{why}.*; leave it out"):
         evaluation_config(composed("eval", *chosen), composed("train"), [1], chosen)
+
+
+# ---------------------------------------------------------------- dataset settings
+def test_an_unknown_dataset_key_is_refused_listing_the_accepted_ones():
+    check_train_config(composed("train", "dataset=omniglot"), ALGORITHMS)  # its own keys act
+    cfg = composed("train", "dataset=omniglot", "+dataset.image_sise=32")
+    with pytest.raises(ConfigError, match=r"dataset=omniglot has no setting image_sise, so it would be ignored; its "
+                                          r"settings are name, protocol, .*image_size.*; remove with ~dataset.image_sise"):
+        check_train_config(cfg, ALGORITHMS)
+
+
+def test_eval_refuses_an_unknown_key_of_the_dataset_it_is_given():
+    chosen = ["ckpt_path=x.ckpt", "dataset=sinusoid", "+dataset.amplitud=[1,2]"]
+    with pytest.raises(ConfigError, match=r"dataset=sinusoid has no setting amplitud"):
+        evaluation_config(composed("eval", *chosen), composed("train", "dataset.x_range=[-4,4]"), [1], chosen)
+
+
+def test_baseline_refuses_the_cosine_scale_only_baselinepp_reads():
+    check_algorithm(composed("train", "algorithm=baselinepp", "algorithm.cosine_scale=5"), ALGORITHMS)
+    with pytest.raises(ConfigError, match=r"algorithm.cosine_scale=5 cannot act: baseline's linear head has no "
+                                          r"cosine scale; it is Baseline\+\+'s \(algorithm=baselinepp\)"):
+        check_algorithm(composed("train", "algorithm=baseline", "algorithm.cosine_scale=5"), ALGORITHMS)

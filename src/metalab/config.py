@@ -146,12 +146,14 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
 # Algorithm settings that every learner's outer step reads (algorithms/base.py), whether or not
 # the learner's own conf/algorithm/<name>.yaml lists them.
 SHARED_ALGORITHM_KEYS = ("name", "optimizer", "scheduler", "grad_clip", "compile")
+# Dataset settings every dataset takes: the episode kind, which a learner's yaml sets (data/datamodule.py).
+SHARED_DATASET_KEYS = ("name", "episodes")
 
 
-def algorithm_group_defaults(name: str) -> dict | None:
-    """The `algorithm` settings conf/algorithm/<name>.yaml gives (following its defaults list);
-    None when there is no such file (a config directory of the user's own)."""
-    path = Path(CONFIG_DIR) / "algorithm" / f"{name}.yaml"
+def group_defaults(group: str, name: str) -> dict | None:
+    """The `group` settings conf/<group>/<name>.yaml gives (following its defaults list); None
+    when there is no such file (a config directory of the user's own)."""
+    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
     if not path.is_file():
         return None
     text = path.read_text()
@@ -159,25 +161,32 @@ def algorithm_group_defaults(name: str) -> dict | None:
     settings: dict = {}
     for entry in content.pop("defaults", None) or []:
         if isinstance(entry, str) and entry != "_self_":
-            settings.update(algorithm_group_defaults(entry) or {})
-    # A `@package _global_` file (baseline, mann) sets `algorithm:` beside other groups' keys.
-    own = content.get("algorithm", {}) if "@package _global_" in text else content
+            settings.update(group_defaults(group, entry) or {})
+    # A `@package _global_` file (every dataset; baseline, mann) sets `<group>:` beside other keys.
+    own = content.get(group, {}) if "@package _global_" in text else content
     return {**settings, **own}
 
 
+def check_group_keys(group: str, section: dict, shared: tuple[str, ...]) -> None:
+    """Every key under `group` is one its yaml file or the shared code defines: any other one
+    (`+algorithm.first_ordr=true`, `+dataset.image_sise=32`) would be read by no code, so it is
+    refused, listing the keys that act. The yaml is the list: it cannot drift from a hand-kept one."""
+    name = section.get("name")
+    defaults = group_defaults(group, name) if isinstance(name, str) else None
+    if defaults is None:
+        return
+    accepted = list(dict.fromkeys([*defaults, *shared]))
+    unknown = sorted(set(section) - set(accepted))
+    if unknown:
+        removals = " ".join(f"~{group}.{key}" for key in unknown)
+        raise ConfigError(f"{group}={name} has no setting {', '.join(unknown)}, so it would be ignored; its "
+                          f"settings are {', '.join(accepted)}; remove with {removals}")
+
+
 def check_algorithm_keys(algorithm: dict, learner_cls) -> None:
-    """Every algorithm setting acts or is refused: a key that neither the learner's own yaml nor
-    the shared outer step defines is read by no code (`+algorithm.first_ordr=true`), and a
-    setting the learner fixes by definition (fomaml's first_order) may not be changed."""
-    name = algorithm["name"]
-    defaults = algorithm_group_defaults(name)
-    if defaults is not None:
-        accepted = list(dict.fromkeys([*defaults, *SHARED_ALGORITHM_KEYS]))
-        unknown = sorted(set(algorithm) - set(accepted))
-        if unknown:
-            removals = " ".join(f"~algorithm.{key}" for key in unknown)
-            raise ConfigError(f"algorithm={name} has no setting {', '.join(unknown)}, so it would be ignored; its "
-                              f"settings are {', '.join(accepted)}; remove with {removals}")
+    """Every algorithm setting acts or is refused: a key no code reads, and a setting the learner
+    fixes by definition (fomaml's first_order), which may not be changed."""
+    check_group_keys("algorithm", algorithm, SHARED_ALGORITHM_KEYS)
     for key, (value, why) in learner_cls.fixed_settings.items():
         if key in algorithm and algorithm[key] != value:
             raise ConfigError(f"algorithm.{key}={algorithm[key]} cannot act: {why}")
@@ -239,6 +248,7 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
     require_positive_int(cfg["trainer"], "max_steps")
     check_algorithm(cfg, algorithms)
     backbone_options(cfg["backbone"])  # an unknown backbone key, before the data is read
+    check_group_keys("dataset", cfg["dataset"], SHARED_DATASET_KEYS)
     check_hardware(cfg["trainer"])
     if cfg.get("ckpt_path") is not None:
         check_resumable(cfg, read_checkpoint(cfg["ckpt_path"])["hyper_parameters"]["config"])

@@ -4,7 +4,9 @@
     metalab-eval ckpt_path=... dataset=image_folder dataset.root=/my/classes test_ways=5   # cross-domain
 
 The checkpoint carries its training config; values given here (test_*, eval_seed,
-dataset, paths, hardware) replace those for this evaluation only.
+eval_inner_steps, transductive, dataset, paths, hardware, tf32, logger) replace those for
+this evaluation only. Anything else (the learner, its backbone, training settings) cannot
+change at evaluation and is refused, saying why, rather than dropped.
 """
 
 import copy
@@ -17,9 +19,11 @@ from omegaconf import DictConfig
 from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
 from metalab.config import (
     EVAL_KEYS,
+    SHARED_DATASET_KEYS,
     check_hardware,
     check_learner_fits_data,
     check_loggers,
+    check_group_keys,
     check_trainer_section,
     require_finite_settings,
     require_positive_int,
@@ -36,7 +40,7 @@ FROM_COMMAND = ("paths", "trainer", "logger", "num_workers", "tags", "tf32")
 # Everything this command's line may set (evaluation_config reads each; `hardware`, `paths`,
 # `logger`, `dataset` are also group choices).
 ACTING = (*OVERRIDABLE, *FROM_COMMAND, "ckpt_path", "task_name", "eval_inner_steps", "transductive", "dataset",
-          "hardware")
+          "hardware", "hydra")
 # Settings that cannot change at evaluation, and why (anything else not in ACTING: generic).
 FIXED_AT_TRAINING = {
     "algorithm": "the learner and its hyper-parameters are the checkpoint's (only eval_inner_steps and "
@@ -81,6 +85,7 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
     dataset = config.get("dataset")
     if dataset is not None and dataset != trained["dataset"]:
         run["dataset"] = dataset = dict(dataset)
+        check_group_keys("dataset", dataset, SHARED_DATASET_KEYS)  # the checkpoint's own is not re-judged
         if len(input_shape) == 3:
             transform_as_trained(dataset, trained["dataset"], input_shape, given)
         # The episode shape the learner reads (few-shot episodes or sequences) goes along.
