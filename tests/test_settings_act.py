@@ -107,8 +107,9 @@ def test_eval_refuses_what_cannot_change_at_evaluation(override, why):
 def test_an_unknown_dataset_key_is_refused_listing_the_accepted_ones():
     check_train_config(composed("train", "dataset=omniglot"), ALGORITHMS)  # its own keys act
     cfg = composed("train", "dataset=omniglot", "+dataset.image_sise=32")
-    with pytest.raises(ConfigError, match=r"dataset=omniglot has no setting image_sise, so it would be ignored; its "
-                                          r"settings are name, protocol, .*image_size.*; remove with ~dataset.image_sise"):
+    with pytest.raises(ConfigError, match=r"dataset=omniglot has no setting image_sise, so it would be ignored; "
+                                          r"its settings are name, protocol, .*image_size.*; "
+                                          r"remove with ~dataset.image_sise"):
         check_train_config(cfg, ALGORITHMS)
 
 

@@ -20,10 +20,10 @@ from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
 from metalab.config import (
     EVAL_KEYS,
     SHARED_DATASET_KEYS,
+    check_group_keys,
     check_hardware,
     check_learner_fits_data,
     check_loggers,
-    check_group_keys,
     check_trainer_section,
     require_finite_settings,
     require_positive_int,
