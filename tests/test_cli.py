@@ -87,6 +87,15 @@ def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):
     assert trained["test/mse"] < fewer["test/mse"] < fewer["test/mse_before"] == trained["test/mse_before"]
 
 
+def test_eval_refuses_a_setting_it_would_drop(sinusoid_run, env, tmp_path):
+    _, trained = sinusoid_run
+    proc = run("metalab-eval", f"ckpt_path={trained['tested_checkpoint']}", "+algorithm.inner_lr=0.5", env=env,
+               log_dir=tmp_path, ok=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+    assert "+algorithm.inner_lr" not in proc.stderr and "algorithm.inner_lr cannot change at evaluation" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and not list(tmp_path.rglob("results.json"))
+
+
 @pytest.mark.slow  # kept out of the default run for its time (10-minute budget); `make test-full` runs it
 def test_resume_continues_from_the_saved_step(env, tmp_path):
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
@@ -201,6 +210,12 @@ BAD = [
     (["algorithm=protonet"], "classification"),
     (["dataset=omniglot", "test_ways=20"], "test_ways=20"),
     (["dataset=image_folder"], "dataset.root"),
+    # Every setting acts or is refused (issue 15), before any training.
+    (["algorithm=fomaml", "algorithm.first_order=false"], "fomaml is first order by definition"),
+    (["+algorithm.first_ordr=true"], "algorithm=maml has no setting first_ordr, so it would be ignored"),
+    (["+backbone.input_shape=[1]"], "backbone=mlp has no option input_shape"),
+    (["dataset.metric_mode=max"], "dataset.metric_mode=max disagrees with the metric"),
+    (["dataset=omniglot", "+dataset.image_sise=32"], "dataset=omniglot has no setting image_sise"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["hardware=gpu"], "hardware=gpu"))

@@ -12,9 +12,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from metalab.backbones import backbone_options
 from metalab.checkpoint import read_checkpoint
 from metalab.errors import ConfigError, StorageError
 from metalab.files import write_atomic
+from metalab.paths import CONFIG_DIR
 from metalab.run_log import print_config_tree
 
 EPISODE_KEYS = ("ways", "shots", "queries", "meta_batch_size")
@@ -141,11 +143,61 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
             f"every job's processes itself")
 
 
+# Algorithm settings that every learner's outer step reads (algorithms/base.py), whether or not
+# the learner's own conf/algorithm/<name>.yaml lists them.
+SHARED_ALGORITHM_KEYS = ("name", "optimizer", "scheduler", "grad_clip", "compile")
+# Dataset settings every dataset takes: the episode kind, which a learner's yaml sets (data/datamodule.py).
+SHARED_DATASET_KEYS = ("name", "episodes")
+
+
+def group_defaults(group: str, name: str) -> dict | None:
+    """The `group` settings conf/<group>/<name>.yaml gives (following its defaults list); None
+    when there is no such file (a config directory of the user's own)."""
+    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    content = yaml.safe_load(text) or {}
+    settings: dict = {}
+    for entry in content.pop("defaults", None) or []:
+        if isinstance(entry, str) and entry != "_self_":
+            settings.update(group_defaults(group, entry) or {})
+    # A `@package _global_` file (every dataset; baseline, mann) sets `<group>:` beside other keys.
+    own = content.get(group, {}) if "@package _global_" in text else content
+    return {**settings, **own}
+
+
+def check_group_keys(group: str, section: dict, shared: tuple[str, ...]) -> None:
+    """Every key under `group` is one its yaml file or the shared code defines: any other one
+    (`+algorithm.first_ordr=true`, `+dataset.image_sise=32`) would be read by no code, so it is
+    refused, listing the keys that act. The yaml is the list: it cannot drift from a hand-kept one."""
+    name = section.get("name")
+    defaults = group_defaults(group, name) if isinstance(name, str) else None
+    if defaults is None:
+        return
+    accepted = list(dict.fromkeys([*defaults, *shared]))
+    unknown = sorted(set(section) - set(accepted))
+    if unknown:
+        removals = " ".join(f"~{group}.{key}" for key in unknown)
+        raise ConfigError(f"{group}={name} has no setting {', '.join(unknown)}, so it would be ignored; its "
+                          f"settings are {', '.join(accepted)}; remove with {removals}")
+
+
+def check_algorithm_keys(algorithm: dict, learner_cls) -> None:
+    """Every algorithm setting acts or is refused: a key no code reads, and a setting the learner
+    fixes by definition (fomaml's first_order), which may not be changed."""
+    check_group_keys("algorithm", algorithm, SHARED_ALGORITHM_KEYS)
+    for key, (value, why) in learner_cls.fixed_settings.items():
+        if key in algorithm and algorithm[key] != value:
+            raise ConfigError(f"algorithm.{key}={algorithm[key]} cannot act: {why}")
+
+
 def check_algorithm(cfg: dict, algorithms: dict) -> None:
     algorithm = cfg["algorithm"]
     name = algorithm.get("name")
     if name not in algorithms:
         raise ConfigError(f"algorithm={name!r} is unknown; choose one of {sorted(algorithms)}")
+    check_algorithm_keys(algorithm, algorithms[name])
     require_positive_number(algorithm["optimizer"].get("lr"), "algorithm.optimizer.lr")
     if "inner_lr" in algorithm:
         require_positive_number(algorithm["inner_lr"], "algorithm.inner_lr")
@@ -195,6 +247,8 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
         require_positive_int(cfg, key)
     require_positive_int(cfg["trainer"], "max_steps")
     check_algorithm(cfg, algorithms)
+    backbone_options(cfg["backbone"])  # an unknown backbone key, before the data is read
+    check_group_keys("dataset", cfg["dataset"], SHARED_DATASET_KEYS)
     check_hardware(cfg["trainer"])
     if cfg.get("ckpt_path") is not None:
         check_resumable(cfg, read_checkpoint(cfg["ckpt_path"])["hyper_parameters"]["config"])
@@ -258,11 +312,27 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
             f"algorithm={name} needs a {' or '.join(learner_cls.task_types)} dataset, "
             f"but dataset={cfg['dataset']['name']} is {task_type}; choose another dataset"
         )
+    check_metric(cfg["dataset"], task_type)
     if learner_cls.fixed_ways and task_type == "classification" and test_ways != ways:
         raise ConfigError(
             f"algorithm={name} has one output per training way, so test_ways={test_ways} must equal ways={ways}; "
             f"set test_ways={ways} (or use a metric learner such as protonet)"
         )
+
+
+def check_metric(dataset: dict, task_type: str) -> None:
+    """dataset.metric / metric_mode name what the best checkpoint and a sweep's direction follow
+    (conf/callbacks/default.yaml, conf/hparams_search/); the learners report one metric per task
+    type (algorithms/base.py METRICS), so another value would monitor a metric never logged, or
+    keep the worst checkpoint."""
+    from metalab.algorithms.base import METRICS  # here: it imports torch and Lightning
+
+    metric, mode = METRICS[task_type]
+    for key, value in (("metric", metric), ("metric_mode", mode)):
+        if key in dataset and dataset[key] != value:
+            raise ConfigError(f"dataset.{key}={dataset[key]} disagrees with the metric learners report on "
+                              f"{task_type} tasks ({metric}, best at its {mode}imum); set dataset.{key}={value} "
+                              f"(the dataset's default)")
 
 
 def save_config(cfg: dict, run_dir: Path) -> None:

@@ -4,7 +4,9 @@
     metalab-eval ckpt_path=... dataset=image_folder dataset.root=/my/classes test_ways=5   # cross-domain
 
 The checkpoint carries its training config; values given here (test_*, eval_seed,
-dataset, paths, hardware) replace those for this evaluation only.
+eval_inner_steps, transductive, dataset, paths, hardware, tf32, logger) replace those for
+this evaluation only. Anything else (the learner, its backbone, training settings) cannot
+change at evaluation and is refused, saying why, rather than dropped.
 """
 
 import copy
@@ -17,6 +19,8 @@ from omegaconf import DictConfig
 from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
 from metalab.config import (
     EVAL_KEYS,
+    SHARED_DATASET_KEYS,
+    check_group_keys,
     check_hardware,
     check_learner_fits_data,
     check_loggers,
@@ -31,6 +35,24 @@ from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
 OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
+# Run settings taken from this command, not the checkpoint: where and on what it runs.
+FROM_COMMAND = ("paths", "trainer", "logger", "num_workers", "tags", "tf32")
+# Everything this command's line may set (evaluation_config reads each; `hardware`, `paths`,
+# `logger`, `dataset` are also group choices).
+ACTING = (*OVERRIDABLE, *FROM_COMMAND, "ckpt_path", "task_name", "eval_inner_steps", "transductive", "dataset",
+          "hardware", "hydra")
+# Settings that cannot change at evaluation, and why (anything else not in ACTING: generic).
+FIXED_AT_TRAINING = {
+    "algorithm": "the learner and its hyper-parameters are the checkpoint's (only eval_inner_steps and "
+                 "transductive change at meta-test)",
+    "backbone": "the network's architecture is the checkpoint's, its weights were trained for it",
+    "ways": "the checkpoint was trained with its ways; meta-test another number with test_ways",
+    "shots": "it is a training setting; meta-test another number with test_shots",
+    "queries": "it is a training setting; meta-test another number with test_queries",
+    "seed": "it seeds training; the meta-test episodes follow eval_seed",
+    "meta_batch_size": "it is a training setting; evaluation batches are eval_batch_size",
+    "val_episodes": "metalab-eval runs the test episodes only; set test_episodes",
+}
 
 
 def evaluation_config(config: dict, trained: dict, input_shape: list[int], chosen: list[str]) -> dict:
@@ -45,7 +67,9 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
     for key in OVERRIDABLE:
         if config.get(key) is not None:
             run[key] = config[key]
-    for key in ("paths", "trainer", "logger", "num_workers", "tags"):
+    given = {item.split("=", 1)[0].lstrip("+~") for item in chosen}
+    refuse_inactive(given)
+    for key in FROM_COMMAND:  # tf32 too: a hardware setting of this run, not the training's
         run[key] = config.get(key)
     if config.get("eval_inner_steps") is not None:
         if "eval_inner_steps" not in run["algorithm"]:
@@ -58,10 +82,10 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
             raise ConfigError(f"transductive applies to learners with that option (reptile), not "
                               f"algorithm={run['algorithm']['name']}; leave it out")
         run["algorithm"]["transductive"] = bool(config["transductive"])
-    given = {item.split("=", 1)[0].lstrip("+~") for item in chosen}
     dataset = config.get("dataset")
     if dataset is not None and dataset != trained["dataset"]:
         run["dataset"] = dataset = dict(dataset)
+        check_group_keys("dataset", dataset, SHARED_DATASET_KEYS)  # the checkpoint's own is not re-judged
         if len(input_shape) == 3:
             transform_as_trained(dataset, trained["dataset"], input_shape, given)
         # The episode shape the learner reads (few-shot episodes or sequences) goes along.
@@ -72,6 +96,17 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
         if dataset.get("split_fractions") is not None and "dataset.split_fractions" not in given:
             dataset["split_fractions"] = {"train": 0.0, "val": 0.0, "test": 1.0}
     return run
+
+
+def refuse_inactive(given: set[str]) -> None:
+    """A setting on this command line that evaluation would not use is refused, not dropped."""
+    for key in sorted(given):
+        top = key.split(".", 1)[0]
+        if top in ACTING:
+            continue
+        why = FIXED_AT_TRAINING.get(top, "metalab-eval does not read it")
+        raise ConfigError(f"{key} cannot change at evaluation: {why}; leave it out (what metalab-eval sets: "
+                          f"{', '.join(ACTING)})")
 
 
 def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], given: set[str]) -> None:

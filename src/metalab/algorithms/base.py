@@ -49,6 +49,10 @@ def evaluation_mode() -> Iterator[None]:
         yield
 
 
+# task type -> (the metric every learner reports on it, whether higher or lower is better): the one
+# source; dataset.metric and dataset.metric_mode (what checkpointing and sweeps monitor) must agree.
+METRICS = {"classification": ("acc", "max"), "regression": ("mse", "min")}
+
 _EPISODE = "__episode__"  # the episode indices' key beside the metrics while they are gathered
 
 
@@ -63,6 +67,9 @@ class MetaLearner(LightningModule):
     # True when `meta_loss` is a pure function of the parameters that torch.compile can
     # capture whole, so algorithm.compile=true may be set (see compiled_meta_loss).
     compilable: bool = False
+    # Settings the learner fixes by definition: {key: (the only value, why)}. Another value
+    # in the config is refused before any work (config.check_algorithm_keys), not ignored.
+    fixed_settings: dict[str, tuple[Any, str]] = {}
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__()
@@ -74,7 +81,7 @@ class MetaLearner(LightningModule):
         self.algorithm_cfg = config["algorithm"]
         self.input_shape = tuple(input_shape)
         self.task_type = task_type
-        self.metric = "acc" if task_type == "classification" else "mse"
+        self.metric = METRICS[task_type][0]
         self._eval_values: dict[str, list[Tensor]] = defaultdict(list)
         self._eval_indices: list[Tensor] = []  # the fixed episodes' indices, beside _eval_values
         self.eval_episodes: dict[str, int] = {}  # stage -> fixed episodes in its last summary

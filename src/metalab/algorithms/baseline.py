@@ -107,6 +107,9 @@ class Baseline(MetricLearner):
     """Baseline: a linear classifier over the training classes; a new linear head per test episode."""
 
     head_kind = "linear"
+    # The linear head has no scale: a value would be ignored, so it is refused (config.check_algorithm_keys).
+    fixed_settings = {"cosine_scale": (None, "baseline's linear head has no cosine scale; it is Baseline++'s "
+                                             "(algorithm=baselinepp)")}
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
@@ -175,3 +178,4 @@ class BaselinePlusPlus(Baseline):
     """Baseline++: the same with cosine-similarity heads (weight-normalized, scaled)."""
 
     head_kind = "cosine"
+    fixed_settings = {}  # cosine_scale acts here

@@ -17,6 +17,29 @@ BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 NORMALIZED = ("conv4", "resnet12")
 
 
+# Constructor arguments metalab fills in itself, never from the config.
+SET_BY_CODE = ("input_shape", "running_stats")
+
+
+def backbone_options(cfg: Mapping) -> tuple[str, dict]:
+    """The backbone's name and its options from `cfg`, every key checked against what its
+    constructor takes: an unknown one (or one metalab sets, such as input_shape) is a
+    ConfigError listing the accepted keys, before any data is read, not a TypeError."""
+    options = dict(cfg)
+    name = options.pop("name", None)
+    if name not in BACKBONES:
+        raise ConfigError(f"backbone={name!r} is unknown; choose one of {sorted(BACKBONES)}")
+    # The accepted keys are the constructor's own arguments: a list that cannot drift from the code.
+    accepted = [key for key in inspect.signature(BACKBONES[name]).parameters if key not in SET_BY_CODE]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        removals = " ".join(f"~backbone.{key}" for key in unknown)
+        raise ConfigError(f"backbone={name} has no option {', '.join(unknown)} (a paper setting's for another "
+                          f"backbone?); its options are {', '.join(accepted)}; remove with {removals}, or choose "
+                          f"the backbone they belong to")
+    return name, options
+
+
 def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bool = False) -> nn.Module:
     """Build the backbone named by `cfg["name"]` for inputs of `input_shape` (no batch dim).
 
@@ -24,17 +47,7 @@ def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bo
     `running_stats=True`: its BatchNorm layers keep running statistics, used in eval mode
     (for learners that never vmap the backbone; a backbone without BatchNorm ignores it).
     """
-    options = dict(cfg)
-    name = options.pop("name")
-    if name not in BACKBONES:
-        raise ConfigError(f"backbone={name!r} is unknown; choose one of {sorted(BACKBONES)}")
-    # A paper setting's conv4 options (e.g. stride) under another backbone: say so, not a TypeError.
-    accepted = inspect.signature(BACKBONES[name]).parameters
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        removals = " ".join(f"~backbone.{key}" for key in unknown)
-        raise ConfigError(f"backbone={name} has no option {', '.join(unknown)} (a paper setting's for another "
-                          f"backbone?); remove with {removals}, or choose the backbone they belong to")
+    name, options = backbone_options(cfg)
     if running_stats and name in NORMALIZED:
         options["running_stats"] = True
     return BACKBONES[name](input_shape=tuple(input_shape), **options)

@@ -1,0 +1,126 @@
+"""Every setting either acts or is refused (issue 15): no key is accepted and then ignored."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from metalab.algorithms import ALGORITHMS
+from metalab.backbones import build_backbone
+from metalab.config import check_algorithm, check_learner_fits_data, check_train_config, resolve
+from metalab.errors import ConfigError
+from metalab.eval import evaluation_config
+from metalab.paths import CONFIG_DIR
+
+
+def composed(config_name: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return resolve(compose(config_name, overrides=["paths.run_dir=unused", *overrides]))
+
+
+# ---------------------------------------------------------------- learner settings
+def test_fomaml_refuses_second_order_instead_of_ignoring_it():
+    check_algorithm(composed("train", "algorithm=fomaml"), ALGORITHMS)  # its own value is fine
+    with pytest.raises(ConfigError, match=r"algorithm.first_order=False cannot act: fomaml is first order by "
+                                          r"definition; for second-order MAML use algorithm=maml"):
+        check_algorithm(composed("train", "algorithm=fomaml", "algorithm.first_order=false"), ALGORITHMS)
+    # MAML reads the same key: there it acts.
+    check_algorithm(composed("train", "algorithm=maml", "algorithm.first_order=true"), ALGORITHMS)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "mamlpp", "protonet", "reptile", "mann", "baselinepp"])
+def test_an_algorithm_key_no_code_reads_is_refused_listing_the_accepted_ones(algorithm):
+    cfg = composed("train", f"algorithm={algorithm}")
+    check_algorithm(cfg, ALGORITHMS)
+    cfg["algorithm"]["first_ordr"] = True  # as `+algorithm.first_ordr=true` gives it
+    with pytest.raises(ConfigError, match=rf"algorithm={algorithm} has no setting first_ordr, so it would be ignored; "
+                                          rf"its settings are name, .*optimizer.*; remove with ~algorithm.first_ordr"):
+        check_algorithm(cfg, ALGORITHMS)
+
+
+def test_mamlpp_has_no_first_order_switch_to_ignore():
+    # MAML++ anneals first order with first_order_steps; a `first_order` key would be read by nothing.
+    cfg = composed("train", "algorithm=mamlpp", "+algorithm.first_order=true")
+    with pytest.raises(ConfigError, match=r"algorithm=mamlpp has no setting first_order.*first_order_steps"):
+        check_algorithm(cfg, ALGORITHMS)
+
+
+# ---------------------------------------------------------------- backbone settings
+def test_a_backbone_key_metalab_sets_itself_is_refused_not_a_type_error():
+    with pytest.raises(ConfigError, match=r"backbone=mlp has no option input_shape .*its options are hidden_sizes;"
+                                          r" remove with ~backbone.input_shape"):
+        build_backbone({"name": "mlp", "input_shape": [1]}, (1,))
+
+
+def test_an_unknown_backbone_key_is_refused_before_any_data_is_read():
+    cfg = composed("train", "+backbone.widht=3")  # sinusoid: no data; check_train_config reads none
+    with pytest.raises(ConfigError, match=r"backbone=mlp has no option widht .*its options are hidden_sizes"):
+        check_train_config(cfg, ALGORITHMS)
+
+
+# ---------------------------------------------------------------- the metric
+@pytest.mark.parametrize("override,message", [
+    ("dataset.metric_mode=max", r"dataset.metric_mode=max disagrees with the metric learners report on regression "
+                                r"tasks \(mse, best at its minimum\); set dataset.metric_mode=min"),
+    ("dataset.metric=acc", r"dataset.metric=acc disagrees .* set dataset.metric=mse"),
+])
+def test_dataset_metric_cannot_contradict_the_learners_metric(override, message):
+    check_learner_fits_data(composed("train"), ALGORITHMS["maml"], "regression")
+    with pytest.raises(ConfigError, match=message):
+        check_learner_fits_data(composed("train", override), ALGORITHMS["maml"], "regression")
+
+
+def test_a_config_without_the_dataset_metric_keys_still_fits():
+    cfg = composed("train")
+    del cfg["dataset"]["metric"], cfg["dataset"]["metric_mode"]
+    check_learner_fits_data(cfg, ALGORITHMS["maml"], "regression")
+
+
+# ---------------------------------------------------------------- metalab-eval
+TRAINED = ("hardware=gpu", "tf32=false")  # a checkpoint trained on a GPU in full float32
+
+
+def test_eval_honours_tf32_given_on_its_command_line():
+    trained = composed("train", *TRAINED)
+    chosen = ["ckpt_path=x.ckpt", "hardware=gpu", "tf32=true"]
+    run = evaluation_config(composed("eval", *chosen), trained, [1], chosen)
+    assert run["tf32"] is True and run["trainer"]["accelerator"] == "gpu"
+    # Left out, the evaluation's hardware choice decides, not the training run's.
+    run = evaluation_config(composed("eval", "ckpt_path=x.ckpt"), composed("train", "hardware=gpu", "tf32=true"),
+                            [1], ["ckpt_path=x.ckpt"])
+    assert run["tf32"] is None and run["trainer"]["accelerator"] == "cpu"
+
+
+@pytest.mark.parametrize("override,why", [
+    ("+algorithm.inner_lr=0.5", "the learner and its hyper-parameters are the checkpoint's"),
+    ("backbone=conv4", "the network's architecture is the checkpoint's"),
+    ("+backbone.hidden_sizes=[8]", "the network's architecture is the checkpoint's"),
+    ("+ways=3", "meta-test another number with test_ways"),
+    ("+seed=3", "the meta-test episodes follow eval_seed"),
+    ("+max_steps=3", "metalab-eval does not read it"),
+])
+def test_eval_refuses_what_cannot_change_at_evaluation(override, why):
+    chosen = ["ckpt_path=x.ckpt", override]
+    with pytest.raises(ConfigError, match=rf"cannot change at evaluation: .*{why}.*; leave it out"):
+        evaluation_config(composed("eval", *chosen), composed("train"), [1], chosen)
+
+
+# ---------------------------------------------------------------- dataset settings
+def test_an_unknown_dataset_key_is_refused_listing_the_accepted_ones():
+    check_train_config(composed("train", "dataset=omniglot"), ALGORITHMS)  # its own keys act
+    cfg = composed("train", "dataset=omniglot", "+dataset.image_sise=32")
+    with pytest.raises(ConfigError, match=r"dataset=omniglot has no setting image_sise, so it would be ignored; "
+                                          r"its settings are name, protocol, .*image_size.*; "
+                                          r"remove with ~dataset.image_sise"):
+        check_train_config(cfg, ALGORITHMS)
+
+
+def test_eval_refuses_an_unknown_key_of_the_dataset_it_is_given():
+    chosen = ["ckpt_path=x.ckpt", "dataset=sinusoid", "+dataset.amplitud=[1,2]"]
+    with pytest.raises(ConfigError, match=r"dataset=sinusoid has no setting amplitud"):
+        evaluation_config(composed("eval", *chosen), composed("train", "dataset.x_range=[-4,4]"), [1], chosen)
+
+
+def test_baseline_refuses_the_cosine_scale_only_baselinepp_reads():
+    check_algorithm(composed("train", "algorithm=baselinepp", "algorithm.cosine_scale=5"), ALGORITHMS)
+    with pytest.raises(ConfigError, match=r"algorithm.cosine_scale=5 cannot act: baseline's linear head has no "
+                                          r"cosine scale; it is Baseline\+\+'s \(algorithm=baselinepp\)"):
+        check_algorithm(composed("train", "algorithm=baseline", "algorithm.cosine_scale=5"), ALGORITHMS)
