@@ -190,7 +190,8 @@ def first_training_classes(datamodule, count: int) -> None:
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name", ["baseline", "baselinepp"])
+# Baseline++ shares all but its head with Baseline; its run is slow (the default run keeps Baseline's).
+@pytest.mark.parametrize("name", ["baseline", pytest.param("baselinepp", marks=pytest.mark.slow)])
 def test_transfer_baselines_learn_omniglot_quickly(name, tmp_path, data_dir, cache_dir):
     config = composed(tmp_path, f"experiment={name}_omniglot_5w1s", "test_episodes=20", "eval_batch_size=20",
                       data_dir=data_dir, cache_dir=cache_dir)

@@ -139,6 +139,7 @@ def test_collect_reads_a_finished_run_without_training(tmp_path):
     assert not (tmp_path / "logs").exists()  # nothing was run
 
 
+@pytest.mark.slow  # ~40 s: a real run then a re-evaluation; the generator and collect are tested on fixtures above
 def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     # A short real run through reproduce.py (MAML, sinusoid K=5, 20 outer steps): trained, meta-tested,
     # collected into results/ and the README, with the budget override recorded.
