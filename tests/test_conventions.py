@@ -50,7 +50,9 @@ DEBUG = {
 }
 
 
-@pytest.mark.parametrize("choice", sorted(DEBUG))
+# fdr and overfit in the default run; the rest (~7 s each, the same run with other trainer flags) slow.
+@pytest.mark.parametrize("choice", [choice if choice in ("fdr", "overfit")
+                                    else pytest.param(choice, marks=pytest.mark.slow) for choice in sorted(DEBUG)])
 def test_each_debug_setup_runs_end_to_end(choice, tmp_path):
     proc = train(tmp_path, f"debug={choice}", *DEBUG[choice])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -137,7 +139,7 @@ def test_a_logger_whose_package_is_missing_is_refused_naming_the_extra(name, tmp
 
 @pytest.mark.parametrize("override,message", [
     ("trainer=gpu", "to choose the hardware use hardware=<cpu|gpu|ddp|ddp_cpu|slurm>, e.g. hardware=gpu"),
-    ("trainer=ddp", "e.g. hardware=ddp"),
+    pytest.param("trainer=ddp", "e.g. hardware=ddp", marks=pytest.mark.slow),  # the same refusal as trainer=gpu
     ("tags=oops", "tags='oops' must be a list of words; set e.g. tags=[baseline,omniglot]"),
 ])
 def test_template_habits_that_do_not_apply_are_refused_in_one_line(override, message, tmp_path):

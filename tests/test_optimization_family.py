@@ -169,7 +169,10 @@ def test_reptile_adam_inner_loop_matches_torch_adam_per_task():
             torch.testing.assert_close(adapted[name][t], p.detach(), atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp",
+# fomaml and metasgd are maml's code path, first order or with learned rates (their gradients are
+# tested against the loop): slow here.
+@pytest.mark.parametrize("algorithm", ["maml", pytest.param("fomaml", marks=pytest.mark.slow), "reptile", "anil",
+                                       pytest.param("metasgd", marks=pytest.mark.slow), "mamlpp",
                                        pytest.param("maml+compile", marks=[needs_cpp_compiler, pytest.mark.slow])])
 def test_each_learner_meta_trained_briefly_on_sinusoid_adapts_to_new_tasks(tmp_path, algorithm):
     steps = 1000

@@ -18,7 +18,7 @@ k_t^i = tanh(W_k^i h_t) and a gate α_t^i = W_α^i h_t (the learned interpolatio
 In the paper's equations head i writes its key (`algorithm.add_vector=false`, the paper
 experiment config); `algorithm.add_vector=true`, the `algorithm=mann` default, writes a separate
 add vector a_t^i = tanh(W_a^i h_t) instead, as tristandeleu/ntm-one-shot does (mann/model.py,
-line 59), which learned much faster on Omniglot sequences (README, memory-based results).
+line 59), which learned much faster on Omniglot sequences (docs/results.md, memory-based results; results/mann_omniglot_5w10i*.json).
 The paper reads with β_t = 1 (`algorithm.key_strength=false`); `algorithm.key_strength=true`, the `algorithm=mann` default (measured better together with the
 add vector), adds the Neural Turing Machine's learned key strength β_t = 1 + softplus(W_β h_t),
 which lets a read focus on one slot. Least-recently-used access (LRUA), per step, following
