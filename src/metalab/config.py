@@ -14,7 +14,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from metalab.backbones import backbone_options
 from metalab.checkpoint import read_checkpoint
-from metalab.errors import ConfigError, StorageError
+from metalab.errors import ConfigError, StorageError, check_choice
 from metalab.files import write_atomic
 from metalab.paths import CONFIG_DIR
 from metalab.run_log import print_config_tree
@@ -195,8 +195,7 @@ def check_algorithm_keys(algorithm: dict, learner_cls) -> None:
 def check_algorithm(cfg: dict, algorithms: dict) -> None:
     algorithm = cfg["algorithm"]
     name = algorithm.get("name")
-    if name not in algorithms:
-        raise ConfigError(f"algorithm={name!r} is unknown; choose one of {sorted(algorithms)}")
+    check_choice("algorithm", name, sorted(algorithms))
     check_algorithm_keys(algorithm, algorithms[name])
     require_positive_number(algorithm["optimizer"].get("lr"), "algorithm.optimizer.lr")
     if "inner_lr" in algorithm:

@@ -11,6 +11,12 @@ class ConfigError(MetalabError):
     """A configuration value is invalid; the message names the value and the fix."""
 
 
+def check_choice(setting: str, value, choices) -> None:
+    """Refuse `value` for `setting` unless it is one of `choices`, listing them in the given order."""
+    if value not in choices:
+        raise ConfigError(f"{setting}={value!r} is unknown; choose one of {list(choices)}")
+
+
 class DataError(MetalabError):
     """Data is missing or malformed; the message names the files and how to provide them."""
 

@@ -22,10 +22,9 @@ class ANIL(MAML):
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         self.body, self.head = self.model[0], self.model[1]
-        # The head is one linear layer: vmapped it is a single batched matmul, faster than a loop.
-        self.forward_head = batched_forward(self.head, "vmap")
-        self.head_loss = batched_loss(self.head, self.task_loss_fn(), **{**self.inner_loss_reduction(),
-                                                                        "execution": "vmap"})
+        # The head is one linear layer, which task_execution=auto vmaps (one batched matmul).
+        self.forward_head = batched_forward(self.head, self.task_execution())
+        self.head_loss = batched_loss(self.head, self.task_loss_fn(), **self.inner_loss_reduction())
 
     def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
                     meta_gradient: bool) -> tuple[Params, Tensor | None]:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
-from metalab.errors import ConfigError
+from metalab.errors import check_choice
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -61,8 +61,7 @@ TASK_EXECUTIONS = ("auto", "per_task", "vmap")
 def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Params, Tensor], Tensor]:
     """f(params, x): the model run with per-task `params` ([tasks, ...]) on per-task inputs
     ([tasks, n, ...]), giving [tasks, n, ...] outputs."""
-    if execution not in TASK_EXECUTIONS:
-        raise ConfigError(f"algorithm.task_execution={execution!r} is unknown; choose one of {list(TASK_EXECUTIONS)}")
+    check_choice("algorithm.task_execution", execution, TASK_EXECUTIONS)
     vmapped = vmap(lambda params, x: functional_call(model, params, (x,)))
 
     def looped(params: Params, x: Tensor) -> Tensor:
@@ -75,10 +74,11 @@ def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Para
     convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
     def forward(params: Params, x: Tensor) -> Tensor:
-        if execution == "auto":
-            loop = convolutional and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            return looped(params, x) if loop else vmapped(params, x)
-        return looped(params, x) if execution == "per_task" else vmapped(params, x)
+        if execution == "auto":  # decided per call: the device and the compiling state can change
+            per_task_run = convolutional and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        else:
+            per_task_run = execution == "per_task"
+        return looped(params, x) if per_task_run else vmapped(params, x)
 
     return forward
 
@@ -106,8 +106,7 @@ def batched_loss(model: nn.Module, loss_fn: LossFn, reduction: str = "mean", way
     which for balanced episodes is N (`ways`) × the mean (Finn et al.'s, algorithms/maml.py).
     `execution`: how the forward passes run (TASK_EXECUTIONS).
     """
-    if reduction not in INNER_LOSS_REDUCTIONS:
-        raise ConfigError(f"algorithm.inner_loss={reduction!r} is unknown; choose one of {list(INNER_LOSS_REDUCTIONS)}")
+    check_choice("algorithm.inner_loss", reduction, INNER_LOSS_REDUCTIONS)
     forward = batched_forward(model, execution)
 
     def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from metalab.algorithms.inner_loop import (AdamMoments, Params, adam_adapt, mean
                                            per_task, sgd_step, take_examples)
 from metalab.algorithms.maml import MAML, parameter_key
 from metalab.data.episodes import Episode
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, check_choice
 
 ADAM_STATES = ("per_task", "shared")
 # Images in one pass of the non-transductive predictions; chunks keep the memory bounded.
@@ -77,8 +77,7 @@ class Reptile(MAML):
         super().__init__(config, input_shape, task_type)
         cfg = self.algorithm_cfg
         state = cfg.get("inner_adam_state", "per_task")
-        if state not in ADAM_STATES:
-            raise ConfigError(f"algorithm.inner_adam_state={state!r} is unknown; choose one of {list(ADAM_STATES)}")
+        check_choice("algorithm.inner_adam_state", state, ADAM_STATES)
         for key in ("inner_batch_size", "eval_inner_batch_size"):
             value = cfg.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -8,7 +8,7 @@ from torch import nn
 from metalab.backbones.conv4 import Conv4
 from metalab.backbones.mlp import MLP
 from metalab.backbones.resnet12 import ResNet12
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, check_choice
 
 BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 
@@ -27,8 +27,7 @@ def backbone_options(cfg: Mapping) -> tuple[str, dict]:
     ConfigError listing the accepted keys, before any data is read, not a TypeError."""
     options = dict(cfg)
     name = options.pop("name", None)
-    if name not in BACKBONES:
-        raise ConfigError(f"backbone={name!r} is unknown; choose one of {sorted(BACKBONES)}")
+    check_choice("backbone", name, sorted(BACKBONES))
     # The accepted keys are the constructor's own arguments: a list that cannot drift from the code.
     accepted = [key for key in inspect.signature(BACKBONES[name]).parameters if key not in SET_BY_CODE]
     unknown = sorted(set(options) - set(accepted))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.errors import ConfigError
+from metalab.errors import check_choice
 
 
 class SamePaddedConv2d(nn.Conv2d):
@@ -82,8 +82,7 @@ class Conv4(nn.Module):
                  global_average: bool = False, ceil_pool: bool = False,
                  running_stats: bool = False, memory_format: str = "contiguous"):
         super().__init__()
-        if memory_format not in MEMORY_FORMATS:
-            raise ConfigError(f"backbone.memory_format={memory_format!r} is unknown; choose one of {list(MEMORY_FORMATS)}")
+        check_choice("backbone.memory_format", memory_format, MEMORY_FORMATS)
         self.memory_format = memory_format
         pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
         channels = [input_shape[0]] + [hidden_channels] * blocks

@@ -12,7 +12,7 @@ from metalab.data.image_folder import build_image_folder_sources, build_mini_ima
 from metalab.data.omniglot import build_omniglot_sources
 from metalab.data.sequences import episode_shaper
 from metalab.data.sinusoid import build_sinusoid_sources
-from metalab.errors import ConfigError, DataError
+from metalab.errors import ConfigError, DataError, check_choice
 
 BUILDERS = {
     "sinusoid": build_sinusoid_sources,
@@ -28,8 +28,7 @@ def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict
     """The episode sources {"train", "val", "test"} of the dataset named by `dataset_cfg["name"]`."""
     cfg = dict(dataset_cfg)
     name = cfg.pop("name", None)
-    if name not in BUILDERS:
-        raise ConfigError(f"dataset.name={name!r} is unknown; choose one of {sorted(BUILDERS)}")
+    check_choice("dataset.name", name, sorted(BUILDERS))
     # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading
     shape_episodes = episode_shaper(cfg.pop("episodes", "few_shot"), name)
     sources = BUILDERS[name](cfg, Path(data_dir), Path(cache_dir))

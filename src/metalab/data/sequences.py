@@ -30,15 +30,14 @@ from torch import Tensor
 
 from metalab.data.episodes import Episode
 from metalab.data.global_labels import GlobalLabelSource
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, check_choice
 
 EPISODE_KINDS = ("few_shot", "sequence", "global_labels")
 
 
 def episode_shaper(kind: str, dataset: str) -> Callable[[Mapping], dict]:
     """A function turning a dataset's split sources into `kind` episodes (`kind` is checked now)."""
-    if kind not in EPISODE_KINDS:
-        raise ConfigError(f"dataset.episodes={kind!r} is unknown; choose one of {list(EPISODE_KINDS)}")
+    check_choice("dataset.episodes", kind, EPISODE_KINDS)
 
     def shape(sources: Mapping) -> dict:
         if kind == "few_shot":
