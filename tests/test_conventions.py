@@ -179,3 +179,32 @@ def test_an_evaluation_records_its_own_tags(tmp_path):
     trained = train_config(tmp_path, "tags=[trained]")
     command = {"ckpt_path": "x.ckpt", "paths": {}, "trainer": {}, "logger": None, "tags": ["cross", "eval"]}
     assert evaluation_config(command, trained, [1], [])["tags"] == ["cross", "eval"]
+
+
+# ---------------------------------------------------------------- logging cost
+def test_training_scalars_are_logged_only_on_the_steps_the_logger_writes(tmp_path, monkeypatch):
+    """Each self.log call costs about a millisecond; a step whose scalars Lightning would not write
+    makes none. The CSV logger still gets every step it got before: each log_every_n_steps-th."""
+    config = train_config(tmp_path, "trainer.max_steps=12", "trainer.val_check_interval=12",
+                          "trainer.log_every_n_steps=5", "logger=csv", *TINY)
+    datamodule = build_datamodule(config)
+    datamodule.setup("fit")
+    model = ALGORITHMS["maml"](config, list(datamodule.input_shape), datamodule.task_type)
+    logged_at: set[int] = set()
+    original = type(model).log
+
+    def counting_log(self, name, *args, **kwargs):
+        if name.startswith("train/"):
+            logged_at.add(self.global_step)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "log", counting_log)
+    trainer = build_trainer(config, tmp_path)
+    trainer.fit(model, datamodule=datamodule)
+    # Steps counted from 1: the first (progress lines), every 5th, and the last.
+    assert logged_at == {1, 5, 10, 12}
+    header, *rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    columns = header.split(",")
+    loss_steps = [int(row.split(",")[columns.index("step")]) for row in rows
+                  if row.split(",")[columns.index("train/loss")]]
+    assert loss_steps == [4, 9]  # Lightning's 0-based step of the 5th and 10th outer steps

@@ -23,7 +23,7 @@ def test_compile_accepts_reduce_overhead_on_a_gpu_only_and_refuses_unknown_modes
     check_compile(gpu, maml)
     with pytest.raises(ConfigError, match="algorithm.compile=reduce-overhead replays CUDA graphs, which need a GPU"):
         check_compile({**gpu, "trainer": {"accelerator": "cpu"}}, maml)
-    with pytest.raises(ConfigError, match="algorithm.compile=max-speed is not a choice; use false, true or "
+    with pytest.raises(ConfigError, match="algorithm.compile=max-speed is not a choice; use auto, false, true or "
                                           "reduce-overhead"):
         check_compile({**gpu, "algorithm": {"name": "maml", "compile": "max-speed"}}, maml)
 

@@ -15,7 +15,14 @@ from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.compile_passes import unroll_short_matmuls
 from metalab.algorithms.maml import parameter_key
 from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction, reference_meta_loss
-from metalab.config import ConfigError, check_compile, check_learner_fits_data, cpp_compiler
+from metalab.config import (
+    AUTO_COMPILE_MIN_STEPS,
+    ConfigError,
+    auto_compile,
+    check_compile,
+    check_learner_fits_data,
+    cpp_compiler,
+)
 from metalab.data.episodes import Episode
 from test_learners import quiet_trainer, sinusoid_setup
 
@@ -314,6 +321,52 @@ def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):
     # metalab-eval of a checkpoint trained with compile=true never compiles, so it needs no compiler.
     check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
                             "classification")
+
+
+
+def test_compile_auto_compiles_an_mlp_on_a_cpu_in_a_long_run_only(monkeypatch):
+    """algorithm.compile=auto (the default): compiled where it was measured to pay, and said why."""
+    monkeypatch.setenv("CXX", sys.executable)  # any program found stands in for the compiler here
+    long_mlp = {"algorithm": {"name": "maml", "compile": "auto"}, "backbone": MLP,
+                "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": AUTO_COMPILE_MIN_STEPS}}
+    assert small_learner("maml", MLP, [5], compile="auto").compiled is False  # no trainer: steps unknown
+    compiled, why = auto_compile(long_mlp, ALGORITHMS["maml"])
+    assert compiled and why.startswith("algorithm.compile=auto: compiling the meta-gradient")
+    eager = {
+        "trainer.max_steps": ({"trainer": {**long_mlp["trainer"], "max_steps": 1000}}, "trainer.max_steps=1000 is under"),
+        "conv4": ({"backbone": {"name": "conv4"}}, "backbone=conv4: compiling is measured to pay for an MLP only"),
+        "gpu": ({"trainer": {**long_mlp["trainer"], "accelerator": "gpu"}}, "on a GPU"),
+        "ddp": ({"trainer": {**long_mlp["trainer"], "devices": 2}}, "several processes"),
+        "fdr": ({"trainer": {**long_mlp["trainer"], "fast_dev_run": 1}}, "fast_dev_run"),
+    }
+    for what, (change, reason) in eager.items():
+        compiled, why = auto_compile({**long_mlp, **change}, ALGORITHMS["maml"])
+        assert not compiled and reason in why and "algorithm.compile=true compiles anyway" in why, what
+    assert not auto_compile(long_mlp, ALGORITHMS["reptile"])[0]
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    compiled, why = auto_compile(long_mlp, ALGORITHMS["maml"])
+    assert not compiled and "no C++ compiler" in why
+    check_compile(long_mlp, ALGORITHMS["maml"])  # auto is never refused: it picks only what runs
+
+
+def test_compile_auto_goes_on_eagerly_when_compiling_fails_and_true_stops(monkeypatch):
+    """A compile that fails (a broken compiler, say) under auto costs the speed-up, not the run."""
+    batch = random_batch([5])
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("C++ compile error\n(the compiler's output)")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    for mode, survives in (("auto", True), (True, False)):
+        model = small_learner("maml", MLP, [5], compile=mode)
+        model.compile_mode = model.compiled = True  # as auto chooses for a long MLP run
+        if not survives:
+            with pytest.raises(RuntimeError, match="C\\+\\+ compile error"):
+                model.compiled_meta_loss_or_eager(batch)
+            continue
+        loss, _ = model.compiled_meta_loss_or_eager(batch)
+        torch.testing.assert_close(loss, model.meta_loss(batch)[0])  # the eager meta-loss itself
+        assert model.compiled is False  # later steps go straight to eager
 
 
 def paper_msl_weights(steps: int, outer_step: int, msl_steps: int) -> torch.Tensor:

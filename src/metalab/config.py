@@ -270,15 +270,45 @@ def cpp_compiler() -> str | None:
     return next((path for path in map(shutil.which, names) if path), None)
 
 
+# algorithm.compile=auto compiles where compiling was measured to pay (docs/speed.md, "Compiled
+# by default"): an MLP on a CPU, in a run long enough to repay the compile (about 30 s here).
+AUTO_COMPILE_MIN_STEPS = 20_000
+
+
+def auto_compile(cfg: dict, learner_cls) -> tuple[bool, str]:
+    """What algorithm.compile=auto means for this run: (compile?, the reason, to print)."""
+    algorithm, trainer = cfg["algorithm"], cfg.get("trainer") or {}
+    steps = trainer.get("max_steps")
+    devices = trainer.get("devices", 1)
+    distributed = "ddp" in str(trainer.get("strategy") or "") or (isinstance(devices, int) and devices > 1)
+    eager_because = [
+        (not learner_cls.compilable, f"algorithm={algorithm.get('name')} has no compiled path"),
+        ((cfg.get("backbone") or {}).get("name") != "mlp",
+         f"backbone={(cfg.get('backbone') or {}).get('name')}: compiling is measured to pay for an MLP only"),
+        (trainer.get("accelerator", "cpu") != "cpu", "on a GPU compiling is not measured yet"),
+        (distributed, "several processes (DDP): not measured"),
+        (bool(algorithm.get("checkpoint_inner_steps")), "algorithm.checkpoint_inner_steps=true cannot be compiled"),
+        (bool(trainer.get("fast_dev_run")), "a fast_dev_run is too short to repay the compile"),
+        (not isinstance(steps, int) or steps < AUTO_COMPILE_MIN_STEPS,
+         f"trainer.max_steps={steps} is under {AUTO_COMPILE_MIN_STEPS:,}, too short to repay the compile"),
+        (cpp_compiler() is None, "no C++ compiler was found (g++, clang++ or $CXX)"),
+    ]
+    reasons = [reason for applies, reason in eager_because if applies]
+    if reasons:
+        return False, f"algorithm.compile=auto: eager, as {reasons[0]}; algorithm.compile=true compiles anyway"
+    return True, (f"algorithm.compile=auto: compiling the meta-gradient (an MLP on a CPU, {steps:,} steps; the "
+                  "first step compiles, about 30 s); algorithm.compile=false runs eagerly")
+
+
 def check_compile(cfg: dict, learner_cls) -> None:
     """algorithm.compile=true needs a learner torch.compile can capture, and a compiler to run."""
     algorithm = cfg["algorithm"]
-    if not algorithm.get("compile"):
+    if not algorithm.get("compile") or algorithm["compile"] == "auto":  # auto chooses only what works
         return
     from metalab.algorithms.compile_passes import COMPILE_MODES
 
     if algorithm["compile"] not in COMPILE_MODES:
-        raise ConfigError(f"algorithm.compile={algorithm['compile']} is not a choice; use false, true or "
+        raise ConfigError(f"algorithm.compile={algorithm['compile']} is not a choice; use auto, false, true or "
                           f"reduce-overhead (true, and also replay the step as a CUDA graph on a GPU)")
     on_cpu = cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu"
     if algorithm["compile"] == "reduce-overhead" and on_cpu:

@@ -58,6 +58,8 @@ def train(cfg: DictConfig) -> float | None:
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     model = learner_cls(config, list(datamodule.input_shape), datamodule.task_type)
+    if model.compile_fallback:
+        log.info(model.compile_choice)  # what algorithm.compile=auto chose, and why
     trainer = build_trainer(config, run_dir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=config["ckpt_path"])

@@ -32,9 +32,11 @@ from torch import Tensor
 from metalab import __version__
 from metalab.algorithms.compile_passes import inductor_options
 from metalab.checkpoint import MARKER
+from metalab.config import auto_compile
 from metalab.data.episodes import Episode
 from metalab.errors import TrainingDiverged
 from metalab.evaluation import mean_and_ci95
+from metalab.run_log import log
 
 
 @contextmanager
@@ -95,7 +97,12 @@ class MetaLearner(LightningModule):
         self.train_time = 0.0
         self.timed_tasks = 0
         self._warm = False
-        self.compile_mode = self.algorithm_cfg.get("compile", False)  # false, true or "reduce-overhead"
+        self.compile_mode = self.algorithm_cfg.get("compile", False)  # auto, false, true or "reduce-overhead"
+        # auto: compiled where that was measured to pay (config.auto_compile); should compiling
+        # fail there, the run goes on eagerly instead of stopping.
+        self.compile_fallback = self.compile_mode == "auto"
+        if self.compile_fallback:
+            self.compile_mode, self.compile_choice = auto_compile(config, type(self))
         self.compiled = bool(self.compile_mode)
         self._meta_gradient = None  # the compiled meta-gradient, built at the first outer step
 
@@ -129,7 +136,7 @@ class MetaLearner(LightningModule):
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        loss, metrics = self.compiled_meta_loss(batch) if self.compiled else self.meta_loss(batch)
+        loss, metrics = self.compiled_meta_loss_or_eager(batch) if self.compiled else self.meta_loss(batch)
         # A learner whose optimized loss is a surrogate (Reptile) reports its real loss here.
         reported_loss = metrics.pop("loss", loss).detach().mean()
         self.check_finite(reported_loss, metrics.get("inner_loss"))
@@ -142,11 +149,41 @@ class MetaLearner(LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        self.log("train/loss", reported_loss, prog_bar=True)
-        for name, values in metrics.items():
-            self.log(f"train/{name}", values.detach().mean(), prog_bar=name == self.metric)
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        if self.logs_step(self.global_step):  # the optimizer has stepped: global_step counts this step
+            self.log("train/loss", reported_loss, prog_bar=True)
+            for name, values in metrics.items():
+                self.log(f"train/{name}", values.detach().mean(), prog_bar=name == self.metric)
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
         return loss.detach()
+
+    def logs_step(self, step: int) -> bool:
+        """Whether outer step `step` (counted from 1) logs its training scalars. Lightning writes
+        them to the logger only every `trainer.log_every_n_steps` steps (every step under
+        fast_dev_run), but each `self.log` call costs about a millisecond whether written or not:
+        on a small model, more than the meta-gradient itself (docs/speed.md, "Logging"). So the
+        other steps skip it, and what reaches the logger is unchanged. The first step of a
+        process and the last step log as well, for the progress lines."""
+        trainer = self._trainer
+        if trainer is None or trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        return (every > 0 and step % every == 0) or not self._warm or 0 < trainer.max_steps <= step
+
+    def compiled_meta_loss_or_eager(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        """`compiled_meta_loss`; under algorithm.compile=auto, `meta_loss` from now on if the first
+        compile fails (a compiler that cannot build Inductor's code, say): auto promises speed, not
+        a failure that algorithm.compile=false would not have."""
+        first = self._meta_gradient is None
+        try:
+            return self.compiled_meta_loss(batch)
+        except Exception as error:
+            if not (self.compile_fallback and first):
+                raise
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            log.warning(f"algorithm.compile=auto: torch.compile failed ({type(error).__name__}: {reason}); "
+                        "running eagerly (set algorithm.compile=false to skip the attempt)")
+            self.compiled, self._meta_gradient = False, None
+            return self.meta_loss(batch)
 
     def compiled_meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         """`meta_loss` with its gradient from one torch.compile'd graph (algorithm.compile=true).
@@ -210,8 +247,9 @@ class MetaLearner(LightningModule):
         if self._warm:
             self.train_time += seconds
             self.timed_tasks += tasks
+        if self.logs_step(self.global_step):  # the optimizer has stepped: global_step counts this step
+            self.log("train/tasks_per_sec", tasks / max(seconds, 1e-9))
         self._warm = True
-        self.log("train/tasks_per_sec", tasks / max(seconds, 1e-9))
 
     def parameter_groups(self) -> list[dict]:
         """What the outer optimizer updates; a learner may give some parameters their own lr."""
