@@ -186,8 +186,41 @@ def compact(values: list[float]) -> list[float]:
     return [float(f"{v:.7g}") for v in values]  # float32's digits: the file stays small
 
 
-def collect(run_dir: Path, name: str | None, log_dir: Path) -> dict:
-    """One results/ entry from a finished run directory."""
+def check_retested_setting(experiment: str, trained: dict, tested: dict) -> None:
+    """A checkpoint collected as another experiment than it was trained under (--experiment) must
+    have been trained and tested exactly as that experiment's file sets: the test settings
+    (test_*) against the metalab-eval run's config, every other setting against the training's."""
+    path = EXPERIMENT_DIR / f"{experiment}.yaml"
+    if not path.is_file():
+        raise ReproduceError(f"--experiment {experiment}: no conf/experiment/{experiment}.yaml; "
+                             f"choose from {', '.join(experiment_names())}")
+    setting = yaml.safe_load(path.read_text())
+    chosen = {key.removeprefix("override /"): choice for entry in setting.get("defaults", [])
+              if isinstance(entry, dict) for key, choice in entry.items()}
+    expected = {f"{group}.name": chosen[group] for group in ("algorithm", "dataset") if group in chosen}
+    expected.update({key: value for key, value in setting.items()
+                     if key not in ("defaults", "paper", "trainer", "test_episodes", "val_episodes")})
+    for key, want in expected.items():
+        config = tested if key.startswith("test_") else trained
+        found = config
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if isinstance(want, dict):  # a group's settings: each one the file sets
+            mismatch = {k: v for k, v in want.items() if not isinstance(found, dict) or found.get(k) != v}
+        else:
+            mismatch = {} if found == want else {key: want}
+        if mismatch:
+            k, v = next(iter(mismatch.items()))
+            where = "tested" if key.startswith("test_") else "trained"
+            raise ReproduceError(f"--experiment {experiment} sets {key if k == key else f'{key}.{k}'}={v}, but the "
+                                 f"run was {where} with {found if not isinstance(found, dict) else found.get(k)}; "
+                                 "collect it as the experiment it was run as, or re-run it")
+
+
+def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str | None = None) -> dict:
+    """One results/ entry from a finished run directory; `as_experiment`: the experiment a
+    metalab-eval run reproduces when its checkpoint was trained under another (ProtoNet's
+    20-way tests re-test the 60-way model of the same shot, as the paper does)."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "results.json").is_file():
         raise ReproduceError(f"{run_dir} has no results.json (not a finished metalab-train/metalab-eval run); "
@@ -198,6 +231,12 @@ def collect(run_dir: Path, name: str | None, log_dir: Path) -> dict:
     overrides = train_overrides + [o for o in overrides_of(run_dir) if run_dir != trained_dir
                                    and not o.startswith("ckpt_path=")]
     experiment = as_dict(train_overrides).get("experiment")
+    if as_experiment is not None:
+        if run_dir == trained_dir:
+            raise ReproduceError(f"--experiment is for a metalab-eval run of a checkpoint trained under another "
+                                 f"experiment; {run_dir} is a training run: collect it without --experiment")
+        check_retested_setting(as_experiment, config, yaml.safe_load((run_dir / "config.yaml").read_text()))
+        experiment, name = as_experiment, name or as_experiment
     if name is None:
         if experiment is None:
             raise ReproduceError(f"{run_dir} was not run with experiment=<name>; name its entry with --name")
@@ -491,6 +530,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="finished run directories of metalab-train or metalab-eval: no training")
     parser.add_argument("--name", action="append", default=[],
                         help="the results/ entry's name (one per experiment or run dir, in order)")
+    parser.add_argument("--experiment", action="append", default=[],
+                        help="with --collect: the experiment a metalab-eval run reproduces, when its checkpoint was "
+                             "trained under another (one per run dir, in order); its settings are checked")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README block and plot")
     parser.add_argument("--no-readme", action="store_true", help="leave README.md and the plot as they are")
     parser.add_argument("--check", action="store_true",
@@ -547,13 +589,17 @@ def run(args: argparse.Namespace) -> int:
         raise ReproduceError(f"{len(args.name)} --name for {len(items or [])} run(s); give one per experiment or "
                              "run directory, or none to derive them")
     names = [check_name(n) for n in args.name] or [None] * len(items or [])
+    if args.experiment and (not args.collect or len(args.experiment) != len(args.collect)):
+        raise ReproduceError(f"{len(args.experiment)} --experiment for {len(args.collect or [])} --collect run(s); "
+                             "give one per collected run directory")
+    as_experiments = args.experiment or [None] * len(args.collect or [])
     if not args.readme and not args.collect:
         names = [n or derive_name(e, overrides) for n, e in zip(names, experiments)]
 
     written = []
     if args.collect:
-        for run_dir, name in zip(args.collect, names):
-            written.append(write_entry(collect(run_dir, name, args.log_dir), args.results_dir))
+        for run_dir, name, as_experiment in zip(args.collect, names, as_experiments):
+            written.append(write_entry(collect(run_dir, name, args.log_dir, as_experiment), args.results_dir))
     elif not args.readme:
         for experiment, name in zip(experiments, names):
             run_dir = args.log_dir / name

@@ -115,6 +115,7 @@ def reproduce_cli(*args: str, root: Path) -> subprocess.CompletedProcess:
     (["--collect", "nowhere"], "nowhere: no results.json (not a finished run)"),
     (["maml_sinusoid_5shot", "fomaml_sinusoid_5shot", "--name", "one"], "1 --name for 2 run(s)"),
     (["maml_sinusoid_5shot", "--name", "a/b"], "--name 'a/b' is not a file name"),
+    (["maml_sinusoid_5shot", "--experiment", "maml_sinusoid_5shot"], "1 --experiment for 0 --collect run(s)"),
 ])
 def test_bad_arguments_are_refused_in_one_line_before_any_run(repo_copy, args, message):
     finished = reproduce_cli(*args, root=repo_copy)
@@ -137,6 +138,22 @@ def test_collect_reads_a_finished_run_without_training(tmp_path):
     # A run that did not record its machine gets the collecting one's, and says so.
     assert entry["machine"]["cores"] >= 1 and entry["provenance"].startswith("not recorded by the run")
     assert not (tmp_path / "logs").exists()  # nothing was run
+
+
+
+def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match():
+    """ProtoNet's 20-way figure re-tests the 60-way 1-shot model (the paper trains one model per
+    shot): --experiment protonet_omniglot_20w1s is accepted for it, another setting is refused."""
+    trained = {"algorithm": {"name": "protonet"}, "dataset": {"name": "omniglot"}, "ways": 60, "shots": 1,
+               "queries": 5, "meta_batch_size": 1, "test_ways": 5, "test_shots": 1, "test_queries": 15}
+    tested = {**trained, "test_ways": 20}
+    reproduce.check_retested_setting("protonet_omniglot_20w1s", trained, tested)
+    with pytest.raises(reproduce.ReproduceError, match="sets test_ways=5, but the run was tested with 20"):
+        reproduce.check_retested_setting("protonet_omniglot_5w1s", trained, tested)
+    with pytest.raises(reproduce.ReproduceError, match="sets shots=5, but the run was trained with 1"):
+        reproduce.check_retested_setting("protonet_omniglot_20w5s", trained, {**tested, "test_shots": 5})
+    with pytest.raises(reproduce.ReproduceError, match="sets algorithm.name=matchingnet, but the run was trained"):
+        reproduce.check_retested_setting("matchingnet_omniglot_20w1s", trained, tested)
 
 
 @pytest.mark.slow  # ~40 s: a real run then a re-evaluation; the generator and collect are tested on fixtures above
