@@ -366,7 +366,8 @@ def more_figures(entries: list[dict]) -> list[str]:
         cells = []
         for metric, value in extra.items():
             mean, ci, _ = ours(entry, metric)
-            cells.append(f"{metric.removeprefix('test/')}: {figure(mean, ci, 1)} vs {figure(value, None, 1)}")
+            digits = 1 if scale(metric) == 100 else 2  # accuracy in % to a tenth; an MSE to a hundredth
+            cells.append(f"{per_episode_key(metric)}: {figure(mean, ci, digits)} vs {figure(value, None, digits)}")
         lines.append(f"| {entry['name']} | {'; '.join(cells)} |")
     if lines:
         lines = ["| experiment | more figures: ours ± CI vs paper |", "|---|---|", *lines]
