@@ -15,6 +15,7 @@ ratio (and, with --json, one JSON object per row); nothing is asserted.
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -122,20 +123,23 @@ def steps_per_second(step, device: torch.device, min_seconds: float) -> float:
             return steps / elapsed
 
 
-def interleaved(fast, slow, device: torch.device, min_seconds: float, rounds: int = 5) -> tuple[float, float, float]:
-    """(fast steps/s, slow steps/s, ratio): medians over `rounds` back-to-back pairs of timings.
+def interleaved(sides: dict, device: torch.device, min_seconds: float, rounds: int = 5) -> tuple[dict, dict]:
+    """({side: steps/s}, {side: ratio of the first side's speed to it}): medians over `rounds`
+    rounds that time every side back to back.
 
-    Timing the two sides in alternation puts both under the same machine conditions: on a
-    shared CPU one process's speed drifts by 30% over minutes, which a single pair of
-    timings would read as a change of ratio.
+    Timing the sides in alternation puts them under the same machine conditions: on a shared
+    CPU one process's speed drifts by 30% over minutes, which timings made one after the other
+    would read as a change of ratio.
     """
     for _ in range(3):  # warm-up: allocator, kernels, compilation
-        fast()
-        slow()
+        for step in sides.values():
+            step()
     window = min_seconds / rounds
-    pairs = [(steps_per_second(fast, device, window), steps_per_second(slow, device, window)) for _ in range(rounds)]
-    return (statistics.median(f for f, _ in pairs), statistics.median(s for _, s in pairs),
-            statistics.median(f / s for f, s in pairs))
+    timed = [{name: steps_per_second(step, device, window) for name, step in sides.items()} for _ in range(rounds)]
+    first = next(iter(sides))
+    rates = {name: statistics.median(t[name] for t in timed) for name in sides}
+    ratios = {name: statistics.median(t[first] / t[name] for t in timed) for name in sides}
+    return rates, ratios
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, min_seconds: float = 1.0) -> float:
@@ -168,6 +172,18 @@ def outer_step(model, loss_fn, precision: str, device: torch.device):
     return step
 
 
+def plain_layout(model: MAML) -> MAML:
+    """A copy of `model` whose conv4 runs in PyTorch's default (contiguous) layout: the per-task
+    loop as plain PyTorch code would run it (backbone.memory_format=contiguous)."""
+    from metalab.backbones.conv4 import Conv4
+
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, Conv4):
+            module.memory_format = "contiguous"
+    return plain
+
+
 def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float,
             precision: str) -> dict:
     model = model.to(device)
@@ -175,17 +191,29 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     cfg = model.algorithm_cfg
     order = "first" if cfg["name"] in ("fomaml", "reptile") else "second"
     # algorithm.compile: the same vmapped meta-loss, its gradient from one compiled graph.
-    vmapped = outer_step(model, (lambda: model.compiled_meta_loss(batch)[0]) if model.compiled
-                         else (lambda: model.meta_loss(batch)[0]), precision, device)
-    looped = outer_step(model, lambda: reference_meta_loss(model, batch), precision, device)
-    fast, slow, ratio = interleaved(vmapped, looped, device, min_seconds)
+    sides = {"batched": outer_step(model, (lambda: model.compiled_meta_loss(batch)[0]) if model.compiled
+                                   else (lambda: model.meta_loss(batch)[0]), precision, device)}
+    # The loop: the plain network, task by task. A conv4 row also times the loop in metalab's
+    # own layout (channels-last on a CPU), so the table shows what batching adds to the layout.
+    plain = plain_layout(model)
+    sides["loop"] = outer_step(plain, lambda: reference_meta_loss(plain, batch), precision, device)
+    from metalab.backbones.conv4 import Conv4, chosen_memory_format
+
+    same_layout = any(chosen_memory_format(m.memory_format, batch.support_x) != "contiguous"
+                      for m in model.modules() if isinstance(m, Conv4))
+    if same_layout:
+        sides["loop_layout"] = outer_step(model, lambda: reference_meta_loss(model, batch), precision, device)
+    rates, ratios = interleaved(sides, device, min_seconds)
     tasks = batch.support_x.shape[0]
-    flops = step_flops(vmapped) if not model.compiled else step_flops(looped)  # the same work either way
-    return {"learner": cfg["name"], "model": name, "inner_steps": cfg["inner_steps"], "order": order,
-            "execution": cfg.get("task_execution", "auto"), "loop_tasks_per_sec": slow * tasks,
-            "batched_tasks_per_sec": fast * tasks, "ratio": ratio, "step_gflop": flops / 1e9,
-            "batched_gflops": flops * fast / 1e9, "loop_gflops": flops * slow / 1e9,
-            "matmul_gflops": matmul_gflops(device)}
+    flops = step_flops(sides["loop"])  # the same work on every side
+    row = {"learner": cfg["name"], "model": name, "inner_steps": cfg["inner_steps"], "order": order,
+           "execution": cfg.get("task_execution", "auto"), "loop_tasks_per_sec": rates["loop"] * tasks,
+           "batched_tasks_per_sec": rates["batched"] * tasks, "ratio": ratios["loop"], "step_gflop": flops / 1e9,
+           "batched_gflops": flops * rates["batched"] / 1e9, "loop_gflops": flops * rates["loop"] / 1e9,
+           "matmul_gflops": matmul_gflops(device)}
+    if same_layout:
+        row.update(loop_layout_tasks_per_sec=rates["loop_layout"] * tasks, ratio_same_layout=ratios["loop_layout"])
+    return row
 
 
 def episodes_per_second(name: str, device: torch.device, min_seconds: float, precision: str) -> dict:
@@ -247,9 +275,11 @@ def print_row(result: dict) -> None:
               flush=True)
         return
     label = result["learner"] + COMPILE_LABEL[result["compile"]] + EXECUTION_LABEL[result["execution"]]
+    same_layout = (f"{result['loop_layout_tasks_per_sec']:>7.1f} ({result['ratio_same_layout']:.2f}x)"
+                   if "ratio_same_layout" in result else f"{'—':>15}")
     print(f"| {label:<24} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
           f"{result['order']:<6} | {result['loop_tasks_per_sec']:>10.1f} | {result['batched_tasks_per_sec']:>10.1f} | "
-          f"{result['ratio']:>6.2f}x | {rate_of_matmul(result['loop_gflops'], result)} | "
+          f"{result['ratio']:>6.2f}x | {same_layout} | {rate_of_matmul(result['loop_gflops'], result)} | "
           f"{rate_of_matmul(result['batched_gflops'], result)} |", flush=True)
 
 
@@ -300,10 +330,12 @@ def main() -> None:
           f"torch {torch.__version__}")
     print(f"float32 matmul {2048}x{2048}: {matmul_gflops(device):.0f} GFLOP/s (each row measures it again beside "
           f"its own timing; GFLOP/s count matmuls and convolutions)")
+    print("(loop: the per-task loop of the plain network, contiguous; loop in layout: the same loop in "
+          "metalab's layout, channels-last on a CPU, with batched's ratio to it)")
     print("| learner                  | model                            | precision | steps | order  | loop tasks/s "
-          "| batched tasks/s | ratio | loop GFLOP/s | batched GFLOP/s |")
+          "| batched tasks/s | ratio | loop in layout | loop GFLOP/s | batched GFLOP/s |")
     print("|--------------------------|----------------------------------|-----------|-------|--------|------------|"
-          "------------|--------|--------------|--------------|", flush=True)
+          "------------|--------|-----------------|--------------|--------------|", flush=True)
     modes = ["0", "1"] + (["ro"] if args.cudagraphs else [])
     wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro"}}[args.compile]
     variants = [(name, mode) for name in args.learners for mode in modes

@@ -246,6 +246,10 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
     paper = paper_of(experiment)
     results = {**results, **extra_evaluations(paper, results, values, log_dir / name)}
     setting = dict(results["config"])
+    tested_config = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir != trained_dir else config
+    steps = (tested_config.get("algorithm") or {}).get("eval_inner_steps")
+    if steps is not None:  # the test-time adaptation: paired comparisons match it (comparable_metrics)
+        setting["eval_inner_steps"] = steps
     metric_key = f"test/{config['dataset'].get('metric', 'acc')}"
     steps = trained.get("global_step")
     batch = setting.get("meta_batch_size")
@@ -298,6 +302,8 @@ def scale(metric: str) -> float:
 def figure(value, ci=None, digits: int = 2) -> str:
     if value is None:
         return "—"
+    if not math.isfinite(value):
+        return "diverges"  # some episodes' losses overflow (Meta-SGD's rates stepped ten times, say)
     return f"{value:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None and not math.isnan(ci) else "")
 
 
@@ -374,37 +380,65 @@ def more_figures(entries: list[dict]) -> list[str]:
     return lines
 
 
-def pairs(entries: list[dict]) -> list[tuple[dict, dict]]:
-    """(run, reference) pairs on the same fixed episodes and headline metric: each learner against
-    ProtoNet where one shares its episodes, else every pair of the group."""
-    groups: dict[str, list[dict]] = {}
+def inner_steps_of(entry: dict, metric: str) -> int | None:
+    """The test-time inner steps `metric` was measured after (None for learners without them):
+    an evaluation's own eval_inner_steps override, else the run's."""
+    evaluation = metric.split("/test/")[0] if "/test/" in metric else None
+    for override in (entry["paper"].get("evaluations") or {}).get(evaluation, []):
+        if override.startswith("eval_inner_steps="):
+            return int(override.split("=", 1)[1])
+    return entry["setting"].get("eval_inner_steps")
+
+
+def comparable_metrics(entry: dict) -> dict[tuple[str, int | None], str]:
+    """{(measure, inner steps): metric} for the headline measure (acc, mse) in each test setting
+    the entry has per-episode values for: MAML after ten steps is paired with Reptile after ten,
+    not with Meta-SGD after its one."""
+    measure = entry["metric"].rsplit("/", 1)[-1]
+    found = {}
+    for metric in entry["metrics"]:
+        if metric.rsplit("/", 1)[-1] == measure and per_episode_key(metric) in entry["per_episode"]["values"]:
+            found[(measure, inner_steps_of(entry, metric))] = metric
+    return found
+
+
+def pairs(entries: list[dict]) -> list[tuple[dict, str, dict, str]]:
+    """(run, its metric, reference, its metric) on the same fixed episodes, measure and test-time
+    inner steps: each learner against ProtoNet where one shares its episodes, else every pair."""
+    groups: dict[str, list[tuple[dict, str]]] = {}
     for entry in entries:
-        key = json.dumps([entry["per_episode"]["episodes"], entry["metric"]], sort_keys=True)
-        groups.setdefault(key, []).append(entry)
+        for (measure, steps), metric in comparable_metrics(entry).items():
+            key = json.dumps([entry["per_episode"]["episodes"], measure, steps], sort_keys=True)
+            groups.setdefault(key, []).append((entry, metric))
     found = []
     for group in groups.values():
-        references = [e for e in group if e["setting"].get("algorithm") == REFERENCE_ALGORITHM]
+        references = [(e, m) for e, m in group if e["setting"].get("algorithm") == REFERENCE_ALGORITHM]
         if references:
-            found += [(e, r) for r in references for e in group if e is not r and e not in references]
+            found += [(e, m, r, rm) for r, rm in references for e, m in group if (e, m) not in references]
         else:
-            found += [(a, b) for i, a in enumerate(group) for b in group[i + 1:]]
+            found += [(a, am, b, bm) for i, (a, am) in enumerate(group) for b, bm in group[i + 1:]]
     return found
 
 
 def pairwise_table(entries: list[dict]) -> list[str]:
     lines = []
-    for entry, reference in pairs(entries):
-        metric = entry["metric"]
+    for entry, metric, reference, reference_metric in pairs(entries):
         try:
-            d = paired_difference(entry["per_episode"], reference["per_episode"], per_episode_key(metric),
-                                  (entry["name"], reference["name"]))
+            d = paired_difference({**entry["per_episode"], "values": {"x": entry["per_episode"]["values"][
+                per_episode_key(metric)]}}, {**reference["per_episode"], "values": {"x": reference["per_episode"][
+                    "values"][per_episode_key(reference_metric)]}}, "x", (entry["name"], reference["name"]))
         except NotPaired:
             continue
+        if not math.isfinite(d["mean"]):  # a run that diverges in this setting (more figures says so)
+            continue
         s = scale(metric)
-        lines.append(f"| {entry['name']} | {reference['name']} | {metric}{' %' if s == 100 else ''} | "
+        steps = inner_steps_of(entry, metric)
+        label = f"{metric.rsplit('/', 1)[-1]}{' %' if s == 100 else ''}" + (
+            f", after {steps} step{'s' if steps != 1 else ''}" if steps is not None else "")
+        lines.append(f"| {entry['name']} | {reference['name']} | {label} | "
                      f"{figure(d['mean'] * s, d['ci95'] * s)} | {count(d['episodes'])} |")
     if lines:
-        lines = ["| run | − reference | metric | mean paired difference ± 95% CI | shared episodes |",
+        lines = ["| run | − reference | measure | mean paired difference ± 95% CI | shared episodes |",
                  "|---|---|---|---|---|", *lines]
     return lines
 

@@ -62,12 +62,15 @@ VARIANTS = {
 @pytest.mark.data
 @pytest.mark.parametrize("variant", ["matchingnet", "matchingnet-fce", "relationnet"])
 def test_learns_omniglot_far_above_chance(variant, tmp_path, data_dir, cache_dir):
-    # 80 training episodes (20 steps × 4 tasks, 5-way 1-shot), then 40 fixed test episodes.
+    # 80 training episodes (20 steps × 4 tasks, 5-way 1-shot), then 40 fixed test episodes. The
+    # full context embeddings' LSTMs learn slower: after 20 steps they ranged 0.30-0.53 over three
+    # seeds (on chance, a test of the seed), after 50 steps 0.73-0.76, so FCE trains 50.
     config = configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant], "queries=5", "meta_batch_size=4",
                         "test_queries=5", "test_episodes=40", "eval_batch_size=20")
     datamodule = build_datamodule(config)
     model = learner(config)
-    trainer = quiet_trainer(max_steps=20, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_steps=50 if variant == "matchingnet-fce" else 20, limit_val_batches=0,
+                            num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)
     result = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     assert result["test/acc"] > 0.5, result  # chance: 0.2
@@ -301,7 +304,8 @@ def test_conv4_default_is_unchanged_and_feature_maps_are_an_option():
     torch.manual_seed(0)
     default = Conv4((1, 28, 28))
     assert default.out_features == 64
-    assert [type(m).__name__ for m in default.layers[0]] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    # Pooled before the ReLU (the same numbers: test_optimization_family.py, channels-last test).
+    assert [type(m).__name__ for m in default.layers[0]] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
     x = torch.rand(6, 1, 28, 28)
     assert default(x).shape == (6, 64)
     maps = Conv4((1, 28, 28), pooled_blocks=2, feature_map=True)

@@ -570,7 +570,7 @@ def test_metalab_eval_can_test_reptile_without_transduction():
 
 @pytest.mark.parametrize("name", ["maml", "mamlpp", "metasgd"])
 @pytest.mark.parametrize("execution", ["per_task", "vmap"])
-@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])
 def test_every_task_execution_and_memory_format_gives_the_loops_meta_gradient(name, execution, memory_format):
     # algorithm.task_execution and backbone.memory_format choose kernels, not numbers.
     model = small_learner(name, {**TINY_CONV, "memory_format": memory_format}, [1, 8, 8], task_execution=execution,
@@ -581,6 +581,42 @@ def test_every_task_execution_and_memory_format_gives_the_loops_meta_gradient(na
     auto = small_learner(name, TINY_CONV, [1, 8, 8], **({"msl_steps": 10, "first_order_steps": 0}
                                                          if name == "mamlpp" else {}))
     torch.testing.assert_close(predictions, auto.predict(auto.adapt(batch.support_x, batch.support_y), batch.query_x))
+
+
+
+@pytest.mark.parametrize("stride,pooled", [(1, 4), (2, 0)], ids=["snell-vinyals", "finn-strided"])
+def test_conv4_runs_channels_last_on_a_cpu_with_the_plain_networks_numbers(stride, pooled):
+    """backbone.memory_format=auto on a CPU: every block works in channels-last, a 1-channel image
+    included (given a zero second channel), and pools before its ReLU; the features and every
+    weight's gradient are those of the plain network, contiguous, ReLU then pool."""
+    from metalab.backbones.conv4 import Conv4
+
+    torch.manual_seed(0)
+    fast = Conv4((1, 28, 28), hidden_channels=8, pooled_blocks=pooled, stride=stride, global_average=stride == 2)
+    plain = Conv4((1, 28, 28), hidden_channels=8, pooled_blocks=pooled, stride=stride, global_average=stride == 2,
+                  memory_format="contiguous")
+    plain.load_state_dict(fast.state_dict())
+    layouts = []
+    for block in fast.layers:
+        block[1].register_forward_hook(  # BatchNorm's input: the convolution's output
+            lambda module, args, out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(6, 1, 28, 28)
+
+    def plain_forward(x):  # the network as the papers write it
+        for block in plain.layers:
+            conv, norm, *rest = block
+            x = torch.relu(norm(conv(x)))
+            if isinstance(rest[0], torch.nn.MaxPool2d):  # a pooled block: [pool, ReLU]
+                x = rest[0](x)
+        return plain.pooled(x).flatten(1)
+
+    ours, theirs = fast(x), plain_forward(x)
+    assert layouts == [True] * 4
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours.pow(2).sum().backward()
+    theirs.pow(2).sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_unknown_task_execution_and_memory_format_are_refused():

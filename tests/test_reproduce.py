@@ -76,7 +76,7 @@ def test_generated_block_holds_each_figure_budget_machine_and_the_paired_differe
                                           "1,500 steps × 1 = 1,500 episodes, 12 min | 1,000,000 episodes (at most) | "
                                           "Test CPU, 2 cores |")
     paired = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | protonet")]
-    assert paired == ["| maml_omniglot_5w1s | protonet_omniglot_5w1s | test/acc % | -4.00 ± 20.78 | 5 |"]
+    assert paired == ["| maml_omniglot_5w1s | protonet_omniglot_5w1s | acc % | -4.00 ± 20.78 | 5 |"]
     # Runs on other episodes (eval_seed=1) are not paired with ProtoNet's.
     assert not any(line.startswith("| relationnet_omniglot_5w1s | protonet") for line in readme.splitlines())
     assert "![Validation learning curves, the paper's figure dashed](docs/results.png)" in readme
@@ -86,6 +86,30 @@ def test_generated_block_holds_each_figure_budget_machine_and_the_paired_differe
     maml["metrics"]["test/acc"]["mean"] = 0.81
     write_entries(repo_copy / "results", maml)
     assert "differs from what" in reproduce.readme_disagrees(repo_copy / "results", repo_copy / "README.md", plot)
+
+
+
+def test_runs_are_paired_at_the_same_test_time_inner_steps():
+    """MAML tests after ten inner steps and, as a paper figure, after one; Meta-SGD after its one.
+    The pair is MAML's one-step MSE against Meta-SGD's, never MAML's ten-step one."""
+    def sinusoid(name: str, algorithm: str, steps: int, values: dict, evaluations: dict) -> dict:
+        entry = fixture_entry(name, algorithm, [0.0])
+        entry["setting"] = {"algorithm": algorithm, "dataset": "sinusoid", "eval_inner_steps": steps}
+        entry["metric"] = "test/mse"
+        entry["metrics"] = {metric: {"mean": sum(v) / len(v), "ci95": 0.1, "episodes": len(v)}
+                            for metric, v in values.items()}
+        entry["per_episode"]["episode"] = [0, 1, 2]
+        entry["per_episode"]["values"] = {reproduce.per_episode_key(m): v for m, v in values.items()}
+        entry["paper"] = {"metric": "test/mse", "value": None, "evaluations": evaluations}
+        return entry
+
+    maml = sinusoid("maml", "maml", 10, {"test/mse": [0.1, 0.2, 0.3], "one_step/test/mse": [0.5, 0.6, 0.7]},
+                    {"one_step": ["eval_inner_steps=1"]})
+    metasgd = sinusoid("metasgd", "metasgd", 1, {"test/mse": [0.3, 0.3, 0.3]}, {})
+    assert [(a["name"], m, b["name"], bm) for a, m, b, bm in reproduce.pairs([maml, metasgd])] == [
+        ("maml", "one_step/test/mse", "metasgd", "test/mse")]
+    rows = [line for line in reproduce.pairwise_table([maml, metasgd]) if line.startswith("| maml")]
+    assert rows == ["| maml | metasgd | mse, after 1 step | 0.30 ± 0.25 | 3 |"]
 
 
 def test_an_empty_results_dir_says_so_in_the_readme(repo_copy):

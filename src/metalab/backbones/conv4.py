@@ -14,28 +14,45 @@ class SamePaddedConv2d(nn.Conv2d):
     an odd pad pixel going after (bottom/right). For stride 1 and a 3×3 kernel that is
     padding=1; for stride 2 PyTorch's symmetric padding would shift the sampling grid by a pixel."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def same_padding(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
         for size, stride, kernel in zip(reversed(x.shape[-2:]), reversed(self.stride), reversed(self.kernel_size)):
             total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
             pads += [total // 2, total - total // 2]  # F.pad order: (left, right, top, bottom)
-        return super().forward(F.pad(x, pads))
+        return F.pad(x, pads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.same_padding(x))
 
 
-# The images' layout inside a convolutional backbone (backbone.memory_format); the numbers are the same.
-# contiguous (NCHW) is the default: on the 2-core CPU of docs/speed.md channels_last (NHWC) did not
-# make conv4 faster, as its BatchNorm, ReLU and pooling cost as much as its convolutions and
-# the layout changes of the gradients cost more than the convolutions saved.
-MEMORY_FORMATS = ("contiguous", "channels_last")
+# The images' layout inside a convolutional backbone (backbone.memory_format); the numbers are the
+# same. auto, the default: channels_last (NHWC) on a CPU, where BatchNorm and max-pooling run
+# several times faster in it (docs/speed.md, "Memory layout"), contiguous (NCHW) elsewhere, where it
+# is not measured.
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
-def in_memory_format(x: torch.Tensor, memory_format: str) -> torch.Tensor:
-    """[batch, C, H, W] images in the layout `memory_format` names."""
-    # Under vmap (ANIL's body, learners that vmap the backbone) a tensor's layout can be
-    # neither queried nor changed: those passes keep the layout they are given.
-    if memory_format == "contiguous" or x.dim() != 4 or torch._C._functorch.is_batchedtensor(x):
-        return x
-    return x.contiguous(memory_format=torch.channels_last)
+def chosen_memory_format(memory_format: str, x: torch.Tensor) -> str:
+    if memory_format == "auto":
+        return "channels_last" if x.device.type == "cpu" else "contiguous"
+    return memory_format
+
+
+def channels_last_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` with its output in the channels-last layout. A 1-channel image (Omniglot) has no
+    channels-last layout of its own, and the CPU convolution returns the contiguous one for it,
+    which its BatchNorm and pooling then read slowly, or a copy converts (about as slow). With a
+    second, zero channel, and zero weights for it, the layout is unambiguous: the output and the
+    weight gradient are bit for bit those of the 1-channel convolution (the zeros add exactly
+    nothing), about 3x faster forward and backward at 600 images (docs/speed.md, "Memory layout")."""
+    channels_last = torch.channels_last
+    if x.shape[1] != 1:
+        return conv(x).contiguous(memory_format=channels_last)
+    x = torch.cat([x, torch.zeros_like(x)], 1).contiguous(memory_format=channels_last)
+    weight = torch.cat([conv.weight, torch.zeros_like(conv.weight)], 1).contiguous(memory_format=channels_last)
+    if isinstance(conv, SamePaddedConv2d):
+        x = conv.same_padding(x)
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: int = 1,
@@ -49,16 +66,18 @@ def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: i
     # backbone (the metric learners, algorithms/metric.py).
     conv = (nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1) if stride == 1
             else SamePaddedConv2d(in_channels, out_channels, kernel_size=3, stride=stride))
-    layers = [
-        conv,
-        nn.BatchNorm2d(out_channels, track_running_stats=running_stats),
-        nn.ReLU(),
-    ]
-    return nn.Sequential(*layers, nn.MaxPool2d(2, ceil_mode=ceil_pool)) if pool else nn.Sequential(*layers)
+    norm = nn.BatchNorm2d(out_channels, track_running_stats=running_stats)
+    if not pool:
+        return nn.Sequential(conv, norm, nn.ReLU())
+    # Max-pooling before the ReLU: the two commute exactly (ReLU is monotone, so the max of the
+    # ReLUs is the ReLU of the max, and the gradient reaches the same pixel), and the ReLU's
+    # forward and backward then see a quarter of the pixels. The parameter names are those of
+    # conv, BatchNorm, ReLU, pool (neither of the last two holds any), so checkpoints load as before.
+    return nn.Sequential(conv, norm, nn.MaxPool2d(2, ceil_mode=ceil_pool), nn.ReLU())
 
 
 class Conv4(nn.Module):
-    """`blocks` × [3×3 conv, BatchNorm, ReLU, 2×2 max-pool], flattened.
+    """`blocks` × [3×3 conv, BatchNorm, ReLU, 2×2 max-pool], flattened (pooled before the ReLU, the same).
 
     28×28 Omniglot gives 64 features, 84×84 miniImageNet 64×5×5 = 1600.
 
@@ -80,7 +99,7 @@ class Conv4(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], hidden_channels: int = 64, blocks: int = 4,
                  pooled_blocks: int | None = None, feature_map: bool = False, stride: int = 1,
                  global_average: bool = False, ceil_pool: bool = False,
-                 running_stats: bool = False, memory_format: str = "contiguous"):
+                 running_stats: bool = False, memory_format: str = "auto"):
         super().__init__()
         check_choice("backbone.memory_format", memory_format, MEMORY_FORMATS)
         self.memory_format = memory_format
@@ -101,9 +120,14 @@ class Conv4(nn.Module):
         return features.mean((-2, -1)) if self.global_average else features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under vmap (ANIL's body, learners that vmap the backbone) a tensor's layout can be
+        # neither queried nor changed: those passes keep the layout they are given.
+        channels_last = (chosen_memory_format(self.memory_format, x) == "channels_last" and x.dim() == 4
+                         and not torch._C._functorch.is_batchedtensor(x))
         for block in self.layers:
-            # before every block: a 1-channel image (Omniglot) has no channels-last layout of its
-            # own, so the first block's output is converted at the second block
-            x = block(in_memory_format(x, self.memory_format))
+            conv, *rest = block
+            x = channels_last_convolution(conv, x) if channels_last else conv(x)
+            for layer in rest:
+                x = layer(x)
         features = self.pooled(x)
         return features if self.feature_map else features.flatten(1)
