@@ -31,8 +31,9 @@ import yaml
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.reference import reference_meta_loss
+from metalab.allocator import keep_freed_memory
+from metalab.config import AUTO_COMPILE_MIN_STEPS
 from metalab.data.episodes import Episode
-from metalab.memory import keep_freed_memory
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 WAYS, SHOTS, QUERIES = 5, 1, 15
@@ -41,9 +42,10 @@ FAMILY = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")
 METRIC_EPISODES = {"protonet": (60, 5, 5), "matchingnet": (5, 1, 15), "relationnet": (5, 1, 19)}
 # --precision: float32 ("32"), float32 with TensorFloat-32 matmuls and convolutions, bf16 autocast (with TF32).
 PRECISIONS = ("32", "tf32", "bf16")
-# Row compile modes: 0 eager, 1 algorithm.compile=true, ro algorithm.compile=reduce-overhead.
-COMPILE_SETTING = {"0": False, "1": True, "ro": "reduce-overhead"}
-COMPILE_LABEL = {False: "", True: " +compile", "reduce-overhead": " +cudagraph"}  # by setting, in the table
+# Row compile modes: 0 eager, 1 algorithm.compile=true, ro algorithm.compile=reduce-overhead,
+# auto the default, algorithm.compile=auto, as it resolves for a long run (config.auto_compile).
+COMPILE_SETTING = {"0": False, "1": True, "ro": "reduce-overhead", "auto": "auto"}
+COMPILE_LABEL = {False: "", True: " +compile", "reduce-overhead": " +cudagraph", "auto": " (default)"}
 # --executions: algorithm.task_execution of the batched side (auto: the default path).
 EXECUTIONS = ("auto", "per_task", "vmap")
 EXECUTION_LABEL = {"auto": "", "per_task": " per_task", "vmap": " vmap"}
@@ -67,8 +69,10 @@ def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int,
     if name == "mamlpp":  # second order, multi-step loss on: its most expensive phase
         algorithm.update(msl_steps=1000, first_order_steps=0)
     torch.manual_seed(0)
-    return ALGORITHMS[name]({"algorithm": algorithm, "backbone": backbone, "ways": WAYS}, input_shape,
-                            "classification")
+    # A run long enough that algorithm.compile=auto compiles where it would (an MLP on a CPU).
+    trainer = {"accelerator": "cpu", "devices": 1, "max_steps": AUTO_COMPILE_MIN_STEPS}
+    return ALGORITHMS[name]({"algorithm": algorithm, "backbone": backbone, "ways": WAYS, "trainer": trainer},
+                            input_shape, "classification")
 
 
 def omniglot_batch(ways: int = WAYS, shots: int = SHOTS, queries: int = QUERIES,
@@ -258,6 +262,8 @@ def run_row(row: str, args) -> dict:
         model = learner(learner_name, backbone, shape, int(steps), 0.4, COMPILE_SETTING[compiled], execution)
         result = compare(label, model, batch, device, args.seconds, args.precision[0])
         result["compile"] = COMPILE_SETTING[compiled]
+        if compiled == "auto":
+            result["compile_chosen"] = model.compiled  # what auto chose for a long run
     result.update(precision=args.precision[0], device=device_name(device), torch=torch.__version__)
     return result
 
@@ -275,6 +281,8 @@ def print_row(result: dict) -> None:
               flush=True)
         return
     label = result["learner"] + COMPILE_LABEL[result["compile"]] + EXECUTION_LABEL[result["execution"]]
+    if result["compile"] == "auto":
+        label += ", compiled" if result.get("compile_chosen") else ", eager"
     same_layout = (f"{result['loop_layout_tasks_per_sec']:>7.1f} ({result['ratio_same_layout']:.2f}x)"
                    if "ratio_same_layout" in result else f"{'—':>15}")
     print(f"| {label:<24} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
@@ -299,8 +307,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per side, over 5 alternating rounds")
     parser.add_argument("--learners", nargs="*", default=list(FAMILY), choices=FAMILY)
-    parser.add_argument("--compile", choices=("both", "no", "only"), default="both",
-                        help="also time algorithm.compile=true for the learners that support it (first call compiles)")
+    parser.add_argument("--compile", choices=("both", "no", "only", "default"), default="both",
+                        help="both: eager, algorithm.compile=true and the default (auto) rows; no: eager only; only: "
+                             "compiled only; default: the default path only (algorithm.compile=auto for a long run)")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="also time algorithm.compile=reduce-overhead (the compiled step replayed as a CUDA graph)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -336,8 +345,9 @@ def main() -> None:
           "| batched tasks/s | ratio | loop in layout | loop GFLOP/s | batched GFLOP/s |")
     print("|--------------------------|----------------------------------|-----------|-------|--------|------------|"
           "------------|--------|-----------------|--------------|--------------|", flush=True)
-    modes = ["0", "1"] + (["ro"] if args.cudagraphs else [])
-    wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro"}}[args.compile]
+    modes = ["0", "1", "auto"] + (["ro"] if args.cudagraphs else [])
+    wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro", "auto"}, "default": {"auto"}}[args.compile]
+    # auto rows only where auto can differ from eager (a compilable learner); on conv4 it is eager.
     variants = [(name, mode) for name in args.learners for mode in modes
                 if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)]
     models = [m for m in args.models if m != "conv4" or omniglot_batch(meta_batch=1) is not None]

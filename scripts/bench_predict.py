@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import metalab
+from metalab.allocator import keep_freed_memory
 from metalab.errors import MetalabError
-from metalab.memory import keep_freed_memory
 
 EXPERIMENTS = {"protonet": "protonet_omniglot_5w1s", "maml": "maml_omniglot_5w1s"}
 

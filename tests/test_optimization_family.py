@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.compile_passes import unroll_short_matmuls
-from metalab.algorithms.maml import parameter_key
+from metalab.algorithms.inner_loop import parameter_key
 from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction, reference_meta_loss
 from metalab.config import (
     AUTO_COMPILE_MIN_STEPS,

@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from metalab.algorithms.base import evaluation_mode
 from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
 from metalab.data.image_cache import MODES, decode_image, image_to_array
-from metalab.errors import ConfigError, DataError
+from metalab.errors import ConfigError, DataError, check_positive
 
 Item = Any  # str | Path | PIL.Image.Image | np.ndarray | Tensor
 
@@ -150,7 +150,7 @@ class Learner:
             items, item_labels = [items[i] for i in order], [item_labels[i] for i in order]
         self._check_classes(classes)
         index = {label: i for i, label in enumerate(classes)}
-        support_x = self._prepare(items, "support example")  # every image decoded and checked before any work
+        support_x = self.prepare_inputs(items, "support example")  # every image decoded and checked before any work
         support_y = torch.tensor([index[label] for label in item_labels], dtype=torch.long)
         with evaluation_mode():  # as meta-test: no meta-graph, an inner loop turns gradients on itself
             state = self.model.adapt(support_x.unsqueeze(0).to(self.device), support_y.unsqueeze(0).to(self.device))
@@ -169,7 +169,9 @@ class Learner:
                 f"({', '.join(map(repr, classes))}); give {self.training_ways} classes, use a checkpoint "
                 f"meta-trained with ways={len(classes)}, or a learner without a fixed head such as protonet")
 
-    def _prepare(self, items: Sequence[Item], role: str) -> Tensor:
+    def prepare_inputs(self, items: Sequence[Item], role: str) -> Tensor:
+        """[items, *input_shape]: images (paths, arrays, tensors) decoded, transformed and checked
+        as the learner's training data was; `role` names them in errors ("support example 3")."""
         if isinstance(items, Tensor):
             items = list(items)
         tensors = [self.transform(item, _describe(item, f"{role} {i}")) for i, item in enumerate(items)]
@@ -195,14 +197,12 @@ class AdaptedTask:
         beside the support examples, its output then depends on the support set and itself only.
         """
         batch = self._as_batch(items)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ConfigError(f"batch_size={batch_size!r} is invalid; use a positive integer, "
-                              "or None to predict all items in one pass")
+        if batch_size is not None:
+            check_positive("batch_size", batch_size, 32, otherwise="None to predict all items in one pass")
         if independent and batch_size is not None:
             raise ConfigError(f"batch_size={batch_size} and independent=True both given; independent "
                               "predicts every item in its own pass, so leave batch_size out")
-        query = self.learner._prepare(batch, "query item")
+        query = self.learner.prepare_inputs(batch, "query item")
         if independent:
             return self._predict_independent(query)
         step = batch_size or len(query)

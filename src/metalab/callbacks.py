@@ -84,13 +84,18 @@ class ResumableCheckpoint(ModelCheckpoint):
                 and self._last_global_step_saved != trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    @property
+    def last_good_checkpoint(self) -> str:
+        """The file last written ("" before any): never one refused for non-finite weights."""
+        return self._last_checkpoint_saved
+
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # Never write a state whose weights are not finite (lr=inf, a diverged update) over a
         # good checkpoint: training stops here instead, and the files on disk stay good.
         bad = next((name for name, p in trainer.lightning_module.named_parameters()
                     if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
-            kept = self._last_checkpoint_saved  # the last file actually written, all finite
+            kept = self.last_good_checkpoint  # the last file actually written, all finite
             raise TrainingDiverged(
                 f"training stopped at step {trainer.global_step}: the parameter {bad} is no longer finite, so "
                 f"{filepath} was not written; lower the learning rates or clip the meta-gradient with "

@@ -14,13 +14,19 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from metalab.backbones import backbone_options
 from metalab.checkpoint import read_checkpoint
-from metalab.errors import ConfigError, StorageError, check_choice
+from metalab.errors import ConfigError, StorageError, check_choice, check_meta_batch_split, check_positive
 from metalab.files import write_atomic
 from metalab.paths import CONFIG_DIR
 from metalab.run_log import print_config_tree
 
-EPISODE_KEYS = ("ways", "shots", "queries", "meta_batch_size")
-EVAL_KEYS = ("test_ways", "test_shots", "test_queries", "test_episodes", "val_episodes", "eval_batch_size")
+# The run's episode settings, named once: the checks, the data module (runner.build_datamodule)
+# and metalab-eval's overridable settings (eval.OVERRIDABLE) are built from these.
+TRAIN_EPISODE_KEYS = ("ways", "shots", "queries", "meta_batch_size")
+TEST_EPISODE_KEYS = ("test_ways", "test_shots", "test_queries")
+EVALUATION_KEYS = ("val_episodes", "test_episodes", "eval_batch_size")  # how many fixed episodes, how batched
+SEED_KEYS = ("seed", "eval_seed")
+EPISODE_SETTINGS = (*TRAIN_EPISODE_KEYS, *TEST_EPISODE_KEYS, *EVALUATION_KEYS, *SEED_KEYS)
+POSITIVE_EPISODE_KEYS = (*TRAIN_EPISODE_KEYS, *TEST_EPISODE_KEYS, *EVALUATION_KEYS)
 
 
 def resolve(cfg: DictConfig) -> dict:
@@ -35,14 +41,7 @@ def resolve(cfg: DictConfig) -> dict:
 
 
 def require_positive_int(cfg: dict, key: str) -> None:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r} must be a positive integer; set e.g. {key}=5")
-
-
-def require_positive_number(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ConfigError(f"{name}={value!r} must be a positive number; set e.g. {name}=0.001")
+    check_positive(key, cfg.get(key), 5)
 
 
 def require_finite_settings(cfg, where: str = "") -> None:
@@ -122,10 +121,7 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
     world = world_size(cfg["trainer"])
     if world == 1:
         return
-    if cfg["meta_batch_size"] % world:
-        raise ConfigError(
-            f"meta_batch_size={cfg['meta_batch_size']} does not split evenly over {world} DDP processes "
-            f"(trainer.devices x trainer.num_nodes); set meta_batch_size to a multiple of {world}")
+    check_meta_batch_split(cfg["meta_batch_size"], world)
     # The fixed episodes go to the processes a batch at a time: each process needs one.
     for key in ("val_episodes", "test_episodes"):
         episodes, per_batch = cfg.get(key) or 0, cfg["eval_batch_size"]
@@ -197,9 +193,9 @@ def check_algorithm(cfg: dict, algorithms: dict) -> None:
     name = algorithm.get("name")
     check_choice("algorithm", name, sorted(algorithms))
     check_algorithm_keys(algorithm, algorithms[name])
-    require_positive_number(algorithm["optimizer"].get("lr"), "algorithm.optimizer.lr")
+    check_positive("algorithm.optimizer.lr", algorithm["optimizer"].get("lr"), 0.001, integer=False)
     if "inner_lr" in algorithm:
-        require_positive_number(algorithm["inner_lr"], "algorithm.inner_lr")
+        check_positive("algorithm.inner_lr", algorithm["inner_lr"], 0.001, integer=False)
     for key in ("inner_steps", "eval_inner_steps"):
         if key in algorithm:
             require_positive_int(algorithm, key)
@@ -242,7 +238,7 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
     check_trainer_section(cfg)
     check_loggers(cfg)
     require_finite_settings(cfg)
-    for key in EPISODE_KEYS + EVAL_KEYS:
+    for key in POSITIVE_EPISODE_KEYS:
         require_positive_int(cfg, key)
     require_positive_int(cfg["trainer"], "max_steps")
     check_algorithm(cfg, algorithms)
@@ -271,7 +267,7 @@ def cpp_compiler() -> str | None:
 
 
 # algorithm.compile=auto compiles where compiling was measured to pay (docs/speed.md, "Compiled
-# by default"): an MLP on a CPU, in a run long enough to repay the compile (about 30 s here).
+# by default", with the figures): an MLP on a CPU, in a run long enough to repay the compile.
 AUTO_COMPILE_MIN_STEPS = 20_000
 
 

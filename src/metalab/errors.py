@@ -1,4 +1,6 @@
-"""Errors that metalab reports to the user as a message, not a traceback."""
+"""Errors that metalab reports to the user as a message, not a traceback, and the checks that raise them."""
+
+import math
 
 
 class MetalabError(Exception):
@@ -15,6 +17,25 @@ def check_choice(setting: str, value, choices) -> None:
     """Refuse `value` for `setting` unless it is one of `choices`, listing them in the given order."""
     if value not in choices:
         raise ConfigError(f"{setting}={value!r} is unknown; choose one of {list(choices)}")
+
+
+def check_positive(setting: str, value, example, integer: bool = True, meaning: str = "", otherwise: str = "") -> None:
+    """Refuse `value` for `setting` unless it is a positive integer (or, `integer=False`, a positive
+    finite number), naming the value and a fix: "<setting>=<value> must be a positive integer
+    (<meaning>)[, or <otherwise>]; set e.g. <setting>=<example>". Booleans are not numbers here."""
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, bool) and isinstance(value, kinds) and 0 < value < math.inf:
+        return  # an integer > 0 is >= 1
+    what = "a positive integer" if integer else "a positive number"
+    raise ConfigError(f"{setting}={value!r} must be {what}{f' ({meaning})' if meaning else ''}"
+                      f"{f', or {otherwise}' if otherwise else ''}; set e.g. {setting}={example}")
+
+
+def check_meta_batch_split(meta_batch_size: int, world: int) -> None:
+    """DDP gives each of `world` processes an equal share of every meta-batch."""
+    if meta_batch_size % world:
+        raise ConfigError(f"meta_batch_size={meta_batch_size} does not split evenly over {world} DDP processes "
+                          f"(trainer.devices x trainer.num_nodes); set meta_batch_size to a multiple of {world}")
 
 
 class DataError(MetalabError):

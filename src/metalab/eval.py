@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 
 from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
 from metalab.config import (
-    EVAL_KEYS,
+    EVALUATION_KEYS,
     SHARED_DATASET_KEYS,
+    TEST_EPISODE_KEYS,
     check_group_keys,
     check_hardware,
     check_learner_fits_data,
@@ -34,7 +35,8 @@ from metalab.errors import ConfigError
 from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
-OVERRIDABLE = ("eval_seed", "test_ways", "test_shots", "test_queries", "test_episodes", "eval_batch_size")
+# The episode settings a meta-test may change: which fixed episodes, their shape, how batched.
+OVERRIDABLE = ("eval_seed", *TEST_EPISODE_KEYS, "test_episodes", "eval_batch_size")
 # Run settings taken from this command, not the checkpoint: where and on what it runs.
 FROM_COMMAND = ("paths", "trainer", "logger", "num_workers", "tags", "tf32")
 # Everything this command's line may set (evaluation_config reads each; `hardware`, `paths`,
@@ -141,7 +143,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     check_trainer_section(run)
     check_loggers(run)
     require_finite_settings(run)
-    for key in EVAL_KEYS:
+    for key in (*TEST_EPISODE_KEYS, *EVALUATION_KEYS):
         require_positive_int(run, key)
     check_hardware(run["trainer"])
     datamodule = build_datamodule(run)

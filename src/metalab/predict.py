@@ -28,9 +28,9 @@ import time
 import warnings
 from pathlib import Path
 
+from metalab.allocator import keep_freed_memory
 from metalab.errors import ConfigError, DataError, MetalabError
 from metalab.files import write_atomic
-from metalab.memory import keep_freed_memory
 from metalab.pretrained import resolve as resolve_named
 
 KEYS = ("ckpt_path", "support", "query", "output", "device", "batch_size", "independent")

@@ -21,20 +21,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from metalab.allocator import keep_freed_memory
 from metalab.callbacks import StepProgressBar, progress_callbacks
 from metalab.checkpoint import AtomicCheckpointIO
-from metalab.config import report_error
+from metalab.config import EPISODE_SETTINGS, report_error
 from metalab.data import EpisodicDataModule
 from metalab.errors import Interrupted, MetalabError
 from metalab.files import write_json_atomic
-from metalab.memory import keep_freed_memory
 from metalab.paths import CONFIG_DIR
 from metalab.provenance import TEST_EPISODES_FILE, machine, software, test_episodes_identity
 from metalab.run_log import log, quiet_known_warnings
-
-# Run settings passed to the data module under the same names.
-EPISODE_SETTINGS = ("ways", "shots", "queries", "meta_batch_size", "test_ways", "test_shots", "test_queries",
-                    "val_episodes", "test_episodes", "seed", "eval_seed", "eval_batch_size")
 
 
 def build_datamodule(config: dict) -> EpisodicDataModule:
@@ -43,7 +39,7 @@ def build_datamodule(config: dict) -> EpisodicDataModule:
         data_dir=config["paths"]["data_dir"],
         cache_dir=config["paths"]["cache_dir"],
         num_workers=config.get("num_workers", 0),
-        **{key: config[key] for key in EPISODE_SETTINGS},
+        **{key: config[key] for key in EPISODE_SETTINGS},  # under the same names
     )
 
 

@@ -159,8 +159,8 @@ class MetaLearner(LightningModule):
     def logs_step(self, step: int) -> bool:
         """Whether outer step `step` (counted from 1) logs its training scalars. Lightning writes
         them to the logger only every `trainer.log_every_n_steps` steps (every step under
-        fast_dev_run), but each `self.log` call costs about a millisecond whether written or not:
-        on a small model, more than the meta-gradient itself (docs/speed.md, "Logging"). So the
+        fast_dev_run), but each `self.log` call costs its time whether written or not: on a
+        small model, more than the meta-gradient itself (docs/speed.md, "Logging"). So the
         other steps skip it, and what reaches the logger is unchanged. The first step of a
         process and the last step log as well, for the progress lines."""
         trainer = self._trainer
@@ -226,8 +226,10 @@ class MetaLearner(LightningModule):
             rates = [f"algorithm.optimizer.lr={cfg['optimizer'].get('lr')}"]
             if "inner_lr" in cfg:
                 rates.insert(0, f"algorithm.inner_lr={cfg['inner_lr']}")
-            # The file last written, never one refused for non-finite weights (callbacks.ResumableCheckpoint).
-            checkpoint = getattr(self.trainer.checkpoint_callback, "_last_checkpoint_saved", "") if self._trainer else ""
+            # The file last written: metalab's callback names it (never one it refused for non-finite
+            # weights); any other ModelCheckpoint, its last.ckpt (here the weights are still finite).
+            saver = self.trainer.checkpoint_callback if self._trainer else None
+            checkpoint = getattr(saver, "last_good_checkpoint", None) or getattr(saver, "last_model_path", "")
             kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
             finite = all(bool(torch.isfinite(p).all()) for p in self.parameters())
             state = ("The parameters were not updated with it" if finite else
@@ -282,6 +284,11 @@ class MetaLearner(LightningModule):
         if hasattr(datamodule, "eval_batches"):
             return torch.tensor(datamodule.eval_batches(stage)[batch_idx])
         return None
+
+    def stage_values(self) -> dict[str, Tensor]:
+        """{metric: this process's per-episode values} of the evaluation running now (validation or
+        test), for a learner that reports more from them (MANN's accuracy by instance)."""
+        return {name: torch.cat(chunks) for name, chunks in self._eval_values.items()}
 
     def _evaluate_and_store(self, batch: Episode, indices: Tensor | None = None) -> None:
         with evaluation_mode():

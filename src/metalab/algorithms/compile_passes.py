@@ -10,15 +10,14 @@ of the second-order backward pass: memory traffic, on a CPU, with little arithme
 Written instead as a broadcast multiply and a sum over the contraction, a matmul whose
 contraction is no longer than Inductor's unrolling threshold
 (`torch._inductor.config.unroll_reductions_threshold`, 8) turns into plain elementwise
-arithmetic that Inductor fuses into its consumer: the gradient is never stored. On the
-benchmark MLP (5-way 1-shot, 5 inner steps, 32 tasks) this took a compiled MAML step from
-about 13 ms to about 9 ms. Longer contractions stay library matmuls: rewritten, they
-become real reductions, which measured slower (2.3× slower at 5-way 5-shot).
+arithmetic that Inductor fuses into its consumer: the gradient is never stored. Longer
+contractions stay library matmuls: rewritten, they become real reductions, which measured
+slower. (docs/speed.md has the figures.)
 
 The rewrite changes only the order of float additions (a few ulp), and only for float32
 or float64 on the CPU, the one place it has been measured. It is applied through
 Inductor's documented hook for custom passes, `post_grad_custom_pre_pass` (before
-Inductor's own pattern passes, so they see the new arithmetic: measured 14% faster than after).
+Inductor's own pattern passes, so they see the new arithmetic: that order measured faster).
 """
 
 from typing import Any

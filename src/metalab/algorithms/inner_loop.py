@@ -29,6 +29,12 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 BatchedLoss = Callable[[Params, Tensor, Tensor], Tensor]
 
 
+def parameter_key(name: str) -> str:
+    """A parameter name usable as a ParameterDict key ('.' is not allowed there): the per-parameter
+    inner learning rates of Meta-SGD and MAML++, and Reptile's Adam state, are keyed by it."""
+    return name.replace(".", "__")
+
+
 def per_task(params: Mapping[str, Tensor], tasks: int, meta_gradient: bool = True) -> Params:
     """Give each task its own view of the shared parameters: [tasks, *shape].
 

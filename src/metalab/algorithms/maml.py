@@ -131,7 +131,3 @@ def normalization_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in norm_modules]
 
 
-def parameter_key(name: str) -> str:
-    """A parameter name usable as a ParameterDict key ('.' is not allowed there)."""
-    return name.replace(".", "__")
-

@@ -26,8 +26,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from metalab.algorithms.inner_loop import Params, checkpointed_sgd_step, per_task, sgd_step
-from metalab.algorithms.maml import MAML, parameter_key
+from metalab.algorithms.inner_loop import Params, checkpointed_sgd_step, parameter_key, per_task, sgd_step
+from metalab.algorithms.maml import MAML
 from metalab.data.episodes import Episode
 
 

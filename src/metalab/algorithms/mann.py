@@ -243,8 +243,8 @@ class SequenceLearner(MetaLearner):
     def on_test_epoch_end(self) -> None:
         # Accuracy against instance number as a TensorBoard curve (x axis: the instance), next to
         # the test/acc_inst<k> scalars the base logs at the training step.
-        curve = sorted((int(name.removeprefix("acc_inst")), mean_and_ci95(torch.cat(chunks))[0])
-                       for name, chunks in self._eval_values.items() if name.startswith("acc_inst"))
+        curve = sorted((int(name.removeprefix("acc_inst")), mean_and_ci95(values)[0])
+                       for name, values in self.stage_values().items() if name.startswith("acc_inst"))
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_scalar"):  # TensorBoard's SummaryWriter
                 for k, accuracy in curve:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from metalab.algorithms.metric import MetricLearner
 from metalab.data.episodes import Episode
-from metalab.errors import ConfigError
+from metalab.errors import check_positive
 
 
 class MatchingNet(MetricLearner):
@@ -49,12 +49,8 @@ class MatchingNet(MetricLearner):
         self.read_steps = self.algorithm_cfg.get("read_steps", 5)
         self.eps = float(self.algorithm_cfg.get("cosine_eps", 1e-8))
         self.scale = self.algorithm_cfg.get("cosine_scale", 1.0)
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
-            raise ConfigError(f"algorithm.cosine_scale={self.scale!r} must be a positive number "
-                              f"(1 is the paper's attention); set e.g. algorithm.cosine_scale=1")
-        if isinstance(self.read_steps, bool) or not isinstance(self.read_steps, int) or self.read_steps < 1:
-            raise ConfigError(f"algorithm.read_steps={self.read_steps!r} must be a positive integer "
-                              f"(the attention LSTM's K); set e.g. algorithm.read_steps=5")
+        check_positive("algorithm.cosine_scale", self.scale, 1, integer=False, meaning="1 is the paper's attention")
+        check_positive("algorithm.read_steps", self.read_steps, 5, meaning="the attention LSTM's K")
         dim = self.backbone.out_features
         if self.fce:
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)

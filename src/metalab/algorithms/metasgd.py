@@ -12,7 +12,8 @@ the inner update picks both a direction and a step size per element:
 import torch
 from torch import Tensor, nn
 
-from metalab.algorithms.maml import MAML, parameter_key
+from metalab.algorithms.inner_loop import parameter_key
+from metalab.algorithms.maml import MAML
 
 
 class MetaSGD(MAML):

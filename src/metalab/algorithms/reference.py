@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalab.algorithms.maml import parameter_key
+from metalab.algorithms.inner_loop import parameter_key
 from metalab.data.episodes import Episode
 
 # lr(step, parameter name) -> the inner learning rate (a float or a tensor)

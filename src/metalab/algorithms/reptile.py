@@ -34,9 +34,10 @@ from torch.func import functional_call, vmap
 
 from metalab.algorithms.inner_loop import (AdamMoments, Params, adam_adapt, mean_loss_per_task, minibatch_indices,
                                            per_task, sgd_step, take_examples)
-from metalab.algorithms.maml import MAML, parameter_key
+from metalab.algorithms.inner_loop import parameter_key
+from metalab.algorithms.maml import MAML
 from metalab.data.episodes import Episode
-from metalab.errors import ConfigError, check_choice
+from metalab.errors import check_choice, check_positive
 
 ADAM_STATES = ("per_task", "shared")
 # Images in one pass of the non-transductive predictions; chunks keep the memory bounded.
@@ -79,10 +80,8 @@ class Reptile(MAML):
         state = cfg.get("inner_adam_state", "per_task")
         check_choice("algorithm.inner_adam_state", state, ADAM_STATES)
         for key in ("inner_batch_size", "eval_inner_batch_size"):
-            value = cfg.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"algorithm.{key}={value!r} must be a positive integer, or null for the whole "
-                                  f"support set; set e.g. algorithm.{key}=10")
+            if cfg.get(key) is not None:
+                check_positive(f"algorithm.{key}", cfg[key], 10, otherwise="null for the whole support set")
         # Only an Adam inner loop has a state to share; a checkpoint without it loads as before.
         self.shared_adam = SharedAdamState(self.model) if cfg["inner_optimizer"] == "adam" and state == "shared" \
             else None

@@ -44,7 +44,7 @@ def channels_last_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     which its BatchNorm and pooling then read slowly, or a copy converts (about as slow). With a
     second, zero channel, and zero weights for it, the layout is unambiguous: the output and the
     weight gradient are bit for bit those of the 1-channel convolution (the zeros add exactly
-    nothing), about 3x faster forward and backward at 600 images (docs/speed.md, "Memory layout")."""
+    nothing), and the layout several times faster (docs/speed.md, "Memory layout", has the figures)."""
     channels_last = torch.channels_last
     if x.shape[1] != 1:
         return conv(x).contiguous(memory_format=channels_last)

@@ -11,7 +11,8 @@ class Dense(nn.Module):
 
     The weight gradient xᵀδ then comes out in the weight's own memory layout. With
     nn.Linear's layout every inner-loop update θ − α·g reads a transposed gradient, which
-    for per-task copies of a 784×64 weight made the update about 10× slower on a CPU.
+    for per-task copies of a 784×64 weight made the update several times slower on a CPU
+    (docs/speed.md, "What was measured to help").
     """
 
     def __init__(self, in_features: int, out_features: int):

@@ -12,7 +12,7 @@ from metalab.data.image_folder import build_image_folder_sources, build_mini_ima
 from metalab.data.omniglot import build_omniglot_sources
 from metalab.data.sequences import episode_shaper
 from metalab.data.sinusoid import build_sinusoid_sources
-from metalab.errors import ConfigError, DataError, check_choice
+from metalab.errors import ConfigError, DataError, check_choice, check_meta_batch_split
 
 BUILDERS = {
     "sinusoid": build_sinusoid_sources,
@@ -66,9 +66,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, source, ways: int, shots: int, queries: int, meta_batch_size: int, seed: int, start: int,
                  rank: int = 0, world: int = 1):
-        if meta_batch_size % world:
-            raise ConfigError(f"meta_batch_size={meta_batch_size} does not split evenly over {world} processes; "
-                              f"use a multiple of {world}")
+        check_meta_batch_split(meta_batch_size, world)
         self.source, self.shape, self.meta_batch_size = source, (ways, shots, queries), meta_batch_size
         self.seed, self.start = seed, start
         share = meta_batch_size // world

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, check_positive
 
 
 class Episode(NamedTuple):
@@ -41,8 +41,7 @@ def sample_meta_batch(source, ways: int, shots: int, queries: int, count: int,
 def require_positive(split_name: str, **values: int) -> None:
     """Raise ConfigError unless every value is an integer >= 1."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} for the '{split_name}' split is invalid; use an integer >= 1")
+        check_positive(name, value, 5, meaning=f"for the '{split_name}' split")
 
 
 class ImageClassSource:

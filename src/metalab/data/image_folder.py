@@ -14,7 +14,7 @@ from pathlib import Path
 
 from metalab.data.episodes import ImageClassSource
 from metalab.data.image_cache import MODES, load_or_build
-from metalab.errors import ConfigError, DataError
+from metalab.errors import ConfigError, DataError, check_positive
 
 DEFAULTS = {"root": None, "image_size": 84, "channels": 3, "invert": False, "split_dir": None,
             "split_fractions": {"train": 0.64, "val": 0.16, "test": 0.20}, "split_seed": 0}
@@ -29,8 +29,7 @@ def build_image_folder_sources(cfg: Mapping, data_dir: Path, cache_dir: Path,
                                dataset: str = "image_folder") -> dict[str, ImageClassSource]:
     cfg = {**DEFAULTS, **cfg}
     image_size, channels = cfg["image_size"], cfg["channels"]
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"dataset.image_size={image_size!r} is invalid; use a positive integer such as 84")
+    check_positive("dataset.image_size", image_size, 84)
     if channels not in MODES:
         raise ConfigError(f"dataset.channels={channels!r} is invalid; use 1 (grayscale) or 3 (RGB)")
     if cfg["root"] is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from metalab.data.episodes import ImageClassSource
 from metalab.data.image_cache import ImageRef, load_or_build, write_json_atomic
-from metalab.errors import ConfigError, DataError
+from metalab.errors import ConfigError, DataError, check_positive
 
 ARCHIVES = ("images_background.zip", "images_evaluation.zip")  # background alphabets first
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
@@ -41,8 +41,7 @@ def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dic
     if protocol == "lake" and (isinstance(held_out, bool) or not isinstance(held_out, int) or not 1 <= held_out < 30):
         raise ConfigError(f"dataset.lake_val_alphabets={held_out!r} must be a count of background alphabets from "
                           f"1 to 29 (held out of the 30 for validation); set e.g. dataset.lake_val_alphabets=5")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"dataset.image_size={image_size!r} is invalid; use a positive integer such as 28")
+    check_positive("dataset.image_size", image_size, 28)
     root = Path(data_dir) / "omniglot"
     archives = _archives(root, cfg["download"])
     checksums = {}

@@ -1,4 +1,6 @@
-"""Process-level memory settings that make CPU training several times cheaper."""
+"""glibc allocator settings (freed memory kept for reuse) that make CPU training several times cheaper.
+
+Not MANN's memory (algorithms/mann.py) nor graph memory (algorithm.checkpoint_inner_steps)."""
 
 import ctypes
 import sys
