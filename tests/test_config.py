@@ -138,3 +138,20 @@ def test_a_backbone_option_of_another_backbone_is_refused_clearly():
     with pytest.raises(ConfigError, match=r"backbone=mlp has no option global_average, pooled_blocks, stride .*; "
                                           r"remove with ~backbone.global_average ~backbone.pooled_blocks ~backbone.stride"):
         build_backbone(composed("algorithm=maml", "dataset=omniglot", "backbone=mlp")["backbone"], (1, 28, 28))
+
+
+def test_one_positivity_check_names_the_value_the_meaning_and_a_fix():
+    from metalab.errors import check_meta_batch_split, check_positive
+
+    for good, integer in ((1, True), (7, True), (0.5, False), (3, False)):
+        check_positive("x", good, 5, integer=integer)
+    for bad, integer in ((0, True), (-2, True), (2.5, True), (True, True), ("5", True), (None, True),
+                         (0.0, False), (float("inf"), False), (float("nan"), False), (False, False)):
+        with pytest.raises(ConfigError, match=r"^x=.* must be a positive (integer|number); set e\.g\. x=5$"):
+            check_positive("x", bad, 5, integer=integer)
+    with pytest.raises(ConfigError, match=r"^algorithm\.read_steps=0 must be a positive integer \(the LSTM's K\), or "
+                                          r"null; set e\.g\. algorithm\.read_steps=5$"):
+        check_positive("algorithm.read_steps", 0, 5, meaning="the LSTM's K", otherwise="null")
+    check_meta_batch_split(8, 4)
+    with pytest.raises(ConfigError, match="meta_batch_size=6 does not split evenly over 4 DDP processes"):
+        check_meta_batch_split(6, 4)
