@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 from metalab.algorithms import ALGORITHMS
@@ -155,3 +156,18 @@ def test_one_positivity_check_names_the_value_the_meaning_and_a_fix():
     check_meta_batch_split(8, 4)
     with pytest.raises(ConfigError, match="meta_batch_size=6 does not split evenly over 4 DDP processes"):
         check_meta_batch_split(6, 4)
+
+
+def test_an_experiment_that_shares_a_setting_builds_on_it():
+    """First-order MAML, ANIL, MAML++ and Reptile on sinusoid, Meta-SGD on miniImageNet: each
+    file names the MAML experiment whose setting it shares in its defaults list and states only
+    what differs (its algorithm, its own values, its paper figure)."""
+    experiments = Path(CONFIG_DIR) / "experiment"
+    builders = {p.stem: yaml.safe_load(p.read_text()) for p in experiments.glob("*.yaml")}
+    children = {name: next(d for d in cfg["defaults"] if isinstance(d, str))
+                for name, cfg in builders.items() if any(isinstance(d, str) for d in cfg.get("defaults", []))}
+    assert {name for name in builders if name.startswith("fomaml_")} <= set(children)
+    for name, base in children.items():
+        assert base == "maml_" + name.split("_", 1)[1] and base in builders, name
+        own = set(builders[name]) - {"defaults", "paper"}
+        assert len(yaml.safe_dump({k: builders[name][k] for k in own}).splitlines()) <= 8, name
