@@ -171,3 +171,19 @@ def test_an_experiment_that_shares_a_setting_builds_on_it():
         assert base == "maml_" + name.split("_", 1)[1] and base in builders, name
         own = set(builders[name]) - {"defaults", "paper"}
         assert len(yaml.safe_dump({k: builders[name][k] for k in own}).splitlines()) <= 8, name
+
+
+
+def test_each_group_file_names_the_class_it_builds():
+    """conf/algorithm/<name>.yaml and conf/backbone/<name>.yaml name their class in `_target_`: a
+    reader goes from the yaml to the code in one step, and it is the class the name builds."""
+    from metalab.algorithms import learner_class
+    from metalab.backbones import BACKBONES, backbone_class
+    from metalab.config import group_defaults
+
+    for name in ALGORITHMS:
+        target = group_defaults("algorithm", name)["_target_"]
+        assert learner_class({"_target_": target}) is ALGORITHMS[name] is learner_class({"name": name}), name
+    for name in BACKBONES:
+        target = group_defaults("backbone", name)["_target_"]
+        assert backbone_class(target, name) is BACKBONES[name], name

@@ -106,6 +106,20 @@ def test_a_stored_config_may_build_only_trusted_classes(target, tmp_path):
             load(path)
 
 
+
+@pytest.mark.parametrize("target", ["metalab.callbacks.ResumableCheckpoint", "metalab.backbones.conv4.Conv4",
+                                    "metalab.algorithms.base.torch.nn.Module"])
+def test_a_stored_algorithm_target_may_build_only_a_metalab_learner(target, tmp_path):
+    """A class metalab may build elsewhere (a callback, a backbone) is still no learner: the
+    checkpoint is refused, naming what it asked for, and nothing is built (an attribute path out
+    of metalab is already refused as no metalab class at all)."""
+    path = genuine_format_checkpoint(tmp_path / "other.ckpt", _target_=target)
+    with pytest.raises(ConfigError, match=rf"(algorithm\._target_='{target}' is not|names '{target}' at algorithm)"):
+        metalab.load_learner(path)
+    good = genuine_format_checkpoint(tmp_path / "good.ckpt", _target_="metalab.algorithms.protonet.ProtoNet")
+    assert metalab.load_learner(good).algorithm == "protonet"
+
+
 def test_metalab_configs_name_only_trusted_classes(tmp_path):
     assert all(trusted_target(t) for t in ("torch.optim.Adam", "torch.optim.lr_scheduler.StepLR",
                                            "metalab.callbacks.ResumableCheckpoint",

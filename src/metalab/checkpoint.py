@@ -95,7 +95,7 @@ def check_stored_targets(config, path, where: str = "") -> None:
 
 def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
     """The learner a checkpoint holds, built from `config` (default: its stored run config) with its weights."""
-    from metalab.algorithms import ALGORITHMS  # here only: the learners import this module
+    from metalab.algorithms import ALGORITHMS, learner_class  # here only: the learners import this module
 
     hyper = checkpoint["hyper_parameters"]
     config = hyper["config"] if config is None else config
@@ -104,10 +104,15 @@ def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
     except (KeyError, TypeError):
         raise ConfigError(f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written "
                           "by metalab-train") from None
-    if name not in ALGORITHMS:
+    target = config["algorithm"].get("_target_")
+    if target is None and name not in ALGORITHMS:
         raise ConfigError(f"ckpt_path={path} was trained with algorithm={name!r}, which this metalab does not "
                           f"have (it has {sorted(ALGORITHMS)})")
-    model = ALGORITHMS[name](config, input_shape, task_type)
+    try:  # only metalab's own learners: the stored _target_ cannot name anything else
+        learner_cls = learner_class(config["algorithm"])
+    except ConfigError as error:
+        raise ConfigError(f"ckpt_path={path}: {error}") from None
+    model = learner_cls(config, input_shape, task_type)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as error:

@@ -141,7 +141,7 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
 
 # Algorithm settings that every learner's outer step reads (algorithms/base.py), whether or not
 # the learner's own conf/algorithm/<name>.yaml lists them.
-SHARED_ALGORITHM_KEYS = ("name", "optimizer", "scheduler", "grad_clip", "compile")
+SHARED_ALGORITHM_KEYS = ("name", "_target_", "optimizer", "scheduler", "grad_clip", "compile")
 # Dataset settings every dataset takes: the episode kind, which a learner's yaml sets (data/datamodule.py).
 SHARED_DATASET_KEYS = ("name", "episodes")
 
@@ -189,10 +189,12 @@ def check_algorithm_keys(algorithm: dict, learner_cls) -> None:
 
 
 def check_algorithm(cfg: dict, algorithms: dict) -> None:
+    from metalab.algorithms import learner_class  # here only: the learners import this module
+
     algorithm = cfg["algorithm"]
-    name = algorithm.get("name")
-    check_choice("algorithm", name, sorted(algorithms))
-    check_algorithm_keys(algorithm, algorithms[name])
+    if algorithm.get("_target_") is None:  # a config from before _target_: the learner by name
+        check_choice("algorithm", algorithm.get("name"), sorted(algorithms))
+    check_algorithm_keys(algorithm, learner_class(algorithm))
     check_positive("algorithm.optimizer.lr", algorithm["optimizer"].get("lr"), 0.001, integer=False)
     if "inner_lr" in algorithm:
         check_positive("algorithm.inner_lr", algorithm["inner_lr"], 0.001, integer=False)

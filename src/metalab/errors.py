@@ -38,6 +38,25 @@ def check_meta_batch_split(meta_batch_size: int, world: int) -> None:
                           f"(trainer.devices x trainer.num_nodes); set meta_batch_size to a multiple of {world}")
 
 
+def metalab_class(setting: str, target, package: str, base: type, choose: str) -> type:
+    """The class a config's `_target_` names, if it is one of `package`'s (a `base` subclass in a
+    module of metalab's own `package`): a checkpoint's stored config can make metalab build its
+    own classes only, never import or call anything else."""
+    module, _, name = str(target).rpartition(".")
+    if not (module.startswith(f"{package}.") and module[len(package) + 1:].isidentifier() and name.isidentifier()):
+        raise ConfigError(f"{setting}={target!r} is not one of metalab's classes ({package}.<module>.<Class>); "
+                          f"{choose}")
+    from importlib import import_module
+
+    try:
+        found = getattr(import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"{setting}={target!r}: {module} has no class {name}; {choose}") from None
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise ConfigError(f"{setting}={target!r} is not a {base.__name__}; {choose}")
+    return found
+
+
 class DataError(MetalabError):
     """Data is missing or malformed; the message names the files and how to provide them."""
 

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from metalab.algorithms import ALGORITHMS
+from metalab.algorithms import ALGORITHMS, learner_class
 from metalab.config import (
     check_compile,
     check_distributed,
@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> float | None:
                       launcher=str(hydra_cfg.launcher.get("_target_", "")))
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
-    learner_cls = ALGORITHMS[config["algorithm"]["name"]]
+    learner_cls = learner_class(config["algorithm"])
     check_learner_fits_data(config, learner_cls, datamodule.task_type)
     learner_cls.settings_from_data(config, datamodule)  # e.g. a classifier sized to the training classes
     check_compile(config, learner_cls)  # training only: evaluation never compiles

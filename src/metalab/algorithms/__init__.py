@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from importlib import import_module
 
 from metalab.algorithms.base import MetaLearner
+from metalab.errors import check_choice, metalab_class
 
 # config name -> "module:Class" under metalab.algorithms
 _LEARNERS = {
@@ -46,4 +47,17 @@ class _Registry(Mapping):
 
 ALGORITHMS: Mapping[str, type[MetaLearner]] = _Registry()
 
-__all__ = ["ALGORITHMS", "MetaLearner"]
+
+def learner_class(algorithm: Mapping) -> type[MetaLearner]:
+    """The learner an `algorithm` config builds: the class its `_target_` names (each
+    conf/algorithm/<name>.yaml names its own, so a new learner is a class and a yaml file), or,
+    for a config without one (a checkpoint from before `_target_`), the one `name` names."""
+    target = algorithm.get("_target_")
+    if target is None:
+        check_choice("algorithm", algorithm.get("name"), list(_LEARNERS))
+        return ALGORITHMS[algorithm["name"]]
+    return metalab_class("algorithm._target_", target, "metalab.algorithms", MetaLearner,
+                         f"choose a learner with algorithm=<name> ({', '.join(_LEARNERS)})")
+
+
+__all__ = ["ALGORITHMS", "MetaLearner", "learner_class"]

@@ -8,7 +8,7 @@ from torch import nn
 from metalab.backbones.conv4 import Conv4
 from metalab.backbones.mlp import MLP
 from metalab.backbones.resnet12 import ResNet12
-from metalab.errors import ConfigError, check_choice
+from metalab.errors import ConfigError, check_choice, metalab_class
 
 BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 
@@ -27,9 +27,11 @@ def backbone_options(cfg: Mapping) -> tuple[str, dict]:
     ConfigError listing the accepted keys, before any data is read, not a TypeError."""
     options = dict(cfg)
     name = options.pop("name", None)
+    target = options.pop("_target_", None)
     check_choice("backbone", name, sorted(BACKBONES))
+    cls = backbone_class(target, name)
     # The accepted keys are the constructor's own arguments: a list that cannot drift from the code.
-    accepted = [key for key in inspect.signature(BACKBONES[name]).parameters if key not in SET_BY_CODE]
+    accepted = [key for key in inspect.signature(cls).parameters if key not in SET_BY_CODE]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         removals = " ".join(f"~backbone.{key}" for key in unknown)
@@ -37,6 +39,15 @@ def backbone_options(cfg: Mapping) -> tuple[str, dict]:
                           f"backbone?); its options are {', '.join(accepted)}; remove with {removals}, or choose "
                           f"the backbone they belong to")
     return name, options
+
+
+def backbone_class(target, name: str) -> type[nn.Module]:
+    """The class `backbone._target_` names (metalab's own backbones only), else the one `name` names
+    (a checkpoint from before `_target_`)."""
+    if target is None:
+        return BACKBONES[name]
+    return metalab_class("backbone._target_", target, "metalab.backbones", nn.Module,
+                         f"choose one with backbone=<name> ({', '.join(BACKBONES)})")
 
 
 def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bool = False) -> nn.Module:
@@ -49,4 +60,4 @@ def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bo
     name, options = backbone_options(cfg)
     if running_stats and name in NORMALIZED:
         options["running_stats"] = True
-    return BACKBONES[name](input_shape=tuple(input_shape), **options)
+    return backbone_class(cfg.get("_target_"), name)(input_shape=tuple(input_shape), **options)
