@@ -286,6 +286,8 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
         "provenance": "recorded by the run" if provenance_at_run else "not recorded by the run (it predates that): "
                       "the machine and checkout that collected it",
         "run_dir": str(trained_dir),
+        # A checkpoint re-tested as another experiment (--experiment): the one it was trained as.
+        "trained_as": as_dict(train_overrides).get("experiment") if as_experiment is not None else None,
         "tested_checkpoint": results.get("tested_checkpoint"),
     }
 
@@ -505,8 +507,15 @@ def plot(entries: list[dict], path: Path) -> None:
             if band:
                 axis.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
                                   color=line.get_color(), alpha=0.2, linewidth=0)
-        paper = group[0]["paper"]
-        if paper.get("value") is not None:
+        paper, head = group[0]["paper"], group[0]
+        # The curve is the training's own validation: the paper's figure is drawn beside it only
+        # when measured in that setting, not for a figure after other inner steps (one_step/...)
+        # nor for a checkpoint re-tested in another setting (ProtoNet's 20-way figures).
+        elsewhere = "/test/" in head["metric"] or head.get("trained_as")
+        note = (f"\n(curve: validation of {head['trained_as']})" if head.get("trained_as")
+                else f"\n(paper {paper['value']} is {head['metric']}, not this curve)"
+                if elsewhere and paper.get("value") is not None else "")
+        if paper.get("value") is not None and not elsewhere:
             axis.axhline(paper["value"], color="black", linestyle="--", linewidth=1, label=f"paper {paper['value']}")
             ci = paper.get("ci95") or 0.0
             if ci:
@@ -515,7 +524,8 @@ def plot(entries: list[dict], path: Path) -> None:
             margin = 0.05 * (max(high, paper["value"] + ci) - min(low, paper["value"] - ci))
             axis.set_ylim(min(low, paper["value"] - ci - margin), max(high, paper["value"] + ci + margin))
         metric = group[0]["curve"]["tag"]
-        axis.set(title=experiment, xlabel="outer step",
+        axis.set_title(experiment + note, fontsize=9)
+        axis.set(xlabel="outer step",
                  ylabel=metric + (" (%)" if scale(metric) == 100 else ""))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
