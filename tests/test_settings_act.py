@@ -124,3 +124,21 @@ def test_baseline_refuses_the_cosine_scale_only_baselinepp_reads():
     with pytest.raises(ConfigError, match=r"algorithm.cosine_scale=5 cannot act: baseline's linear head has no "
                                           r"cosine scale; it is Baseline\+\+'s \(algorithm=baselinepp\)"):
         check_algorithm(composed("train", "algorithm=baseline", "algorithm.cosine_scale=5"), ALGORITHMS)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+algorithm.optimizer.lrr=0.1", r"algorithm\.optimizer \(torch\.optim\.Adam\) has no argument lrr; its arguments "
+                                     r"are lr, betas, .*; remove with ~algorithm\.optimizer\.lrr"),
+    ("algorithm.optimizer._target_=torch.optim.Adamm", r"algorithm\.optimizer\._target_='torch\.optim\.Adamm' is not a "
+                                                        r"class that can be imported"),
+])
+def test_an_optimizer_setting_its_class_does_not_take_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_algorithm(composed("train", override), ALGORITHMS)
+
+
+def test_a_scheduler_setting_its_class_does_not_take_is_refused():
+    with pytest.raises(ConfigError, match=r"algorithm\.scheduler \(torch\.optim\.lr_scheduler\.StepLR\) has no "
+                                          r"argument gama"):
+        check_algorithm(composed("train", "algorithm=protonet", "+algorithm.scheduler.gama=0.5"), ALGORITHMS)
+    check_algorithm(composed("train", "algorithm=protonet", "algorithm.scheduler.gamma=0.5"), ALGORITHMS)

@@ -1,6 +1,7 @@
 """Turn a Hydra config into a plain dict and reject bad values before any work starts."""
 
 import importlib.util
+import inspect
 import math
 import os
 import shutil
@@ -188,6 +189,31 @@ def check_algorithm_keys(algorithm: dict, learner_cls) -> None:
             raise ConfigError(f"algorithm.{key}={algorithm[key]} cannot act: {why}")
 
 
+def check_constructor_keys(setting: str, section, set_by_code: str) -> None:
+    """The keys of a `_target_` section (the optimizer, the scheduler) are arguments its class
+    takes: a misspelt one (`algorithm.optimizer.lrr`) is refused before any work, listing the
+    class's arguments, instead of a TypeError traceback at the first step. `set_by_code`: the
+    argument metalab passes itself (the parameters, the optimizer)."""
+    if not isinstance(section, dict) or "_target_" not in section:
+        return
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(section["_target_"])
+    except Exception:  # not importable, or not a class
+        raise ConfigError(f"{setting}._target_={section['_target_']!r} is not a class that can be imported; "
+                          f"give one such as torch.optim.Adam") from None
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # takes any keyword: nothing to check against
+    accepted = [name for name in parameters if name != set_by_code]
+    unknown = sorted(set(section) - {"_target_", "_partial_"} - set(accepted))
+    if unknown:
+        removals = " ".join(f"~{setting}.{key}" for key in unknown)
+        raise ConfigError(f"{setting} ({section['_target_']}) has no argument {', '.join(unknown)}; its arguments "
+                          f"are {', '.join(accepted)}; remove with {removals}")
+
+
 def check_algorithm(cfg: dict, algorithms: dict) -> None:
     from metalab.algorithms import learner_class  # here only: the learners import this module
 
@@ -195,6 +221,8 @@ def check_algorithm(cfg: dict, algorithms: dict) -> None:
     if algorithm.get("_target_") is None:  # a config from before _target_: the learner by name
         check_choice("algorithm", algorithm.get("name"), sorted(algorithms))
     check_algorithm_keys(algorithm, learner_class(algorithm))
+    check_constructor_keys("algorithm.optimizer", algorithm.get("optimizer"), set_by_code="params")
+    check_constructor_keys("algorithm.scheduler", algorithm.get("scheduler"), set_by_code="optimizer")
     check_positive("algorithm.optimizer.lr", algorithm["optimizer"].get("lr"), 0.001, integer=False)
     if "inner_lr" in algorithm:
         check_positive("algorithm.inner_lr", algorithm["inner_lr"], 0.001, integer=False)
