@@ -164,7 +164,9 @@ class MetaLearner(LightningModule):
         other steps skip it, and what reaches the logger is unchanged. The first step of a
         process and the last step log as well, for the progress lines."""
         trainer = self._trainer
-        if trainer is None or trainer.fast_dev_run:
+        if trainer is None:  # a learner stepped by hand: there is nothing to log to
+            return False
+        if trainer.fast_dev_run:
             return True
         every = trainer.log_every_n_steps
         return (every > 0 and step % every == 0) or not self._warm or 0 < trainer.max_steps <= step
