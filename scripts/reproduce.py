@@ -230,12 +230,13 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
     config = yaml.safe_load((trained_dir / "config.yaml").read_text())
     overrides = train_overrides + [o for o in overrides_of(run_dir) if run_dir != trained_dir
                                    and not o.startswith("ckpt_path=")]
-    experiment = as_dict(train_overrides).get("experiment")
+    experiment = trained_as = as_dict(train_overrides).get("experiment")
+    tested_config = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir != trained_dir else config
     if as_experiment is not None:
         if run_dir == trained_dir:
             raise ReproduceError(f"--experiment is for a metalab-eval run of a checkpoint trained under another "
                                  f"experiment; {run_dir} is a training run: collect it without --experiment")
-        check_retested_setting(as_experiment, config, yaml.safe_load((run_dir / "config.yaml").read_text()))
+        check_retested_setting(as_experiment, config, tested_config)
         experiment, name = as_experiment, name or as_experiment
     if name is None:
         if experiment is None:
@@ -246,10 +247,9 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
     paper = paper_of(experiment)
     results = {**results, **extra_evaluations(paper, results, values, log_dir / name)}
     setting = dict(results["config"])
-    tested_config = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir != trained_dir else config
-    steps = (tested_config.get("algorithm") or {}).get("eval_inner_steps")
-    if steps is not None:  # the test-time adaptation: paired comparisons match it (comparable_metrics)
-        setting["eval_inner_steps"] = steps
+    eval_inner_steps = (tested_config.get("algorithm") or {}).get("eval_inner_steps")
+    if eval_inner_steps is not None:  # the test-time adaptation: paired comparisons match it (comparable_metrics)
+        setting["eval_inner_steps"] = eval_inner_steps
     metric_key = f"test/{config['dataset'].get('metric', 'acc')}"
     steps = trained.get("global_step")
     batch = setting.get("meta_batch_size")
@@ -287,7 +287,7 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
                       "the machine and checkout that collected it",
         "run_dir": str(trained_dir),
         # A checkpoint re-tested as another experiment (--experiment): the one it was trained as.
-        "trained_as": as_dict(train_overrides).get("experiment") if as_experiment is not None else None,
+        "trained_as": trained_as if as_experiment is not None else None,
         "tested_checkpoint": results.get("tested_checkpoint"),
     }
 
@@ -426,9 +426,8 @@ def pairwise_table(entries: list[dict]) -> list[str]:
     lines = []
     for entry, metric, reference, reference_metric in pairs(entries):
         try:
-            d = paired_difference({**entry["per_episode"], "values": {"x": entry["per_episode"]["values"][
-                per_episode_key(metric)]}}, {**reference["per_episode"], "values": {"x": reference["per_episode"][
-                    "values"][per_episode_key(reference_metric)]}}, "x", (entry["name"], reference["name"]))
+            d = paired_difference(entry["per_episode"], reference["per_episode"], per_episode_key(metric),
+                                  (entry["name"], reference["name"]), metric_b=per_episode_key(reference_metric))
         except NotPaired:
             continue
         if not math.isfinite(d["mean"]):  # a run that diverges in this setting (more figures says so)

@@ -304,13 +304,12 @@ AUTO_COMPILE_MIN_STEPS = 20_000
 def auto_compile(cfg: dict, learner_cls) -> tuple[bool, str]:
     """What algorithm.compile=auto means for this run: (compile?, the reason, to print)."""
     algorithm, trainer = cfg["algorithm"], cfg.get("trainer") or {}
-    steps = trainer.get("max_steps")
+    steps, backbone = trainer.get("max_steps"), (cfg.get("backbone") or {}).get("name")
     devices = trainer.get("devices", 1)
     distributed = "ddp" in str(trainer.get("strategy") or "") or (isinstance(devices, int) and devices > 1)
     eager_because = [
         (not learner_cls.compilable, f"algorithm={algorithm.get('name')} has no compiled path"),
-        ((cfg.get("backbone") or {}).get("name") != "mlp",
-         f"backbone={(cfg.get('backbone') or {}).get('name')}: compiling is measured to pay for an MLP only"),
+        (backbone != "mlp", f"backbone={backbone}: compiling is measured to pay for an MLP only"),
         (trainer.get("accelerator", "cpu") != "cpu", "on a GPU compiling is not measured yet"),
         (distributed, "several processes (DDP): not measured"),
         (bool(algorithm.get("checkpoint_inner_steps")), "algorithm.checkpoint_inner_steps=true cannot be compiled"),

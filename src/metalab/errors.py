@@ -1,6 +1,7 @@
 """Errors that metalab reports to the user as a message, not a traceback, and the checks that raise them."""
 
 import math
+from importlib import import_module
 
 
 class MetalabError(Exception):
@@ -46,8 +47,6 @@ def metalab_class(setting: str, target, package: str, base: type, choose: str) -
     if not (module.startswith(f"{package}.") and module[len(package) + 1:].isidentifier() and name.isidentifier()):
         raise ConfigError(f"{setting}={target!r} is not one of metalab's classes ({package}.<module>.<Class>); "
                           f"{choose}")
-    from importlib import import_module
-
     try:
         found = getattr(import_module(module), name)
     except (ImportError, AttributeError):

@@ -126,16 +126,19 @@ def shared_episodes(a: dict | None, b: dict | None, names: tuple[str, str] = ("f
     return common
 
 
-def paired_difference(a: dict, b: dict, metric: str, names: tuple[str, str] = ("first run", "second run")) -> dict:
+def paired_difference(a: dict, b: dict, metric: str, names: tuple[str, str] = ("first run", "second run"),
+                      metric_b: str | None = None) -> dict:
     """Mean per-episode difference a − b of `metric` over the episodes both runs were tested on,
     with its paired 95% CI: t(0.975, n−1) · s_d / √n, where s_d is the standard deviation of
-    the n per-episode differences."""
+    the n per-episode differences. `metric_b`: b's name for the measure, where it differs (MAML's
+    one-step MSE `one_step/mse` against Meta-SGD's `mse`)."""
     common = shared_episodes(a, b, names)
-    for record, name in zip((a, b), names):
-        if metric not in record["values"]:
-            raise NotPaired(f"{name} has no per-episode {metric!r}; it has {', '.join(sorted(record['values']))}")
+    metric_b = metric if metric_b is None else metric_b
+    for record, name, key in zip((a, b), names, (metric, metric_b)):
+        if key not in record["values"]:
+            raise NotPaired(f"{name} has no per-episode {key!r}; it has {', '.join(sorted(record['values']))}")
     value_a = dict(zip(a["episode"], a["values"][metric]))
-    value_b = dict(zip(b["episode"], b["values"][metric]))
+    value_b = dict(zip(b["episode"], b["values"][metric_b]))
     differences = [value_a[j] - value_b[j] for j in common]
     n = len(differences)
     mean = sum(differences) / n

@@ -101,6 +101,7 @@ class MetaLearner(LightningModule):
         # auto: compiled where that was measured to pay (config.auto_compile); should compiling
         # fail there, the run goes on eagerly instead of stopping.
         self.compile_fallback = self.compile_mode == "auto"
+        self.compile_choice = None  # auto's choice and why, for the run's log
         if self.compile_fallback:
             self.compile_mode, self.compile_choice = auto_compile(config, type(self))
         self.compiled = bool(self.compile_mode)

@@ -46,8 +46,8 @@ def channels_last_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     weight gradient are bit for bit those of the 1-channel convolution (the zeros add exactly
     nothing), and the layout several times faster (docs/speed.md, "Memory layout", has the figures)."""
     channels_last = torch.channels_last
-    if x.shape[1] != 1:
-        return conv(x).contiguous(memory_format=channels_last)
+    if x.shape[1] != 1:  # given a channels-last input (a no-op from the second block on), it returns one
+        return conv(x.contiguous(memory_format=channels_last)).contiguous(memory_format=channels_last)
     x = torch.cat([x, torch.zeros_like(x)], 1).contiguous(memory_format=channels_last)
     weight = torch.cat([conv.weight, torch.zeros_like(conv.weight)], 1).contiguous(memory_format=channels_last)
     if isinstance(conv, SamePaddedConv2d):
