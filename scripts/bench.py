@@ -201,7 +201,8 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     # own layout (channels-last on a CPU), so the table shows what batching adds to the layout.
     plain = plain_layout(model)
     sides["loop"] = outer_step(plain, lambda: reference_meta_loss(plain, batch), precision, device)
-    from metalab.backbones.conv4 import Conv4, chosen_memory_format
+    from metalab.backbones.conv4 import Conv4
+    from metalab.backbones.layout import chosen_memory_format
 
     same_layout = any(chosen_memory_format(m.memory_format, batch.support_x) != "contiguous"
                       for m in model.modules() if isinstance(m, Conv4))

@@ -619,6 +619,28 @@ def test_conv4_runs_channels_last_on_a_cpu_with_the_plain_networks_numbers(strid
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_a_support_pass_differentiated_twice_runs_contiguous_and_the_rest_channels_last(first_order):
+    """backbone.memory_format=auto on a CPU: a second-order inner step's support pass, whose
+    gradient is differentiated again, runs in the contiguous layout (faster for BatchNorm's double
+    backward, backbones/layout.py); a first-order support pass and the query pass run channels-last."""
+    from metalab.backbones.conv4 import Conv4
+
+    model = small_learner("maml", TINY_CONV, [1, 8, 8], first_order=first_order, task_execution="per_task")
+    conv4 = next(m for m in model.modules() if isinstance(m, Conv4))
+    layouts = []
+    conv4.layers[0][1].register_forward_hook(  # BatchNorm's input: the first convolution's output
+        lambda module, args, out: layouts.append(
+            "channels_last" if args[0].is_contiguous(memory_format=torch.channels_last) else "contiguous"))
+    batch = random_batch([1, 8, 8])
+    tasks = batch.support_x.shape[0]
+    adapted, _ = model.inner_adapt(batch.support_x, batch.support_y, 1, first_order, meta_gradient=True)
+    support_layouts, layouts[:] = list(layouts), []
+    model.predict(adapted, batch.query_x)
+    assert support_layouts == ["channels_last" if first_order else "contiguous"] * tasks
+    assert layouts == ["channels_last"] * tasks
+
+
 def test_unknown_task_execution_and_memory_format_are_refused():
     with pytest.raises(ConfigError, match="algorithm.task_execution='loop'"):
         small_learner("maml", MLP, [5], task_execution="loop")

@@ -15,12 +15,14 @@ autograd for the backward passes, which on a CPU is several times cheaper than n
 """
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
+from metalab.backbones.layout import second_order_pass
 from metalab.errors import check_choice
 
 Params = dict[str, Tensor]
@@ -148,7 +150,10 @@ def sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
             grads, task_losses = torch.func.grad(summed, has_aux=True)(params)
             grads = [g.detach() if first_order else g for g in grads.values()]
         else:
-            task_losses = loss(params, x, y)
+            # A second-order step differentiates this pass twice, which runs fastest in its own
+            # memory layout (backbones/layout.py).
+            with nullcontext() if first_order else second_order_pass():
+                task_losses = loss(params, x, y)
             grads = torch.autograd.grad(task_losses.sum(), list(params.values()), create_graph=not first_order)
         step = {}
         for (name, p), g in zip(params.items(), grads):

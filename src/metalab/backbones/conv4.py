@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalab.backbones.layout import MEMORY_FORMATS, chosen_memory_format
 from metalab.errors import check_choice
 
 
@@ -23,19 +24,6 @@ class SamePaddedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.same_padding(x))
-
-
-# The images' layout inside a convolutional backbone (backbone.memory_format); the numbers are the
-# same. auto, the default: channels_last (NHWC) on a CPU, where BatchNorm and max-pooling run
-# several times faster in it (docs/speed.md, "Memory layout"), contiguous (NCHW) elsewhere, where it
-# is not measured.
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
-
-
-def chosen_memory_format(memory_format: str, x: torch.Tensor) -> str:
-    if memory_format == "auto":
-        return "channels_last" if x.device.type == "cpu" else "contiguous"
-    return memory_format
 
 
 def channels_last_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
