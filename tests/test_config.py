@@ -187,3 +187,24 @@ def test_each_group_file_names_the_class_it_builds():
     for name in BACKBONES:
         target = group_defaults("backbone", name)["_target_"]
         assert backbone_class(target, name) is BACKBONES[name], name
+
+
+def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
+    """conf/<group>/<name>.yaml is the one place a setting's default lives: change it there and a
+    config written without the setting (a test, a script) follows it; no second copy in the code."""
+    import shutil
+
+    from metalab.data.datamodule import build_sources
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONFIG_DIR, conf)
+    for path, old, new in ((conf / "algorithm" / "matchingnet.yaml", "read_steps: 5", "read_steps: 2"),
+                           (conf / "dataset" / "sinusoid.yaml", "x_range: [-5.0, 5.0]", "x_range: [-1.0, 2.0]")):
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
+    monkeypatch.setattr("metalab.config.CONFIG_DIR", str(conf))
+    model = ALGORITHMS["matchingnet"]({"algorithm": {"name": "matchingnet", "fce": True},
+                                       "backbone": {"name": "conv4", "hidden_channels": 4, "blocks": 2},
+                                       "ways": 5}, [1, 8, 8], "classification")
+    assert model.read_steps == 2 and model.algorithm_cfg["cosine_scale"] == 1.0
+    assert build_sources({"name": "sinusoid"}, tmp_path, tmp_path)["train"].x_range == (-1.0, 2.0)

@@ -199,11 +199,17 @@ def test_running_statistics_are_those_of_the_whole_meta_batch(algorithm, tmp_pat
 def test_a_checkpoint_without_the_setting_loads_as_it_was_trained(tmp_path):
     """A config written before algorithm.batch_norm existed means per-task statistics: such a
     checkpoint's weights (no running-statistics buffers) load into the learner it was trained as."""
+    from metalab.checkpoint import learner_from_checkpoint
+
     config = configured(tmp_path, "unused", tmp_path, "protonet")
+    trained = learner(configured(tmp_path, "unused", tmp_path, "protonet", "algorithm.batch_norm=transductive"))
     old_config = {**config, "algorithm": {k: v for k, v in config["algorithm"].items() if k != "batch_norm"}}
-    old = learner(old_config)
+    checkpoint = {"hyper_parameters": {"config": old_config, "input_shape": list(OMNIGLOT),
+                                       "task_type": "classification"},
+                  "state_dict": trained.state_dict()}  # no running-statistics buffers
+    old = learner_from_checkpoint("old.ckpt", checkpoint)  # strict: every key fits
     assert old.batch_norm == "transductive" and not any("running" in key for key in old.state_dict())
-    learner(old_config, seed=1).load_state_dict(old.state_dict())  # strict: every key fits
+    assert learner(old_config).batch_norm == "running"  # a new config without the key: the yaml's default
     with pytest.raises(ConfigError, match="algorithm.batch_norm='bogus'"):
         learner(configured(tmp_path, "unused", tmp_path, "protonet", "algorithm.batch_norm=bogus"))
 

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -162,6 +163,20 @@ def group_defaults(group: str, name: str) -> dict | None:
     # A `@package _global_` file (every dataset; baseline, mann) sets `<group>:` beside other keys.
     own = content.get(group, {}) if "@package _global_" in text else content
     return {**settings, **own}
+
+
+def with_group_defaults(group: str, section: Mapping) -> dict:
+    """`section` (a run's `algorithm` or `dataset` settings) with every setting its
+    conf/<group>/<name>.yaml gives filled in where it is absent: the yaml is the one place a
+    default is written. A Hydra-composed run has them all already; this serves configs written
+    by hand (tests, scripts, older checkpoints). Values that need the run's config to mean
+    anything (`${...}` interpolations, `???`) are not filled in. Unchanged where there is no
+    such file (a config directory of the user's own)."""
+    name = section.get("name")
+    defaults = group_defaults(group, name) if isinstance(name, str) else None
+    usable = {key: value for key, value in (defaults or {}).items()
+              if not (isinstance(value, str) and ("${" in value or value == "???"))}
+    return {**usable, **section}
 
 
 def check_group_keys(group: str, section: dict, shared: tuple[str, ...]) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor
 from metalab import __version__
 from metalab.algorithms.compile_passes import inductor_options
 from metalab.checkpoint import MARKER
-from metalab.config import auto_compile
+from metalab.config import auto_compile, with_group_defaults
 from metalab.data.episodes import Episode
 from metalab.errors import TrainingDiverged
 from metalab.evaluation import mean_and_ci95
@@ -72,6 +72,11 @@ class MetaLearner(LightningModule):
     # Settings the learner fixes by definition: {key: (the only value, why)}. Another value
     # in the config is refused before any work (config.check_algorithm_keys), not ignored.
     fixed_settings: dict[str, tuple[Any, str]] = {}
+    # Settings added after checkpoints of this learner were first written, with the value such a
+    # checkpoint was trained with where it differs from the yaml's default today (which would
+    # otherwise be filled in): checkpoint.learner_from_checkpoint applies them to a stored config
+    # that lacks the setting, so an older checkpoint loads and predicts as it did.
+    settings_of_older_checkpoints: dict[str, Any] = {}
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__()
@@ -79,8 +84,10 @@ class MetaLearner(LightningModule):
         # the learner and its data from it.
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.config = config
-        self.algorithm_cfg = config["algorithm"]
+        # Every setting the learner's yaml defines is there, filled in from the yaml where a config
+        # written by hand leaves it out: the learners read them without defaults of their own.
+        self.algorithm_cfg = with_group_defaults("algorithm", config["algorithm"])
+        self.config = {**config, "algorithm": self.algorithm_cfg}
         self.input_shape = tuple(input_shape)
         self.task_type = task_type
         self.metric = METRICS[task_type][0]
@@ -97,7 +104,8 @@ class MetaLearner(LightningModule):
         self.train_time = 0.0
         self.timed_tasks = 0
         self._warm = False
-        self.compile_mode = self.algorithm_cfg.get("compile", False)  # auto, false, true or "reduce-overhead"
+        # auto, false, true or "reduce-overhead"; absent for learners without the setting
+        self.compile_mode = self.algorithm_cfg.get("compile", False)
         # auto: compiled where that was measured to pay (config.auto_compile); should compiling
         # fail there, the run goes on eagerly instead of stopping.
         self.compile_fallback = self.compile_mode == "auto"

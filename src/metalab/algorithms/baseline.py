@@ -107,6 +107,7 @@ class Baseline(MetricLearner):
     """Baseline: a linear classifier over the training classes; a new linear head per test episode."""
 
     head_kind = "linear"
+    settings_of_older_checkpoints = {}  # written with algorithm.batch_norm from the first
     # The linear head has no scale: a value would be ignored, so it is refused (config.check_algorithm_keys).
     fixed_settings = {"cosine_scale": (None, "baseline's linear head has no cosine scale; it is Baseline++'s "
                                              "(algorithm=baselinepp)")}

@@ -54,12 +54,12 @@ class MAML(MetaLearner):
     def inner_loss_reduction(self) -> dict:
         """`algorithm.inner_loss` as keyword arguments of `batched_loss` (ways = 1 for regression)."""
         ways = self.config["ways"] if self.task_type == "classification" else 1
-        return {"reduction": self.algorithm_cfg.get("inner_loss", "mean"), "ways": ways,
+        return {"reduction": self.algorithm_cfg["inner_loss"], "ways": ways,
                 "execution": self.task_execution()}
 
     def task_execution(self) -> str:
         """`algorithm.task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS)."""
-        return self.algorithm_cfg.get("task_execution", "auto")
+        return self.algorithm_cfg["task_execution"]
 
     # ------------------------------------------------------------------ hooks
     def training_first_order(self) -> bool:
@@ -75,6 +75,8 @@ class MAML(MetaLearner):
         """θ'_t for every task t (`steps` SGD steps from θ on its support set), and the
         per-task support losses of the last step."""
         params = per_task(dict(self.model.named_parameters()), support_x.shape[0], meta_gradient)
+        # Learners that share this inner loop without these settings (pretrained: no yaml key) keep
+        # every step's graph and adapt the normalization too.
         checkpointed = meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps", False)
         lr, loss = self.inner_learning_rate(), self.inner_loss
         fixed = {} if self.algorithm_cfg.get("adapt_norm", True) else {n: params.pop(n) for n in self.norm_names}

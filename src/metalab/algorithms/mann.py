@@ -183,7 +183,7 @@ class SequenceLearner(MetaLearner):
             raise ConfigError(f"algorithm.read_heads={cfg['read_heads']} must be between 1 and algorithm.memory_slots="
                               f"{cfg['memory_slots']}: every head writes to its own least-used slot")
         memory = (cfg["memory_slots"], cfg["memory_width"], cfg["read_heads"], cfg["usage_decay"],
-                  cfg["key_strength"], bool(cfg.get("add_vector", False))) if self.memory else (0, 0, 0, 0.0, False, False)
+                  cfg["key_strength"], bool(cfg["add_vector"])) if self.memory else (0, 0, 0, 0.0, False, False)
         self.controller = Controller(self.backbone.out_features, self.ways, cfg["hidden_size"], *memory)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -264,6 +264,7 @@ class MANN(SequenceLearner):
     """LSTM controller with an external memory written by LRUA and read by cosine similarity."""
 
     memory = True
+    settings_of_older_checkpoints = {"add_vector": False}  # the setting came in 343c065
 
 
 class LSTMBaseline(SequenceLearner):

@@ -45,10 +45,10 @@ class MatchingNet(MetricLearner):
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         self.backbone = self.build_embedding(config["backbone"], input_shape)
-        self.fce = bool(self.algorithm_cfg.get("fce", False))
-        self.read_steps = self.algorithm_cfg.get("read_steps", 5)
-        self.eps = float(self.algorithm_cfg.get("cosine_eps", 1e-8))
-        self.scale = self.algorithm_cfg.get("cosine_scale", 1.0)
+        self.fce = bool(self.algorithm_cfg["fce"])
+        self.read_steps = self.algorithm_cfg["read_steps"]
+        self.eps = float(self.algorithm_cfg["cosine_eps"])
+        self.scale = self.algorithm_cfg["cosine_scale"]
         check_positive("algorithm.cosine_scale", self.scale, 1, integer=False, meaning="1 is the paper's attention")
         check_positive("algorithm.read_steps", self.read_steps, 5, meaning="the attention LSTM's K")
         dim = self.backbone.out_features

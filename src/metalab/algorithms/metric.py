@@ -34,10 +34,11 @@ BATCH_NORM = ("running", "transductive")
 
 class MetricLearner(MetaLearner):
     task_types = ("classification",)
+    settings_of_older_checkpoints = {"batch_norm": "transductive"}  # the setting came in 6661a23
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
-        self.batch_norm = self.algorithm_cfg.get("batch_norm", "transductive")  # absent: an older checkpoint
+        self.batch_norm = self.algorithm_cfg["batch_norm"]
         if self.batch_norm not in BATCH_NORM:
             raise ConfigError(f"algorithm.batch_norm={self.batch_norm!r} is unknown; use running (the authors' "
                               f"evaluation with running statistics) or transductive (each task's own statistics)")

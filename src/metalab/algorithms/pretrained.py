@@ -33,7 +33,7 @@ class PretrainedBaseline(MAML):
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
-        self.fit_points = self.algorithm_cfg.get("fit_points", "support")
+        self.fit_points = self.algorithm_cfg["fit_points"]
         if self.fit_points not in FIT_POINTS:
             raise ConfigError(f"algorithm.fit_points={self.fit_points!r} is unknown; use support (the support points "
                               f"only, as cbfinn/maml's pretraining) or all (support and query points)")

@@ -76,8 +76,8 @@ class RelationNet(MetricLearner):
                               f"{backbone_cfg['name']} gives none; use backbone=conv4 or backbone=resnet12")
         self.backbone.feature_map = True  # return the map unflattened (and, for resnet12, unpooled)
         self.relation = RelationModule((2 * shape[0], shape[1], shape[2]),
-                                       channels=int(self.algorithm_cfg.get("relation_channels", 64)),
-                                       hidden=int(self.algorithm_cfg.get("relation_hidden", 8)),
+                                       channels=int(self.algorithm_cfg["relation_channels"]),
+                                       hidden=int(self.algorithm_cfg["relation_hidden"]),
                                        running_stats=self.running_stats)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:

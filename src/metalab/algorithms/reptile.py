@@ -73,11 +73,12 @@ class SharedAdamState(nn.Module):
 
 class Reptile(MAML):
     compilable = False  # its inner loop cuts the graph with requires_grad_, which torch.func forbids
+    settings_of_older_checkpoints = {"inner_adam_state": "per_task"}  # the setting came in de840d5
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         cfg = self.algorithm_cfg
-        state = cfg.get("inner_adam_state", "per_task")
+        state = cfg["inner_adam_state"]
         check_choice("algorithm.inner_adam_state", state, ADAM_STATES)
         for key in ("inner_batch_size", "eval_inner_batch_size"):
             if cfg.get(key) is not None:
@@ -150,7 +151,7 @@ class Reptile(MAML):
         return surrogate, metrics
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        if self.algorithm_cfg.get("transductive", True):
+        if self.algorithm_cfg["transductive"]:
             return super().evaluate(batch)
         adapted = self.adapt(batch.support_x, batch.support_y)
         predictions = self.predict_beside_support(adapted, batch.support_x, batch.query_x)

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from metalab.config import with_group_defaults
 from metalab.data.episodes import Episode, episode_generator, sample_meta_batch
 from metalab.data.image_folder import build_image_folder_sources, build_mini_imagenet_sources
 from metalab.data.omniglot import build_omniglot_sources
@@ -26,7 +27,7 @@ SPLITS_CHECKED = {None: ("train", "val", "test"), "fit": ("train", "val", "test"
 
 def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict:
     """The episode sources {"train", "val", "test"} of the dataset named by `dataset_cfg["name"]`."""
-    cfg = dict(dataset_cfg)
+    cfg = with_group_defaults("dataset", dataset_cfg)  # conf/dataset/<name>.yaml: the one place of the defaults
     name = cfg.pop("name", None)
     check_choice("dataset.name", name, sorted(BUILDERS))
     # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading

@@ -16,8 +16,6 @@ from metalab.data.episodes import ImageClassSource
 from metalab.data.image_cache import MODES, load_or_build
 from metalab.errors import ConfigError, DataError, check_positive
 
-DEFAULTS = {"root": None, "image_size": 84, "channels": 3, "invert": False, "split_dir": None,
-            "split_fractions": {"train": 0.64, "val": 0.16, "test": 0.20}, "split_seed": 0}
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # matched case-insensitively
 
@@ -27,19 +25,18 @@ Splits = dict[str, tuple[list[tuple[str, str]], str]]
 
 def build_image_folder_sources(cfg: Mapping, data_dir: Path, cache_dir: Path,
                                dataset: str = "image_folder") -> dict[str, ImageClassSource]:
-    cfg = {**DEFAULTS, **cfg}
     image_size, channels = cfg["image_size"], cfg["channels"]
     check_positive("dataset.image_size", image_size, 84)
     if channels not in MODES:
         raise ConfigError(f"dataset.channels={channels!r} is invalid; use 1 (grayscale) or 3 (RGB)")
-    if cfg["root"] is None:
+    if cfg.get("root") is None:
         raise ConfigError("dataset.root is not set; point it at a directory of class directories of images")
     root = Path(cfg["root"]).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder root {root} does not exist; set dataset.root to a directory "
                         "of class directories of images")
 
-    if cfg["split_dir"]:
+    if cfg.get("split_dir"):
         groups, splits = _splits_from_csv(root, Path(cfg["split_dir"]).expanduser())
     elif any((root / split).is_dir() for split in SPLITS):
         groups, splits = _splits_from_folders(root)

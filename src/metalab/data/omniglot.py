@@ -27,13 +27,10 @@ DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
 # so they are checked against their own SHA256SUMS instead).
 OFFICIAL_MD5 = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
                 "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}
-DEFAULTS = {"protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True, "download": False,
-            "lake_val_alphabets": 5}
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 
 
 def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict[str, ImageClassSource]:
-    cfg = {**DEFAULTS, **cfg}
     protocol, image_size = cfg["protocol"], cfg["image_size"]
     if protocol not in ("vinyals", "lake"):
         raise ConfigError(f"dataset.protocol={protocol!r} is unknown for omniglot; choose 'vinyals' or 'lake'")

@@ -1,6 +1,5 @@
 """Sinusoid regression (the MAML paper's toy task family): y = A sin(x - phase), A, phase, x uniform."""
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -8,8 +7,6 @@ import torch
 
 from metalab.data.episodes import Episode, require_positive
 from metalab.errors import ConfigError
-
-DEFAULTS = {"amplitude": [0.1, 5.0], "phase": [0.0, math.pi], "x_range": [-5.0, 5.0]}
 
 
 class SinusoidSource:
@@ -34,7 +31,6 @@ class SinusoidSource:
 
 def build_sinusoid_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict[str, SinusoidSource]:
     """One task family for all splits; their episodes differ only by seed."""
-    cfg = {**DEFAULTS, **cfg}
     source = SinusoidSource(cfg["amplitude"], cfg["phase"], cfg["x_range"])
     return {"train": source, "val": source, "test": source}
 
