@@ -54,8 +54,9 @@ reproduce: install ## reproduce paper settings into results/ and the README: mak
 tensorboard: install ## serve the TensorBoard logs of all runs under logs/
 	$(BIN)/tensorboard --logdir logs --bind_all
 
-lint: install ## ruff check: the lint rules in pyproject.toml ([tool.ruff])
+lint: install ## ruff check and ruff format --check: the rules and style in pyproject.toml ([tool.ruff])
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install ## the test suite (under 10 minutes on 2 cores; slow tests excluded)
 	$(BIN)/pytest $(ARGS)

@@ -59,11 +59,26 @@ def algorithm_config(name: str, **overrides) -> dict:
     return {**defaults, "name": name, **overrides}
 
 
-def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int, inner_lr: float,
-            compiled: bool | str = False, execution: str = "auto") -> MAML:
-    algorithm = algorithm_config(name, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=inner_steps,
-                                 first_order=False, optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
-                                 scheduler=None, compile=compiled, task_execution=execution)
+def learner(
+    name: str,
+    backbone: dict,
+    input_shape: list[int],
+    inner_steps: int,
+    inner_lr: float,
+    compiled: bool | str = False,
+    execution: str = "auto",
+) -> MAML:
+    algorithm = algorithm_config(
+        name,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        eval_inner_steps=inner_steps,
+        first_order=False,
+        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
+        scheduler=None,
+        compile=compiled,
+        task_execution=execution,
+    )
     if name == "reptile":
         algorithm.update(inner_optimizer="sgd")
     if name == "mamlpp":  # second order, multi-step loss on: its most expensive phase
@@ -71,12 +86,14 @@ def learner(name: str, backbone: dict, input_shape: list[int], inner_steps: int,
     torch.manual_seed(0)
     # A run long enough that algorithm.compile=auto compiles where it would (an MLP on a CPU).
     trainer = {"accelerator": "cpu", "devices": 1, "max_steps": AUTO_COMPILE_MIN_STEPS}
-    return ALGORITHMS[name]({"algorithm": algorithm, "backbone": backbone, "ways": WAYS, "trainer": trainer},
-                            input_shape, "classification")
+    return ALGORITHMS[name](
+        {"algorithm": algorithm, "backbone": backbone, "ways": WAYS, "trainer": trainer}, input_shape, "classification"
+    )
 
 
-def omniglot_batch(ways: int = WAYS, shots: int = SHOTS, queries: int = QUERIES,
-                   meta_batch: int = 32) -> Episode | None:
+def omniglot_batch(
+    ways: int = WAYS, shots: int = SHOTS, queries: int = QUERIES, meta_batch: int = 32
+) -> Episode | None:
     """A real meta-batch of Omniglot training episodes, or None where the data is not present."""
     from metalab.data import build_sources
     from metalab.data.episodes import episode_generator, sample_meta_batch
@@ -84,8 +101,7 @@ def omniglot_batch(ways: int = WAYS, shots: int = SHOTS, queries: int = QUERIES,
 
     data_dir = Path(os.environ.get("METALAB_DATA_DIR", "data"))
     cache_dir = Path(os.environ.get("METALAB_CACHE_DIR", ".cache"))
-    cfg = {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True,
-           "verify_checksums": True, "download": False}
+    cfg = {"name": "omniglot"}  # the settings of conf/dataset/omniglot.yaml (vinyals split, 28x28)
     try:
         source = build_sources(cfg, data_dir, cache_dir)["train"]
     except MetalabError as error:
@@ -149,7 +165,7 @@ def interleaved(sides: dict, device: torch.device, min_seconds: float, rounds: i
 def matmul_gflops(device: torch.device, size: int = 2048, min_seconds: float = 1.0) -> float:
     """The machine's float32 matmul rate (size × size), the yardstick of the GFLOP/s columns."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    return 2 * size ** 3 * steps_per_second(lambda: a @ b, device, min_seconds) / 1e9
+    return 2 * size**3 * steps_per_second(lambda: a @ b, device, min_seconds) / 1e9
 
 
 def step_flops(step) -> int:
@@ -173,6 +189,7 @@ def outer_step(model, loss_fn, precision: str, device: torch.device):
             loss = loss_fn()
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -188,15 +205,20 @@ def plain_layout(model: MAML) -> MAML:
     return plain
 
 
-def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float,
-            precision: str) -> dict:
+def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float, precision: str) -> dict:
     model = model.to(device)
     batch = Episode(*(t.to(device) for t in batch))
     cfg = model.algorithm_cfg
     order = "first" if cfg["name"] in ("fomaml", "reptile") else "second"
     # algorithm.compile: the same vmapped meta-loss, its gradient from one compiled graph.
-    sides = {"batched": outer_step(model, (lambda: model.compiled_meta_loss(batch)[0]) if model.compiled
-                                   else (lambda: model.meta_loss(batch)[0]), precision, device)}
+    sides = {
+        "batched": outer_step(
+            model,
+            (lambda: model.compiled_meta_loss(batch)[0]) if model.compiled else (lambda: model.meta_loss(batch)[0]),
+            precision,
+            device,
+        )
+    }
     # The loop: the plain network, task by task. A conv4 row also times the loop in metalab's
     # own layout (channels-last on a CPU), so the table shows what batching adds to the layout.
     plain = plain_layout(model)
@@ -204,18 +226,30 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     from metalab.backbones.conv4 import Conv4
     from metalab.backbones.layout import chosen_memory_format
 
-    same_layout = any(chosen_memory_format(m.memory_format, batch.support_x) != "contiguous"
-                      for m in model.modules() if isinstance(m, Conv4))
+    same_layout = any(
+        chosen_memory_format(m.memory_format, batch.support_x) != "contiguous"
+        for m in model.modules()
+        if isinstance(m, Conv4)
+    )
     if same_layout:
         sides["loop_layout"] = outer_step(model, lambda: reference_meta_loss(model, batch), precision, device)
     rates, ratios = interleaved(sides, device, min_seconds)
     tasks = batch.support_x.shape[0]
     flops = step_flops(sides["loop"])  # the same work on every side
-    row = {"learner": cfg["name"], "model": name, "inner_steps": cfg["inner_steps"], "order": order,
-           "execution": cfg.get("task_execution", "auto"), "loop_tasks_per_sec": rates["loop"] * tasks,
-           "batched_tasks_per_sec": rates["batched"] * tasks, "ratio": ratios["loop"], "step_gflop": flops / 1e9,
-           "batched_gflops": flops * rates["batched"] / 1e9, "loop_gflops": flops * rates["loop"] / 1e9,
-           "matmul_gflops": matmul_gflops(device)}
+    row = {
+        "learner": cfg["name"],
+        "model": name,
+        "inner_steps": cfg["inner_steps"],
+        "order": order,
+        "execution": cfg.get("task_execution", "auto"),
+        "loop_tasks_per_sec": rates["loop"] * tasks,
+        "batched_tasks_per_sec": rates["batched"] * tasks,
+        "ratio": ratios["loop"],
+        "step_gflop": flops / 1e9,
+        "batched_gflops": flops * rates["batched"] / 1e9,
+        "loop_gflops": flops * rates["loop"] / 1e9,
+        "matmul_gflops": matmul_gflops(device),
+    }
     if same_layout:
         row.update(loop_layout_tasks_per_sec=rates["loop_layout"] * tasks, ratio_same_layout=ratios["loop_layout"])
     return row
@@ -229,18 +263,29 @@ def episodes_per_second(name: str, device: torch.device, min_seconds: float, pre
         raise SystemExit(1)
     options = yaml.safe_load((CONF / "algorithm" / f"{name}.yaml").read_text()).get("backbone_options", {})
     torch.manual_seed(0)
-    model = ALGORITHMS[name]({"algorithm": algorithm_config(name, scheduler=None),
-                              "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4, **options},
-                              "ways": ways}, [1, 28, 28], "classification").to(device)
+    model = ALGORITHMS[name](
+        {
+            "algorithm": algorithm_config(name, scheduler=None),
+            "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4, **options},
+            "ways": ways,
+        },
+        [1, 28, 28],
+        "classification",
+    ).to(device)
     batch = Episode(*(t.to(device) for t in batch))
     step = outer_step(model, lambda: model.meta_loss(batch)[0], precision, device)
     for _ in range(3):
         step()
     rate = steps_per_second(step, device, min_seconds)
     flops = step_flops(step)
-    return {"learner": name, "model": f"conv4, Omniglot {ways}-way {shots}-shot {queries} queries",
-            "episodes_per_sec": rate, "step_gflop": flops / 1e9, "gflops": flops * rate / 1e9,
-            "matmul_gflops": matmul_gflops(device)}
+    return {
+        "learner": name,
+        "model": f"conv4, Omniglot {ways}-way {shots}-shot {queries} queries",
+        "episodes_per_sec": rate,
+        "step_gflop": flops / 1e9,
+        "gflops": flops * rate / 1e9,
+        "matmul_gflops": matmul_gflops(device),
+    }
 
 
 MODELS = {  # --models name: (label, backbone config, input shape)
@@ -258,8 +303,11 @@ def run_row(row: str, args) -> dict:
     else:
         model_name, learner_name, compiled, steps, execution = row.split(":")
         label, backbone, shape = MODELS[model_name]
-        batch = (random_batch(shape[0], args.meta_batch) if model_name == "mlp"
-                 else omniglot_batch(meta_batch=args.meta_batch))
+        batch = (
+            random_batch(shape[0], args.meta_batch)
+            if model_name == "mlp"
+            else omniglot_batch(meta_batch=args.meta_batch)
+        )
         model = learner(learner_name, backbone, shape, int(steps), 0.4, COMPILE_SETTING[compiled], execution)
         result = compare(label, model, batch, device, args.seconds, args.precision[0])
         result["compile"] = COMPILE_SETTING[compiled]
@@ -277,19 +325,27 @@ def device_name(device: torch.device) -> str:
 
 def print_row(result: dict) -> None:
     if "episodes_per_sec" in result:
-        print(f"| {result['learner']:<16} | {result['model']:<40} | {result['precision']:>9} | "
-              f"{result['episodes_per_sec']:>10.2f} episodes/s | {rate_of_matmul(result['gflops'], result)} |",
-              flush=True)
+        print(
+            f"| {result['learner']:<16} | {result['model']:<40} | {result['precision']:>9} | "
+            f"{result['episodes_per_sec']:>10.2f} episodes/s | {rate_of_matmul(result['gflops'], result)} |",
+            flush=True,
+        )
         return
     label = result["learner"] + COMPILE_LABEL[result["compile"]] + EXECUTION_LABEL[result["execution"]]
     if result["compile"] == "auto":
         label += ", compiled" if result.get("compile_chosen") else ", eager"
-    same_layout = (f"{result['loop_layout_tasks_per_sec']:>7.1f} ({result['ratio_same_layout']:.2f}x)"
-                   if "ratio_same_layout" in result else f"{'—':>15}")
-    print(f"| {label:<24} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
-          f"{result['order']:<6} | {result['loop_tasks_per_sec']:>10.1f} | {result['batched_tasks_per_sec']:>10.1f} | "
-          f"{result['ratio']:>6.2f}x | {same_layout} | {rate_of_matmul(result['loop_gflops'], result)} | "
-          f"{rate_of_matmul(result['batched_gflops'], result)} |", flush=True)
+    same_layout = (
+        f"{result['loop_layout_tasks_per_sec']:>7.1f} ({result['ratio_same_layout']:.2f}x)"
+        if "ratio_same_layout" in result
+        else f"{'—':>15}"
+    )
+    print(
+        f"| {label:<24} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
+        f"{result['order']:<6} | {result['loop_tasks_per_sec']:>10.1f} | {result['batched_tasks_per_sec']:>10.1f} | "
+        f"{result['ratio']:>6.2f}x | {same_layout} | {rate_of_matmul(result['loop_gflops'], result)} | "
+        f"{rate_of_matmul(result['batched_gflops'], result)} |",
+        flush=True,
+    )
 
 
 def rate_of_matmul(gflops: float, result: dict) -> str:
@@ -308,27 +364,51 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per side, over 5 alternating rounds")
     parser.add_argument("--learners", nargs="*", default=list(FAMILY), choices=FAMILY)
-    parser.add_argument("--compile", choices=("both", "no", "only", "default"), default="both",
-                        help="both: eager, algorithm.compile=true and the default (auto) rows; no: eager only; only: "
-                             "compiled only; default: the default path only (algorithm.compile=auto for a long run)")
-    parser.add_argument("--cudagraphs", action="store_true",
-                        help="also time algorithm.compile=reduce-overhead (the compiled step replayed as a CUDA graph)")
+    parser.add_argument(
+        "--compile",
+        choices=("both", "no", "only", "default"),
+        default="both",
+        help="both: eager, algorithm.compile=true and the default (auto) rows; no: eager only; only: "
+        "compiled only; default: the default path only (algorithm.compile=auto for a long run)",
+    )
+    parser.add_argument(
+        "--cudagraphs",
+        action="store_true",
+        help="also time algorithm.compile=reduce-overhead (the compiled step replayed as a CUDA graph)",
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 5], help="inner steps of each row")
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per outer step")
-    parser.add_argument("--precision", nargs="+", default=["32"], choices=PRECISIONS,
-                        help="32: float32; tf32: float32 with TensorFloat-32 (GPU); bf16: bfloat16 autocast")
-    parser.add_argument("--metric", nargs="*", default=[], choices=list(METRIC_EPISODES),
-                        help="also time these metric learners' training episodes per second (conv4, Omniglot)")
-    parser.add_argument("--executions", nargs="+", default=["auto"], choices=EXECUTIONS,
-                        help="algorithm.task_execution of the batched side (auto: the default path)")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["32"],
+        choices=PRECISIONS,
+        help="32: float32; tf32: float32 with TensorFloat-32 (GPU); bf16: bfloat16 autocast",
+    )
+    parser.add_argument(
+        "--metric",
+        nargs="*",
+        default=[],
+        choices=list(METRIC_EPISODES),
+        help="also time these metric learners' training episodes per second (conv4, Omniglot)",
+    )
+    parser.add_argument(
+        "--executions",
+        nargs="+",
+        default=["auto"],
+        choices=EXECUTIONS,
+        help="algorithm.task_execution of the batched side (auto: the default path)",
+    )
     parser.add_argument("--json", help="append each row as one JSON object per line to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: time one row in this process
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
-                     f"leave out --device to run on the CPU")
+        parser.error(
+            f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
+            f"leave out --device to run on the CPU"
+        )
     if args.row:
         result = run_row(args.row, args)
         print_row(result)
@@ -336,33 +416,64 @@ def main() -> None:
             with open(args.json, "a") as out:
                 out.write(json.dumps(result) + "\n")
         return
-    print(f"Meta-training, 5-way 1-shot 15 queries, meta-batch {args.meta_batch}; {device_name(device)}, "
-          f"torch {torch.__version__}")
-    print(f"float32 matmul {2048}x{2048}: {matmul_gflops(device):.0f} GFLOP/s (each row measures it again beside "
-          f"its own timing; GFLOP/s count matmuls and convolutions)")
-    print("(loop: the per-task loop of the plain network, contiguous; loop in layout: the same loop in "
-          "metalab's layout, channels-last on a CPU, with batched's ratio to it)")
-    print("| learner                  | model                            | precision | steps | order  | loop tasks/s "
-          "| batched tasks/s | ratio | loop in layout | loop GFLOP/s | batched GFLOP/s |")
-    print("|--------------------------|----------------------------------|-----------|-------|--------|------------|"
-          "------------|--------|-----------------|--------------|--------------|", flush=True)
+    print(
+        f"Meta-training, 5-way 1-shot 15 queries, meta-batch {args.meta_batch}; {device_name(device)}, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"float32 matmul {2048}x{2048}: {matmul_gflops(device):.0f} GFLOP/s (each row measures it again beside "
+        f"its own timing; GFLOP/s count matmuls and convolutions)"
+    )
+    print(
+        "(loop: the per-task loop of the plain network, contiguous; loop in layout: the same loop in "
+        "metalab's layout, channels-last on a CPU, with batched's ratio to it)"
+    )
+    print(
+        "| learner                  | model                            | precision | steps | order  | loop tasks/s "
+        "| batched tasks/s | ratio | loop in layout | loop GFLOP/s | batched GFLOP/s |"
+    )
+    print(
+        "|--------------------------|----------------------------------|-----------|-------|--------|------------|"
+        "------------|--------|-----------------|--------------|--------------|",
+        flush=True,
+    )
     modes = ["0", "1", "auto"] + (["ro"] if args.cudagraphs else [])
     wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro", "auto"}, "default": {"auto"}}[args.compile]
     # auto rows only where auto can differ from eager (a compilable learner); on conv4 it is eager.
-    variants = [(name, mode) for name in args.learners for mode in modes
-                if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)]
+    variants = [
+        (name, mode)
+        for name in args.learners
+        for mode in modes
+        if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)
+    ]
     models = [m for m in args.models if m != "conv4" or omniglot_batch(meta_batch=1) is not None]
-    rows = [f"{model_name}:{learner_name}:{mode}:{steps}:{execution}" for model_name in models
-            for learner_name, mode in variants for steps in args.steps
-            for execution in (args.executions if mode == "0" else ["auto"])]
+    rows = [
+        f"{model_name}:{learner_name}:{mode}:{steps}:{execution}"
+        for model_name in models
+        for learner_name, mode in variants
+        for steps in args.steps
+        for execution in (args.executions if mode == "0" else ["auto"])
+    ]
     rows += [f"metric:{name}" for name in args.metric]
     for precision in args.precision:
         for row in rows:
             # Each row in its own process: a clean allocator for every row, and a row that
             # runs out of memory (MAML++ on conv4 at 5 steps needs more than 24 GiB) is
             # reported instead of ending the benchmark.
-            command = [sys.executable, __file__, "--row", row, "--device", args.device, "--seconds",
-                       str(args.seconds), "--meta-batch", str(args.meta_batch), "--precision", precision]
+            command = [
+                sys.executable,
+                __file__,
+                "--row",
+                row,
+                "--device",
+                args.device,
+                "--seconds",
+                str(args.seconds),
+                "--meta-batch",
+                str(args.meta_batch),
+                "--precision",
+                precision,
+            ]
             child = subprocess.run(command + (["--json", args.json] if args.json else []), check=False)
             if child.returncode != 0:
                 print(f"| {row} | {precision} | {describe_failure(child.returncode)} |", flush=True)

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-MODES = {"second order": {}, "second order, checkpointed steps": {"checkpoint_inner_steps": True},
-         "first order": {"first_order": True}}
+MODES = {
+    "second order": {},
+    "second order, checkpointed steps": {"checkpoint_inner_steps": True},
+    "first order": {"first_order": True},
+}
 
 
 def measure(mode: str, device: str, meta_batch: int, steps: int) -> dict:
@@ -34,16 +37,26 @@ def measure(mode: str, device: str, meta_batch: int, steps: int) -> dict:
     from metalab.data import build_sources
     from metalab.data.episodes import Episode, episode_generator, sample_meta_batch
 
-    cfg = {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True,
-           "verify_checksums": True, "download": False}
-    source = build_sources(cfg, Path(os.environ.get("METALAB_DATA_DIR", "data")),
-                           Path(os.environ.get("METALAB_CACHE_DIR", ".cache")))["train"]
+    cfg = {"name": "omniglot"}  # the settings of conf/dataset/omniglot.yaml (vinyals split, 28x28)
+    source = build_sources(
+        cfg, Path(os.environ.get("METALAB_DATA_DIR", "data")), Path(os.environ.get("METALAB_CACHE_DIR", ".cache"))
+    )["train"]
     batch = sample_meta_batch(source, 20, 1, 15, meta_batch, episode_generator(0, "bench", 0))
-    algorithm = {"name": "maml", "inner_lr": 0.1, "inner_steps": steps, "eval_inner_steps": steps,
-                 "first_order": False, "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3}, **MODES[mode]}
+    algorithm = {
+        "name": "maml",
+        "inner_lr": 0.1,
+        "inner_steps": steps,
+        "eval_inner_steps": steps,
+        "first_order": False,
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
+        **MODES[mode],
+    }
     torch.manual_seed(0)
-    model = MAML({"algorithm": algorithm, "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4},
-                  "ways": 20}, [1, 28, 28], "classification").to(device)
+    model = MAML(
+        {"algorithm": algorithm, "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4}, "ways": 20},
+        [1, 28, 28],
+        "classification",
+    ).to(device)
     batch = Episode(*(t.to(device) for t in batch))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if device.startswith("cuda"):
@@ -74,29 +87,51 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
-                     f"leave out --device to run on the CPU")
+        parser.error(
+            f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
+            f"leave out --device to run on the CPU"
+        )
     if args.child:
         print(json.dumps(measure(args.child, args.device, args.meta_batch, args.steps)))
         return
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
-    print(f"MAML, conv4, Omniglot 20-way 1-shot 15 queries, meta-batch {args.meta_batch}, "
-          f"{args.steps} inner steps; {device}, torch {torch.__version__}")
+    print(
+        f"MAML, conv4, Omniglot 20-way 1-shot 15 queries, meta-batch {args.meta_batch}, "
+        f"{args.steps} inner steps; {device}, torch {torch.__version__}"
+    )
     print("| mode                             | peak memory of a step (MiB) | seconds per outer step |")
     print("|----------------------------------|-----------------------------|------------------------|")
     figures = {}
     for mode in MODES:
-        child = subprocess.run([sys.executable, __file__, "--child", mode, "--device", args.device,
-                                "--meta-batch", str(args.meta_batch), "--steps", str(args.steps)],
-                               capture_output=True, text=True, check=False)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--device",
+                args.device,
+                "--meta-batch",
+                str(args.meta_batch),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if child.returncode != 0:
             print(f"| {mode:<32} | failed: {child.stderr.strip().splitlines()[-1]} |")
             continue
         result = figures[mode] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"| {mode:<32} | {result['peak_mib']:>27.0f} | {result['seconds_per_step']:>22.2f} |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "meta_batch": args.meta_batch,
-                                               "inner_steps": args.steps, "modes": figures}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": device, "meta_batch": args.meta_batch, "inner_steps": args.steps, "modes": figures}, indent=2
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -48,17 +48,31 @@ def fresh_checkpoint(name: str, folder: Path, data_dir: Path, cache_dir: Path) -
     from metalab.runner import build_datamodule
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={EXPERIMENTS[name]}", "meta_batch_size=1",
-                                          f"paths.run_dir={folder}", f"paths.data_dir={data_dir}",
-                                          f"paths.cache_dir={cache_dir}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"experiment={EXPERIMENTS[name]}",
+                "meta_batch_size=1",
+                f"paths.run_dir={folder}",
+                f"paths.data_dir={data_dir}",
+                f"paths.cache_dir={cache_dir}",
+            ],
+        )
     config = resolve(cfg)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     L.seed_everything(0, verbose=False)
     model = ALGORITHMS[name](config, list(datamodule.input_shape), datamodule.task_type)
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=datamodule)
     path = folder / f"{name}.ckpt"
     trainer.save_checkpoint(path)
@@ -68,8 +82,9 @@ def fresh_checkpoint(name: str, folder: Path, data_dir: Path, cache_dir: Path) -
 def omniglot_test_images(data_dir: Path, cache_dir: Path, classes: int, per_class: int) -> list:
     from metalab.data import build_sources
 
-    source = build_sources({"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True},
-                           data_dir, cache_dir)["test"]
+    source = build_sources(
+        {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True}, data_dir, cache_dir
+    )["test"]
     return [source.class_images(i)[:per_class].float() / 255 for i in range(classes)]
 
 
@@ -104,7 +119,7 @@ def bench(name: str, path: Path, images: list, files: list[Path], device: torch.
         support = {f"class {k}": list(images[k][:shots]) for k in range(5)}
         adapt = median_seconds(partial(learner.adapt, support), repeats, device)
         task = learner.adapt(support)
-        query = [x for k in range(5) for x in images[k][shots:shots + 15]]  # 75 items
+        query = [x for k in range(5) for x in images[k][shots : shots + 15]]  # 75 items
         many = [x for k in range(len(images)) for x in images[k]][:1000]
         rates = [
             len(query) / median_seconds(partial(task.predict_proba, query), repeats, device),
@@ -122,8 +137,11 @@ def accuracy_together_and_alone(learner, episodes: int, data_dir: Path, cache_di
     """Accuracy on the checkpoint's fixed test episodes: queries predicted in one pass vs one at a time."""
     from metalab.runner import build_datamodule
 
-    config = {**learner.model.config, "test_episodes": episodes,
-              "paths": {"data_dir": str(data_dir), "cache_dir": str(cache_dir)}}
+    config = {
+        **learner.model.config,
+        "test_episodes": episodes,
+        "paths": {"data_dir": str(data_dir), "cache_dir": str(cache_dir)},
+    }
     datamodule = build_datamodule(config)
     datamodule.setup("test")
     together, independent, alone = [], [], []
@@ -144,9 +162,13 @@ def main() -> None:
     parser.add_argument("--maml", type=Path, help="a MAML checkpoint (default: a fresh one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--episodes", type=int, default=0,
-                        help="with checkpoints given: also the accuracy on this many fixed test episodes, "
-                             "queries predicted together vs one at a time")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=0,
+        help="with checkpoints given: also the accuracy on this many fixed test episodes, "
+        "queries predicted together vs one at a time",
+    )
     args = parser.parse_args()
     keep_freed_memory()
     warnings.simplefilter("ignore", UserWarning)  # batch_size=1 is measured on purpose
@@ -170,15 +192,21 @@ def main() -> None:
             if args.episodes and getattr(args, name):
                 learner = metalab.load_learner(path, device)
                 accuracy.append(accuracy_together_and_alone(learner, args.episodes, data_dir, cache_dir))
-    print(f"\ndevice={device}, torch threads={torch.get_num_threads()}, median of {args.repeats} "
-          f"({max(3, args.repeats // 4)} for all but adapt and the 75-item pass)")
-    print("| learner | support | adapt (ms) | items/s: 75 in one pass | 1,000 in one pass "
-          "| 75 independent=True | 75 batch_size=1 | 75 PNG files in one pass |")
+    print(
+        f"\ndevice={device}, torch threads={torch.get_num_threads()}, median of {args.repeats} "
+        f"({max(3, args.repeats // 4)} for all but adapt and the 75-item pass)"
+    )
+    print(
+        "| learner | support | adapt (ms) | items/s: 75 in one pass | 1,000 in one pass "
+        "| 75 independent=True | 75 batch_size=1 | 75 PNG files in one pass |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if accuracy:
-        print("\n| learner | test episodes | episodes | accuracy: queries in one pass (default) "
-              "| independent=True | batch_size=1 |")
+        print(
+            "\n| learner | test episodes | episodes | accuracy: queries in one pass (default) "
+            "| independent=True | batch_size=1 |"
+        )
         print("|---|---|---|---|---|---|")
         print("\n".join(accuracy))
 

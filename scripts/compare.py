@@ -50,8 +50,14 @@ def run_experiments(experiments: list[str], overrides: list[str], log_dir: Path)
     run_dirs = []
     for experiment in experiments:
         experiment_dir = log_dir / experiment
-        command = [sys.executable, "-m", "metalab.train", f"experiment={experiment}",
-                   f"paths.log_dir={experiment_dir}", *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "metalab.train",
+            f"experiment={experiment}",
+            f"paths.log_dir={experiment_dir}",
+            *overrides,
+        ]
         print("$", " ".join(command), flush=True)
         finished = subprocess.run(command, check=False)
         found = sorted(experiment_dir.glob("**/results.json"), key=lambda p: p.stat().st_mtime)
@@ -81,17 +87,25 @@ def describe(run_dir: Path) -> dict:
         metric, paper = f"test/{config['dataset'].get('metric', 'acc')}", {}
     scale = 100.0 if metric.rsplit("/", 1)[-1].startswith("acc") else 1.0  # accuracy in %, as papers print it
     s = results["config"]
-    setting = (f"{s['test_ways']}-way {s['test_shots']}-shot" if s["dataset"] != "sinusoid"
-               else f"K={s['test_shots']}")
+    setting = f"{s['test_ways']}-way {s['test_shots']}-shot" if s["dataset"] != "sinusoid" else f"K={s['test_shots']}"
     # A command-line override is what tells jobs apart; the seed also where it came from the config.
     overrides = {**as_dict(overrides_of(run_dir)), "seed": str(s.get("seed"))}
     ours, ci = results.get(metric), results.get(f"{metric}_ci95")
     return {
-        "algorithm": s["algorithm"], "dataset": s["dataset"], "setting": setting, "metric": metric, "scale": scale,
-        "ours": None if ours is None else ours * scale, "ci95": None if ci is None else ci * scale,
-        "paper": paper.get("value"), "paper_ci95": paper.get("ci95"), "source": paper.get("source", ""),
-        "steps": results.get("global_step", s.get("max_steps")), "minutes": results.get("wall_time_sec", 0) / 60,
-        "run_dir": run_dir, "overrides": overrides,
+        "algorithm": s["algorithm"],
+        "dataset": s["dataset"],
+        "setting": setting,
+        "metric": metric,
+        "scale": scale,
+        "ours": None if ours is None else ours * scale,
+        "ci95": None if ci is None else ci * scale,
+        "paper": paper.get("value"),
+        "paper_ci95": paper.get("ci95"),
+        "source": paper.get("source", ""),
+        "steps": results.get("global_step", s.get("max_steps")),
+        "minutes": results.get("wall_time_sec", 0) / 60,
+        "run_dir": run_dir,
+        "overrides": overrides,
     }
 
 
@@ -109,11 +123,19 @@ def group_by_seed(rows: list[dict]) -> list[dict]:
         first = runs[0]
         name = label(first["overrides"], varying) or f"{first['algorithm']} {first['dataset']} {first['setting']}"
         figures = [r["ours"] for r in runs if r["ours"] is not None]
-        merged.append({**first, "label": name, "runs": runs, "seeds": [r["overrides"].get("seed") for r in runs],
-                       "ours": statistics.fmean(figures) if figures else None,
-                       "spread": statistics.stdev(figures) if len(figures) > 1 else None,
-                       "ci95": first["ci95"] if len(runs) == 1 else None,
-                       "steps": first["steps"], "minutes": statistics.fmean(r["minutes"] for r in runs)})
+        merged.append(
+            {
+                **first,
+                "label": name,
+                "runs": runs,
+                "seeds": [r["overrides"].get("seed") for r in runs],
+                "ours": statistics.fmean(figures) if figures else None,
+                "spread": statistics.stdev(figures) if len(figures) > 1 else None,
+                "ci95": first["ci95"] if len(runs) == 1 else None,
+                "steps": first["steps"],
+                "minutes": statistics.fmean(r["minutes"] for r in runs),
+            }
+        )
     return merged
 
 
@@ -124,14 +146,18 @@ def figure(value, ci) -> str:
 
 
 def markdown(groups: list[dict]) -> str:
-    lines = ["| run | algorithm | dataset | setting | metric | ours (95% CI; or mean ± sd over seeds) | seeds | paper | "
-             "outer steps | minutes | paper source |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | algorithm | dataset | setting | metric | ours (95% CI; or mean ± sd over seeds) | seeds | paper | "
+        "outer steps | minutes | paper source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for g in groups:
         ours = figure(g["ours"], g["spread"] if len(g["runs"]) > 1 else g["ci95"])
-        lines.append(f"| {g['label']} | {g['algorithm']} | {g['dataset']} | {g['setting']} | {g['metric']} | {ours} | "
-                     f"{','.join(map(str, g['seeds']))} | {figure(g['paper'], g['paper_ci95'])} | {g['steps']} | "
-                     f"{g['minutes']:.1f} | {g['source']} |")
+        lines.append(
+            f"| {g['label']} | {g['algorithm']} | {g['dataset']} | {g['setting']} | {g['metric']} | {ours} | "
+            f"{','.join(map(str, g['seeds']))} | {figure(g['paper'], g['paper_ci95'])} | {g['steps']} | "
+            f"{g['minutes']:.1f} | {g['source']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -164,8 +190,14 @@ def plot(groups: list[dict], path: Path) -> None:
             ci_at = dict(zip(ci_steps, cis))
             band = [(s, v, ci_at[s] * g["scale"]) for s, v in zip(steps, values) if s in ci_at]
             if band:  # the 95% CI of each validation over its fixed episodes
-                axis.fill_between([b[0] for b in band], [b[1] - b[2] for b in band],
-                                  [b[1] + b[2] for b in band], color=color, alpha=0.15, linewidth=0)
+                axis.fill_between(
+                    [b[0] for b in band],
+                    [b[1] - b[2] for b in band],
+                    [b[1] + b[2] for b in band],
+                    color=color,
+                    alpha=0.15,
+                    linewidth=0,
+                )
     for metric, axis in metric_axes.items():
         for value in dict.fromkeys(g["paper"] for g in groups if g["metric"] == metric and g["paper"] is not None):
             axis.axhline(value, color="black", linestyle="--", linewidth=1, label=f"paper: {value}")
@@ -173,8 +205,11 @@ def plot(groups: list[dict], path: Path) -> None:
             margin = 0.05 * (max(high, value) - min(low, value))
             axis.set_ylim(min(low, value - margin), max(high, value + margin))
         unit = " (%)" if metric.rsplit("/", 1)[-1].startswith("acc") else ""
-        axis.set(xlabel="outer step", ylabel=f"validation {metric.split('/')[-1]}{unit}",
-                 title="meta-validation (band: 95% CI)")
+        axis.set(
+            xlabel="outer step",
+            ylabel=f"validation {metric.split('/')[-1]}{unit}",
+            title="meta-validation (band: 95% CI)",
+        )
     loss_axis.set(xlabel="outer step", ylabel="training loss", title="meta-training loss", yscale="log")
     for axis in axes[0]:
         axis.grid(alpha=0.3)
@@ -202,9 +237,11 @@ def paired(run_a: Path, run_b: Path, metric: str | None) -> str:
     d = paired_difference(a, b, metric or "acc", (str(run_a), str(run_b)))
     scale = 100.0 if d["metric"].startswith("acc") else 1.0
     unit = " percentage points" if scale == 100 else ""
-    return (f"test/{d['metric']}: {d['mean_a'] * scale:.3f} − {d['mean_b'] * scale:.3f} = "
-            f"{d['mean'] * scale:+.3f} ± {d['ci95'] * scale:.3f}{unit} (paired 95% CI, t with {d['episodes'] - 1} "
-            f"degrees of freedom, over {d['episodes']} shared test episodes)")
+    return (
+        f"test/{d['metric']}: {d['mean_a'] * scale:.3f} − {d['mean_b'] * scale:.3f} = "
+        f"{d['mean'] * scale:+.3f} ± {d['ci95'] * scale:.3f}{unit} (paired 95% CI, t with {d['episodes'] - 1} "
+        f"degrees of freedom, over {d['episodes']} shared test episodes)"
+    )
 
 
 def default_out_dir(args: argparse.Namespace, run_dirs: list[Path]) -> Path:
@@ -241,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compare: error: {error}", file=sys.stderr)
             return 2
         return 0
-    run_dirs = (run_experiments(args.experiments, args.overrides, args.log_dir) if args.command == "run"
-                else find_runs(args.runs))
+    run_dirs = (
+        run_experiments(args.experiments, args.overrides, args.log_dir)
+        if args.command == "run"
+        else find_runs(args.runs)
+    )
     if not run_dirs:
         print("compare: error: no finished runs (results.json) to compare", file=sys.stderr)
         return 2

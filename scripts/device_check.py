@@ -38,7 +38,9 @@ sys.path.insert(0, str(SCRIPTS))
 import bench as bench_script  # noqa: E402  (the benchmark's helpers, beside this file)
 
 PRECISION_TRAINER = {"32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed"}  # --precision -> trainer.precision
-COMPILE_ROW = {setting: code for code, setting in bench_script.COMPILE_SETTING.items()}  # algorithm.compile -> bench row
+COMPILE_ROW = {
+    setting: code for code, setting in bench_script.COMPILE_SETTING.items()
+}  # algorithm.compile -> bench row
 
 
 class Check:
@@ -49,8 +51,12 @@ class Check:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
-        self.report: dict = {"device": device_name(args.device), "torch": torch.__version__, "smoke": args.smoke,
-                             "parts": {}}
+        self.report: dict = {
+            "device": device_name(args.device),
+            "torch": torch.__version__,
+            "smoke": args.smoke,
+            "parts": {},
+        }
 
     def left(self) -> float:
         return self.args.budget - (time.perf_counter() - self.started)
@@ -102,8 +108,22 @@ def fastest(rows: list[dict], steps: int) -> dict | None:
 def bench(check: Check, part: str, extra: list[str]) -> list[dict]:
     a = check.args
     rows_file = check.out / f"{part}.jsonl"
-    check.run(part, [sys.executable, str(SCRIPTS / "bench.py"), "--device", a.device, "--seconds", str(a.seconds),
-                     "--meta-batch", str(a.meta_batch), "--json", str(rows_file), *extra])
+    check.run(
+        part,
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            "--device",
+            a.device,
+            "--seconds",
+            str(a.seconds),
+            "--meta-batch",
+            str(a.meta_batch),
+            "--json",
+            str(rows_file),
+            *extra,
+        ],
+    )
     rows = read_rows(rows_file)
     check.report["parts"][part]["rows"] = list(rows)
     return rows
@@ -114,16 +134,25 @@ def gradient_accuracy(args) -> dict:
     device = torch.device(args.device)
     # conv4 on real Omniglot; the smoke run takes the MLP (conv4 compiles for minutes on a small CPU).
     _, backbone, shape = bench_script.MODELS["mlp" if args.smoke else "conv4"]
-    batch = (bench_script.random_batch(shape[0], args.meta_batch) if args.smoke
-             else bench_script.omniglot_batch(meta_batch=args.meta_batch))
+    batch = (
+        bench_script.random_batch(shape[0], args.meta_batch)
+        if args.smoke
+        else bench_script.omniglot_batch(meta_batch=args.meta_batch)
+    )
     result = {}
     for steps in args.steps:
         grads = {}
-        for label, compiled, precision, dtype in (("float64 eager", False, "32", torch.float64),
-                                                  ("fast", args.compile, args.precision, torch.float32)):
+        for label, compiled, precision, dtype in (
+            ("float64 eager", False, "32", torch.float64),
+            ("fast", args.compile, args.precision, torch.float32),
+        ):
             model = bench_script.learner("maml", backbone, shape, steps, 0.4, compiled).to(device, dtype)
-            episode = type(batch)(batch.support_x.to(device, dtype), batch.support_y.to(device),
-                                  batch.query_x.to(device, dtype), batch.query_y.to(device))
+            episode = type(batch)(
+                batch.support_x.to(device, dtype),
+                batch.support_y.to(device),
+                batch.query_x.to(device, dtype),
+                batch.query_y.to(device),
+            )
             with bench_script.precision_context(precision, device):
                 loss = (model.compiled_meta_loss(episode) if model.compiled else model.meta_loss(episode))[0]
             loss.backward()
@@ -133,12 +162,19 @@ def gradient_accuracy(args) -> dict:
         difference = torch.cat([(grads["fast"][n] - g).flatten() for n, g in reference.items()]).norm()
         # A parameter whose true gradient is ~0 (a convolution's bias just before BatchNorm,
         # which the normalization cancels) has no meaningful relative error: left out.
-        relative = {n: float((grads["fast"][n] - g).norm() / g.norm()) for n, g in reference.items()
-                    if g.norm() > 1e-6 * overall}
+        relative = {
+            n: float((grads["fast"][n] - g).norm() / g.norm())
+            for n, g in reference.items()
+            if g.norm() > 1e-6 * overall
+        }
         ordered = sorted(relative.values())
-        result[f"{steps} inner steps"] = {"whole_gradient": float(difference / overall), "max": ordered[-1],
-                                          "median": ordered[len(ordered) // 2], "per_parameter": relative,
-                                          "left_out_zero_gradient": sorted(set(reference) - set(relative))}
+        result[f"{steps} inner steps"] = {
+            "whole_gradient": float(difference / overall),
+            "max": ordered[-1],
+            "median": ordered[len(ordered) // 2],
+            "per_parameter": relative,
+            "left_out_zero_gradient": sorted(set(reference) - set(relative)),
+        }
     return {"compile": args.compile, "precision": args.precision, **result}
 
 
@@ -146,46 +182,80 @@ def train_and_eval(check: Check, part: str, setting: dict, seconds: float | None
     """metalab-train of the MAML paper setting with `setting`, then metalab-eval of its checkpoint."""
     a = check.args
     run_dir = check.out / "runs" / part
-    hardware = ["hardware=gpu", f"tf32={str(setting['precision'] != '32').lower()}"] if a.device.startswith("cuda") \
+    hardware = (
+        ["hardware=gpu", f"tf32={str(setting['precision'] != '32').lower()}"]
+        if a.device.startswith("cuda")
         else ["hardware=cpu"]
-    overrides = [f"experiment={a.experiment}", *hardware, f"trainer.precision={PRECISION_TRAINER[setting['precision']]}",
-                 f"algorithm.compile={str(setting['compile']).lower()}", f"hydra.run.dir={run_dir}",
-                 f"trainer.val_check_interval={a.val_interval}", f"val_episodes={a.val_episodes}",
-                 f"test_episodes={a.test_episodes}", f"meta_batch_size={a.meta_batch}",
-                 f"trainer.max_steps={max_steps or 10**6}"]
+    )
+    overrides = [
+        f"experiment={a.experiment}",
+        *hardware,
+        f"trainer.precision={PRECISION_TRAINER[setting['precision']]}",
+        f"algorithm.compile={str(setting['compile']).lower()}",
+        f"hydra.run.dir={run_dir}",
+        f"trainer.val_check_interval={a.val_interval}",
+        f"val_episodes={a.val_episodes}",
+        f"test_episodes={a.test_episodes}",
+        f"meta_batch_size={a.meta_batch}",
+        f"trainer.max_steps={max_steps or 10**6}",
+    ]
     if seconds is not None:
         overrides.append(f"+trainer.max_time={{seconds: {int(seconds)}}}")
     ok = check.run(part, [sys.executable, "-m", "metalab.train", *overrides], limit=(seconds or check.left()) + 240)
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     record = check.report["parts"][part]
-    record.update(setting=setting, train={k: results.get(k) for k in ("test/acc", "test/acc_ci95",
-                                                                      "train_tasks_per_sec", "wall_time_sec")})
+    record.update(
+        setting=setting,
+        train={k: results.get(k) for k in ("test/acc", "test/acc_ci95", "train_tasks_per_sec", "wall_time_sec")},
+    )
     last = run_dir / "checkpoints" / "last.ckpt"
     if ok and last.exists():
         record["steps"] = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
         eval_dir = check.out / "runs" / f"{part}-eval"
-        if check.run(f"{part}-eval", [sys.executable, "-m", "metalab.eval", f"ckpt_path={last}",
-                                      f"hydra.run.dir={eval_dir}", f"test_episodes={a.test_episodes}",
-                                      *hardware[:1]], limit=240):
+        if check.run(
+            f"{part}-eval",
+            [
+                sys.executable,
+                "-m",
+                "metalab.eval",
+                f"ckpt_path={last}",
+                f"hydra.run.dir={eval_dir}",
+                f"test_episodes={a.test_episodes}",
+                *hardware[:1],
+            ],
+            limit=240,
+        ):
             evaluated = json.loads((eval_dir / "results.json").read_text())
             record["eval"] = {k: evaluated.get(k) for k in ("test/acc", "test/acc_ci95", "test_tasks_per_sec")}
     return record
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Device check: {report['device']}, torch {report['torch']}" + (" (smoke settings)" if report["smoke"]
-                                                                             else ""), ""]
+    lines = [
+        f"# Device check: {report['device']}, torch {report['torch']}"
+        + (" (smoke settings)" if report["smoke"] else ""),
+        "",
+    ]
     for part, record in report["parts"].items():
         lines.append(f"## {part}: {record.get('status')} ({record.get('seconds', 0)} s)")
         rows = record.get("rows", [])
         if rows and "ratio" in rows[0]:
-            lines += ["", "| learner | compile | precision | inner steps | loop tasks/s | batched tasks/s | ratio |",
-                      "|---|---|---|---|---|---|---|"]
-            lines += [f"| {r['learner']} | {r['compile']} | {r['precision']} | {r['inner_steps']} | "
-                      f"{r['loop_tasks_per_sec']:.1f} | {r['batched_tasks_per_sec']:.1f} | {r['ratio']:.1f}x |"
-                      for r in rows if "ratio" in r]
-        lines += [f"- {r['learner']}, {r['model']}, {r['precision']}: {r['episodes_per_sec']:.2f} episodes/s"
-                  for r in rows if "episodes_per_sec" in r]
+            lines += [
+                "",
+                "| learner | compile | precision | inner steps | loop tasks/s | batched tasks/s | ratio |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['learner']} | {r['compile']} | {r['precision']} | {r['inner_steps']} | "
+                f"{r['loop_tasks_per_sec']:.1f} | {r['batched_tasks_per_sec']:.1f} | {r['ratio']:.1f}x |"
+                for r in rows
+                if "ratio" in r
+            ]
+        lines += [
+            f"- {r['learner']}, {r['model']}, {r['precision']}: {r['episodes_per_sec']:.2f} episodes/s"
+            for r in rows
+            if "episodes_per_sec" in r
+        ]
         for key in ("memory", "gradient", "setting", "steps", "train", "eval", "pipeline"):
             if key in record:
                 lines.append(f"- {key}: `{json.dumps(record[key])}`")
@@ -216,7 +286,9 @@ def main() -> None:
         print(json.dumps(gradient_accuracy(args)))
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}; use --smoke on a CPU")
+        parser.error(
+            f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}; use --smoke on a CPU"
+        )
 
     check = Check(args)
     try:
@@ -233,46 +305,117 @@ def run_parts(check: Check) -> None:
     # 1. conv4 MAML (the smoke run times the MLP: conv4 compiles for minutes on a small CPU).
     model = ["--models", "mlp"] if a.smoke else ["--models", "conv4"]
     precisions = ["32", "bf16"] if a.smoke else ["tf32", "bf16"]
-    rows = bench(check, "1-maml-eager", [*model, "--learners", "maml", "--compile", "no", "--steps", *steps,
-                                        "--precision", *precisions])
-    rows += bench(check, "1-maml-compiled", [*model, "--learners", "maml", "--compile", "only", "--steps", *steps,
-                                            "--precision", *precisions, *(["--cudagraphs"] if on_gpu else [])])
+    rows = bench(
+        check,
+        "1-maml-eager",
+        [*model, "--learners", "maml", "--compile", "no", "--steps", *steps, "--precision", *precisions],
+    )
+    rows += bench(
+        check,
+        "1-maml-compiled",
+        [
+            *model,
+            "--learners",
+            "maml",
+            "--compile",
+            "only",
+            "--steps",
+            *steps,
+            "--precision",
+            *precisions,
+            *(["--cudagraphs"] if on_gpu else []),
+        ],
+    )
     best = fastest(rows, a.steps[-1]) or {"compile": False, "precision": precisions[0]}
     setting = {"compile": best["compile"], "precision": best["precision"]}
     check.report["fastest_setting"] = setting
     # 2. The rest of the family at that setting (ANIL cannot compile: eager), and ProtoNet's episodes.
     compile_mode = COMPILE_ROW[setting["compile"]]
     family = ["fomaml", "metasgd", "mamlpp"]
-    bench(check, "2-family", [*model, "--learners", *family, "--compile", "no" if compile_mode == "0" else "only",
-                              "--steps", *steps, "--precision", setting["precision"],
-                              *(["--cudagraphs"] if compile_mode == "ro" else [])])
-    bench(check, "2-anil-protonet", [*model, "--learners", "anil", "--compile", "no", "--steps", *steps,
-                                     "--precision", setting["precision"], "--metric", "protonet"])
+    bench(
+        check,
+        "2-family",
+        [
+            *model,
+            "--learners",
+            *family,
+            "--compile",
+            "no" if compile_mode == "0" else "only",
+            "--steps",
+            *steps,
+            "--precision",
+            setting["precision"],
+            *(["--cudagraphs"] if compile_mode == "ro" else []),
+        ],
+    )
+    bench(
+        check,
+        "2-anil-protonet",
+        [
+            *model,
+            "--learners",
+            "anil",
+            "--compile",
+            "no",
+            "--steps",
+            *steps,
+            "--precision",
+            setting["precision"],
+            "--metric",
+            "protonet",
+        ],
+    )
     # 3. Memory of second-order, checkpointed and first-order adaptation.
     memory_file = check.out / "memory.json"
     memory = ["--meta-batch", "2", "--steps", "1"] if a.smoke else []
-    check.run("3-memory", [sys.executable, str(SCRIPTS / "bench_memory.py"), "--device", a.device, *memory,
-                           "--json", str(memory_file)])
+    check.run(
+        "3-memory",
+        [sys.executable, str(SCRIPTS / "bench_memory.py"), "--device", a.device, *memory, "--json", str(memory_file)],
+    )
     if memory_file.exists():
         check.report["parts"]["3-memory"]["memory"] = json.loads(memory_file.read_text())
     # 4. The fastest setting's meta-gradient against float64 eager.
     gradient_file = check.out / "gradient.json"
     with open(gradient_file, "w") as out:
-        subprocess.run([sys.executable, __file__, "--grad-check", "--device", a.device, "--compile",
-                        str(setting["compile"]).lower(), "--precision", setting["precision"],
-                        *(["--smoke"] if a.smoke else [])], stdout=out, check=False,
-                       timeout=max(check.left(), 1))
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--grad-check",
+                "--device",
+                a.device,
+                "--compile",
+                str(setting["compile"]).lower(),
+                "--precision",
+                setting["precision"],
+                *(["--smoke"] if a.smoke else []),
+            ],
+            stdout=out,
+            check=False,
+            timeout=max(check.left(), 1),
+        )
     lines = gradient_file.read_text().splitlines()
-    check.report["parts"]["4-gradient"] = {"status": "ok" if lines else "failed",
-                                           "gradient": json.loads(lines[-1]) if lines else None}
+    check.report["parts"]["4-gradient"] = {
+        "status": "ok" if lines else "failed",
+        "gradient": json.loads(lines[-1]) if lines else None,
+    }
     # 5. End to end: the fastest setting for --train-seconds, then float32 eager for the same steps.
     fast = train_and_eval(check, "5-train-fast", setting, a.train_seconds, None)
-    bench_rate = next((r["batched_tasks_per_sec"] for r in rows if r["compile"] == setting["compile"]
-                       and r["precision"] == setting["precision"] and r["inner_steps"] == 1), None)
+    bench_rate = next(
+        (
+            r["batched_tasks_per_sec"]
+            for r in rows
+            if r["compile"] == setting["compile"] and r["precision"] == setting["precision"] and r["inner_steps"] == 1
+        ),
+        None,
+    )
     trained_rate = (fast.get("train") or {}).get("train_tasks_per_sec")
     if bench_rate and trained_rate:
-        fast["pipeline"] = {"bench_tasks_per_sec": bench_rate, "train_tasks_per_sec": trained_rate,
-                            "train_over_bench": trained_rate / bench_rate}
+        fast["pipeline"] = {
+            "bench_tasks_per_sec": bench_rate,
+            "train_tasks_per_sec": trained_rate,
+            "train_over_bench": trained_rate / bench_rate,
+        }
     if fast.get("steps"):
         train_and_eval(check, "5-train-float32-eager", {"compile": False, "precision": "32"}, None, fast["steps"])
 

@@ -69,12 +69,30 @@ def table(jobs: list[dict], metric: str, descending: bool, name: str) -> tuple[l
     rows = []
     for rank, job in enumerate(sorted(done, key=score), start=1):
         res = job["results"]
-        rows.append([rank, job["job"], *(job["overrides"].get(k, "") for k in varying),
-                     *(res.get(c) for c in columns), res.get("global_step"), res.get("wall_time_sec"), "ok"])
+        rows.append(
+            [
+                rank,
+                job["job"],
+                *(job["overrides"].get(k, "") for k in varying),
+                *(res.get(c) for c in columns),
+                res.get("global_step"),
+                res.get("wall_time_sec"),
+                "ok",
+            ]
+        )
     for job in failed:
         error = job["error"].removeprefix("metalab: error: ").removeprefix("metalab: job failed: ")
-        rows.append(["", job["job"], *(job["overrides"].get(k, "") for k in varying), *([None] * len(columns)),
-                     None, None, f"failed: {error}"])
+        rows.append(
+            [
+                "",
+                job["job"],
+                *(job["overrides"].get(k, "") for k in varying),
+                *([None] * len(columns)),
+                None,
+                None,
+                f"failed: {error}",
+            ]
+        )
     return header, rows
 
 
@@ -104,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if not args.sweep_dir.is_dir():
-        print(f"summarize_sweep: error: {args.sweep_dir} is not a directory; give a sweep's multirun directory",
-              file=sys.stderr)
+        print(
+            f"summarize_sweep: error: {args.sweep_dir} is not a directory; give a sweep's multirun directory",
+            file=sys.stderr,
+        )
         return 2
     jobs = load_jobs(args.sweep_dir)
     if not jobs:
@@ -129,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"summarize_sweep: error: {error}", file=sys.stderr)
         return 2
     print(markdown, end="")
-    print(f"\n{len(rows)} jobs ({sum(r[-1] == 'ok' for r in rows)} finished), sorted by {metric} "
-          f"({'high' if descending else 'low'} first): {out / 'summary.md'}, {out / 'summary.csv'}")
+    print(
+        f"\n{len(rows)} jobs ({sum(r[-1] == 'ok' for r in rows)} finished), sorted by {metric} "
+        f"({'high' if descending else 'low'} first): {out / 'summary.md'}, {out / 'summary.csv'}"
+    )
     return 0
 
 

@@ -23,14 +23,58 @@ EVAL = ["test_shots=1", "test_queries=5", "test_episodes=20", "eval_batch_size=1
 # meta-test, need a few tens of updates to forget their start.
 # Other learners join by adding a line here.
 SETTINGS = {
-    "protonet": (["algorithm=protonet", "dataset=omniglot", "ways=5", "shots=1", "queries=5",
-                  "meta_batch_size=1", "test_ways=5", *EVAL], 30),
-    "maml": (["experiment=maml_omniglot_5w1s", "meta_batch_size=1", "queries=5", "algorithm.first_order=true",
-              "algorithm.eval_inner_steps=5", "test_ways=5", *EVAL], 10),
-    "matchingnet": (["algorithm=matchingnet", "algorithm.fce=false", "dataset=omniglot", "ways=5", "shots=1",
-                     "queries=5", "meta_batch_size=1", "test_ways=5", *EVAL], 30),
-    "relationnet": (["algorithm=relationnet", "dataset=omniglot", "ways=5", "shots=1", "queries=5",
-                     "meta_batch_size=1", "test_ways=5", *EVAL], 30),
+    "protonet": (
+        [
+            "algorithm=protonet",
+            "dataset=omniglot",
+            "ways=5",
+            "shots=1",
+            "queries=5",
+            "meta_batch_size=1",
+            "test_ways=5",
+            *EVAL,
+        ],
+        30,
+    ),
+    "maml": (
+        [
+            "experiment=maml_omniglot_5w1s",
+            "meta_batch_size=1",
+            "queries=5",
+            "algorithm.first_order=true",
+            "algorithm.eval_inner_steps=5",
+            "test_ways=5",
+            *EVAL,
+        ],
+        10,
+    ),
+    "matchingnet": (
+        [
+            "algorithm=matchingnet",
+            "algorithm.fce=false",
+            "dataset=omniglot",
+            "ways=5",
+            "shots=1",
+            "queries=5",
+            "meta_batch_size=1",
+            "test_ways=5",
+            *EVAL,
+        ],
+        30,
+    ),
+    "relationnet": (
+        [
+            "algorithm=relationnet",
+            "dataset=omniglot",
+            "ways=5",
+            "shots=1",
+            "queries=5",
+            "meta_batch_size=1",
+            "test_ways=5",
+            *EVAL,
+        ],
+        30,
+    ),
     # The transfer baselines: 100 steps of 16 images labelled among all training classes.
     "baseline": (["experiment=baseline_omniglot_5w1s", *EVAL], 100),
     "baselinepp": (["experiment=baselinepp_omniglot_5w1s", *EVAL], 100),
@@ -40,8 +84,15 @@ SETTINGS = {
 def run_config(name: str, data_dir: Path, cache_dir: Path, run_dir: Path) -> dict:
     overrides, _ = SETTINGS[name]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.run_dir={run_dir}", f"paths.data_dir={data_dir}",
-                                          f"paths.cache_dir={cache_dir}", *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.run_dir={run_dir}",
+                f"paths.data_dir={data_dir}",
+                f"paths.cache_dir={cache_dir}",
+                *overrides,
+            ],
+        )
     return resolve(cfg)
 
 
@@ -65,17 +116,23 @@ def trained_checkpoint(name: str, tmp_path_factory, data_dir: Path, cache_dir: P
 
 
 def quiet_trainer(**kwargs) -> Trainer:
-    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu", **kwargs)
+    return Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
 
 
-def omniglot_folders(omniglot_dir: Path, root: Path, classes: int, shots: int, queries: int,
-                     seed: int = 0) -> tuple[dict[str, list[Path]], dict[Path, str]]:
+def omniglot_folders(
+    omniglot_dir: Path, root: Path, classes: int, shots: int, queries: int, seed: int = 0
+) -> tuple[dict[str, list[Path]], dict[Path, str]]:
     """Raw Omniglot PNGs of unseen (vinyals test split) characters laid out as a user would:
     root/support/<class>/*.png and root/query/*.png. Returns ({class: support files}, {query file: class})."""
     split = (omniglot_dir / "splits" / "vinyals" / "test.txt").read_text().split()
-    characters = random.Random(seed).sample([c.removesuffix("/rot000") for c in split if c.endswith("rot000")],
-                                            classes)
+    characters = random.Random(seed).sample([c.removesuffix("/rot000") for c in split if c.endswith("rot000")], classes)
     support: dict[str, list[Path]] = {}
     query: dict[Path, str] = {}
     for archive in sorted(omniglot_dir.glob("images_*.zip")):
@@ -84,7 +141,7 @@ def omniglot_folders(omniglot_dir: Path, root: Path, classes: int, shots: int, q
             for character in characters:
                 members = sorted(n for n in names if f"/{character}/" in n and n.endswith(".png"))
                 label = character.replace("/", "-")
-                for i, member in enumerate(members[:shots + queries]):
+                for i, member in enumerate(members[: shots + queries]):
                     folder = root / "support" / label if i < shots else root / "query"
                     folder.mkdir(parents=True, exist_ok=True)
                     file = folder / Path(member).name

@@ -22,7 +22,14 @@ from metalab.data import build_sources
 from metalab.errors import ConfigError, DataError
 from metalab.runner import build_datamodule
 
-CLASSIFIERS = ["protonet", "maml", "matchingnet", "relationnet", "baseline", "baselinepp"]  # every classification learner
+CLASSIFIERS = [
+    "protonet",
+    "maml",
+    "matchingnet",
+    "relationnet",
+    "baseline",
+    "baselinepp",
+]  # every classification learner
 METRIC = ["protonet", "matchingnet"]  # learners whose predictions must not depend on the support order
 FIXED_WAYS = ["maml"]  # learners with an output head sized to the training ways
 # BatchNorm with running statistics at meta-test
@@ -61,8 +68,11 @@ def evaluation_path(path: Path):
     datamodule = build_datamodule(model.config)
     datamodule.setup("test")
     metrics = quiet_trainer().test(model, datamodule=datamodule, verbose=False)[0]
-    episodes = [episode for batch in datamodule.test_dataloader()  # eval_batch_size=10 episodes per batch
-                for episode in zip(*batch)]
+    episodes = [
+        episode
+        for batch in datamodule.test_dataloader()  # eval_batch_size=10 episodes per batch
+        for episode in zip(*batch)
+    ]
     return metrics["test/acc"], episodes, torch.cat(logits)
 
 
@@ -90,8 +100,9 @@ def test_predictions_equal_the_evaluation_path(name, checkpoint):
 # ---------------------------------------------------------------- labels, probabilities, order
 def omniglot_test_images(data_dir, cache_dir, classes: int, per_class: int, seed: int = 0):
     """{class name: uint8 [n, 1, 28, 28]} of unrotated Omniglot test-split characters, as cached."""
-    source = build_sources({"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True},
-                           data_dir, cache_dir)["test"]
+    source = build_sources(
+        {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True}, data_dir, cache_dir
+    )["test"]
     unrotated = [i for i, name in enumerate(source.class_names) if name.endswith("rot000")]
     chosen = random.Random(seed).sample(unrotated, classes)
     return {source.class_names[i].removesuffix("/rot000"): source.class_images(i)[:per_class] for i in chosen}
@@ -140,7 +151,9 @@ def test_labels_round_trip_and_probabilities_sum_to_one(protonet, images):
     torch.testing.assert_close(uneven.predict_proba(query).sum(-1), torch.ones(len(query)))
     # One item in, one Prediction out.
     single = task.predict(query[0], independent=True)
-    assert single.label in labels and single.probabilities == task.predict([query[0]], independent=True)[0].probabilities
+    assert (
+        single.label in labels and single.probabilities == task.predict([query[0]], independent=True)[0].probabilities
+    )
 
 
 @pytest.mark.data
@@ -205,8 +218,12 @@ def test_adapt_once_predict_many(name, checkpoint, images, monkeypatch):
         beside_support = task.predict_proba(torch.stack([*task.support_x, query[i]]))[-1]
         torch.testing.assert_close(independent[i], beside_support, rtol=0, atol=1e-5)
         # (with running statistics an independent item is predicted alone: equal up to float rounding)
-        torch.testing.assert_close(task.predict_proba(query[i], independent=True)[0], beside_support,
-                                   rtol=0, atol=0 if learner.transductive else 1e-5)
+        torch.testing.assert_close(
+            task.predict_proba(query[i], independent=True)[0],
+            beside_support,
+            rtol=0,
+            atol=0 if learner.transductive else 1e-5,
+        )
 
 
 @pytest.mark.data
@@ -233,8 +250,11 @@ def test_a_metric_checkpoint_from_before_running_statistics_still_loads(checkpoi
     saved = torch.load(checkpoint("protonet"), map_location="cpu", weights_only=False)
     algorithm = saved["hyper_parameters"]["config"]["algorithm"]
     del algorithm["batch_norm"]
-    saved["state_dict"] = {k: v for k, v in saved["state_dict"].items()
-                           if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    saved["state_dict"] = {
+        k: v
+        for k, v in saved["state_dict"].items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
     old = tmp_path / "old.ckpt"
     torch.save(saved, old)
     learner = metalab.load_learner(old)
@@ -324,8 +344,11 @@ def test_files_that_are_not_metalab_checkpoints_are_refused(tmp_path):
     torch.save({"state_dict": {}}, fake)
     text = tmp_path / "text.ckpt"
     text.write_text("hello")
-    for path, message in ((fake, "not a metalab checkpoint"), (text, "not a readable PyTorch checkpoint"),
-                          (tmp_path / "none.ckpt", "does not exist")):
+    for path, message in (
+        (fake, "not a metalab checkpoint"),
+        (text, "not a readable PyTorch checkpoint"),
+        (tmp_path / "none.ckpt", "does not exist"),
+    ):
         with pytest.raises(ConfigError, match=message):
             metalab.load_learner(path)
 

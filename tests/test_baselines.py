@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from lightning import Trainer
+from learner_checkpoints import quiet_trainer
 from torch import nn
 
 from metalab.algorithms import ALGORITHMS
@@ -26,11 +26,6 @@ def composed(tmp_path, *overrides: str, data_dir=None, cache_dir=None) -> dict:
     paths += [f"paths.data_dir={data_dir}"] if data_dir else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return resolve(compose("train", overrides=[*paths, *overrides]))
-
-
-def quiet_trainer(**kwargs) -> Trainer:
-    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu", **kwargs)
 
 
 # ---------------------------------------------------------------- fitting a head per test episode
@@ -68,7 +63,7 @@ def per_task_reference(kind, features, labels, ways, epochs, batch_size, scale, 
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=generator)
             for first in range(0, len(x), batch_size):
-                chosen = order[first:first + batch_size]
+                chosen = order[first : first + batch_size]
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(module(x[chosen]), y[chosen]).backward()
                 optimizer.step()
@@ -84,8 +79,17 @@ def test_batched_head_fit_equals_a_per_task_sgd_loop(kind, shots):
     labels = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
     features = torch.randn(tasks, ways * shots, dim) + 2 * torch.randn(tasks, ways, dim).repeat_interleave(shots, 1)
     queries = torch.randn(tasks, 6, dim)
-    heads = fit_heads(kind, features, labels, ways, epochs, batch_size, **FINETUNE, scale=scale,
-                      generator=torch.Generator().manual_seed(3))
+    heads = fit_heads(
+        kind,
+        features,
+        labels,
+        ways,
+        epochs,
+        batch_size,
+        **FINETUNE,
+        scale=scale,
+        generator=torch.Generator().manual_seed(3),
+    )
     batched = head_logits(kind, queries, heads, scale)
     reference = per_task_reference(kind, features, labels, ways, epochs, batch_size, scale, seed=3)
     with torch.no_grad():
@@ -105,10 +109,12 @@ def test_batched_head_fit_equals_a_per_task_sgd_loop(kind, shots):
 def test_a_task_head_does_not_depend_on_the_other_tasks_of_its_batch():
     torch.manual_seed(1)
     features, labels = torch.randn(4, 10, 8), torch.arange(5).repeat(2).expand(4, -1)
-    together = fit_heads("cosine", features, labels, 5, 5, 4, **FINETUNE, scale=2.0,
-                         generator=torch.Generator().manual_seed(0))
-    alone = fit_heads("cosine", features[2:3], labels[2:3], 5, 5, 4, **FINETUNE, scale=2.0,
-                      generator=torch.Generator().manual_seed(0))
+    together = fit_heads(
+        "cosine", features, labels, 5, 5, 4, **FINETUNE, scale=2.0, generator=torch.Generator().manual_seed(0)
+    )
+    alone = fit_heads(
+        "cosine", features[2:3], labels[2:3], 5, 5, 4, **FINETUNE, scale=2.0, generator=torch.Generator().manual_seed(0)
+    )
     for name in together:
         torch.testing.assert_close(together[name][2:3], alone[name], rtol=1e-5, atol=1e-6)
 
@@ -116,8 +122,9 @@ def test_a_task_head_does_not_depend_on_the_other_tasks_of_its_batch():
 # ---------------------------------------------------------------- training data: global labels
 @pytest.mark.data
 def test_training_episodes_carry_each_class_index_in_the_training_split(data_dir, cache_dir):
-    sources = build_sources({"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True},
-                            data_dir, cache_dir)
+    sources = build_sources(
+        {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True}, data_dir, cache_dir
+    )
     train = sources["train"]
     labelled = GlobalLabelSource(train)
     assert labelled.num_classes == len(train.class_names) == 4112  # the vinyals split's training classes
@@ -156,11 +163,19 @@ def test_the_classifier_is_sized_from_the_data_and_a_bad_size_is_refused(tmp_pat
     model = learner_cls(config, [1, 28, 28], "classification")
     assert model.classifier["weight"].shape == (4112, model.backbone.out_features)
     config["algorithm"]["num_classes"] = 100
-    with pytest.raises(ConfigError, match=r"num_classes=100 but the training split has 4112 classes; "
-                                          r"set algorithm.num_classes=4112"):
+    with pytest.raises(
+        ConfigError,
+        match=r"num_classes=100 but the training split has 4112 classes; "
+        r"set algorithm.num_classes=4112",
+    ):
         learner_cls.settings_from_data(config, datamodule)
-    few_shot = composed(tmp_path, "experiment=baseline_omniglot_5w1s", "dataset.episodes=few_shot",
-                        data_dir=data_dir, cache_dir=cache_dir)
+    few_shot = composed(
+        tmp_path,
+        "experiment=baseline_omniglot_5w1s",
+        "dataset.episodes=few_shot",
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
     plain = build_datamodule(few_shot)
     plain.setup("fit")
     with pytest.raises(ConfigError, match="set dataset.episodes=global_labels"):
@@ -174,8 +189,9 @@ def test_transfer_baselines_need_their_kind_of_data(tmp_path):
     with pytest.raises(ConfigError, match="dataset=sinusoid"):
         check_learner_fits_data(config, ALGORITHMS["baseline"], "regression")
     with pytest.raises(ConfigError, match="dataset=omniglot"):
-        check_learner_fits_data(composed(tmp_path, "algorithm=pretrained", "dataset=omniglot"),
-                                ALGORITHMS["pretrained"], "classification")
+        check_learner_fits_data(
+            composed(tmp_path, "algorithm=pretrained", "dataset=omniglot"), ALGORITHMS["pretrained"], "classification"
+        )
 
 
 # ---------------------------------------------------------------- learning on real Omniglot
@@ -184,8 +200,15 @@ def first_training_classes(datamodule, count: int) -> None:
     4,112 needs thousands of steps before its features transfer (each class is seen once per
     5,140 steps of 16 images), over 100 it learns in a few hundred."""
     whole = datamodule.sources["train"].source
-    subset = ImageClassSource(whole.array_path, whole.class_names[:count], whole._starts[:count],
-                              whole._counts[:count], whole._rotations[:count], dataset="omniglot", split="train")
+    subset = ImageClassSource(
+        whole.array_path,
+        whole.class_names[:count],
+        whole._starts[:count],
+        whole._counts[:count],
+        whole._rotations[:count],
+        dataset="omniglot",
+        split="train",
+    )
     datamodule.sources["train"] = GlobalLabelSource(subset)
 
 
@@ -193,8 +216,14 @@ def first_training_classes(datamodule, count: int) -> None:
 # Baseline++ shares all but its head with Baseline; its run is slow (the default run keeps Baseline's).
 @pytest.mark.parametrize("name", ["baseline", pytest.param("baselinepp", marks=pytest.mark.slow)])
 def test_transfer_baselines_learn_omniglot_quickly(name, tmp_path, data_dir, cache_dir):
-    config = composed(tmp_path, f"experiment={name}_omniglot_5w1s", "test_episodes=20", "eval_batch_size=20",
-                      data_dir=data_dir, cache_dir=cache_dir)
+    config = composed(
+        tmp_path,
+        f"experiment={name}_omniglot_5w1s",
+        "test_episodes=20",
+        "eval_batch_size=20",
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     first_training_classes(datamodule, 100)
@@ -224,8 +253,9 @@ def test_pretraining_is_plain_regression_on_the_support_points(tmp_path):
     model, datamodule = sinusoid(tmp_path)
     batch = datamodule.example_batch()
     loss, metrics = model.meta_loss(batch)
-    expected = torch.stack([nn.functional.mse_loss(model.model(x), y)
-                            for x, y in zip(batch.support_x, batch.support_y)])
+    expected = torch.stack(
+        [nn.functional.mse_loss(model.model(x), y) for x, y in zip(batch.support_x, batch.support_y)]
+    )
     torch.testing.assert_close(loss, expected.mean())
     torch.testing.assert_close(metrics["mse"], expected)
     everything, _ = sinusoid(tmp_path, "algorithm.fit_points=all")
@@ -284,12 +314,22 @@ def command(name: str, *overrides: str, data_dir, cache_dir):
     from pathlib import Path
 
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([str(Path(sys.executable).parent / name), "trainer.enable_progress_bar=false", *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / name), "trainer.enable_progress_bar=false", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
-TINY_RUN = ["experiment=baselinepp_omniglot_5w1s", "trainer.max_steps=4", "trainer.val_check_interval=4",
-            "val_episodes=5", "algorithm.finetune.epochs=5"]
+TINY_RUN = [
+    "experiment=baselinepp_omniglot_5w1s",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "val_episodes=5",
+    "algorithm.finetune.epochs=5",
+]
 
 
 @pytest.mark.slow  # two commands (~25 s); the refusal below covers metalab-train's sizing step in the default run
@@ -301,16 +341,28 @@ def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test
     import json
 
     episodes = ["test_episodes=10", "eval_batch_size=5"]
-    proc = command("metalab-train", *TINY_RUN, *episodes, f"paths.run_dir={tmp_path / 'run'}",
-                   data_dir=data_dir, cache_dir=cache_dir)
+    proc = command(
+        "metalab-train",
+        *TINY_RUN,
+        *episodes,
+        f"paths.run_dir={tmp_path / 'run'}",
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = json.loads((tmp_path / "run" / "results.json").read_text())
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["config"]["algorithm"]["num_classes"] == 4112
     assert saved["state_dict"]["classifier.direction"].shape[0] == 4112
-    proc = command("metalab-eval", f"ckpt_path={checkpoint}", *episodes, f"paths.run_dir={tmp_path / 'eval'}",
-                   data_dir=data_dir, cache_dir=cache_dir)
+    proc = command(
+        "metalab-eval",
+        f"ckpt_path={checkpoint}",
+        *episodes,
+        f"paths.run_dir={tmp_path / 'eval'}",
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
@@ -318,10 +370,18 @@ def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test
 
 @pytest.mark.data
 def test_metalab_train_refuses_a_classifier_smaller_than_the_training_classes(tmp_path, data_dir, cache_dir):
-    proc = command("metalab-train", *TINY_RUN, "algorithm.num_classes=10", f"paths.run_dir={tmp_path}", "logger=none",
-                   data_dir=data_dir, cache_dir=cache_dir)
+    proc = command(
+        "metalab-train",
+        *TINY_RUN,
+        "algorithm.num_classes=10",
+        f"paths.run_dir={tmp_path}",
+        "logger=none",
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("metalab: error")]
     assert proc.returncode == 2 and errors == [
         "metalab: error: algorithm.num_classes=10 but the training split has 4112 classes; set "
-        "algorithm.num_classes=4112, or null to take it from the data"], proc.stderr[-2000:]
+        "algorithm.num_classes=4112, or null to take it from the data"
+    ], proc.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()

@@ -89,8 +89,14 @@ def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):
 
 def test_eval_refuses_a_setting_it_would_drop(sinusoid_run, env, tmp_path):
     _, trained = sinusoid_run
-    proc = run("metalab-eval", f"ckpt_path={trained['tested_checkpoint']}", "+algorithm.inner_lr=0.5", env=env,
-               log_dir=tmp_path, ok=False)
+    proc = run(
+        "metalab-eval",
+        f"ckpt_path={trained['tested_checkpoint']}",
+        "+algorithm.inner_lr=0.5",
+        env=env,
+        log_dir=tmp_path,
+        ok=False,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
     assert "+algorithm.inner_lr" not in proc.stderr and "algorithm.inner_lr cannot change at evaluation" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and not list(tmp_path.rglob("results.json"))
@@ -107,8 +113,15 @@ def test_resume_continues_from_the_saved_step(env, tmp_path):
     run("metalab-train", *short, "trainer.max_steps=200", f"ckpt_path={last}", env=env, log_dir=resumed)
     assert results(resumed)["global_step"] == 200
     # A different network cannot resume from it: refused before any work, naming the setting.
-    refused = run("metalab-train", *short, f"ckpt_path={last}", "backbone.hidden_sizes=[8]", env=env,
-                  log_dir=tmp_path / "refused", ok=False)
+    refused = run(
+        "metalab-train",
+        *short,
+        f"ckpt_path={last}",
+        "backbone.hidden_sizes=[8]",
+        env=env,
+        log_dir=tmp_path / "refused",
+        ok=False,
+    )
     assert refused.returncode == 2 and "backbone=" in refused.stderr and "Traceback" not in refused.stderr
     # Same seed: the episode stream and optimizer state pick up where they stopped.
     a, b = weights(results(straight)["last_checkpoint"]), weights(results(resumed)["last_checkpoint"])
@@ -120,9 +133,23 @@ def test_resume_continues_from_the_saved_step(env, tmp_path):
 @pytest.mark.data
 def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot_dir):
     train_dir = tmp_path / "train"
-    run("metalab-train", "algorithm=protonet", "dataset=omniglot", "ways=20", "shots=1", "queries=5",
-        "meta_batch_size=4", "test_ways=5", "test_queries=5", "trainer.max_steps=100",
-        "trainer.val_check_interval=50", "val_episodes=40", "test_episodes=200", env=env, log_dir=train_dir)
+    run(
+        "metalab-train",
+        "algorithm=protonet",
+        "dataset=omniglot",
+        "ways=20",
+        "shots=1",
+        "queries=5",
+        "meta_batch_size=4",
+        "test_ways=5",
+        "test_queries=5",
+        "trainer.max_steps=100",
+        "trainer.val_check_interval=50",
+        "val_episodes=40",
+        "test_episodes=200",
+        env=env,
+        log_dir=train_dir,
+    )
     trained = results(train_dir)
     # 400 training episodes: far above the 20% of chance on unseen 5-way 1-shot test classes.
     assert trained["test/acc"] > 0.75, trained
@@ -140,10 +167,20 @@ def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.read(name))
     eval_dir = tmp_path / "eval"
-    proc = run("metalab-eval", f"ckpt_path={trained['last_checkpoint']}", "dataset=image_folder",
-               f"dataset.root={folder}", "test_ways=5", "test_episodes=100", env=env, log_dir=eval_dir)
-    assert ("images as the model sees them: image_size=28 (the checkpoint's), channels=1 (the checkpoint's), "
-            "invert=True (the checkpoint's)") in proc.stderr
+    proc = run(
+        "metalab-eval",
+        f"ckpt_path={trained['last_checkpoint']}",
+        "dataset=image_folder",
+        f"dataset.root={folder}",
+        "test_ways=5",
+        "test_episodes=100",
+        env=env,
+        log_dir=eval_dir,
+    )
+    assert (
+        "images as the model sees them: image_size=28 (the checkpoint's), channels=1 (the checkpoint's), "
+        "invert=True (the checkpoint's)"
+    ) in proc.stderr
     crossed = results(eval_dir)
     assert crossed["config"]["dataset"] == "image_folder"
     assert crossed["test/acc"] > 0.6, crossed
@@ -151,9 +188,19 @@ def test_protonet_learns_omniglot_and_tests_cross_domain(env, tmp_path, omniglot
 
 @pytest.mark.data
 def test_maml_learns_omniglot(env, tmp_path, omniglot_dir):
-    run("metalab-train", "experiment=maml_omniglot_5w1s", "meta_batch_size=4", "queries=5", "trainer.max_steps=300",
-        "trainer.val_check_interval=150", "val_episodes=20", "test_episodes=100", "algorithm.eval_inner_steps=3",
-        env=env, log_dir=tmp_path)
+    run(
+        "metalab-train",
+        "experiment=maml_omniglot_5w1s",
+        "meta_batch_size=4",
+        "queries=5",
+        "trainer.max_steps=300",
+        "trainer.val_check_interval=150",
+        "val_episodes=20",
+        "test_episodes=100",
+        "algorithm.eval_inner_steps=3",
+        env=env,
+        log_dir=tmp_path,
+    )
     trained = results(tmp_path)
     # 1,200 training tasks with second-order MAML: far above the 20% of chance on unseen classes.
     assert trained["test/acc"] > 0.6, trained
@@ -163,8 +210,14 @@ def test_maml_learns_omniglot(env, tmp_path, omniglot_dir):
 @pytest.mark.data
 def test_protonet_omniglot_5w1s_near_the_paper(env, tmp_path, omniglot_dir):
     """The README's ProtoNet figure: 1,500 60-way episodes (about 5 minutes on 2 cores)."""
-    run("metalab-train", "experiment=protonet_omniglot_5w1s", "trainer.max_steps=1500",
-        "trainer.val_check_interval=500", env=env, log_dir=tmp_path)
+    run(
+        "metalab-train",
+        "experiment=protonet_omniglot_5w1s",
+        "trainer.max_steps=1500",
+        "trainer.val_check_interval=500",
+        env=env,
+        log_dir=tmp_path,
+    )
     trained = results(tmp_path)
     assert trained["test/acc"] > 0.96, trained  # the paper's full run: 98.8%
 
@@ -182,9 +235,19 @@ def tensorboard_image_tags(directory: Path) -> set[str]:
 
 @pytest.mark.data
 def test_multirun_sweep_writes_one_run_dir_per_job(env, tmp_path, omniglot_dir):
-    run("metalab-train", "-m", "algorithm=maml,protonet", "dataset=omniglot", "meta_batch_size=2",
-        "trainer.max_steps=4", "trainer.val_check_interval=4", "val_episodes=4", "test_episodes=8",
-        env=env, log_dir=tmp_path)
+    run(
+        "metalab-train",
+        "-m",
+        "algorithm=maml,protonet",
+        "dataset=omniglot",
+        "meta_batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "val_episodes=4",
+        "test_episodes=8",
+        env=env,
+        log_dir=tmp_path,
+    )
     found = sorted(json.loads(p.read_text())["config"]["algorithm"] for p in tmp_path.rglob("results.json"))
     assert found == ["maml", "protonet"]
     assert all("multiruns" in str(p) for p in tmp_path.rglob("results.json"))
@@ -228,8 +291,9 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("overrides,message", BAD,
-                         ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD])
+@pytest.mark.parametrize(
+    "overrides,message", BAD, ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD]
+)
 def test_bad_config_fails_before_training_with_a_clear_message(overrides, message, env, tmp_path, omniglot_dir):
     proc = run("metalab-train", *overrides, env=env, log_dir=tmp_path, ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -257,8 +321,9 @@ def test_config_and_error_files_replace_a_planted_symlink(env, tmp_path):
     run_dir.mkdir()
     for name in ("config.yaml", "error.txt"):
         (run_dir / name).symlink_to(precious)
-    proc = run("metalab-train", f"hydra.run.dir={run_dir}", "algorithm.optimizer.lr=-1", env=env, log_dir=tmp_path,
-               ok=False)
+    proc = run(
+        "metalab-train", f"hydra.run.dir={run_dir}", "algorithm.optimizer.lr=-1", env=env, log_dir=tmp_path, ok=False
+    )
     assert proc.returncode == 2 and precious.read_text() == "keep me"
     assert not (run_dir / "config.yaml").is_symlink() and "lr: -1" in (run_dir / "config.yaml").read_text()
     assert "algorithm.optimizer.lr=-1" in (run_dir / "error.txt").read_text()
@@ -269,19 +334,32 @@ def test_runs_started_at_once_each_get_their_own_directory(env, tmp_path):
     # start together; each writes its config and error into a directory of its own.
     base = "hydra.run.dir=${metalab.run_dir:" + str(tmp_path / "runs") + ",same}"
     args = [str(BIN / "metalab-train"), base, "algorithm.optimizer.lr=-1"]
-    procs = [subprocess.Popen([*args, f"seed={seed}"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for seed in range(4)]
+    procs = [
+        subprocess.Popen(
+            [*args, f"seed={seed}"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for seed in range(4)
+    ]
     assert [p.wait(timeout=300) for p in procs] == [2] * 4
     dirs = sorted((tmp_path / "runs").iterdir())
     assert [d.name for d in dirs] == ["same", "same_1", "same_2", "same_3"]
-    seeds = sorted(int(line.split(": ")[1]) for d in dirs for line in (d / "config.yaml").read_text().splitlines()
-                   if line.startswith("seed: "))
+    seeds = sorted(
+        int(line.split(": ")[1])
+        for d in dirs
+        for line in (d / "config.yaml").read_text().splitlines()
+        if line.startswith("seed: ")
+    )
     assert seeds == [0, 1, 2, 3] and all((d / "error.txt").is_file() for d in dirs)
 
 
 def test_missing_data_names_the_files_and_the_variable(env, tmp_path):
-    proc = run("metalab-train", "dataset=omniglot", env={**env, "METALAB_DATA_DIR": str(tmp_path / "none")},
-               log_dir=tmp_path, ok=False)
+    proc = run(
+        "metalab-train",
+        "dataset=omniglot",
+        env={**env, "METALAB_DATA_DIR": str(tmp_path / "none")},
+        log_dir=tmp_path,
+        ok=False,
+    )
     assert proc.returncode == 2
     assert "images_background.zip" in proc.stderr and "METALAB_DATA_DIR" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -306,8 +384,12 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(command, e
         for path in ("support/a/1.png", "support/b/1.png", "query/x.png"):
             (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
             Image.new("L", (28, 28)).save(tmp_path / path)
-        args = [str(BIN / command), f"ckpt_path={evil}", f"support={tmp_path / 'support'}",
-                f"query={tmp_path / 'query'}"]
+        args = [
+            str(BIN / command),
+            f"ckpt_path={evil}",
+            f"support={tmp_path / 'support'}",
+            f"query={tmp_path / 'query'}",
+        ]
         proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     else:  # train: resume from it
         proc = run(command, f"ckpt_path={evil}", env=env, log_dir=tmp_path / "logs", ok=False)
@@ -315,5 +397,6 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(command, e
     assert proc.stderr.strip().splitlines()[-1] == (
         f"metalab: error: ckpt_path={evil} holds pickled Python objects other than tensors and plain values, "
         "which could run code when loaded, so it is refused (metalab checkpoints hold none); give a checkpoint "
-        "written by metalab-train")
+        "written by metalab-train"
+    )
     assert "Traceback" not in proc.stderr

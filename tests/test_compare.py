@@ -13,10 +13,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_compare_runs_experiments_and_writes_table_and_learning_curves(tmp_path):
     out, plot = tmp_path / "comparison.md", tmp_path / "curves.png"
-    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "run", "metasgd_sinusoid_5shot", "--set",
-               "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
-               "val_episodes=10", "test_episodes=20", f"paths.cache_dir={tmp_path}",
-               "--log-dir", str(tmp_path / "logs"), "--out", str(out), "--plot", str(plot)]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "compare.py"),
+        "run",
+        "metasgd_sinusoid_5shot",
+        "--set",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",
+        "trainer.log_every_n_steps=5",
+        "val_episodes=10",
+        "test_episodes=20",
+        f"paths.cache_dir={tmp_path}",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     results = json.loads(next((tmp_path / "logs").glob("**/results.json")).read_text())
@@ -27,8 +42,20 @@ def test_compare_runs_experiments_and_writes_table_and_learning_curves(tmp_path)
 
     # Reading the finished run gives the same table.
     again = tmp_path / "again.md"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), "read", str(tmp_path / "logs"),
-                    "--out", str(again), "--plot", str(tmp_path / "again.png")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "compare.py"),
+            "read",
+            str(tmp_path / "logs"),
+            "--out",
+            str(again),
+            "--plot",
+            str(tmp_path / "again.png"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert again.read_text() == out.read_text()
 
 
@@ -39,37 +66,62 @@ import compare  # noqa: E402
 from metalab.results import paired_difference, t_quantile_975  # noqa: E402
 
 
-def fake_run(run_dir: Path, overrides: list[str], seed: int = 0, test_acc: float = 0.9, per_episode: list | None = None,
-             eval_seed: int = 0, val: tuple = ((100, 0.5, 0.05), (200, 0.7, 0.04), (300, 0.8, 0.03))) -> Path:
+def fake_run(
+    run_dir: Path,
+    overrides: list[str],
+    seed: int = 0,
+    test_acc: float = 0.9,
+    per_episode: list | None = None,
+    eval_seed: int = 0,
+    val: tuple = ((100, 0.5, 0.05), (200, 0.7, 0.04), (300, 0.8, 0.03)),
+) -> Path:
     """A metalab-train run directory as the commands leave it, with its validation curve in metrics.csv."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (run_dir / "config.yaml").write_text("paper:\n  metric: test/acc\n  value: 98.7\n  ci95: 0.4\n  source: x\n"
-                                         "dataset:\n  metric: acc\n")
+    (run_dir / "config.yaml").write_text(
+        "paper:\n  metric: test/acc\n  value: 98.7\n  ci95: 0.4\n  source: x\ndataset:\n  metric: acc\n"
+    )
     setting = {"algorithm": "maml", "dataset": "omniglot", "test_ways": 5, "test_shots": 1, "seed": seed}
-    (run_dir / "results.json").write_text(json.dumps({"test/acc": test_acc, "test/acc_ci95": 0.01, "config": setting,
-                                                      "global_step": 300, "wall_time_sec": 120.0}))
+    (run_dir / "results.json").write_text(
+        json.dumps(
+            {"test/acc": test_acc, "test/acc_ci95": 0.01, "config": setting, "global_step": 300, "wall_time_sec": 120.0}
+        )
+    )
     lines = ["step,train/loss,val/acc,val/acc_ci95"] + [f"{s},{1 / s},{v},{c}" for s, v, c in val]
     (run_dir / "csv").mkdir()
     (run_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
     if per_episode is not None:
-        identity = {"dataset": {"name": "omniglot"}, "split": "test", "eval_seed": eval_seed, "test_ways": 5,
-                    "test_shots": 1, "test_queries": 15}
-        (run_dir / "test_episodes.json").write_text(json.dumps(
-            {"episodes": identity, "episode": list(range(len(per_episode))), "values": {"acc": per_episode}}))
+        identity = {
+            "dataset": {"name": "omniglot"},
+            "split": "test",
+            "eval_seed": eval_seed,
+            "test_ways": 5,
+            "test_shots": 1,
+            "test_queries": 15,
+        }
+        (run_dir / "test_episodes.json").write_text(
+            json.dumps({"episodes": identity, "episode": list(range(len(per_episode))), "values": {"acc": per_episode}})
+        )
     return run_dir
 
 
 def compare_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_rows_are_labelled_by_the_varying_override_and_seeds_are_grouped(tmp_path):
     sweep = tmp_path / "sweep"
     for job, (lr, seed, acc) in enumerate([("0.01", 0, 0.90), ("0.01", 1, 0.94), ("0.1", 0, 0.80), ("0.1", 1, 0.70)]):
-        fake_run(sweep / str(job), ["algorithm=maml", f"algorithm.inner_lr={lr}", f"seed={seed}"], seed=seed,
-                 test_acc=acc)
+        fake_run(
+            sweep / str(job), ["algorithm=maml", f"algorithm.inner_lr={lr}", f"seed={seed}"], seed=seed, test_acc=acc
+        )
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     finished = compare_cli("read", str(sweep), cwd=elsewhere)
@@ -102,10 +154,13 @@ def test_paired_difference_and_its_ci_match_a_hand_computation(tmp_path):
     assert "+10.000 ± 12.417 percentage points" in finished.stdout and "over 5 shared test episodes" in finished.stdout
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"eval_seed": 1}, r"not tested on the same episodes \(eval_seed: 0 vs 1\)"),
-    ({"per_episode": None}, r"has no per-episode values \(test_episodes.json\)"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"eval_seed": 1}, r"not tested on the same episodes \(eval_seed: 0 vs 1\)"),
+        ({"per_episode": None}, r"has no per-episode values \(test_episodes.json\)"),
+    ],
+)
 def test_runs_on_different_episodes_are_refused_in_one_line(tmp_path, change, message):
     run_a = fake_run(tmp_path / "a", ["algorithm=maml"], per_episode=[0.8, 0.9, 1.0])
     run_b = fake_run(tmp_path / "b", ["algorithm=protonet"], **{"per_episode": [0.7, 0.9, 0.8], **change})

@@ -28,8 +28,16 @@ def composed(*overrides: str) -> dict:
 def test_config_groups_cover_the_public_names():
     assert set(ALGORITHMS) == {p.stem for p in (Path(CONFIG_DIR) / "algorithm").glob("*.yaml")}
     assert set(DATASETS) == {"sinusoid", "omniglot", "image_folder", "mini_imagenet"}
-    for group in ("hardware/cpu", "hardware/gpu", "backbone/conv4", "backbone/mlp", "logger/tensorboard",
-                  "callbacks/default", "paths/default", "hydra/default"):
+    for group in (
+        "hardware/cpu",
+        "hardware/gpu",
+        "backbone/conv4",
+        "backbone/mlp",
+        "logger/tensorboard",
+        "callbacks/default",
+        "paths/default",
+        "hydra/default",
+    ):
         assert (Path(CONFIG_DIR) / f"{group}.yaml").is_file(), group
 
 
@@ -86,7 +94,9 @@ def test_experiments_compose(experiment):
     # More figures: the paper's value, or null where it publishes none (ours is shown alone).
     assert all(value is None or isinstance(value, float) for value in (paper.get("figures") or {}).values())
     budget = paper.get("budget") or {}
-    assert set(budget) <= {"steps", "episodes", "note"} and all(isinstance(budget.get(k, 0), int) for k in ("steps", "episodes"))
+    assert set(budget) <= {"steps", "episodes", "note"} and all(
+        isinstance(budget.get(k, 0), int) for k in ("steps", "episodes")
+    )
 
 
 def test_hardware_choices():
@@ -136,8 +146,11 @@ def test_paper_defaults_equal_their_experiment_but_for_the_step_budget(pair):
 def test_a_backbone_option_of_another_backbone_is_refused_clearly():
     from metalab.backbones import build_backbone
 
-    with pytest.raises(ConfigError, match=r"backbone=mlp has no option global_average, pooled_blocks, stride .*; "
-                                          r"remove with ~backbone.global_average ~backbone.pooled_blocks ~backbone.stride"):
+    with pytest.raises(
+        ConfigError,
+        match=r"backbone=mlp has no option global_average, pooled_blocks, stride .*; "
+        r"remove with ~backbone.global_average ~backbone.pooled_blocks ~backbone.stride",
+    ):
         build_backbone(composed("algorithm=maml", "dataset=omniglot", "backbone=mlp")["backbone"], (1, 28, 28))
 
 
@@ -146,12 +159,25 @@ def test_one_positivity_check_names_the_value_the_meaning_and_a_fix():
 
     for good, integer in ((1, True), (7, True), (0.5, False), (3, False)):
         check_positive("x", good, 5, integer=integer)
-    for bad, integer in ((0, True), (-2, True), (2.5, True), (True, True), ("5", True), (None, True),
-                         (0.0, False), (float("inf"), False), (float("nan"), False), (False, False)):
+    for bad, integer in (
+        (0, True),
+        (-2, True),
+        (2.5, True),
+        (True, True),
+        ("5", True),
+        (None, True),
+        (0.0, False),
+        (float("inf"), False),
+        (float("nan"), False),
+        (False, False),
+    ):
         with pytest.raises(ConfigError, match=r"^x=.* must be a positive (integer|number); set e\.g\. x=5$"):
             check_positive("x", bad, 5, integer=integer)
-    with pytest.raises(ConfigError, match=r"^algorithm\.read_steps=0 must be a positive integer \(the LSTM's K\), or "
-                                          r"null; set e\.g\. algorithm\.read_steps=5$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^algorithm\.read_steps=0 must be a positive integer \(the LSTM's K\), or "
+        r"null; set e\.g\. algorithm\.read_steps=5$",
+    ):
         check_positive("algorithm.read_steps", 0, 5, meaning="the LSTM's K", otherwise="null")
     check_meta_batch_split(8, 4)
     with pytest.raises(ConfigError, match="meta_batch_size=6 does not split evenly over 4 DDP processes"):
@@ -164,14 +190,16 @@ def test_an_experiment_that_shares_a_setting_builds_on_it():
     what differs (its algorithm, its own values, its paper figure)."""
     experiments = Path(CONFIG_DIR) / "experiment"
     builders = {p.stem: yaml.safe_load(p.read_text()) for p in experiments.glob("*.yaml")}
-    children = {name: next(d for d in cfg["defaults"] if isinstance(d, str))
-                for name, cfg in builders.items() if any(isinstance(d, str) for d in cfg.get("defaults", []))}
+    children = {
+        name: next(d for d in cfg["defaults"] if isinstance(d, str))
+        for name, cfg in builders.items()
+        if any(isinstance(d, str) for d in cfg.get("defaults", []))
+    }
     assert {name for name in builders if name.startswith("fomaml_")} <= set(children)
     for name, base in children.items():
         assert base == "maml_" + name.split("_", 1)[1] and base in builders, name
         own = set(builders[name]) - {"defaults", "paper"}
         assert len(yaml.safe_dump({k: builders[name][k] for k in own}).splitlines()) <= 8, name
-
 
 
 def test_each_group_file_names_the_class_it_builds():
@@ -198,13 +226,21 @@ def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
 
     conf = tmp_path / "conf"
     shutil.copytree(CONFIG_DIR, conf)
-    for path, old, new in ((conf / "algorithm" / "matchingnet.yaml", "read_steps: 5", "read_steps: 2"),
-                           (conf / "dataset" / "sinusoid.yaml", "x_range: [-5.0, 5.0]", "x_range: [-1.0, 2.0]")):
+    for path, old, new in (
+        (conf / "algorithm" / "matchingnet.yaml", "read_steps: 5", "read_steps: 2"),
+        (conf / "dataset" / "sinusoid.yaml", "x_range: [-5.0, 5.0]", "x_range: [-1.0, 2.0]"),
+    ):
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
     monkeypatch.setattr("metalab.config.CONFIG_DIR", str(conf))
-    model = ALGORITHMS["matchingnet"]({"algorithm": {"name": "matchingnet", "fce": True},
-                                       "backbone": {"name": "conv4", "hidden_channels": 4, "blocks": 2},
-                                       "ways": 5}, [1, 8, 8], "classification")
+    model = ALGORITHMS["matchingnet"](
+        {
+            "algorithm": {"name": "matchingnet", "fce": True},
+            "backbone": {"name": "conv4", "hidden_channels": 4, "blocks": 2},
+            "ways": 5,
+        },
+        [1, 8, 8],
+        "classification",
+    )
     assert model.read_steps == 2 and model.algorithm_cfg["cosine_scale"] == 1.0
     assert build_sources({"name": "sinusoid"}, tmp_path, tmp_path)["train"].x_range == (-1.0, 2.0)

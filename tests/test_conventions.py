@@ -26,8 +26,15 @@ TINY = ["val_episodes=4", "test_episodes=4", "eval_batch_size=2", "meta_batch_si
 
 def train(tmp_path: Path, *overrides: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
     args = [str(BIN / "metalab-train"), f"paths.log_dir={tmp_path / 'logs'}", *TINY, *overrides]
-    return subprocess.run(args, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "METALAB_CACHE_DIR": str(tmp_path / "cache")})
+    return subprocess.run(
+        args,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "METALAB_CACHE_DIR": str(tmp_path / "cache")},
+    )
 
 
 def run_dir_of(tmp_path: Path) -> Path:
@@ -51,8 +58,13 @@ DEBUG = {
 
 
 # fdr and overfit in the default run; the rest (~7 s each, the same run with other trainer flags) slow.
-@pytest.mark.parametrize("choice", [choice if choice in ("fdr", "overfit")
-                                    else pytest.param(choice, marks=pytest.mark.slow) for choice in sorted(DEBUG)])
+@pytest.mark.parametrize(
+    "choice",
+    [
+        choice if choice in ("fdr", "overfit") else pytest.param(choice, marks=pytest.mark.slow)
+        for choice in sorted(DEBUG)
+    ],
+)
 def test_each_debug_setup_runs_end_to_end(choice, tmp_path):
     proc = train(tmp_path, f"debug={choice}", *DEBUG[choice])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,8 +111,14 @@ def test_overfit_replays_the_same_few_meta_batches(tmp_path):
 def test_a_redirected_run_logs_its_progress_to_the_file_and_its_log(tmp_path):
     output = tmp_path / "run.out"
     with open(output, "w") as file:  # `metalab-train ... > run.out`
-        proc = train(tmp_path, "logger=many", "tags=[smoke,h15]", "trainer.max_steps=40",
-                     "trainer.val_check_interval=20", stdout=file)
+        proc = train(
+            tmp_path,
+            "logger=many",
+            "tags=[smoke,h15]",
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=20",
+            stdout=file,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = run_dir_of(tmp_path)
     printed, log = output.read_text(), (run_dir / "train.log").read_text()
@@ -133,15 +151,19 @@ def test_a_logger_whose_package_is_missing_is_refused_naming_the_extra(name, tmp
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"metalab: error: logger={name} needs the {name} package, which is not installed; install it with "
-        f"pip install -e '.[{name}]', or choose logger=tensorboard or csv"]
+        f"pip install -e '.[{name}]', or choose logger=tensorboard or csv"
+    ]
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer=gpu", "to choose the hardware use hardware=<cpu|gpu|ddp|ddp_cpu|slurm>, e.g. hardware=gpu"),
-    pytest.param("trainer=ddp", "e.g. hardware=ddp", marks=pytest.mark.slow),  # the same refusal as trainer=gpu
-    ("tags=oops", "tags='oops' must be a list of words; set e.g. tags=[baseline,omniglot]"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer=gpu", "to choose the hardware use hardware=<cpu|gpu|ddp|ddp_cpu|slurm>, e.g. hardware=gpu"),
+        pytest.param("trainer=ddp", "e.g. hardware=ddp", marks=pytest.mark.slow),  # the same refusal as trainer=gpu
+        ("tags=oops", "tags='oops' must be a list of words; set e.g. tags=[baseline,omniglot]"),
+    ],
+)
 def test_template_habits_that_do_not_apply_are_refused_in_one_line(override, message, tmp_path):
     proc = train(tmp_path, override)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
@@ -185,8 +207,14 @@ def test_an_evaluation_records_its_own_tags(tmp_path):
 def test_training_scalars_are_logged_only_on_the_steps_the_logger_writes(tmp_path, monkeypatch):
     """Each self.log call costs about a millisecond; a step whose scalars Lightning would not write
     makes none. The CSV logger still gets every step it got before: each log_every_n_steps-th."""
-    config = train_config(tmp_path, "trainer.max_steps=12", "trainer.val_check_interval=12",
-                          "trainer.log_every_n_steps=5", "logger=csv", *TINY)
+    config = train_config(
+        tmp_path,
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=12",
+        "trainer.log_every_n_steps=5",
+        "logger=csv",
+        *TINY,
+    )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     model = ALGORITHMS["maml"](config, list(datamodule.input_shape), datamodule.task_type)
@@ -205,6 +233,7 @@ def test_training_scalars_are_logged_only_on_the_steps_the_logger_writes(tmp_pat
     assert logged_at == {1, 5, 10, 12}
     header, *rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     columns = header.split(",")
-    loss_steps = [int(row.split(",")[columns.index("step")]) for row in rows
-                  if row.split(",")[columns.index("train/loss")]]
+    loss_steps = [
+        int(row.split(",")[columns.index("step")]) for row in rows if row.split(",")[columns.index("train/loss")]
+    ]
     assert loss_steps == [4, 9]  # Lightning's 0-based step of the 5th and 10th outer steps

@@ -46,9 +46,17 @@ def folder(tmp_path: Path) -> Path:
 
 
 def folder_cfg(root: Path, **overrides) -> dict:
-    return {"name": "image_folder", "root": str(root), "image_size": 8, "channels": 3, "invert": False,
-            "split_dir": None, "split_fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "split_seed": 0,
-            **overrides}
+    return {
+        "name": "image_folder",
+        "root": str(root),
+        "image_size": 8,
+        "channels": 3,
+        "invert": False,
+        "split_dir": None,
+        "split_fractions": {"train": 0.5, "val": 0.25, "test": 0.25},
+        "split_seed": 0,
+        **overrides,
+    }
 
 
 def assert_classification_episode(episode: Episode, ways: int, shots: int, queries: int, shape: tuple) -> None:
@@ -185,8 +193,10 @@ def test_image_folder_cache(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(image_cache, "decode_all", no_decoding)
     second = build_sources(folder_cfg(folder), tmp_path, cache)
     generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(first["train"].sample(2, 2, 2, generator()),
-                                                   second["train"].sample(2, 2, 2, generator())))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first["train"].sample(2, 2, 2, generator()), second["train"].sample(2, 2, 2, generator()))
+    )
     with pytest.raises(AssertionError, match="decoded again"):  # a changed setting rebuilds
         build_sources(folder_cfg(folder, image_size=10), tmp_path, cache)
     write_image(folder / "class0" / "img1.png", 7, 7)  # so does a changed file
@@ -221,9 +231,24 @@ def test_sinusoid_tasks_lie_in_the_family(tmp_path):
 
 # ---------------------------------------------------------------- data module
 def datamodule(cfg: dict, tmp_path: Path, **overrides) -> EpisodicDataModule:
-    args = dict(dataset=cfg, data_dir=tmp_path, cache_dir=tmp_path / "cache", ways=3, shots=1, queries=2,
-                meta_batch_size=2, test_ways=2, test_shots=1, test_queries=3, val_episodes=6, test_episodes=5,
-                seed=0, eval_seed=7, eval_batch_size=4, num_workers=0)
+    args = dict(
+        dataset=cfg,
+        data_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        ways=3,
+        shots=1,
+        queries=2,
+        meta_batch_size=2,
+        test_ways=2,
+        test_shots=1,
+        test_queries=3,
+        val_episodes=6,
+        test_episodes=5,
+        seed=0,
+        eval_seed=7,
+        eval_batch_size=4,
+        num_workers=0,
+    )
     dm = EpisodicDataModule(**{**args, **overrides})
     dm.setup("fit")
     return dm
@@ -277,9 +302,23 @@ def test_train_stream_is_resumable_and_worker_independent(folder, tmp_path):
 
 def test_setup_checks_only_the_splits_a_stage_uses(folder, tmp_path):
     cfg = folder_cfg(folder)
-    dm = EpisodicDataModule(cfg, tmp_path, tmp_path / "cache", ways=10, shots=1, queries=1, meta_batch_size=2,
-                            test_ways=2, test_shots=1, test_queries=1, val_episodes=2, test_episodes=2,
-                            seed=0, eval_seed=0, eval_batch_size=2)
+    dm = EpisodicDataModule(
+        cfg,
+        tmp_path,
+        tmp_path / "cache",
+        ways=10,
+        shots=1,
+        queries=1,
+        meta_batch_size=2,
+        test_ways=2,
+        test_shots=1,
+        test_queries=1,
+        val_episodes=2,
+        test_episodes=2,
+        seed=0,
+        eval_seed=0,
+        eval_batch_size=2,
+    )
     dm.setup("test")  # an evaluation-only run ignores the impossible train setting
     with pytest.raises(ConfigError, match=r"ways=10 .*'train'.* has 4 classes"):
         dm.setup("fit")
@@ -303,8 +342,10 @@ def test_missing_omniglot_archives(tmp_path):
 
 def fake_urlretrieve(sources: dict[str, Path]):
     """Stands in for the network: 'downloads' a local file by its archive name."""
+
     def urlretrieve(url, target):
         Path(target).write_bytes(sources[url.rsplit("/", 1)[-1]].read_bytes())
+
     return urlretrieve
 
 
@@ -313,8 +354,11 @@ def test_download_keeps_only_archives_with_the_published_checksum(tmp_path, monk
 
     fake = tmp_path / "fake.zip"
     fake.write_bytes(b"not the archive")
-    monkeypatch.setattr(omniglot.urllib.request, "urlretrieve", fake_urlretrieve(
-        {"images_background.zip": fake, "images_evaluation.zip": fake}))
+    monkeypatch.setattr(
+        omniglot.urllib.request,
+        "urlretrieve",
+        fake_urlretrieve({"images_background.zip": fake, "images_evaluation.zip": fake}),
+    )
     data_dir = tmp_path / "data"
     with pytest.raises(DataError, match="not the published 68d2efa1b9178cc56df9314c21c6e718"):
         build_sources({"name": "omniglot", "protocol": "lake", "download": True}, data_dir, tmp_path / "cache")
@@ -322,6 +366,7 @@ def test_download_keeps_only_archives_with_the_published_checksum(tmp_path, monk
 
     def offline(url, target):
         raise omniglot.urllib.error.URLError("no network")
+
     monkeypatch.setattr(omniglot.urllib.request, "urlretrieve", offline)
     with pytest.raises(DataError, match="could not download .*images_background.zip.*by hand"):
         build_sources({"name": "omniglot", "protocol": "lake", "download": True}, data_dir, tmp_path / "cache")
@@ -335,17 +380,25 @@ def test_download_then_load(omniglot_dir, tmp_path, monkeypatch):
 
     archives = {name: omniglot_dir / name for name in omniglot.ARCHIVES}
     # The shared archives are re-zipped copies: accept their digests in place of the official ones.
-    monkeypatch.setattr(omniglot, "OFFICIAL_MD5", {n: hashlib.md5(p.read_bytes()).hexdigest() for n, p in archives.items()})
+    monkeypatch.setattr(
+        omniglot, "OFFICIAL_MD5", {n: hashlib.md5(p.read_bytes()).hexdigest() for n, p in archives.items()}
+    )
     monkeypatch.setattr(omniglot.urllib.request, "urlretrieve", fake_urlretrieve(archives))
-    sources = build_sources({"name": "omniglot", "protocol": "lake", "download": True, "image_size": 28},
-                            tmp_path / "data", tmp_path / "cache")
+    sources = build_sources(
+        {"name": "omniglot", "protocol": "lake", "download": True, "image_size": 28},
+        tmp_path / "data",
+        tmp_path / "cache",
+    )
     assert (len(sources["train"].class_names), len(sources["test"].class_names)) == (813, 659)
 
 
 @pytest.fixture(scope="module")
 def vinyals(omniglot_dir, cache_dir):
-    return build_sources({"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True,
-                          "verify_checksums": True, "download": False}, omniglot_dir.parent, cache_dir)
+    return build_sources(
+        {"name": "omniglot", "protocol": "vinyals"},  # the rest from conf/dataset/omniglot.yaml
+        omniglot_dir.parent,
+        cache_dir,
+    )
 
 
 @pytest.mark.data
@@ -387,14 +440,22 @@ def test_omniglot_vinyals_rotations(vinyals):
 
 @pytest.mark.data
 def test_omniglot_lake(data_dir, cache_dir):
-    sources = build_sources({"name": "omniglot", "protocol": "lake", "image_size": 28, "invert": True,
-                             "verify_checksums": True}, data_dir, cache_dir)
+    sources = build_sources(
+        {"name": "omniglot", "protocol": "lake", "image_size": 28, "invert": True, "verify_checksums": True},
+        data_dir,
+        cache_dir,
+    )
     names = {split: set(source.class_names) for split, source in sources.items()}
     # 964 background characters, of which the last 5 alphabets (151 characters) validate.
     assert [len(names[s]) for s in ("train", "val", "test")] == [813, 151, 659]
     alphabets = {split: {name.split("/")[0] for name in names[split]} for split in names}
-    assert alphabets["val"] == {"Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)",
-                                "Tagalog", "Tifinagh"}
+    assert alphabets["val"] == {
+        "Ojibwe_(Canadian_Aboriginal_Syllabics)",
+        "Sanskrit",
+        "Syriac_(Estrangelo)",
+        "Tagalog",
+        "Tifinagh",
+    }
     assert not (alphabets["train"] & alphabets["val"] or alphabets["val"] & alphabets["test"])
     assert all(name.count("/") == 1 for name in names["train"])  # characters, no rotations
     episode = sources["test"].sample(20, 1, 5, torch.Generator().manual_seed(0))
@@ -435,8 +496,10 @@ def test_omniglot_cache_is_reused(vinyals, data_dir, cache_dir, monkeypatch):
     cfg = {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True}
     again = build_sources(cfg, data_dir, cache_dir)  # no_decoding fails the test if the cache is not used
     generator = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(vinyals["val"].sample(5, 1, 1, generator()),
-                                                   again["val"].sample(5, 1, 1, generator())))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(vinyals["val"].sample(5, 1, 1, generator()), again["val"].sample(5, 1, 1, generator()))
+    )
     with pytest.raises(AssertionError, match="decoded again"):
         build_sources({**cfg, "image_size": 14}, data_dir, cache_dir)
 
@@ -444,8 +507,21 @@ def test_omniglot_cache_is_reused(vinyals, data_dir, cache_dir, monkeypatch):
 @pytest.mark.data
 def test_omniglot_datamodule_matches_across_workers(data_dir, cache_dir):
     cfg = {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True, "verify_checksums": True}
-    dm, dm2 = (datamodule(cfg, data_dir, cache_dir=cache_dir, num_workers=w, ways=20, shots=5, queries=15,
-                          test_ways=5, test_shots=1, test_queries=15) for w in (0, 2))
+    dm, dm2 = (
+        datamodule(
+            cfg,
+            data_dir,
+            cache_dir=cache_dir,
+            num_workers=w,
+            ways=20,
+            shots=5,
+            queries=15,
+            test_ways=5,
+            test_shots=1,
+            test_queries=15,
+        )
+        for w in (0, 2)
+    )
     assert dm.input_shape == (1, 28, 28) and dm.task_type == "classification"
     assert same(batches(dm.train_dataloader(), 3), batches(dm2.train_dataloader(), 3))
     assert same(batches(dm.val_dataloader()), batches(dm2.val_dataloader()))
@@ -466,8 +542,11 @@ def test_omniglot_splits_are_pairwise_disjoint(protocol, data_dir, cache_dir):
     sources = build_sources({"name": "omniglot", "protocol": protocol, "image_size": 28}, data_dir, cache_dir)
     assert_pairwise_disjoint(sources)
     characters = {split: {name.rsplit("/rot", 1)[0] for name in s.class_names} for split, s in sources.items()}
-    assert not (characters["train"] & characters["val"] or characters["train"] & characters["test"]
-                or characters["val"] & characters["test"])  # no character in two splits, at any rotation
+    assert not (
+        characters["train"] & characters["val"]
+        or characters["train"] & characters["test"]
+        or characters["val"] & characters["test"]
+    )  # no character in two splits, at any rotation
 
 
 def test_image_folder_and_mini_imagenet_splits_are_pairwise_disjoint(folder, tmp_path, data_dir):
@@ -475,14 +554,19 @@ def test_image_folder_and_mini_imagenet_splits_are_pairwise_disjoint(folder, tmp
     by_folders = tmp_path / "by_folders"
     for split, classes in {"train": range(0, 3), "val": range(3, 5), "test": range(5, 7)}.items():
         class_folders(by_folders / split, classes)
-    assert_pairwise_disjoint(build_sources({"name": "image_folder", "root": str(by_folders), "image_size": 8},
-                                           tmp_path, tmp_path / "cache2"))
+    assert_pairwise_disjoint(
+        build_sources({"name": "image_folder", "root": str(by_folders), "image_size": 8}, tmp_path, tmp_path / "cache2")
+    )
     ravi = data_dir / "mini_imagenet" / "splits" / "ravi"  # miniImageNet's own split files, when present
     if ravi.is_dir():
-        labels = {split: {row["label"] for row in csv.DictReader((ravi / f"{split}.csv").open())}
-                  for split in ("train", "val", "test")}
+        labels = {
+            split: {row["label"] for row in csv.DictReader((ravi / f"{split}.csv").open())}
+            for split in ("train", "val", "test")
+        }
         assert [len(labels[s]) for s in ("train", "val", "test")] == [64, 16, 20]
-        assert not (labels["train"] & labels["val"] or labels["train"] & labels["test"] or labels["val"] & labels["test"])
+        assert not (
+            labels["train"] & labels["val"] or labels["train"] & labels["test"] or labels["val"] & labels["test"]
+        )
 
 
 def test_splits_that_share_a_class_are_refused(tmp_path):

@@ -23,8 +23,9 @@ def test_compile_accepts_reduce_overhead_on_a_gpu_only_and_refuses_unknown_modes
     check_compile(gpu, maml)
     with pytest.raises(ConfigError, match="algorithm.compile=reduce-overhead replays CUDA graphs, which need a GPU"):
         check_compile({**gpu, "trainer": {"accelerator": "cpu"}}, maml)
-    with pytest.raises(ConfigError, match="algorithm.compile=max-speed is not a choice; use auto, false, true or "
-                                          "reduce-overhead"):
+    with pytest.raises(
+        ConfigError, match="algorithm.compile=max-speed is not a choice; use auto, false, true or reduce-overhead"
+    ):
         check_compile({**gpu, "algorithm": {"name": "maml", "compile": "max-speed"}}, maml)
 
 
@@ -37,9 +38,25 @@ def test_reduce_overhead_turns_on_cuda_graphs_beside_the_graph_pass():
 
 def test_bench_row_writes_its_figures_as_json(tmp_path):
     rows = tmp_path / "rows.jsonl"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--row", "mlp:maml:0:1:vmap", "--seconds",
-                    "0.05", "--meta-batch", "2", "--precision", "bf16", "--json", str(rows)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench.py"),
+            "--row",
+            "mlp:maml:0:1:vmap",
+            "--seconds",
+            "0.05",
+            "--meta-batch",
+            "2",
+            "--precision",
+            "bf16",
+            "--json",
+            str(rows),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
     assert row["learner"] == "maml" and row["inner_steps"] == 1 and row["compile"] is False
     assert row["precision"] == "bf16" and row["device"].startswith("CPU")
@@ -54,14 +71,31 @@ def test_bench_row_writes_its_figures_as_json(tmp_path):
 def test_device_check_smoke_runs_every_part_on_the_cpu(tmp_path, data_dir):
     """The script a GPU session runs, at its tiny settings: every part reports, and the end-to-end run learns."""
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "device_check.sh"), "--smoke", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=1200, check=False)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "device_check.sh"), "--smoke", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert {part: record["status"] for part, record in report["parts"].items()} == {
-        part: "ok" for part in ("1-maml-eager", "1-maml-compiled", "2-family", "2-anil-protonet", "3-memory",
-                                "4-gradient", "5-train-fast", "5-train-fast-eval", "5-train-float32-eager",
-                                "5-train-float32-eager-eval")}
+        part: "ok"
+        for part in (
+            "1-maml-eager",
+            "1-maml-compiled",
+            "2-family",
+            "2-anil-protonet",
+            "3-memory",
+            "4-gradient",
+            "5-train-fast",
+            "5-train-fast-eval",
+            "5-train-float32-eager",
+            "5-train-float32-eager-eval",
+        )
+    }
     assert report["parts"]["5-train-fast"]["eval"]["test/acc"] > 0.2  # 5-way: chance is 0.2
     assert "| maml |" in (tmp_path / "device_check.md").read_text()
 
@@ -73,8 +107,11 @@ def test_training_throughput_leaves_out_each_processs_first_outer_step():
 
     from metalab.data.episodes import Episode
 
-    model = ALGORITHMS["protonet"]({"algorithm": {"name": "protonet"}, "backbone": {"name": "mlp", "hidden_sizes": [4]},
-                                    "ways": 2}, [3], "classification")
+    model = ALGORITHMS["protonet"](
+        {"algorithm": {"name": "protonet"}, "backbone": {"name": "mlp", "hidden_sizes": [4]}, "ways": 2},
+        [3],
+        "classification",
+    )
     tasks = 4
     batch = Episode(torch.zeros(tasks, 2, 3), torch.zeros(tasks, 2), torch.zeros(tasks, 2, 3), torch.zeros(tasks, 2))
     for _ in range(3):

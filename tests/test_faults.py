@@ -83,9 +83,17 @@ def test_random_state_is_saved_and_restored():
 # ---------------------------------------------------------------- kill -9, then resume
 # MAML on sinusoid, a checkpoint every 10 outer steps; the run is killed soon after its first
 # one, far from the end (300 steps), and resumed from last.ckpt.
-RUN = ["trainer.max_steps=300", "trainer.val_check_interval=100", "val_episodes=10", "test_episodes=30",
-       "callbacks.model_checkpoint.every_n_train_steps=10", "trainer.deterministic=true", "logger=none",
-       "trainer.enable_progress_bar=false", "meta_batch_size=8"]
+RUN = [
+    "trainer.max_steps=300",
+    "trainer.val_check_interval=100",
+    "val_episodes=10",
+    "test_episodes=30",
+    "callbacks.model_checkpoint.every_n_train_steps=10",
+    "trainer.deterministic=true",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "meta_batch_size=8",
+]
 
 
 def command(log_dir: Path, *extra: str) -> list[str]:
@@ -101,8 +109,9 @@ def results(log_dir: Path) -> dict:
 def straight(tmp_path_factory, cache_dir) -> dict:
     """The uninterrupted run the interrupted ones must reproduce."""
     log_dir = tmp_path_factory.mktemp("straight")
-    proc = subprocess.run(command(log_dir), check=False, env=run_env(cache_dir), cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        command(log_dir), check=False, env=run_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return results(log_dir)
 
@@ -146,19 +155,33 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_final_metrics(tmp_path, c
     assert 10 <= stopped_at < 300 and stopped_at % 10 == 0
 
     resumed_dir = tmp_path / "resumed"
-    proc = subprocess.run(command(resumed_dir, f"ckpt_path={last}"), check=False, env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command(resumed_dir, f"ckpt_path={last}"),
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(results(resumed_dir), straight)
 
 
 # SLURM as a requeued job sees it: the same job id, and SLURM_RESTART_COUNT=1 the second time.
-SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "metalab-test", "SLURM_PROCID": "0",
-         "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+SLURM = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "metalab-test",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
 
 
 def test_sigterm_saves_the_state_exits_nonzero_and_a_requeued_slurm_job_resumes_by_itself(
-        tmp_path, cache_dir, straight):
+    tmp_path, cache_dir, straight
+):
     env = run_env(cache_dir, **SLURM)
     victim = start_and_wait_for_a_checkpoint(tmp_path, env)
     victim.send_signal(signal.SIGTERM)  # what SLURM sends a job it pre-empts, before SIGKILL
@@ -171,12 +194,20 @@ def test_sigterm_saves_the_state_exits_nonzero_and_a_requeued_slurm_job_resumes_
     assert 10 <= stopped_at < 300  # the state at the step it stopped, not only the last periodic save
     assert stderr.strip().splitlines()[-1] == (
         f"metalab: error: stopped by SIGTERM at step {stopped_at}; its state is saved in {last}; "
-        "a requeued SLURM job resumes from it by itself")
+        "a requeued SLURM job resumes from it by itself"
+    )
     assert not (run_dir / "results.json").exists()
 
     # Requeued: the very same command line, no ckpt_path; it finds its run directory and resumes.
-    proc = subprocess.run(command(tmp_path), check=False, env={**env, "SLURM_RESTART_COUNT": "1"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command(tmp_path),
+        check=False,
+        env={**env, "SLURM_RESTART_COUNT": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"metalab: requeued SLURM job: resuming from {last}" in proc.stderr
     assert [d.name for d in (tmp_path / "train" / "runs").iterdir()] == ["slurm-4242"]
@@ -196,9 +227,16 @@ def under_a_file_size_limit():  # in the child: writes past 20 kB fail with EFBI
 def test_a_checkpoint_the_os_refuses_to_write_is_one_line_and_leaves_no_temporary_file(tmp_path, cache_dir):
     # The operating system really refuses the write (no injection): the first checkpoint is
     # larger than the limit, as a checkpoint is larger than what is left on a full disk.
-    proc = subprocess.run(command(tmp_path, "trainer.max_steps=20", "trainer.val_check_interval=10"), check=False,
-                          env=run_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=600,
-                          preexec_fn=under_a_file_size_limit)
+    proc = subprocess.run(
+        command(tmp_path, "trainer.max_steps=20", "trainer.val_check_interval=10"),
+        check=False,
+        env=run_env(cache_dir),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=under_a_file_size_limit,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line.startswith("metalab: error: cannot write ") and ".ckpt: File too large (" in last_line
@@ -214,11 +252,14 @@ def train_config(*overrides: str) -> dict:
         return resolve(compose("train", overrides=["paths.run_dir=unused", *overrides]))
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: None, "does not exist"),
-    (lambda p: p.write_bytes(b"PK\x03\x04 half a file"), "not a readable PyTorch checkpoint"),
-    (lambda p: torch.save({"state_dict": {}}, p), "not a metalab checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_bytes(b"PK\x03\x04 half a file"), "not a readable PyTorch checkpoint"),
+        (lambda p: torch.save({"state_dict": {}}, p), "not a metalab checkpoint"),
+    ],
+)
 def test_train_refuses_a_bad_ckpt_path_before_any_work(make, message, tmp_path):
     path = tmp_path / "last.ckpt"
     make(path)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from lightning import Trainer
+from learner_checkpoints import quiet_trainer
 
 from metalab.algorithms import ALGORITHMS
 from metalab.config import resolve
@@ -13,19 +13,20 @@ from metalab.runner import build_datamodule
 
 def sinusoid_setup(tmp_path, **overrides):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.run_dir={tmp_path}", f"paths.cache_dir={tmp_path}",
-                                          *(f"{k}={v}" for k, v in overrides.items())])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.run_dir={tmp_path}",
+                f"paths.cache_dir={tmp_path}",
+                *(f"{k}={v}" for k, v in overrides.items()),
+            ],
+        )
     config = resolve(cfg)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     torch.manual_seed(0)
     model = ALGORITHMS[config["algorithm"]["name"]](config, list(datamodule.input_shape), datamodule.task_type)
     return model, datamodule
-
-
-def quiet_trainer(**kwargs) -> Trainer:
-    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu", **kwargs)
 
 
 # The learners for regression beside MAML (the default) join the shared tests here.
@@ -38,8 +39,9 @@ def test_evaluation_works_under_lightnings_default_inference_mode(tmp_path, stag
     model, datamodule = sinusoid_setup(tmp_path, test_episodes=40, val_episodes=40, algorithm=algorithm)
     results = []
     for inference_mode in (True, False):  # True is Lightning's default for validate/test
-        metrics = getattr(quiet_trainer(inference_mode=inference_mode), stage)(model, datamodule=datamodule,
-                                                                              verbose=False)[0]
+        metrics = getattr(quiet_trainer(inference_mode=inference_mode), stage)(
+            model, datamodule=datamodule, verbose=False
+        )[0]
         results.append(metrics)
     prefix = "val" if stage == "validate" else "test"
     assert results[0] == results[1]

@@ -77,7 +77,9 @@ def test_zero_inner_steps_is_plain_supervised_gradient():
     model, batch = small_maml(0, first_order=False), random_batch()
     ours = vmapped_meta_gradient(model, batch)
     logits = model.model(batch.query_x.flatten(0, 1))
-    plain = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, batch.query_y.flatten()), list(model.model.parameters()))
+    plain = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(logits, batch.query_y.flatten()), list(model.model.parameters())
+    )
     for a, b in zip(ours, plain):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
 

@@ -26,8 +26,9 @@ def coded_source(tmp_path) -> ImageClassSource:
     """8 classes of 20 tiny images whose pixels all equal the class index, so a label's class can be read off."""
     images = np.repeat(np.arange(8, dtype=np.uint8), 20)[:, None, None, None] * np.ones((1, 1, 2, 2), np.uint8)
     np.save(tmp_path / "coded.npy", images)
-    return ImageClassSource(tmp_path / "coded.npy", [f"c{i}" for i in range(8)], range(0, 160, 20), [20] * 8,
-                            dataset="coded", split="train")
+    return ImageClassSource(
+        tmp_path / "coded.npy", [f"c{i}" for i in range(8)], range(0, 160, 20), [20] * 8, dataset="coded", split="train"
+    )
 
 
 # ---------------------------------------------------------------------------------- sequences
@@ -84,11 +85,14 @@ def test_least_used_gives_each_head_its_own_slot_least_used_first():
     assert least_used(usage, 2).tolist() == [[[0, 1, 0, 0], [0, 0, 0, 1]]]
 
 
-@pytest.mark.parametrize("gate, slot1, slot2", [
-    (1.0, [0.0, 0.0], [1.5, 0.5]),          # all to the last-read slot (the least-used one is still erased)
-    (0.0, [0.5, -0.5], [1.0, 1.0]),         # all to the erased least-used slot
-    (0.25, [0.375, -0.375], [1.125, 0.875]),  # 3/4 of k to the least-used slot, 1/4 to the last-read one
-])
+@pytest.mark.parametrize(
+    "gate, slot1, slot2",
+    [
+        (1.0, [0.0, 0.0], [1.5, 0.5]),  # all to the last-read slot (the least-used one is still erased)
+        (0.0, [0.5, -0.5], [1.0, 1.0]),  # all to the erased least-used slot
+        (0.25, [0.375, -0.375], [1.125, 0.875]),  # 3/4 of k to the least-used slot, 1/4 to the last-read one
+    ],
+)
 def test_lrua_writes_where_the_gate_says(gate, slot1, slot2):
     memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]])
     usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]])  # slot 1 is the least used
@@ -118,8 +122,9 @@ def reference_lrua_step(memory, usage, read_weights, keys, values, gates, streng
             new_memory[j] = new_memory[j] + write_weights[i, j] * values[i]
     new_reads, reads = torch.zeros(heads, slots, dtype=memory.dtype), []
     for i in range(heads):
-        cosines = torch.stack([torch.dot(keys[i], new_memory[j]) / (keys[i].norm() * new_memory[j].norm())
-                               for j in range(slots)])
+        cosines = torch.stack(
+            [torch.dot(keys[i], new_memory[j]) / (keys[i].norm() * new_memory[j].norm()) for j in range(slots)]
+        )
         new_reads[i] = torch.softmax(strengths[i] * cosines, 0)
         reads.append(sum(new_reads[i, j] * new_memory[j] for j in range(slots)))
     new_usage = decay * usage + new_reads.sum(0) + write_weights.sum(0)
@@ -143,8 +148,9 @@ def test_lrua_with_four_heads_matches_a_per_head_loop_of_the_equations():
         new_reads, reads = content_read(new_memory, keys, strengths)
         new_usage = decay * usage + new_reads.sum(1) + write_weights.sum(1)
         for b in range(batch):
-            expected = reference_lrua_step(memory[b], usage[b], read_weights[b], keys[b], values[b],
-                                           gates[b, :, 0], strengths[b, :, 0], decay)
+            expected = reference_lrua_step(
+                memory[b], usage[b], read_weights[b], keys[b], values[b], gates[b, :, 0], strengths[b, :, 0], decay
+            )
             for got, want in zip((new_memory[b], new_usage[b], new_reads[b], reads[b]), expected):
                 assert torch.allclose(got, want, atol=1e-12), f"step {step}, sequence {b}"
         memory, usage, read_weights = new_memory, new_usage, new_reads
@@ -162,19 +168,39 @@ def test_content_read_is_a_softmax_over_cosine_similarity():
 
 # ---------------------------------------------------------------------------------- learners
 def tiny_learner(tmp_path, algorithm: str, ways: int = 3):
-    cfg = composed(tmp_path, f"algorithm={algorithm}", "dataset=omniglot", f"ways={ways}", "backbone=mlp",
-                   "backbone.hidden_sizes=[12]", "algorithm.hidden_size=16",
-                   *(["algorithm.memory_slots=8", "algorithm.memory_width=4", "algorithm.read_heads=2"]
-                     if algorithm == "mann" else []))
+    cfg = composed(
+        tmp_path,
+        f"algorithm={algorithm}",
+        "dataset=omniglot",
+        f"ways={ways}",
+        "backbone=mlp",
+        "backbone.hidden_sizes=[12]",
+        "algorithm.hidden_size=16",
+        *(
+            ["algorithm.memory_slots=8", "algorithm.memory_width=4", "algorithm.read_heads=2"]
+            if algorithm == "mann"
+            else []
+        ),
+    )
     torch.manual_seed(0)
     return ALGORITHMS[algorithm](cfg, [1, 2, 2], "classification")
 
 
 @pytest.mark.parametrize("add_vector", [False, True])
 def test_the_controller_writes_its_keys_or_its_add_vectors(tmp_path, add_vector):
-    cfg = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "ways=3", "backbone=mlp", "backbone.hidden_sizes=[]",
-                   "algorithm.hidden_size=16", "algorithm.memory_slots=8", "algorithm.memory_width=4",
-                   "algorithm.read_heads=4", f"algorithm.add_vector={str(add_vector).lower()}")
+    cfg = composed(
+        tmp_path,
+        "algorithm=mann",
+        "dataset=omniglot",
+        "ways=3",
+        "backbone=mlp",
+        "backbone.hidden_sizes=[]",
+        "algorithm.hidden_size=16",
+        "algorithm.memory_slots=8",
+        "algorithm.memory_width=4",
+        "algorithm.read_heads=4",
+        f"algorithm.add_vector={str(add_vector).lower()}",
+    )
     torch.manual_seed(0)
     controller = ALGORITHMS["mann"](cfg, [1, 2, 2], "classification").controller
     assert (controller.add is not None) == add_vector
@@ -227,11 +253,26 @@ def test_a_run_logs_accuracy_by_instance_to_tensorboard_and_results(tmp_path, om
 
     from metalab.runner import build_datamodule, build_trainer, meta_test, write_results
 
-    config = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "instances=4", "queries=2",
-                      "meta_batch_size=2", "val_episodes=2", "test_episodes=6", "eval_batch_size=3",
-                      "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-                      f"paths.data_dir={omniglot_dir.parent}", f"paths.cache_dir={cache_dir}",
-                      "backbone=mlp", "backbone.hidden_sizes=[]", "algorithm.hidden_size=16")
+    config = composed(
+        tmp_path,
+        "algorithm=mann",
+        "dataset=omniglot",
+        "instances=4",
+        "queries=2",
+        "meta_batch_size=2",
+        "val_episodes=2",
+        "test_episodes=6",
+        "eval_batch_size=3",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        f"paths.data_dir={omniglot_dir.parent}",
+        f"paths.cache_dir={cache_dir}",
+        "backbone=mlp",
+        "backbone.hidden_sizes=[]",
+        "algorithm.hidden_size=16",
+    )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     learner = ALGORITHMS["mann"](config, list(datamodule.input_shape), datamodule.task_type)
@@ -266,15 +307,23 @@ def test_mann_learns_to_bind_omniglot_images_to_their_labels(tmp_path, omniglot_
 
     from metalab.runner import build_datamodule
 
-    config = composed(tmp_path, *LEARNS_QUICKLY, f"paths.data_dir={omniglot_dir.parent}",
-                      f"paths.cache_dir={cache_dir}")
+    config = composed(
+        tmp_path, *LEARNS_QUICKLY, f"paths.data_dir={omniglot_dir.parent}", f"paths.cache_dir={cache_dir}"
+    )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     torch.manual_seed(0)
     learner = ALGORITHMS["mann"](config, list(datamodule.input_shape), datamodule.task_type)
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", max_steps=config["trainer"]["max_steps"],
-                      limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=config["trainer"]["max_steps"],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(learner, datamodule=datamodule)
     metrics = trainer.test(learner, datamodule=datamodule, verbose=False)[0]
     chance = 1 / config["ways"]
@@ -283,10 +332,24 @@ def test_mann_learns_to_bind_omniglot_images_to_their_labels(tmp_path, omniglot_
     assert metrics["test/acc_inst4"] > chance + 0.15
 
 
-LEARNS_QUICKLY = ("algorithm=mann", "dataset=omniglot", "dataset.image_size=10", "backbone=mlp", "backbone.hidden_sizes=[]",
-                  "ways=3", "instances=4", "queries=1", "meta_batch_size=32", "test_episodes=300",
-                  "algorithm.hidden_size=64", "algorithm.memory_slots=16", "algorithm.memory_width=16",
-                  "algorithm.read_heads=1", "algorithm.optimizer.lr=0.003", "trainer.max_steps=4000")
+LEARNS_QUICKLY = (
+    "algorithm=mann",
+    "dataset=omniglot",
+    "dataset.image_size=10",
+    "backbone=mlp",
+    "backbone.hidden_sizes=[]",
+    "ways=3",
+    "instances=4",
+    "queries=1",
+    "meta_batch_size=32",
+    "test_episodes=300",
+    "algorithm.hidden_size=64",
+    "algorithm.memory_slots=16",
+    "algorithm.memory_width=16",
+    "algorithm.read_heads=1",
+    "algorithm.optimizer.lr=0.003",
+    "trainer.max_steps=4000",
+)
 
 
 def test_image_folder_sequences_through_the_data_module_are_fixed_and_meta_batch_first(tmp_path):
@@ -298,14 +361,36 @@ def test_image_folder_sequences_through_the_data_module_are_fixed_and_meta_batch
     for c in range(6):
         (tmp_path / "classes" / f"c{c}").mkdir(parents=True)
         for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "classes" / f"c{c}" / f"{i}.png")
-    dataset = {"name": "image_folder", "root": str(tmp_path / "classes"), "image_size": 8, "channels": 1,
-               "split_fractions": {"train": 0.5, "val": 0.0, "test": 0.5}, "episodes": "sequence"}
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+                tmp_path / "classes" / f"c{c}" / f"{i}.png"
+            )
+    dataset = {
+        "name": "image_folder",
+        "root": str(tmp_path / "classes"),
+        "image_size": 8,
+        "channels": 1,
+        "split_fractions": {"train": 0.5, "val": 0.0, "test": 0.5},
+        "episodes": "sequence",
+    }
 
     def first_test_batch():
-        datamodule = EpisodicDataModule(dataset, tmp_path, tmp_path / "cache", ways=3, shots=5, queries=2,
-                                        meta_batch_size=4, test_ways=3, test_shots=5, test_queries=2,
-                                        val_episodes=0, test_episodes=6, seed=0, eval_seed=0, eval_batch_size=3)
+        datamodule = EpisodicDataModule(
+            dataset,
+            tmp_path,
+            tmp_path / "cache",
+            ways=3,
+            shots=5,
+            queries=2,
+            meta_batch_size=4,
+            test_ways=3,
+            test_shots=5,
+            test_queries=2,
+            val_episodes=0,
+            test_episodes=6,
+            seed=0,
+            eval_seed=0,
+            eval_batch_size=3,
+        )
         datamodule.setup("test")
         return next(iter(datamodule.test_dataloader()))
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from lightning import Trainer
+from learner_checkpoints import quiet_trainer
 
 from metalab.algorithms import ALGORITHMS
 from metalab.backbones import build_backbone
@@ -19,15 +19,18 @@ OMNIGLOT = [1, 28, 28]
 
 def configured(tmp_path, data_dir, cache_dir, algorithm: str, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.run_dir={tmp_path}", f"paths.data_dir={data_dir}",
-                                          f"paths.cache_dir={cache_dir}", f"algorithm={algorithm}",
-                                          "dataset=omniglot", *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.run_dir={tmp_path}",
+                f"paths.data_dir={data_dir}",
+                f"paths.cache_dir={cache_dir}",
+                f"algorithm={algorithm}",
+                "dataset=omniglot",
+                *overrides,
+            ],
+        )
     return resolve(cfg)
-
-
-def quiet_trainer(**kwargs) -> Trainer:
-    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu", **kwargs)
 
 
 def learner(config: dict, input_shape=OMNIGLOT, seed: int = 0):
@@ -37,8 +40,17 @@ def learner(config: dict, input_shape=OMNIGLOT, seed: int = 0):
 
 def omniglot_episodes(tmp_path, data_dir, cache_dir, ways: int, shots: int, queries: int, count: int) -> Episode:
     """`count` fixed test episodes of real Omniglot (unseen classes)."""
-    config = configured(tmp_path, data_dir, cache_dir, "protonet", f"test_ways={ways}", f"test_shots={shots}",
-                        f"test_queries={queries}", f"test_episodes={count}", f"eval_batch_size={count}")
+    config = configured(
+        tmp_path,
+        data_dir,
+        cache_dir,
+        "protonet",
+        f"test_ways={ways}",
+        f"test_shots={shots}",
+        f"test_queries={queries}",
+        f"test_episodes={count}",
+        f"eval_batch_size={count}",
+    )
     datamodule = build_datamodule(config)
     datamodule.setup("test")
     return datamodule.example_batch("test")
@@ -46,8 +58,12 @@ def omniglot_episodes(tmp_path, data_dir, cache_dir, ways: int, shots: int, quer
 
 def random_episodes(tasks: int, ways: int, shots: int, queries: int, shape=OMNIGLOT) -> Episode:
     labels = torch.arange(ways)
-    return Episode(torch.rand(tasks, ways * shots, *shape), labels.repeat_interleave(shots).expand(tasks, -1),
-                   torch.rand(tasks, ways * queries, *shape), labels.repeat_interleave(queries).expand(tasks, -1))
+    return Episode(
+        torch.rand(tasks, ways * shots, *shape),
+        labels.repeat_interleave(shots).expand(tasks, -1),
+        torch.rand(tasks, ways * queries, *shape),
+        labels.repeat_interleave(queries).expand(tasks, -1),
+    )
 
 
 VARIANTS = {
@@ -65,12 +81,22 @@ def test_learns_omniglot_far_above_chance(variant, tmp_path, data_dir, cache_dir
     # 80 training episodes (20 steps × 4 tasks, 5-way 1-shot), then 40 fixed test episodes. The
     # full context embeddings' LSTMs learn slower: after 20 steps they ranged 0.30-0.53 over three
     # seeds (on chance, a test of the seed), after 50 steps 0.73-0.76, so FCE trains 50.
-    config = configured(tmp_path, data_dir, cache_dir, *VARIANTS[variant], "queries=5", "meta_batch_size=4",
-                        "test_queries=5", "test_episodes=40", "eval_batch_size=20")
+    config = configured(
+        tmp_path,
+        data_dir,
+        cache_dir,
+        *VARIANTS[variant],
+        "queries=5",
+        "meta_batch_size=4",
+        "test_queries=5",
+        "test_episodes=40",
+        "eval_batch_size=20",
+    )
     datamodule = build_datamodule(config)
     model = learner(config)
-    trainer = quiet_trainer(max_steps=50 if variant == "matchingnet-fce" else 20, limit_val_batches=0,
-                            num_sanity_val_steps=0)
+    trainer = quiet_trainer(
+        max_steps=50 if variant == "matchingnet-fce" else 20, limit_val_batches=0, num_sanity_val_steps=0
+    )
     trainer.fit(model, datamodule=datamodule)
     result = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     assert result["test/acc"] > 0.5, result  # chance: 0.2
@@ -85,8 +111,9 @@ def test_without_fce_support_order_does_not_matter(variant, tmp_path, data_dir, 
     order = torch.randperm(episodes.support_x.shape[1], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = model.predict(model.adapt(episodes.support_x, episodes.support_y), episodes.query_x)
-        permuted = model.predict(model.adapt(episodes.support_x[:, order], episodes.support_y[:, order]),
-                                 episodes.query_x)
+        permuted = model.predict(
+            model.adapt(episodes.support_x[:, order], episodes.support_y[:, order]), episodes.query_x
+        )
     torch.testing.assert_close(permuted, plain, rtol=1e-4, atol=1e-4)
 
 
@@ -99,8 +126,9 @@ def test_with_fce_the_support_lstm_reads_the_order(tmp_path, data_dir, cache_dir
     order = torch.randperm(episodes.support_x.shape[1], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = model.predict(model.adapt(episodes.support_x, episodes.support_y), episodes.query_x)
-        permuted = model.predict(model.adapt(episodes.support_x[:, order], episodes.support_y[:, order]),
-                                 episodes.query_x)
+        permuted = model.predict(
+            model.adapt(episodes.support_x[:, order], episodes.support_y[:, order]), episodes.query_x
+        )
     assert not torch.allclose(permuted, plain, rtol=1e-4, atol=1e-4)
 
 
@@ -161,8 +189,9 @@ def test_at_meta_test_a_query_does_not_depend_on_the_other_queries(variant, tmp_
     with torch.no_grad():
         adapted = model.adapt(batch.support_x, batch.support_y)
         together = model.predict(adapted, batch.query_x)
-        one_at_a_time = torch.cat([model.predict(adapted, batch.query_x[:, i:i + 1])
-                                   for i in range(batch.query_x.shape[1])], 1)
+        one_at_a_time = torch.cat(
+            [model.predict(adapted, batch.query_x[:, i : i + 1]) for i in range(batch.query_x.shape[1])], 1
+        )
         # and a task's prediction does not depend on the other tasks of its batch either
         first_alone = model.predict(model.adapt(batch.support_x[:1], batch.support_y[:1]), batch.query_x[:1])
     torch.testing.assert_close(one_at_a_time, together, rtol=0, atol=1e-5)
@@ -177,6 +206,7 @@ def test_running_statistics_are_those_of_the_whole_meta_batch(algorithm, tmp_pat
     model = learner(configured(tmp_path, "unused", tmp_path, algorithm))
     first_norm = model.backbone.layers[0][1]
     model.meta_loss(batch)
+
     def mean_response(images):  # the first BatchNorm's input, averaged over every task's images
         return model.backbone.layers[0][0](images.flatten(0, 1)).mean((0, 2, 3)).detach()
 
@@ -204,9 +234,10 @@ def test_a_checkpoint_without_the_setting_loads_as_it_was_trained(tmp_path):
     config = configured(tmp_path, "unused", tmp_path, "protonet")
     trained = learner(configured(tmp_path, "unused", tmp_path, "protonet", "algorithm.batch_norm=transductive"))
     old_config = {**config, "algorithm": {k: v for k, v in config["algorithm"].items() if k != "batch_norm"}}
-    checkpoint = {"hyper_parameters": {"config": old_config, "input_shape": list(OMNIGLOT),
-                                       "task_type": "classification"},
-                  "state_dict": trained.state_dict()}  # no running-statistics buffers
+    checkpoint = {
+        "hyper_parameters": {"config": old_config, "input_shape": list(OMNIGLOT), "task_type": "classification"},
+        "state_dict": trained.state_dict(),
+    }  # no running-statistics buffers
     old = learner_from_checkpoint("old.ckpt", checkpoint)  # strict: every key fits
     assert old.batch_norm == "transductive" and not any("running" in key for key in old.state_dict())
     assert learner(old_config).batch_norm == "running"  # a new config without the key: the yaml's default
@@ -241,8 +272,15 @@ def reference_fce(model, support, query, steps):
     backward = [None] * len(support)
     h = c = torch.zeros(dim, dtype=support.dtype)
     for i in reversed(range(len(support))):
-        h, c = lstm_step(support[i], h, c, lstm.weight_ih_l0_reverse, lstm.weight_hh_l0_reverse,
-                         lstm.bias_ih_l0_reverse, lstm.bias_hh_l0_reverse)
+        h, c = lstm_step(
+            support[i],
+            h,
+            c,
+            lstm.weight_ih_l0_reverse,
+            lstm.weight_hh_l0_reverse,
+            lstm.bias_ih_l0_reverse,
+            lstm.bias_hh_l0_reverse,
+        )
         backward[i] = h
     g = torch.stack([forward[i] + backward[i] + support[i] for i in range(len(support))])
     w_x, w_r = cell.weight_ih[:, :dim], cell.weight_ih[:, dim:]
@@ -260,15 +298,18 @@ def reference_fce(model, support, query, steps):
 
 
 def test_full_context_embeddings_follow_the_papers_appendix(tmp_path):
-    model = learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.fce=true",
-                               "algorithm.read_steps=3")).double()
+    model = learner(
+        configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.fce=true", "algorithm.read_steps=3")
+    ).double()
     with torch.no_grad():
         for p in model.parameters():  # larger than the default initialization: every term counts
             p.uniform_(-0.5, 0.5)
     torch.manual_seed(1)
     tasks, shots, queries, dim = 2, 5, 4, model.backbone.out_features
-    support, query = torch.randn(tasks, shots, dim, dtype=torch.float64), torch.randn(tasks, queries, dim,
-                                                                                       dtype=torch.float64)
+    support, query = (
+        torch.randn(tasks, shots, dim, dtype=torch.float64),
+        torch.randn(tasks, queries, dim, dtype=torch.float64),
+    )
     with torch.no_grad():
         g = model.context_support(support)
         f = model.context_query(query, g)
@@ -296,8 +337,9 @@ def test_any_ways_shots_queries_after_training_with_others(variant, ways, shots,
 @pytest.mark.parametrize("algorithm", ["protonet", "matchingnet", "relationnet"])
 def test_resnet12_backbone_serves_every_metric_learner(algorithm, tmp_path):
     fce = ["algorithm.fce=true"] if algorithm == "matchingnet" else []
-    config = configured(tmp_path, "unused", tmp_path, algorithm, "backbone=resnet12", "backbone.channels=[8,16,16,32]",
-                        *fce)  # narrow: the shapes, not the width, are under test
+    config = configured(
+        tmp_path, "unused", tmp_path, algorithm, "backbone=resnet12", "backbone.channels=[8,16,16,32]", *fce
+    )  # narrow: the shapes, not the width, are under test
     model = learner(config, input_shape=[3, 32, 32])
     batch = random_episodes(1, ways=3, shots=1, queries=2, shape=(3, 32, 32))
     loss, _ = model.meta_loss(batch)
@@ -354,15 +396,42 @@ def test_sweep_of_the_three_then_eval_with_other_ways_and_shots(tmp_path, data_d
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
     bin_dir = Path(sys.executable).parent
     common = [f"paths.log_dir={tmp_path}", "trainer.enable_progress_bar=false"]
-    subprocess.run([str(bin_dir / "metalab-train"), "-m", *common, "algorithm=protonet,matchingnet,relationnet",
-                    "dataset=omniglot", "meta_batch_size=2", "trainer.max_steps=4", "trainer.val_check_interval=4",
-                    "val_episodes=4", "test_episodes=8"], env=env, check=True, capture_output=True)
-    trained = {json.loads(p.read_text())["config"]["algorithm"]: json.loads(p.read_text())
-               for p in tmp_path.rglob("results.json")}
+    subprocess.run(
+        [
+            str(bin_dir / "metalab-train"),
+            "-m",
+            *common,
+            "algorithm=protonet,matchingnet,relationnet",
+            "dataset=omniglot",
+            "meta_batch_size=2",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "val_episodes=4",
+            "test_episodes=8",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    trained = {
+        json.loads(p.read_text())["config"]["algorithm"]: json.loads(p.read_text())
+        for p in tmp_path.rglob("results.json")
+    }
     assert sorted(trained) == ["matchingnet", "protonet", "relationnet"]
     eval_dir = tmp_path / "eval"
-    subprocess.run([str(bin_dir / "metalab-eval"), f"paths.log_dir={eval_dir}", "trainer.enable_progress_bar=false",
-                    f"ckpt_path={trained['relationnet']['last_checkpoint']}", "test_ways=20", "test_shots=2",
-                    "test_episodes=6"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(bin_dir / "metalab-eval"),
+            f"paths.log_dir={eval_dir}",
+            "trainer.enable_progress_bar=false",
+            f"ckpt_path={trained['relationnet']['last_checkpoint']}",
+            "test_ways=20",
+            "test_shots=2",
+            "test_episodes=6",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     (result,) = [json.loads(p.read_text()) for p in eval_dir.rglob("results.json")]
     assert result["config"]["test_ways"] == 20 and 0 <= result["test/acc"] <= 1

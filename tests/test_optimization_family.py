@@ -30,16 +30,25 @@ WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 4
 MLP = {"name": "mlp", "hidden_sizes": [7, 6]}
 TINY_CONV = {"name": "conv4", "hidden_channels": 3, "blocks": 2}  # has BatchNorm: MAML++'s per-step norms matter
 CE = torch.nn.functional.cross_entropy
-needs_cpp_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile on a CPU needs a C++ "
-                                        "compiler (g++, or $CXX): none found")
+needs_cpp_compiler = pytest.mark.skipif(
+    cpp_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler (g++, or $CXX): none found"
+)
 
 
 def small_learner(name: str, backbone: dict, input_shape: list[int], **algorithm):
-    settings = {"name": name, "inner_lr": 0.3, "inner_steps": 2, "eval_inner_steps": 2, "first_order": False,
-                "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}, **algorithm}
+    settings = {
+        "name": name,
+        "inner_lr": 0.3,
+        "inner_steps": 2,
+        "eval_inner_steps": 2,
+        "first_order": False,
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
+        **algorithm,
+    }
     torch.manual_seed(0)
-    return ALGORITHMS[name]({"algorithm": settings, "backbone": backbone, "ways": WAYS}, input_shape,
-                            "classification").double()
+    return ALGORITHMS[name](
+        {"algorithm": settings, "backbone": backbone, "ways": WAYS}, input_shape, "classification"
+    ).double()
 
 
 def random_batch(input_shape: list[int]) -> Episode:
@@ -106,8 +115,14 @@ def test_metasgd_meta_gradient_matches_loop_including_the_learned_rates(first_or
 @pytest.mark.parametrize("multi_step_loss", [True, False])
 def test_mamlpp_meta_gradient_matches_loop(first_order, multi_step_loss):
     steps, shape = 3, [1, 8, 8]
-    model = small_learner("mamlpp", TINY_CONV, shape, inner_steps=steps, msl_steps=100 if multi_step_loss else 0,
-                          first_order_steps=10**9 if first_order else 0)
+    model = small_learner(
+        "mamlpp",
+        TINY_CONV,
+        shape,
+        inner_steps=steps,
+        msl_steps=100 if multi_step_loss else 0,
+        first_order_steps=10**9 if first_order else 0,
+    )
     batch = random_batch(shape)
     with torch.no_grad():  # per-step rates and norms that differ, so using the wrong step would show
         for rates in model.step_lrs.values():
@@ -125,9 +140,17 @@ def test_mamlpp_meta_gradient_matches_loop(first_order, multi_step_loss):
     def step_norms(k: int) -> dict:
         return {n: model.step_norms[parameter_key(n)][k - 1] for n in model.norm_names} if k > 0 else {}
 
-    reference = per_task_meta_loss(model.model, batch, steps, lambda k, n: lrs[n][k], first_order, CE,
-                                   adapted_names=adapted, step_params=step_norms,
-                                   step_weights=None if weights is None else weights.double())
+    reference = per_task_meta_loss(
+        model.model,
+        batch,
+        steps,
+        lambda k, n: lrs[n][k],
+        first_order,
+        CE,
+        adapted_names=adapted,
+        step_params=step_norms,
+        step_weights=None if weights is None else weights.double(),
+    )
     ours = assert_same_gradients(model, batch, reference)
     assert model.norm_names and all(ours[f"step_lrs.{parameter_key(n)}"].abs().sum() > 0 for n in adapted)
 
@@ -146,8 +169,17 @@ def test_mamlpp_schedules_anneal():
 
 def test_reptile_outer_update_is_the_mean_adapted_direction_times_the_meta_step():
     meta_step = 0.7
-    model = small_learner("reptile", MLP, [5], inner_steps=4, inner_lr=0.1, inner_optimizer="sgd",
-                          adam_beta1=0.0, adam_beta2=0.999, optimizer={"_target_": "torch.optim.SGD", "lr": meta_step})
+    model = small_learner(
+        "reptile",
+        MLP,
+        [5],
+        inner_steps=4,
+        inner_lr=0.1,
+        inner_optimizer="sgd",
+        adam_beta1=0.0,
+        adam_beta2=0.999,
+        optimizer={"_target_": "torch.optim.SGD", "lr": meta_step},
+    )
     batch = random_batch([5])
     direction = per_task_reptile_direction(model.model, batch, 4, 0.1, CE)
     before = [p.detach().clone() for p in model.model.parameters()]
@@ -161,8 +193,9 @@ def test_reptile_outer_update_is_the_mean_adapted_direction_times_the_meta_step(
 
 
 def test_reptile_adam_inner_loop_matches_torch_adam_per_task():
-    model = small_learner("reptile", MLP, [5], inner_steps=3, inner_lr=0.01, inner_optimizer="adam",
-                          adam_beta1=0.0, adam_beta2=0.999)
+    model = small_learner(
+        "reptile", MLP, [5], inner_steps=3, inner_lr=0.01, inner_optimizer="adam", adam_beta1=0.0, adam_beta2=0.999
+    )
     batch = random_batch([5])
     adapted, _ = model.inner_adapt(batch.support_x, batch.support_y, 3, True, False)
     for t in range(TASKS):
@@ -178,19 +211,37 @@ def test_reptile_adam_inner_loop_matches_torch_adam_per_task():
 
 # fomaml and metasgd are maml's code path, first order or with learned rates (their gradients are
 # tested against the loop): slow here.
-@pytest.mark.parametrize("algorithm", ["maml", pytest.param("fomaml", marks=pytest.mark.slow), "reptile", "anil",
-                                       pytest.param("metasgd", marks=pytest.mark.slow), "mamlpp",
-                                       pytest.param("maml+compile", marks=[needs_cpp_compiler, pytest.mark.slow])])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        "maml",
+        pytest.param("fomaml", marks=pytest.mark.slow),
+        "reptile",
+        "anil",
+        pytest.param("metasgd", marks=pytest.mark.slow),
+        "mamlpp",
+        pytest.param("maml+compile", marks=[needs_cpp_compiler, pytest.mark.slow]),
+    ],
+)
 def test_each_learner_meta_trained_briefly_on_sinusoid_adapts_to_new_tasks(tmp_path, algorithm):
     steps = 1000
     # Each learner with its own defaults (conf/algorithm/), except Reptile: its paper setting
     # (5 inner steps, meta step 0.1) needs many more outer steps than a test can afford.
-    faster = ({"algorithm.inner_steps": 10, "algorithm.eval_inner_steps": 10, "algorithm.optimizer.lr": 0.5}
-              if algorithm == "reptile" else {})
+    faster = (
+        {"algorithm.inner_steps": 10, "algorithm.eval_inner_steps": 10, "algorithm.optimizer.lr": 0.5}
+        if algorithm == "reptile"
+        else {}
+    )
     algorithm, _, compiled = algorithm.partition("+")  # maml+compile: the torch.compile'd outer step
-    model, datamodule = sinusoid_setup(tmp_path, algorithm=algorithm, test_episodes=100, val_episodes=0,
-                                       **{"trainer.max_steps": steps}, **faster,
-                                       **({"algorithm.compile": "true"} if compiled else {}))
+    model, datamodule = sinusoid_setup(
+        tmp_path,
+        algorithm=algorithm,
+        test_episodes=100,
+        val_episodes=0,
+        **{"trainer.max_steps": steps},
+        **faster,
+        **({"algorithm.compile": "true"} if compiled else {}),
+    )
     trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)
     assert (model._meta_gradient is not None) == bool(compiled)  # the outer steps took the path asked for
@@ -212,11 +263,19 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
                 module.algorithm_cfg["inner_lr"] = 1e30
 
     model, datamodule = sinusoid_setup(tmp_path, **{"trainer.max_steps": 40})
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=10,
-                                  save_top_k=-1)
-    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                      max_steps=40, limit_val_batches=0, num_sanity_val_steps=0,
-                      callbacks=[checkpoints, BlowUpInnerRate()])
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=10, save_top_k=-1
+    )
+    trainer = Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=40,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoints, BlowUpInnerRate()],
+    )
     with pytest.raises(TrainingDiverged) as stopped:
         trainer.fit(model, datamodule=datamodule)
     message = str(stopped.value)
@@ -242,17 +301,26 @@ def test_checkpointed_inner_steps_give_the_same_second_order_meta_gradient(name)
 
 
 @needs_cpp_compiler
-@pytest.mark.parametrize("name,backbone,shape", [("maml", MLP, [5]), ("fomaml", MLP, [5]), ("metasgd", MLP, [5]),
-                                                 pytest.param("maml", TINY_CONV, [1, 8, 8], marks=pytest.mark.slow)],  # conv: BatchNorm, max-pooling
-                         ids=["maml-mlp", "fomaml-mlp", "metasgd-mlp", "maml-conv"])
+@pytest.mark.parametrize(
+    "name,backbone,shape",
+    [
+        ("maml", MLP, [5]),
+        ("fomaml", MLP, [5]),
+        ("metasgd", MLP, [5]),
+        pytest.param("maml", TINY_CONV, [1, 8, 8], marks=pytest.mark.slow),
+    ],  # conv: BatchNorm, max-pooling
+    ids=["maml-mlp", "fomaml-mlp", "metasgd-mlp", "maml-conv"],
+)
 def test_compiled_meta_gradient_equals_the_loop(name, backbone, shape):
     """algorithm.compile=true: torch.func + torch.compile give the per-task loop's meta-gradient."""
     model, batch = small_learner(name, backbone, shape, inner_steps=1, compile=True), random_batch(shape)
     first_order = name == "fomaml"
-    rates = ({n: model.inner_lrs[parameter_key(n)] for n, _ in model.model.named_parameters()}
-             if name == "metasgd" else None)
-    reference_loss = per_task_meta_loss(model.model, batch, 1, (lambda k, n: rates[n]) if rates else (lambda k, n: 0.3),
-                                        first_order, CE)
+    rates = (
+        {n: model.inner_lrs[parameter_key(n)] for n, _ in model.model.named_parameters()} if name == "metasgd" else None
+    )
+    reference_loss = per_task_meta_loss(
+        model.model, batch, 1, (lambda k, n: rates[n]) if rates else (lambda k, n: 0.3), first_order, CE
+    )
     surrogate, metrics = model.compiled_meta_loss(batch)
     torch.testing.assert_close(metrics["loss"], reference_loss.detach(), atol=1e-5, rtol=1e-5)
     ours, theirs = gradients(surrogate, model), gradients(reference_loss, model)
@@ -281,8 +349,9 @@ def test_compiled_mamlpp_follows_its_schedules_and_compiles_once_per_switch(monk
         torch.testing.assert_close(metrics["loss"], eager_loss.detach(), atol=1e-10, rtol=1e-10)
         ours, theirs = gradients(surrogate, model), gradients(eager_loss, model)
         for n in theirs:
-            torch.testing.assert_close(ours[n], theirs[n], atol=1e-10, rtol=1e-10,
-                                       msg=f"outer step {outer_step['now']}: gradient of {n}")
+            torch.testing.assert_close(
+                ours[n], theirs[n], atol=1e-10, rtol=1e-10, msg=f"outer step {outer_step['now']}: gradient of {n}"
+            )
     assert counters["stats"]["unique_graphs"] - graphs_before == 3
 
 
@@ -301,8 +370,10 @@ def test_short_batched_matmuls_are_rewritten_as_arithmetic_with_the_same_result(
     graph_module.recompile()
     kept = [node for node in graph_module.graph.nodes if node.target is torch.ops.aten.bmm.default]
     assert [node.args[0].meta["val"].shape[-1] for node in kept] == [30]
-    torch.testing.assert_close(graph_module(short_left, short_right, long_left, long_right),
-                               two_matmuls(short_left, short_right, long_left, long_right))
+    torch.testing.assert_close(
+        graph_module(short_left, short_right, long_left, long_right),
+        two_matmuls(short_left, short_right, long_left, long_right),
+    )
 
 
 def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):
@@ -311,29 +382,37 @@ def test_compile_is_refused_where_it_cannot_capture_the_learner(monkeypatch):
         with pytest.raises(ConfigError, match=f"algorithm.compile=true is not available for algorithm={name}"):
             check_compile({**config, "algorithm": {"name": name, "compile": True}}, ALGORITHMS[name])
     with pytest.raises(ConfigError, match="checkpoint_inner_steps=true do not combine"):
-        check_compile({**config, "algorithm": {"name": "maml", "compile": True, "checkpoint_inner_steps": True}},
-                      ALGORITHMS["maml"])
+        check_compile(
+            {**config, "algorithm": {"name": "maml", "compile": True, "checkpoint_inner_steps": True}},
+            ALGORITHMS["maml"],
+        )
     monkeypatch.setenv("CXX", sys.executable)  # any program found stands in for the compiler here
     check_compile({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"])
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .* none was found"):
         check_compile({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"])
     # metalab-eval of a checkpoint trained with compile=true never compiles, so it needs no compiler.
-    check_learner_fits_data({**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"],
-                            "classification")
-
+    check_learner_fits_data(
+        {**config, "algorithm": {"name": "maml", "compile": True}}, ALGORITHMS["maml"], "classification"
+    )
 
 
 def test_compile_auto_compiles_an_mlp_on_a_cpu_in_a_long_run_only(monkeypatch):
     """algorithm.compile=auto (the default): compiled where it was measured to pay, and said why."""
     monkeypatch.setenv("CXX", sys.executable)  # any program found stands in for the compiler here
-    long_mlp = {"algorithm": {"name": "maml", "compile": "auto"}, "backbone": MLP,
-                "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": AUTO_COMPILE_MIN_STEPS}}
+    long_mlp = {
+        "algorithm": {"name": "maml", "compile": "auto"},
+        "backbone": MLP,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": AUTO_COMPILE_MIN_STEPS},
+    }
     assert small_learner("maml", MLP, [5], compile="auto").compiled is False  # no trainer: steps unknown
     compiled, why = auto_compile(long_mlp, ALGORITHMS["maml"])
     assert compiled and why.startswith("algorithm.compile=auto: compiling the meta-gradient")
     eager = {
-        "trainer.max_steps": ({"trainer": {**long_mlp["trainer"], "max_steps": 1000}}, "trainer.max_steps=1000 is under"),
+        "trainer.max_steps": (
+            {"trainer": {**long_mlp["trainer"], "max_steps": 1000}},
+            "trainer.max_steps=1000 is under",
+        ),
         "conv4": ({"backbone": {"name": "conv4"}}, "backbone=conv4: compiling is measured to pay for an MLP only"),
         "gpu": ({"trainer": {**long_mlp["trainer"], "accelerator": "gpu"}}, "on a GPU"),
         "ddp": ({"trainer": {**long_mlp["trainer"], "devices": 2}}, "several processes"),
@@ -441,8 +520,9 @@ def test_sum_over_shots_takes_finns_inner_step(name):
     """cbfinn/maml adapts on Σ_i xent_i / K over the N·K support examples (utils.py `xent`,
     summed by tf.gradients): with the same α that is N times the step of the mean loss."""
     alpha = 0.4
-    model = small_learner(name, MLP, [5], inner_lr=alpha, inner_steps=1, eval_inner_steps=1,
-                          inner_loss="sum_over_shots")
+    model = small_learner(
+        name, MLP, [5], inner_lr=alpha, inner_steps=1, eval_inner_steps=1, inner_loss="sum_over_shots"
+    )
     batch = random_batch([5])
     adapted = model.adapt(batch.support_x, batch.support_y)
     net = model.head if name == "anil" else model.model  # ANIL adapts the head on the body's features
@@ -493,9 +573,21 @@ def test_reptile_minibatches_are_consecutive_slices_of_reshuffled_passes():
 
 
 def reptile_with_shared_adam(**extra):
-    return small_learner("reptile", MLP, [5], inner_steps=3, eval_inner_steps=4, inner_lr=0.01, inner_optimizer="adam",
-                         adam_beta1=0.0, adam_beta2=0.999, inner_adam_state="shared", inner_batch_size=4,
-                         eval_inner_batch_size=None, **extra)
+    return small_learner(
+        "reptile",
+        MLP,
+        [5],
+        inner_steps=3,
+        eval_inner_steps=4,
+        inner_lr=0.01,
+        inner_optimizer="adam",
+        adam_beta1=0.0,
+        adam_beta2=0.999,
+        inner_adam_state="shared",
+        inner_batch_size=4,
+        eval_inner_batch_size=None,
+        **extra,
+    )
 
 
 def test_reptile_shared_adam_state_carries_over_tasks_and_outer_steps_like_the_reference():
@@ -518,14 +610,15 @@ def test_reptile_shared_adam_state_carries_over_tasks_and_outer_steps_like_the_r
                 for n, p in reference.model.named_parameters():
                     p.copy_(theta[n])
             for i in range(3):
-                x = take_examples(batch.support_x[t:t + 1], batches[t:t + 1, i])[0]
-                y = take_examples(batch.support_y[t:t + 1], batches[t:t + 1, i])[0]
+                x = take_examples(batch.support_x[t : t + 1], batches[t : t + 1, i])[0]
+                y = take_examples(batch.support_y[t : t + 1], batches[t : t + 1, i])[0]
                 optimizer.zero_grad()
                 CE(reference.model(x), y).backward()
                 optimizer.step()
             for n, p in reference.model.named_parameters():
-                torch.testing.assert_close(adapted[n][t], p.detach(), atol=1e-7, rtol=1e-6,
-                                           msg=f"outer step {outer_step}, task {t}, {n}")
+                torch.testing.assert_close(
+                    adapted[n][t], p.detach(), atol=1e-7, rtol=1e-6, msg=f"outer step {outer_step}, task {t}, {n}"
+                )
     assert int(model.shared_adam.steps) == 2 * TASKS * 3
     # Evaluation starts every task from the trained state and leaves it as it was.
     state = {k: v.clone() for k, v in model.shared_adam.state_dict().items()}
@@ -537,8 +630,9 @@ def test_reptile_shared_adam_state_carries_over_tasks_and_outer_steps_like_the_r
 
 def test_reptile_non_transductive_evaluation_predicts_each_query_beside_the_support_set():
     shape = [1, 8, 8]
-    model = small_learner("reptile", TINY_CONV, shape, inner_optimizer="sgd", inner_lr=0.1, eval_inner_steps=2,
-                          transductive=False)
+    model = small_learner(
+        "reptile", TINY_CONV, shape, inner_optimizer="sgd", inner_lr=0.1, eval_inner_steps=2, transductive=False
+    )
     batch = random_batch(shape)
     adapted = model.adapt(batch.support_x, batch.support_y)
     ours = model.predict_beside_support(adapted, batch.support_x, batch.query_x)
@@ -547,7 +641,9 @@ def test_reptile_non_transductive_evaluation_predicts_each_query_beside_the_supp
     for t in range(TASKS):
         params = {n: p[t] for n, p in adapted.items()}
         for q in range(batch.query_x.shape[1]):  # reptile.py `_test_predictions`: [train set, sample], last row
-            alone = functional_call(model.model, params, (torch.cat([batch.support_x[t], batch.query_x[t, q:q + 1]]),))
+            alone = functional_call(
+                model.model, params, (torch.cat([batch.support_x[t], batch.query_x[t, q : q + 1]]),)
+            )
             torch.testing.assert_close(ours[t, q], alone[-1])
     transductive = model.predict(adapted, batch.query_x)
     assert (transductive - ours).abs().max() > 1e-3  # BatchNorm over the queries is a different prediction
@@ -559,13 +655,17 @@ def test_metalab_eval_can_test_reptile_without_transduction():
     from metalab.eval import evaluation_config
 
     trained = {"algorithm": {"name": "reptile", "transductive": True}, "dataset": {"name": "omniglot"}}
-    run = evaluation_config({"ckpt_path": "last.ckpt", "transductive": False}, trained, [1, 28, 28],
-                            ["transductive=false"])
+    run = evaluation_config(
+        {"ckpt_path": "last.ckpt", "transductive": False}, trained, [1, 28, 28], ["transductive=false"]
+    )
     assert run["algorithm"]["transductive"] is False and trained["algorithm"]["transductive"] is True
     with pytest.raises(ConfigError, match="transductive applies to learners with that option"):
-        evaluation_config({"ckpt_path": "last.ckpt", "transductive": False},
-                          {"algorithm": {"name": "maml"}, "dataset": {"name": "omniglot"}}, [1, 28, 28],
-                          ["transductive=false"])
+        evaluation_config(
+            {"ckpt_path": "last.ckpt", "transductive": False},
+            {"algorithm": {"name": "maml"}, "dataset": {"name": "omniglot"}},
+            [1, 28, 28],
+            ["transductive=false"],
+        )
 
 
 @pytest.mark.parametrize("name", ["maml", "mamlpp", "metasgd"])
@@ -573,15 +673,20 @@ def test_metalab_eval_can_test_reptile_without_transduction():
 @pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])
 def test_every_task_execution_and_memory_format_gives_the_loops_meta_gradient(name, execution, memory_format):
     # algorithm.task_execution and backbone.memory_format choose kernels, not numbers.
-    model = small_learner(name, {**TINY_CONV, "memory_format": memory_format}, [1, 8, 8], task_execution=execution,
-                          **({"msl_steps": 10, "first_order_steps": 0} if name == "mamlpp" else {}))
+    model = small_learner(
+        name,
+        {**TINY_CONV, "memory_format": memory_format},
+        [1, 8, 8],
+        task_execution=execution,
+        **({"msl_steps": 10, "first_order_steps": 0} if name == "mamlpp" else {}),
+    )
     batch = random_batch([1, 8, 8])
     assert_same_gradients(model, batch, reference_meta_loss(model, batch))
     predictions = model.predict(model.adapt(batch.support_x, batch.support_y), batch.query_x)
-    auto = small_learner(name, TINY_CONV, [1, 8, 8], **({"msl_steps": 10, "first_order_steps": 0}
-                                                         if name == "mamlpp" else {}))
+    auto = small_learner(
+        name, TINY_CONV, [1, 8, 8], **({"msl_steps": 10, "first_order_steps": 0} if name == "mamlpp" else {})
+    )
     torch.testing.assert_close(predictions, auto.predict(auto.adapt(batch.support_x, batch.support_y), batch.query_x))
-
 
 
 @pytest.mark.parametrize("stride,pooled", [(1, 4), (2, 0)], ids=["snell-vinyals", "finn-strided"])
@@ -593,13 +698,20 @@ def test_conv4_runs_channels_last_on_a_cpu_with_the_plain_networks_numbers(strid
 
     torch.manual_seed(0)
     fast = Conv4((1, 28, 28), hidden_channels=8, pooled_blocks=pooled, stride=stride, global_average=stride == 2)
-    plain = Conv4((1, 28, 28), hidden_channels=8, pooled_blocks=pooled, stride=stride, global_average=stride == 2,
-                  memory_format="contiguous")
+    plain = Conv4(
+        (1, 28, 28),
+        hidden_channels=8,
+        pooled_blocks=pooled,
+        stride=stride,
+        global_average=stride == 2,
+        memory_format="contiguous",
+    )
     plain.load_state_dict(fast.state_dict())
     layouts = []
     for block in fast.layers:
         block[1].register_forward_hook(  # BatchNorm's input: the convolution's output
-            lambda module, args, out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+            lambda module, args, out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
     x = torch.randn(6, 1, 28, 28)
 
     def plain_forward(x):  # the network as the papers write it
@@ -631,7 +743,9 @@ def test_a_support_pass_differentiated_twice_runs_contiguous_and_the_rest_channe
     layouts = []
     conv4.layers[0][1].register_forward_hook(  # BatchNorm's input: the first convolution's output
         lambda module, args, out: layouts.append(
-            "channels_last" if args[0].is_contiguous(memory_format=torch.channels_last) else "contiguous"))
+            "channels_last" if args[0].is_contiguous(memory_format=torch.channels_last) else "contiguous"
+        )
+    )
     batch = random_batch([1, 8, 8])
     tasks = batch.support_x.shape[0]
     adapted, _ = model.inner_adapt(batch.support_x, batch.support_y, 1, first_order, meta_gradient=True)

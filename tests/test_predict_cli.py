@@ -32,8 +32,19 @@ def tree(tmp_path_factory, omniglot_dir):
 def test_cli_writes_the_expected_csv(protonet_ckpt, tree, tmp_path):
     root, support, truth = tree
     output = tmp_path / "out" / "predictions.csv"
-    proc = subprocess.run([str(BIN / "metalab-predict"), f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}",
-                           f"query={root / 'query'}", f"output={output}"], capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            str(BIN / "metalab-predict"),
+            f"ckpt_path={protonet_ckpt}",
+            f"support={root / 'support'}",
+            f"query={root / 'query'}",
+            f"output={output}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with output.open(newline="") as file:
         rows = list(csv.DictReader(file))
@@ -58,8 +69,15 @@ def test_cli_json_output_and_single_files(protonet_ckpt, tree, tmp_path, capsys)
     root, support, truth = tree
     files = sorted(truth)[:2]
     output = tmp_path / "predictions.json"
-    main([f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}", *(f"query={f}" for f in files),
-          f"output={output}", "independent=true"])
+    main(
+        [
+            f"ckpt_path={protonet_ckpt}",
+            f"support={root / 'support'}",
+            *(f"query={f}" for f in files),
+            f"output={output}",
+            "independent=true",
+        ]
+    )
     rows = json.loads(output.read_text())
     assert [row["item"] for row in rows] == [str(f) for f in files]
     for row in rows:
@@ -137,14 +155,16 @@ def test_module_entry_point_reports_without_traceback(protonet_ckpt, tree):
     root, support, _ = tree
     # A check made before torch is imported: the subprocess stays cheap.
     case = next(c for c in bad_trees(root, support, protonet_ckpt) if c[0] == "bad query")
-    proc = subprocess.run([sys.executable, "-m", "metalab.predict", *case[1]], capture_output=True, text=True, check=False,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "metalab.predict", *case[1]], capture_output=True, text=True, check=False, timeout=600
+    )
     assert proc.returncode == 2 and case[2] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.data
-def test_any_file_name_is_predicted_and_a_failed_write_keeps_the_old_output(protonet_ckpt, tree, tmp_path,
-                                                                           monkeypatch, capsys):
+def test_any_file_name_is_predicted_and_a_failed_write_keeps_the_old_output(
+    protonet_ckpt, tree, tmp_path, monkeypatch, capsys
+):
     import os
     import shutil
 
@@ -155,8 +175,18 @@ def test_any_file_name_is_predicted_and_a_failed_write_keeps_the_old_output(prot
     shutil.copy(sorted(truth)[0], odd)
     output = tmp_path / "predictions.csv"
     output.write_text("earlier predictions\n")
-    proc = subprocess.run([str(BIN / "metalab-predict"), f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}",
-                           f"query={odd}", f"output={output}"], capture_output=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            str(BIN / "metalab-predict"),
+            f"ckpt_path={protonet_ckpt}",
+            f"support={root / 'support'}",
+            f"query={odd}",
+            f"output={output}",
+        ],
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     header, row = output.read_bytes().splitlines()
     assert header.startswith(b"item,label,probability,p:")
@@ -171,8 +201,14 @@ def test_any_file_name_is_predicted_and_a_failed_write_keeps_the_old_output(prot
 
     monkeypatch.setattr(files.os, "fsync", no_space)
     with pytest.raises(SystemExit) as exit_:
-        main([f"ckpt_path={protonet_ckpt}", f"support={root / 'support'}", f"query={sorted(truth)[1]}",
-              f"output={output}"])
+        main(
+            [
+                f"ckpt_path={protonet_ckpt}",
+                f"support={root / 'support'}",
+                f"query={sorted(truth)[1]}",
+                f"output={output}",
+            ]
+        )
     assert exit_.value.code == 2 and output.read_bytes() == before
     assert f"metalab: error: cannot write {output}: No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([odd.name, "predictions.csv"])

@@ -42,8 +42,14 @@ def protonet_ckpt(tmp_path_factory, data_dir, cache_dir, omniglot_dir) -> Path:
 
 
 def ship_tiny(registry: Path, checkpoint: Path) -> Path:
-    return pretrained.ship("tiny-protonet", checkpoint, results="results/none.json (a test run)",
-                           licence="Omniglot: MIT", metric="test/acc", value=0.5)
+    return pretrained.ship(
+        "tiny-protonet",
+        checkpoint,
+        results="results/none.json (a test run)",
+        licence="Omniglot: MIT",
+        metric="test/acc",
+        value=0.5,
+    )
 
 
 @pytest.mark.data
@@ -51,42 +57,63 @@ def test_a_shipped_checkpoint_loads_by_name_and_predicts_as_its_run(registry, pr
     file = ship_tiny(registry, protonet_ckpt)
     assert file.parent == registry and file.stat().st_size < protonet_ckpt.stat().st_size  # no optimizer state
     index = json.loads((registry / "index.json").read_text())["checkpoints"]
-    assert index["tiny-protonet"] == {"file": "tiny-protonet.ckpt", "results": "results/none.json (a test run)",
-                                      "metric": "test/acc", "value": 0.5, "data_licence": "Omniglot: MIT"}
+    assert index["tiny-protonet"] == {
+        "file": "tiny-protonet.ckpt",
+        "results": "results/none.json (a test run)",
+        "metric": "test/acc",
+        "value": 0.5,
+        "data_licence": "Omniglot: MIT",
+    }
     torch.load(file, weights_only=True)  # plain tensors and values only
     named, original = metalab.load_learner("pretrained:tiny-protonet"), metalab.load_learner(protonet_ckpt)
     assert named.checkpoint_path == "pretrained:tiny-protonet"
     images = torch.rand(6, 1, 28, 28)
     support = {"a": list(images[:2]), "b": list(images[2:4])}
-    torch.testing.assert_close(named.adapt(support).predict_proba(images[4:]),
-                               original.adapt(support).predict_proba(images[4:]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        named.adapt(support).predict_proba(images[4:]),
+        original.adapt(support).predict_proba(images[4:]),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.data
-def test_metalab_predict_takes_a_name_and_refuses_an_unknown_one(registry, protonet_ckpt, omniglot_dir, tmp_path,
-                                                                   capsys):
+def test_metalab_predict_takes_a_name_and_refuses_an_unknown_one(
+    registry, protonet_ckpt, omniglot_dir, tmp_path, capsys
+):
     ship_tiny(registry, protonet_ckpt)
     support, query = omniglot_folders(omniglot_dir, tmp_path, classes=3, shots=1, queries=2)
-    predict_main(["ckpt_path=pretrained:tiny-protonet", f"support={tmp_path / 'support'}",
-                  f"query={tmp_path / 'query'}"])
+    predict_main(
+        ["ckpt_path=pretrained:tiny-protonet", f"support={tmp_path / 'support'}", f"query={tmp_path / 'query'}"]
+    )
     out = capsys.readouterr().out
     assert all(path.name in out for path in query)
     with pytest.raises(SystemExit) as exit_info:
-        predict_main(["ckpt_path=pretrained:protonet-omniglot-v9", f"support={tmp_path / 'support'}",
-                      f"query={tmp_path / 'query'}"])
+        predict_main(
+            [
+                "ckpt_path=pretrained:protonet-omniglot-v9",
+                f"support={tmp_path / 'support'}",
+                f"query={tmp_path / 'query'}",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err == ("metalab: error: ckpt_path=pretrained:protonet-omniglot-v9: no checkpoint named "
-                   "'protonet-omniglot-v9' ships with metalab; known: pretrained:tiny-protonet")
+    assert err == (
+        "metalab: error: ckpt_path=pretrained:protonet-omniglot-v9: no checkpoint named "
+        "'protonet-omniglot-v9' ships with metalab; known: pretrained:tiny-protonet"
+    )
 
 
 def test_an_unknown_name_lists_the_known_ones(registry):
     with pytest.raises(ConfigError, match=r"no checkpoint named 'nope' ships with metalab; known: none in this"):
         metalab.load_learner("pretrained:nope")
     (registry / "index.json").write_text(json.dumps({"checkpoints": {"gone": {"file": "gone.ckpt"}}}))
-    with pytest.raises(ConfigError, match=r"pretrained:gone is listed in index.json but its file .*gone.ckpt is "
-                                          r"missing; reinstall metalab"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pretrained:gone is listed in index.json but its file .*gone.ckpt is "
+        r"missing; reinstall metalab",
+    ):
         metalab.load_learner("pretrained:gone")
 
 

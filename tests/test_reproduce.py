@@ -25,25 +25,46 @@ def test_readme_results_block_is_what_results_generates():
 
 
 # ---------------------------------------------------------------- the generator, on fixture entries
-def fixture_entry(name: str, algorithm: str, values: list[float], eval_seed: int = 0,
-                  paper_value: float = 98.8) -> dict:
+def fixture_entry(
+    name: str, algorithm: str, values: list[float], eval_seed: int = 0, paper_value: float = 98.8
+) -> dict:
     mean = sum(values) / len(values)
-    identity = {"dataset": {"name": "omniglot", "protocol": "vinyals", "image_size": 28}, "split": "test",
-                "eval_seed": eval_seed, "test_ways": 5, "test_shots": 1, "test_queries": 15}
+    identity = {
+        "dataset": {"name": "omniglot", "protocol": "vinyals", "image_size": 28},
+        "split": "test",
+        "eval_seed": eval_seed,
+        "test_ways": 5,
+        "test_shots": 1,
+        "test_queries": 15,
+    }
     return {
-        "name": name, "experiment": f"{algorithm}_omniglot_5w1s",
+        "name": name,
+        "experiment": f"{algorithm}_omniglot_5w1s",
         "overrides": [f"experiment={algorithm}_omniglot_5w1s"],
-        "variant": [], "budget_overrides": [], "setting": {"algorithm": algorithm, "dataset": "omniglot"},
-        "metric": "test/acc", "metrics": {"test/acc": {"mean": mean, "ci95": 0.01, "episodes": len(values)}},
-        "per_episode": {"source": "recorded by the run", "episodes": identity, "episode": list(range(len(values))),
-                        "values": {"acc": values}},
+        "variant": [],
+        "budget_overrides": [],
+        "setting": {"algorithm": algorithm, "dataset": "omniglot"},
+        "metric": "test/acc",
+        "metrics": {"test/acc": {"mean": mean, "ci95": 0.01, "episodes": len(values)}},
+        "per_episode": {
+            "source": "recorded by the run",
+            "episodes": identity,
+            "episode": list(range(len(values))),
+            "values": {"acc": values},
+        },
         "budget": {"steps": 1500, "meta_batch_size": 1, "episodes": 1500, "wall_time_sec": 700.0},
-        "paper": {"metric": "test/acc", "value": paper_value, "source": "x",
-                  "budget": {"episodes": 1000000, "note": "at most"}},
+        "paper": {
+            "metric": "test/acc",
+            "value": paper_value,
+            "source": "x",
+            "budget": {"episodes": 1000000, "note": "at most"},
+        },
         "curve": {"tag": "val/acc", "step": [500, 1000, 1500], "value": [0.9, 0.95, 0.97], "ci95": [0.01, 0.01, 0.01]},
         "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None},
         "software": {"torch": "2", "commit": "abc", "dirty": False},
-        "provenance": "recorded by the run", "run_dir": "/nowhere", "tested_checkpoint": None,
+        "provenance": "recorded by the run",
+        "run_dir": "/nowhere",
+        "tested_checkpoint": None,
     }
 
 
@@ -72,9 +93,11 @@ def test_generated_block_holds_each_figure_budget_machine_and_the_paired_differe
     readme = (repo_copy / "README.md").read_text()
     assert readme.startswith("# x\n\n## Results\n\n") and readme.endswith("\n\n## Next\n")  # the rest untouched
     rows = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | test/acc")]
-    assert rows[0] == ("| maml_omniglot_5w1s | test/acc % | 80.00 ± 1.00 (5) | 98.70 | "
-                                          "1,500 steps × 1 = 1,500 episodes, 12 min | 1,000,000 episodes (at most) | "
-                                          "Test CPU, 2 cores |")
+    assert rows[0] == (
+        "| maml_omniglot_5w1s | test/acc % | 80.00 ± 1.00 (5) | 98.70 | "
+        "1,500 steps × 1 = 1,500 episodes, 12 min | 1,000,000 episodes (at most) | "
+        "Test CPU, 2 cores |"
+    )
     paired = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | protonet")]
     assert paired == ["| maml_omniglot_5w1s | protonet_omniglot_5w1s | acc % | -4.00 ± 20.78 | 5 |"]
     # Runs on other episodes (eval_seed=1) are not paired with ProtoNet's.
@@ -88,26 +111,33 @@ def test_generated_block_holds_each_figure_budget_machine_and_the_paired_differe
     assert "differs from what" in reproduce.readme_disagrees(repo_copy / "results", repo_copy / "README.md", plot)
 
 
-
 def test_runs_are_paired_at_the_same_test_time_inner_steps():
     """MAML tests after ten inner steps and, as a paper figure, after one; Meta-SGD after its one.
     The pair is MAML's one-step MSE against Meta-SGD's, never MAML's ten-step one."""
+
     def sinusoid(name: str, algorithm: str, steps: int, values: dict, evaluations: dict) -> dict:
         entry = fixture_entry(name, algorithm, [0.0])
         entry["setting"] = {"algorithm": algorithm, "dataset": "sinusoid", "eval_inner_steps": steps}
         entry["metric"] = "test/mse"
-        entry["metrics"] = {metric: {"mean": sum(v) / len(v), "ci95": 0.1, "episodes": len(v)}
-                            for metric, v in values.items()}
+        entry["metrics"] = {
+            metric: {"mean": sum(v) / len(v), "ci95": 0.1, "episodes": len(v)} for metric, v in values.items()
+        }
         entry["per_episode"]["episode"] = [0, 1, 2]
         entry["per_episode"]["values"] = {reproduce.per_episode_key(m): v for m, v in values.items()}
         entry["paper"] = {"metric": "test/mse", "value": None, "evaluations": evaluations}
         return entry
 
-    maml = sinusoid("maml", "maml", 10, {"test/mse": [0.1, 0.2, 0.3], "one_step/test/mse": [0.5, 0.6, 0.7]},
-                    {"one_step": ["eval_inner_steps=1"]})
+    maml = sinusoid(
+        "maml",
+        "maml",
+        10,
+        {"test/mse": [0.1, 0.2, 0.3], "one_step/test/mse": [0.5, 0.6, 0.7]},
+        {"one_step": ["eval_inner_steps=1"]},
+    )
     metasgd = sinusoid("metasgd", "metasgd", 1, {"test/mse": [0.3, 0.3, 0.3]}, {})
     assert [(a["name"], m, b["name"], bm) for a, m, b, bm in reproduce.pairs([maml, metasgd])] == [
-        ("maml", "one_step/test/mse", "metasgd", "test/mse")]
+        ("maml", "one_step/test/mse", "metasgd", "test/mse")
+    ]
     rows = [line for line in reproduce.pairwise_table([maml, metasgd]) if line.startswith("| maml")]
     assert rows == ["| maml | metasgd | mse, after 1 step | 0.30 ± 0.25 | 3 |"]
 
@@ -119,28 +149,55 @@ def test_an_empty_results_dir_says_so_in_the_readme(repo_copy):
 
 
 def test_a_variant_is_named_by_its_setting_overrides_not_its_budget():
-    overrides = ["experiment=mann_omniglot_5w10i", "algorithm.add_vector=true", "trainer.max_steps=100",
-                 "test_episodes=1000", "trainer.enable_progress_bar=false", "hardware=cpu"]
+    overrides = [
+        "experiment=mann_omniglot_5w10i",
+        "algorithm.add_vector=true",
+        "trainer.max_steps=100",
+        "test_episodes=1000",
+        "trainer.enable_progress_bar=false",
+        "hardware=cpu",
+    ]
     assert reproduce.derive_name("mann_omniglot_5w10i", overrides) == "mann_omniglot_5w10i_add_vector-true"
     assert reproduce.derive_name("protonet_omniglot_5w1s", ["trainer.max_steps=50"]) == "protonet_omniglot_5w1s"
 
 
 # ---------------------------------------------------------------- the command line, end to end
 def reproduce_cli(*args: str, root: Path) -> subprocess.CompletedProcess:
-    paths = ["--log-dir", str(root / "logs"), "--results-dir", str(root / "results"),
-             "--readme-path", str(root / "README.md"), "--plot", str(root / "docs" / "results.png")]
+    paths = [
+        "--log-dir",
+        str(root / "logs"),
+        "--results-dir",
+        str(root / "results"),
+        "--readme-path",
+        str(root / "README.md"),
+        "--plot",
+        str(root / "docs" / "results.png"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), *args, *paths], capture_output=True,
-                          text=True, env=env, cwd=root, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "reproduce.py"), *args, *paths],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["maml_sinusoid_55shot"], "unknown experiment maml_sinusoid_55shot: no conf/experiment/maml_sinusoid_55shot.yaml"),
-    (["--collect", "nowhere"], "nowhere: no results.json (not a finished run)"),
-    (["maml_sinusoid_5shot", "fomaml_sinusoid_5shot", "--name", "one"], "1 --name for 2 run(s)"),
-    (["maml_sinusoid_5shot", "--name", "a/b"], "--name 'a/b' is not a file name"),
-    (["maml_sinusoid_5shot", "--experiment", "maml_sinusoid_5shot"], "1 --experiment for 0 --collect run(s)"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["maml_sinusoid_55shot"],
+            "unknown experiment maml_sinusoid_55shot: no conf/experiment/maml_sinusoid_55shot.yaml",
+        ),
+        (["--collect", "nowhere"], "nowhere: no results.json (not a finished run)"),
+        (["maml_sinusoid_5shot", "fomaml_sinusoid_5shot", "--name", "one"], "1 --name for 2 run(s)"),
+        (["maml_sinusoid_5shot", "--name", "a/b"], "--name 'a/b' is not a file name"),
+        (["maml_sinusoid_5shot", "--experiment", "maml_sinusoid_5shot"], "1 --experiment for 0 --collect run(s)"),
+    ],
+)
 def test_bad_arguments_are_refused_in_one_line_before_any_run(repo_copy, args, message):
     finished = reproduce_cli(*args, root=repo_copy)
     assert finished.returncode == 2 and message in finished.stderr, finished.stderr
@@ -148,28 +205,42 @@ def test_bad_arguments_are_refused_in_one_line_before_any_run(repo_copy, args, m
 
 
 def test_collect_reads_a_finished_run_without_training(tmp_path):
-    run_dir = fake_run(tmp_path / "run", ["experiment=maml_omniglot_5w1s", "algorithm.inner_lr=0.1",
-                                          "trainer.max_steps=300", "test_episodes=5"],
-                       per_episode=[0.8, 1.0, 0.8, 0.6, 0.8])
+    run_dir = fake_run(
+        tmp_path / "run",
+        ["experiment=maml_omniglot_5w1s", "algorithm.inner_lr=0.1", "trainer.max_steps=300", "test_episodes=5"],
+        per_episode=[0.8, 1.0, 0.8, 0.6, 0.8],
+    )
     entry = reproduce.collect(run_dir, None, tmp_path / "logs")
     assert entry["name"] == "maml_omniglot_5w1s_inner_lr-0.1" and entry["variant"] == ["algorithm.inner_lr=0.1"]
     assert entry["budget_overrides"] == ["trainer.max_steps=300"] and entry["budget"]["steps"] == 300
     # The paper's figure and budget come from the experiment file as it is now.
     assert entry["paper"]["value"] == 98.7 and entry["paper"]["budget"]["episodes"] == 1920000
     assert entry["per_episode"]["values"]["acc"] == [0.8, 1.0, 0.8, 0.6, 0.8]
-    assert entry["curve"] == {"tag": "val/acc", "step": [100, 200, 300], "value": [0.5, 0.7, 0.8],
-                              "ci95": [0.05, 0.04, 0.03]}
+    assert entry["curve"] == {
+        "tag": "val/acc",
+        "step": [100, 200, 300],
+        "value": [0.5, 0.7, 0.8],
+        "ci95": [0.05, 0.04, 0.03],
+    }
     # A run that did not record its machine gets the collecting one's, and says so.
     assert entry["machine"]["cores"] >= 1 and entry["provenance"].startswith("not recorded by the run")
     assert not (tmp_path / "logs").exists()  # nothing was run
 
 
-
 def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match():
     """ProtoNet's 20-way figure re-tests the 60-way 1-shot model (the paper trains one model per
     shot): --experiment protonet_omniglot_20w1s is accepted for it, another setting is refused."""
-    trained = {"algorithm": {"name": "protonet"}, "dataset": {"name": "omniglot"}, "ways": 60, "shots": 1,
-               "queries": 5, "meta_batch_size": 1, "test_ways": 5, "test_shots": 1, "test_queries": 15}
+    trained = {
+        "algorithm": {"name": "protonet"},
+        "dataset": {"name": "omniglot"},
+        "ways": 60,
+        "shots": 1,
+        "queries": 5,
+        "meta_batch_size": 1,
+        "test_ways": 5,
+        "test_shots": 1,
+        "test_queries": 15,
+    }
     tested = {**trained, "test_ways": 20}
     reproduce.check_retested_setting("protonet_omniglot_20w1s", trained, tested)
     with pytest.raises(reproduce.ReproduceError, match="sets test_ways=5, but the run was tested with 20"):
@@ -178,6 +249,32 @@ def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match
         reproduce.check_retested_setting("protonet_omniglot_20w5s", trained, {**tested, "test_shots": 5})
     with pytest.raises(reproduce.ReproduceError, match="sets algorithm.name=matchingnet, but the run was trained"):
         reproduce.check_retested_setting("matchingnet_omniglot_20w1s", trained, tested)
+
+
+def test_a_retested_checkpoint_is_checked_against_the_experiment_its_file_builds_on():
+    """fomaml_omniglot_5w1s states only what differs from maml_omniglot_5w1s (its defaults list):
+    the settings it inherits (Finn's network, α, shots) are checked too, not only its own lines."""
+    chosen, setting = reproduce.experiment_setting("fomaml_omniglot_5w1s")
+    assert chosen == {"algorithm": "fomaml", "dataset": "omniglot"}
+    assert setting["algorithm"]["inner_lr"] == 0.4 and setting["backbone"]["stride"] == 2
+    trained = {
+        "algorithm": {
+            "name": "fomaml",
+            "inner_lr": 0.4,
+            "inner_steps": 1,
+            "eval_inner_steps": 10,
+            "inner_loss": "sum_over_shots",
+            "adapt_norm": False,
+        },
+        "dataset": {"name": "omniglot"},
+        "backbone": {"name": "conv4", "pooled_blocks": 0, "stride": 2, "global_average": True},
+        **{key: setting[key] for key in ("ways", "shots", "queries", "meta_batch_size")},
+        **{key: setting.get(key, 5) for key in ("test_ways", "test_shots", "test_queries")},
+    }
+    reproduce.check_retested_setting("fomaml_omniglot_5w1s", trained, trained)
+    other = {**trained, "algorithm": {**trained["algorithm"], "inner_lr": 0.1}}
+    with pytest.raises(reproduce.ReproduceError, match="sets algorithm.inner_lr=0.4, but the run was trained with 0.1"):
+        reproduce.check_retested_setting("fomaml_omniglot_5w1s", other, other)
 
 
 @pytest.mark.slow  # ~40 s: a real run then a re-evaluation; the generator and collect are tested on fixtures above
@@ -202,8 +299,10 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     assert one_step["mean"] != entry["metrics"]["test/mse"]["mean"]
     assert one_step["mean"] == pytest.approx(sum(entry["per_episode"]["values"]["one_step/mse"]) / 30, rel=1e-5)
     assert entry["metric"] == "one_step/test/mse" and entry["curve"]["tag"] == "val/mse"
-    assert (f"| maml_sinusoid_5shot | one_step/test/mse | {one_step['mean']:.2f} ± {one_step['ci95']:.2f} (30) | 0.67 |"
-            in (repo_copy / "README.md").read_text())
+    assert (
+        f"| maml_sinusoid_5shot | one_step/test/mse | {one_step['mean']:.2f} ± {one_step['ci95']:.2f} (30) | 0.67 |"
+        in (repo_copy / "README.md").read_text()
+    )
 
     # The same run as one made before per-episode values: collect re-evaluates its checkpoint, says so,
     # and gets the very same values.

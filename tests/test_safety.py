@@ -49,9 +49,15 @@ class Payload:
 def hostile_checkpoint(path: Path, marker: Path) -> Path:
     """A file shaped like a metalab checkpoint (it even carries a real run config) with a payload inside."""
     config = train_config("algorithm=protonet", "dataset=omniglot")
-    torch.save({"metalab_version": metalab.__version__, "state_dict": {}, "payload": Payload(marker),
-                "hyper_parameters": {"config": config, "input_shape": [1, 28, 28], "task_type": "classification"}},
-               path)
+    torch.save(
+        {
+            "metalab_version": metalab.__version__,
+            "state_dict": {},
+            "payload": Payload(marker),
+            "hyper_parameters": {"config": config, "input_shape": [1, 28, 28], "task_type": "classification"},
+        },
+        path,
+    )
     return path
 
 
@@ -62,11 +68,15 @@ def test_the_proof_of_concept_is_live(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("load", [
-    read_checkpoint,
-    lambda path: AtomicCheckpointIO().load_checkpoint(path),  # Lightning's resume and test loads
-    metalab.load_learner,
-], ids=["read_checkpoint", "lightning_checkpoint_io", "load_learner"])
+@pytest.mark.parametrize(
+    "load",
+    [
+        read_checkpoint,
+        lambda path: AtomicCheckpointIO().load_checkpoint(path),  # Lightning's resume and test loads
+        metalab.load_learner,
+    ],
+    ids=["read_checkpoint", "lightning_checkpoint_io", "load_learner"],
+)
 def test_a_checkpoint_holding_code_is_refused_unrun(load, tmp_path):
     marker = tmp_path / "ran"
     path = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
@@ -91,14 +101,28 @@ def genuine_format_checkpoint(path: Path, **algorithm) -> Path:
     config = train_config("algorithm=protonet", "dataset=omniglot")
     config["algorithm"].update(algorithm)
     model = ALGORITHMS["protonet"](config, [1, 28, 28], "classification")
-    torch.save({"metalab_version": metalab.__version__, "state_dict": model.state_dict(),
-                "hyper_parameters": {"config": config, "input_shape": [1, 28, 28], "task_type": "classification"}},
-               path)
+    torch.save(
+        {
+            "metalab_version": metalab.__version__,
+            "state_dict": model.state_dict(),
+            "hyper_parameters": {"config": config, "input_shape": [1, 28, 28], "task_type": "classification"},
+        },
+        path,
+    )
     return path
 
 
-@pytest.mark.parametrize("target", ["os.system", "builtins.exec", "metalab.config.os.system",
-                                    "metalab.config.shutil.rmtree", "subprocess.Popen", "torch.load"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "os.system",
+        "builtins.exec",
+        "metalab.config.os.system",
+        "metalab.config.shutil.rmtree",
+        "subprocess.Popen",
+        "torch.load",
+    ],
+)
 def test_a_stored_config_may_build_only_trusted_classes(target, tmp_path):
     path = genuine_format_checkpoint(tmp_path / "tampered.ckpt", optimizer={"_target_": target, "lr": 0.001})
     for load in (read_checkpoint, metalab.load_learner):
@@ -106,9 +130,14 @@ def test_a_stored_config_may_build_only_trusted_classes(target, tmp_path):
             load(path)
 
 
-
-@pytest.mark.parametrize("target", ["metalab.callbacks.ResumableCheckpoint", "metalab.backbones.conv4.Conv4",
-                                    "metalab.algorithms.base.torch.nn.Module"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "metalab.callbacks.ResumableCheckpoint",
+        "metalab.backbones.conv4.Conv4",
+        "metalab.algorithms.base.torch.nn.Module",
+    ],
+)
 def test_a_stored_algorithm_target_may_build_only_a_metalab_learner(target, tmp_path):
     """A class metalab may build elsewhere (a callback, a backbone) is still no learner: the
     checkpoint is refused, naming what it asked for, and nothing is built (an attribute path out
@@ -121,9 +150,15 @@ def test_a_stored_algorithm_target_may_build_only_a_metalab_learner(target, tmp_
 
 
 def test_metalab_configs_name_only_trusted_classes(tmp_path):
-    assert all(trusted_target(t) for t in ("torch.optim.Adam", "torch.optim.lr_scheduler.StepLR",
-                                           "metalab.callbacks.ResumableCheckpoint",
-                                           "lightning.pytorch.loggers.TensorBoardLogger"))
+    assert all(
+        trusted_target(t)
+        for t in (
+            "torch.optim.Adam",
+            "torch.optim.lr_scheduler.StepLR",
+            "metalab.callbacks.ResumableCheckpoint",
+            "lightning.pytorch.loggers.TensorBoardLogger",
+        )
+    )
     path = genuine_format_checkpoint(tmp_path / "fine.ckpt")
     assert metalab.load_learner(path).algorithm == "protonet"
 
@@ -153,8 +188,11 @@ def test_a_full_disk_keeps_the_old_file_and_names_the_space(tmp_path, monkeypatc
     path = tmp_path / "results.json"
     path.write_text("old")
     monkeypatch.setattr(files.os, "fsync", no_space)
-    with pytest.raises(StorageError, match=r"cannot write .*results.json: No space left on device "
-                                           r"\(0.0 MB needed, [0-9.]+ MB free\)"):
+    with pytest.raises(
+        StorageError,
+        match=r"cannot write .*results.json: No space left on device "
+        r"\(0.0 MB needed, [0-9.]+ MB free\)",
+    ):
         files.write_json_atomic(path, {"x": 1})
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
@@ -223,8 +261,7 @@ def small_omniglot(root: Path) -> None:
                 for drawing in range(4):
                     image = io.BytesIO()
                     Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)).save(image, "PNG")
-                    zf.writestr(f"{archive[:-4]}/{alphabet}/character{character:02d}/{drawing}.png",
-                                image.getvalue())
+                    zf.writestr(f"{archive[:-4]}/{alphabet}/character{character:02d}/{drawing}.png", image.getvalue())
 
 
 def test_an_omniglot_zip_damaged_in_the_middle_is_a_data_error(tmp_path):
@@ -232,22 +269,28 @@ def test_an_omniglot_zip_damaged_in_the_middle_is_a_data_error(tmp_path):
     archive = tmp_path / "omniglot" / "images_background.zip"
     data = bytearray(archive.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = bytes(64)
+    data[middle : middle + 64] = bytes(64)
     archive.write_bytes(bytes(data))
     cfg = {"name": "omniglot", "protocol": "lake", "image_size": 8, "invert": True, "verify_checksums": True}
-    with pytest.raises(DataError, match=rf"{archive} is not a valid zip archive: its member .* is damaged .*"
-                                        "download it again"):
+    with pytest.raises(
+        DataError,
+        match=rf"{archive} is not a valid zip archive: its member .* is damaged .*"
+        "download it again",
+    ):
         build_sources(cfg, tmp_path, tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".tmp"]
 
 
 # ---------------------------------------------------------------- bad settings refused up front
-@pytest.mark.parametrize("override,key", [
-    ("algorithm.optimizer.lr=inf", "algorithm.optimizer.lr=inf"),
-    ("algorithm.optimizer.lr=nan", "algorithm.optimizer.lr=nan"),
-    ("algorithm.inner_lr=-inf", "algorithm.inner_lr=-inf"),
-    ("algorithm.grad_clip=inf", "algorithm.grad_clip=inf"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("algorithm.optimizer.lr=inf", "algorithm.optimizer.lr=inf"),
+        ("algorithm.optimizer.lr=nan", "algorithm.optimizer.lr=nan"),
+        ("algorithm.inner_lr=-inf", "algorithm.inner_lr=-inf"),
+        ("algorithm.grad_clip=inf", "algorithm.grad_clip=inf"),
+    ],
+)
 def test_non_finite_settings_are_refused(override, key):
     with pytest.raises(ConfigError, match=f"{key}.* finite"):
         check_train_config(train_config(override), ALGORITHMS)
@@ -271,8 +314,13 @@ def test_a_class_with_one_image_says_what_the_data_allows(tmp_path):
         (root / f"class{c}").mkdir(parents=True)
         for i in range(count):
             Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(root / f"class{c}" / f"{i}.png")
-    cfg = {"name": "image_folder", "root": str(root), "image_size": 8, "channels": 3,
-           "split_fractions": {"train": 0.0, "val": 0.0, "test": 1.0}}
+    cfg = {
+        "name": "image_folder",
+        "root": str(root),
+        "image_size": 8,
+        "channels": 3,
+        "split_fractions": {"train": 0.0, "val": 0.0, "test": 1.0},
+    }
     test = build_sources(cfg, tmp_path, tmp_path / "cache")["test"]
     with pytest.raises(ConfigError, match="only 1 image; an episode needs at least 2 images of every class") as error:
         test.check(2, 1, 1, "test")
@@ -288,8 +336,15 @@ def test_a_class_with_one_image_says_what_the_data_allows(tmp_path):
 
 # ---------------------------------------------------------------- cross-domain: the checkpoint's transform
 def folder_dataset(**given) -> dict:
-    return {"name": "image_folder", "root": "/x", "image_size": 84, "channels": 3, "invert": False,
-            "split_fractions": {"train": 0.64, "val": 0.16, "test": 0.2}, **given}
+    return {
+        "name": "image_folder",
+        "root": "/x",
+        "image_size": 84,
+        "channels": 3,
+        "invert": False,
+        "split_fractions": {"train": 0.64, "val": 0.16, "test": 0.2},
+        **given,
+    }
 
 
 def test_cross_domain_eval_defaults_to_the_checkpoints_transform(caplog):
@@ -314,16 +369,26 @@ def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tmp_path):
     config = train_config("trainer.max_steps=2", "meta_batch_size=2", "val_episodes=2", "test_episodes=2")
     model = ALGORITHMS["maml"](config, [1], "regression")
     callback = ResumableCheckpoint(dirpath=tmp_path, save_last=True, monitor=None, every_n_train_steps=1)
-    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-                      max_steps=1, limit_val_batches=0, plugins=[AtomicCheckpointIO()])
+    trainer = Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        max_steps=1,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
+    )
     from metalab.runner import build_datamodule
 
     trainer.fit(model, datamodule=build_datamodule(config))
     good = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     with torch.no_grad():
         next(model.parameters()).fill_(float("inf"))
-    with pytest.raises(TrainingDiverged, match=r"is no longer finite, so .*last.ckpt was not written.*"
-                                               r"The last good checkpoint is .*last.ckpt"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"is no longer finite, so .*last.ckpt was not written.*"
+        r"The last good checkpoint is .*last.ckpt",
+    ):
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
     kept = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(good[k], kept[k]) for k in good)
@@ -365,18 +430,25 @@ def test_a_log_dir_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypat
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    with pytest.raises(StorageError, match=r"cannot create a run directory in .*: Read-only file system; "
-                                           "set paths.log_dir to a writable directory"):
+    with pytest.raises(
+        StorageError,
+        match=r"cannot create a run directory in .*: Read-only file system; "
+        "set paths.log_dir to a writable directory",
+    ):
         run_dirs._make(tmp_path / "logs", "stamp", per_job=False)
 
 
 def test_hydra_errors_become_one_line():
     from hydra.errors import MissingConfigException
 
-    error = MissingConfigException("In 'train': Could not find 'algorithm/foo'\n\nAvailable options ...",
-                                   missing_cfg_file="algorithm/foo", options=["maml", "protonet"])
-    assert hydra_error_message(error) == ("algorithm=foo is unknown (no conf/algorithm/foo.yaml); "
-                                          "choose one of maml, protonet")
+    error = MissingConfigException(
+        "In 'train': Could not find 'algorithm/foo'\n\nAvailable options ...",
+        missing_cfg_file="algorithm/foo",
+        options=["maml", "protonet"],
+    )
+    assert hydra_error_message(error) == (
+        "algorithm=foo is unknown (no conf/algorithm/foo.yaml); choose one of maml, protonet"
+    )
 
 
 def test_a_diverged_loss_says_when_the_weights_are_already_not_finite():

@@ -19,8 +19,11 @@ def composed(config_name: str, *overrides: str) -> dict:
 # ---------------------------------------------------------------- learner settings
 def test_fomaml_refuses_second_order_instead_of_ignoring_it():
     check_algorithm(composed("train", "algorithm=fomaml"), ALGORITHMS)  # its own value is fine
-    with pytest.raises(ConfigError, match=r"algorithm.first_order=False cannot act: fomaml is first order by "
-                                          r"definition; for second-order MAML use algorithm=maml"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algorithm.first_order=False cannot act: fomaml is first order by "
+        r"definition; for second-order MAML use algorithm=maml",
+    ):
         check_algorithm(composed("train", "algorithm=fomaml", "algorithm.first_order=false"), ALGORITHMS)
     # MAML reads the same key: there it acts.
     check_algorithm(composed("train", "algorithm=maml", "algorithm.first_order=true"), ALGORITHMS)
@@ -31,8 +34,11 @@ def test_an_algorithm_key_no_code_reads_is_refused_listing_the_accepted_ones(alg
     cfg = composed("train", f"algorithm={algorithm}")
     check_algorithm(cfg, ALGORITHMS)
     cfg["algorithm"]["first_ordr"] = True  # as `+algorithm.first_ordr=true` gives it
-    with pytest.raises(ConfigError, match=rf"algorithm={algorithm} has no setting first_ordr, so it would be ignored; "
-                                          rf"its settings are name, .*optimizer.*; remove with ~algorithm.first_ordr"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"algorithm={algorithm} has no setting first_ordr, so it would be ignored; "
+        rf"its settings are name, .*optimizer.*; remove with ~algorithm.first_ordr",
+    ):
         check_algorithm(cfg, ALGORITHMS)
 
 
@@ -45,8 +51,11 @@ def test_mamlpp_has_no_first_order_switch_to_ignore():
 
 # ---------------------------------------------------------------- backbone settings
 def test_a_backbone_key_metalab_sets_itself_is_refused_not_a_type_error():
-    with pytest.raises(ConfigError, match=r"backbone=mlp has no option input_shape .*its options are hidden_sizes;"
-                                          r" remove with ~backbone.input_shape"):
+    with pytest.raises(
+        ConfigError,
+        match=r"backbone=mlp has no option input_shape .*its options are hidden_sizes;"
+        r" remove with ~backbone.input_shape",
+    ):
         build_backbone({"name": "mlp", "input_shape": [1]}, (1,))
 
 
@@ -57,11 +66,17 @@ def test_an_unknown_backbone_key_is_refused_before_any_data_is_read():
 
 
 # ---------------------------------------------------------------- the metric
-@pytest.mark.parametrize("override,message", [
-    ("dataset.metric_mode=max", r"dataset.metric_mode=max disagrees with the metric learners report on regression "
-                                r"tasks \(mse, best at its minimum\); set dataset.metric_mode=min"),
-    ("dataset.metric=acc", r"dataset.metric=acc disagrees .* set dataset.metric=mse"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "dataset.metric_mode=max",
+            r"dataset.metric_mode=max disagrees with the metric learners report on regression "
+            r"tasks \(mse, best at its minimum\); set dataset.metric_mode=min",
+        ),
+        ("dataset.metric=acc", r"dataset.metric=acc disagrees .* set dataset.metric=mse"),
+    ],
+)
 def test_dataset_metric_cannot_contradict_the_learners_metric(override, message):
     check_learner_fits_data(composed("train"), ALGORITHMS["maml"], "regression")
     with pytest.raises(ConfigError, match=message):
@@ -84,19 +99,23 @@ def test_eval_honours_tf32_given_on_its_command_line():
     run = evaluation_config(composed("eval", *chosen), trained, [1], chosen)
     assert run["tf32"] is True and run["trainer"]["accelerator"] == "gpu"
     # Left out, the evaluation's hardware choice decides, not the training run's.
-    run = evaluation_config(composed("eval", "ckpt_path=x.ckpt"), composed("train", "hardware=gpu", "tf32=true"),
-                            [1], ["ckpt_path=x.ckpt"])
+    run = evaluation_config(
+        composed("eval", "ckpt_path=x.ckpt"), composed("train", "hardware=gpu", "tf32=true"), [1], ["ckpt_path=x.ckpt"]
+    )
     assert run["tf32"] is None and run["trainer"]["accelerator"] == "cpu"
 
 
-@pytest.mark.parametrize("override,why", [
-    ("+algorithm.inner_lr=0.5", "the learner and its hyper-parameters are the checkpoint's"),
-    ("backbone=conv4", "the network's architecture is the checkpoint's"),
-    ("+backbone.hidden_sizes=[8]", "the network's architecture is the checkpoint's"),
-    ("+ways=3", "meta-test another number with test_ways"),
-    ("+seed=3", "the meta-test episodes follow eval_seed"),
-    ("+max_steps=3", "metalab-eval does not read it"),
-])
+@pytest.mark.parametrize(
+    "override,why",
+    [
+        ("+algorithm.inner_lr=0.5", "the learner and its hyper-parameters are the checkpoint's"),
+        ("backbone=conv4", "the network's architecture is the checkpoint's"),
+        ("+backbone.hidden_sizes=[8]", "the network's architecture is the checkpoint's"),
+        ("+ways=3", "meta-test another number with test_ways"),
+        ("+seed=3", "the meta-test episodes follow eval_seed"),
+        ("+max_steps=3", "metalab-eval does not read it"),
+    ],
+)
 def test_eval_refuses_what_cannot_change_at_evaluation(override, why):
     chosen = ["ckpt_path=x.ckpt", override]
     with pytest.raises(ConfigError, match=rf"cannot change at evaluation: .*{why}.*; leave it out"):
@@ -107,9 +126,12 @@ def test_eval_refuses_what_cannot_change_at_evaluation(override, why):
 def test_an_unknown_dataset_key_is_refused_listing_the_accepted_ones():
     check_train_config(composed("train", "dataset=omniglot"), ALGORITHMS)  # its own keys act
     cfg = composed("train", "dataset=omniglot", "+dataset.image_sise=32")
-    with pytest.raises(ConfigError, match=r"dataset=omniglot has no setting image_sise, so it would be ignored; "
-                                          r"its settings are name, protocol, .*image_size.*; "
-                                          r"remove with ~dataset.image_sise"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset=omniglot has no setting image_sise, so it would be ignored; "
+        r"its settings are name, protocol, .*image_size.*; "
+        r"remove with ~dataset.image_sise",
+    ):
         check_train_config(cfg, ALGORITHMS)
 
 
@@ -121,24 +143,39 @@ def test_eval_refuses_an_unknown_key_of_the_dataset_it_is_given():
 
 def test_baseline_refuses_the_cosine_scale_only_baselinepp_reads():
     check_algorithm(composed("train", "algorithm=baselinepp", "algorithm.cosine_scale=5"), ALGORITHMS)
-    with pytest.raises(ConfigError, match=r"algorithm.cosine_scale=5 cannot act: baseline's linear head has no "
-                                          r"cosine scale; it is Baseline\+\+'s \(algorithm=baselinepp\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algorithm.cosine_scale=5 cannot act: baseline's linear head has no "
+        r"cosine scale; it is Baseline\+\+'s \(algorithm=baselinepp\)",
+    ):
         check_algorithm(composed("train", "algorithm=baseline", "algorithm.cosine_scale=5"), ALGORITHMS)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("+algorithm.optimizer.lrr=0.1", r"algorithm\.optimizer \(torch\.optim\.Adam\) has no argument lrr; its arguments "
-                                     r"are lr, betas, .*; remove with ~algorithm\.optimizer\.lrr"),
-    ("algorithm.optimizer._target_=torch.optim.Adamm", r"algorithm\.optimizer\._target_='torch\.optim\.Adamm' is not a "
-                                                        r"class that can be imported"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "+algorithm.optimizer.lrr=0.1",
+            r"algorithm\.optimizer \(torch\.optim\.Adam\) has no argument lrr; its arguments "
+            r"are lr, betas, .*; remove with ~algorithm\.optimizer\.lrr",
+        ),
+        (
+            "algorithm.optimizer._target_=torch.optim.Adamm",
+            r"algorithm\.optimizer\._target_='torch\.optim\.Adamm' is not a "
+            r"class that can be imported",
+        ),
+    ],
+)
 def test_an_optimizer_setting_its_class_does_not_take_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         check_algorithm(composed("train", override), ALGORITHMS)
 
 
 def test_a_scheduler_setting_its_class_does_not_take_is_refused():
-    with pytest.raises(ConfigError, match=r"algorithm\.scheduler \(torch\.optim\.lr_scheduler\.StepLR\) has no "
-                                          r"argument gama"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algorithm\.scheduler \(torch\.optim\.lr_scheduler\.StepLR\) has no "
+        r"argument gama",
+    ):
         check_algorithm(composed("train", "algorithm=protonet", "+algorithm.scheduler.gama=0.5"), ALGORITHMS)
     check_algorithm(composed("train", "algorithm=protonet", "algorithm.scheduler.gamma=0.5"), ALGORITHMS)

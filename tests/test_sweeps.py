@@ -20,8 +20,14 @@ sys.path.insert(0, str(REPO / "scripts"))
 import summarize_sweep
 
 # MAML on sinusoid, 20 outer steps per job: seconds each, no data needed.
-TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "val_episodes=10", "test_episodes=10",
-        "logger=none", "trainer.enable_progress_bar=false"]
+TINY = [
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=10",
+    "val_episodes=10",
+    "test_episodes=10",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def multirun(log_dir: Path, *overrides: str, cache_dir: Path) -> subprocess.CompletedProcess:
@@ -38,13 +44,14 @@ def sweep_dir(log_dir: Path) -> Path:
 def test_failing_jobs_are_recorded_and_the_others_run_and_are_ranked(tmp_path, cache_dir):
     # 6 jobs: lr=-1 is refused before work (a ConfigError), precision=bogus crashes inside
     # Lightning (an unexpected exception); the two good jobs still run.
-    proc = multirun(tmp_path, "algorithm.optimizer.lr=0.001,0.01,-1", "trainer.precision=32-true,bogus",
-                    cache_dir=cache_dir)
+    proc = multirun(
+        tmp_path, "algorithm.optimizer.lr=0.001,0.01,-1", "trainer.precision=32-true,bogus", cache_dir=cache_dir
+    )
     # Every job ran; then the sweep exits non-zero, naming each failed job and its error.txt.
     assert proc.returncode == 1, proc.stderr[-3000:]
     root = sweep_dir(tmp_path)
     jobs = {int(p.name): p for p in root.iterdir() if p.name.isdigit()}
-    report = proc.stderr[proc.stderr.index("metalab: error: 4 job(s) of the sweep failed (2 finished)"):]
+    report = proc.stderr[proc.stderr.index("metalab: error: 4 job(s) of the sweep failed (2 finished)") :]
     for n in (1, 3, 4, 5):
         assert f"  job {n} (" in report and str(jobs[n] / "error.txt") in report
     assert "job 0 (" not in report and "job 2 (" not in report
@@ -75,12 +82,14 @@ def test_summarize_refuses_a_directory_without_runs(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- Optuna
-optuna_sweeper = pytest.importorskip("hydra_plugins.hydra_optuna_sweeper",
-                                     reason="the optuna extra is not installed: pip install -e '.[optuna]'")
+optuna_sweeper = pytest.importorskip(
+    "hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra is not installed: pip install -e '.[optuna]'"
+)
 
 
-@pytest.mark.parametrize("name,extra", [("maml_optuna", []),
-                                        ("protonet_optuna", ["algorithm=protonet", "dataset=omniglot"])])
+@pytest.mark.parametrize(
+    "name,extra", [("maml_optuna", []), ("protonet_optuna", ["algorithm=protonet", "dataset=omniglot"])]
+)
 def test_every_searched_setting_exists_in_the_config(name, extra):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"hparams_search={name}", *extra], return_hydra_config=True)
@@ -104,7 +113,9 @@ def test_optuna_search_optimizes_the_validation_metric(tmp_path, cache_dir):
     assert best["best_value"] == pytest.approx(min(t["val/mse"] for t in trials))
     params = best["best_params"]
     assert 0.001 <= params["algorithm.inner_lr"] <= 1.0 and 1 <= params["algorithm.inner_steps"] <= 5
-    searched = [{o.split("=")[0]: o.split("=")[1] for o in yaml.safe_load(p.read_text())}
-                for p in root.glob("*/.hydra/overrides.yaml")]
+    searched = [
+        {o.split("=")[0]: o.split("=")[1] for o in yaml.safe_load(p.read_text())}
+        for p in root.glob("*/.hydra/overrides.yaml")
+    ]
     settings = {(s["algorithm.inner_lr"], s["algorithm.inner_steps"], s["algorithm.optimizer.lr"]) for s in searched}
     assert len(settings) == 3  # three different settings were tried

@@ -88,12 +88,16 @@ class ImageTransform:
             try:
                 image = Image.fromarray(item)
             except (TypeError, ValueError) as error:
-                raise DataError(f"{name} (a numpy array of shape {item.shape}, {item.dtype}) is not an image "
-                                f"({error}); give uint8 [H, W] or [H, W, 3] arrays") from None
+                raise DataError(
+                    f"{name} (a numpy array of shape {item.shape}, {item.dtype}) is not an image "
+                    f"({error}); give uint8 [H, W] or [H, W, 3] arrays"
+                ) from None
             array = self._convert(image, name)
         else:
-            raise DataError(f"{name} is a {type(item).__name__}; give an image file path, a PIL image, "
-                            f"a numpy image array or a model-ready tensor of shape {list(self.input_shape)}")
+            raise DataError(
+                f"{name} is a {type(item).__name__}; give an image file path, a PIL image, "
+                f"a numpy image array or a model-ready tensor of shape {list(self.input_shape)}"
+            )
         return torch.from_numpy(np.ascontiguousarray(array)).float() / 255  # as the episode sampler scales
 
     def _convert(self, image: Image.Image, name: str) -> np.ndarray:
@@ -107,7 +111,8 @@ class ImageTransform:
             raise DataError(
                 f"{name} is a tensor of shape {list(tensor.shape)} ({tensor.dtype}); tensors are taken as "
                 f"model-ready input, float of shape {list(self.input_shape)} in [0, 1] with the training ink "
-                "polarity; pass the raw image as a file path, PIL image or numpy array to have it transformed")
+                "polarity; pass the raw image as a file path, PIL image or numpy array to have it transformed"
+            )
         return tensor.detach().float().cpu()
 
     def __repr__(self) -> str:
@@ -126,8 +131,9 @@ class Learner:
         self.training_ways = model.config.get("ways")
         # True when some BatchNorm normalizes with the statistics of each forward pass (the
         # MAML family's conv4); the metric learners' keep running statistics.
-        self.transductive = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
-                                for m in model.modules())
+        self.transductive = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules()
+        )
 
     @property
     def device(self) -> torch.device:
@@ -167,7 +173,8 @@ class Learner:
                 f"algorithm={self.algorithm} has one output per training way, so it adapts to exactly "
                 f"ways={self.training_ways} classes, but the support set has {len(classes)} "
                 f"({', '.join(map(repr, classes))}); give {self.training_ways} classes, use a checkpoint "
-                f"meta-trained with ways={len(classes)}, or a learner without a fixed head such as protonet")
+                f"meta-trained with ways={len(classes)}, or a learner without a fixed head such as protonet"
+            )
 
     def prepare_inputs(self, items: Sequence[Item], role: str) -> Tensor:
         """[items, *input_shape]: images (paths, arrays, tensors) decoded, transformed and checked
@@ -178,8 +185,10 @@ class Learner:
         return torch.stack(tensors)
 
     def __repr__(self) -> str:
-        return (f"Learner({self.algorithm}, input={list(self.transform.input_shape)}, "
-                f"training_ways={self.training_ways}, {self.transform}, device={self.device})")
+        return (
+            f"Learner({self.algorithm}, input={list(self.transform.input_shape)}, "
+            f"training_ways={self.training_ways}, {self.transform}, device={self.device})"
+        )
 
 
 class AdaptedTask:
@@ -200,13 +209,15 @@ class AdaptedTask:
         if batch_size is not None:
             check_positive("batch_size", batch_size, 32, otherwise="None to predict all items in one pass")
         if independent and batch_size is not None:
-            raise ConfigError(f"batch_size={batch_size} and independent=True both given; independent "
-                              "predicts every item in its own pass, so leave batch_size out")
+            raise ConfigError(
+                f"batch_size={batch_size} and independent=True both given; independent "
+                "predicts every item in its own pass, so leave batch_size out"
+            )
         query = self.learner.prepare_inputs(batch, "query item")
         if independent:
             return self._predict_independent(query)
         step = batch_size or len(query)
-        chunks = [query[start:start + step] for start in range(0, len(query), step)]
+        chunks = [query[start : start + step] for start in range(0, len(query), step)]
         self._warn_if_unmixed(min(len(chunk) for chunk in chunks))
         with evaluation_mode():
             return torch.cat([self._predict_tasks(self.state, chunk.unsqueeze(0))[0] for chunk in chunks])
@@ -231,7 +242,7 @@ class AdaptedTask:
         outputs = []
         with evaluation_mode():
             for start in range(0, len(query), group):
-                items = query[start:start + group]
+                items = query[start : start + group]
                 passes = torch.cat([context.expand(len(items), *context.shape), items[:, None]], 1)
                 state = self.state if len(items) == 1 else _repeat_task(self.state, len(items))
                 outputs.append(self._predict_tasks(state, passes)[:, -1])
@@ -261,7 +272,10 @@ class AdaptedTask:
                 f"predicting in a pass of {smallest_pass} item(s), fewer than the {len(self.labels)} classes, "
                 "through BatchNorm that normalizes with each pass's statistics: predictions are then much "
                 "less accurate than in evaluation; pass independent=True to predict each item beside the "
-                "support examples", UserWarning, stacklevel=4)
+                "support examples",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _is_single(self, items) -> bool:
         if isinstance(items, Tensor):
@@ -292,9 +306,11 @@ def load_learner(path, device: str | torch.device = "cpu") -> Learner:
     hyper = checkpoint["hyper_parameters"]
     config, input_shape, task_type = hyper["config"], list(hyper.get("input_shape", [])), hyper.get("task_type")
     if task_type != "classification" or len(input_shape) != 3:
-        raise ConfigError(f"ckpt_path={path} is a {task_type} model on inputs of shape {input_shape} "
-                          f"(dataset={config.get('dataset', {}).get('name')}); load_learner serves image "
-                          "classification checkpoints")
+        raise ConfigError(
+            f"ckpt_path={path} is a {task_type} model on inputs of shape {input_shape} "
+            f"(dataset={config.get('dataset', {}).get('name')}); load_learner serves image "
+            "classification checkpoints"
+        )
     model = learner_from_checkpoint(path, checkpoint)
     model.eval().to(device)  # as Lightning sets it for meta-test
     invert = bool(config["dataset"].get("invert", False))
@@ -328,8 +344,9 @@ def _pairs(support, labels) -> tuple[list, list]:
     """(items, labels) from any of the accepted support forms, with every label checked."""
     if isinstance(support, Mapping):
         if labels is not None:
-            raise DataError("labels= is given but the support set is already a {label: [items]} mapping; "
-                            "give one or the other")
+            raise DataError(
+                "labels= is given but the support set is already a {label: [items]} mapping; give one or the other"
+            )
         items, item_labels = [], []
         for label, examples in support.items():
             examples = [examples] if isinstance(examples, (str, Path, Image.Image)) else list(examples)
@@ -341,20 +358,24 @@ def _pairs(support, labels) -> tuple[list, list]:
         pairs = list(support)
         bad = next((i for i, p in enumerate(pairs) if not (isinstance(p, tuple) and len(p) == 2)), None)
         if bad is not None:
-            raise DataError(f"support example {bad} is not an (item, label) pair and no labels= were given; "
-                            "give {label: [items]}, [(item, label), ...], or items with labels=[...]")
+            raise DataError(
+                f"support example {bad} is not an (item, label) pair and no labels= were given; "
+                "give {label: [items]}, [(item, label), ...], or items with labels=[...]"
+            )
         items, item_labels = [p[0] for p in pairs], [p[1] for p in pairs]
     else:
         items = list(support)
         item_labels = labels.tolist() if isinstance(labels, (Tensor, np.ndarray)) else list(labels)
         if len(item_labels) != len(items):
-            raise DataError(f"{len(items)} support examples but {len(item_labels)} labels; "
-                            "give one label per example")
+            raise DataError(f"{len(items)} support examples but {len(item_labels)} labels; give one label per example")
     for i, label in enumerate(item_labels):
         if label is None or (isinstance(label, float) and math.isnan(label)):
-            raise DataError(f"support example {i} ({_describe(items[i], 'item')}) has no label; "
-                            "give every example a label")
+            raise DataError(
+                f"support example {i} ({_describe(items[i], 'item')}) has no label; give every example a label"
+            )
         if not isinstance(label, Hashable):
-            raise DataError(f"support example {i} has the label {label!r}, a {type(label).__name__}, which "
-                            "cannot name a class; use a hashable label such as a string or an int")
+            raise DataError(
+                f"support example {i} has the label {label!r}, a {type(label).__name__}, which "
+                "cannot name a class; use a hashable label such as a string or an int"
+            )
     return items, item_labels

@@ -80,8 +80,12 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # SIGTERM (a scheduler's notice before it kills the job): Lightning stops at the end of an
         # outer step, a consistent state to resume from, and raises SIGTERMException; save it.
-        if (isinstance(exception, SIGTERMException) and self.save_last and self._saving(trainer)
-                and self._last_global_step_saved != trainer.global_step):
+        if (
+            isinstance(exception, SIGTERMException)
+            and self.save_last
+            and self._saving(trainer)
+            and self._last_global_step_saved != trainer.global_step
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
@@ -92,15 +96,17 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # Never write a state whose weights are not finite (lr=inf, a diverged update) over a
         # good checkpoint: training stops here instead, and the files on disk stay good.
-        bad = next((name for name, p in trainer.lightning_module.named_parameters()
-                    if not bool(torch.isfinite(p).all())), None)
+        bad = next(
+            (name for name, p in trainer.lightning_module.named_parameters() if not bool(torch.isfinite(p).all())), None
+        )
         if bad is not None:
             kept = self.last_good_checkpoint  # the last file actually written, all finite
             raise TrainingDiverged(
                 f"training stopped at step {trainer.global_step}: the parameter {bad} is no longer finite, so "
                 f"{filepath} was not written; lower the learning rates or clip the meta-gradient with "
-                f"algorithm.grad_clip=<norm>. " + (f"The last good checkpoint is {kept}" if kept
-                                                    else "No checkpoint had been written yet"))
+                f"algorithm.grad_clip=<norm>. "
+                + (f"The last good checkpoint is {kept}" if kept else "No checkpoint had been written yet")
+            )
         super()._save_checkpoint(trainer, filepath)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -211,8 +217,11 @@ class ProgressLines(Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         values = dict(scalar_metrics(trainer, ("val/",), keep_ci=True))
-        shown = [f"{key} {value:.4g}" + (f" ± {values[f'{key}_ci95']:.2g}" if f"{key}_ci95" in values else "")
-                 for key, value in values.items() if not key.endswith("_ci95")]
+        shown = [
+            f"{key} {value:.4g}" + (f" ± {values[f'{key}_ci95']:.2g}" if f"{key}_ci95" in values else "")
+            for key, value in values.items()
+            if not key.endswith("_ci95")
+        ]
         self._log(f"validation at step {trainer.global_step}: " + ", ".join(shown))
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -228,9 +237,14 @@ def scalar_metrics(trainer: Trainer, prefixes: tuple[str, ...], keep_ci: bool = 
     """The logged metrics under `prefixes`, as floats; the 95% CIs, learning rate and the
     learner's own per-step rate left out unless asked for."""
     hidden = ("train/lr", "train/tasks_per_sec")
-    return [(key, float(value)) for key, value in trainer.callback_metrics.items()
-            if key.startswith(prefixes) and key not in hidden and (keep_ci or not key.endswith("_ci95"))
-            and getattr(value, "numel", lambda: 1)() == 1]
+    return [
+        (key, float(value))
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith(prefixes)
+        and key not in hidden
+        and (keep_ci or not key.endswith("_ci95"))
+        and getattr(value, "numel", lambda: 1)() == 1
+    ]
 
 
 def format_seconds(seconds: float) -> str:

@@ -35,17 +35,22 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         checkpoint = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ConfigError(f"ckpt_path={path} holds pickled Python objects other than tensors and plain values, "
-                          "which could run code when loaded, so it is refused (metalab checkpoints hold none); "
-                          "give a checkpoint written by metalab-train") from None
+        raise ConfigError(
+            f"ckpt_path={path} holds pickled Python objects other than tensors and plain values, "
+            "which could run code when loaded, so it is refused (metalab checkpoints hold none); "
+            "give a checkpoint written by metalab-train"
+        ) from None
     except Exception as error:  # any unreadable file is the same problem for the user
         raise ConfigError(f"ckpt_path={path} is not a readable PyTorch checkpoint ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or MARKER not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ConfigError(f"ckpt_path={path} is not a metalab checkpoint; give a file from a metalab run's checkpoints/")
+        raise ConfigError(
+            f"ckpt_path={path} is not a metalab checkpoint; give a file from a metalab run's checkpoints/"
+        )
     config = checkpoint["hyper_parameters"].get("config") if isinstance(checkpoint["hyper_parameters"], dict) else None
     if not isinstance(config, dict):
-        raise ConfigError(f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written "
-                          "by metalab-train")
+        raise ConfigError(
+            f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written by metalab-train"
+        )
     check_stored_targets(config, path)
     return checkpoint
 
@@ -83,9 +88,11 @@ def check_stored_targets(config, path, where: str = "") -> None:
     if isinstance(config, dict):
         target = config.get("_target_")
         if target is not None and not trusted_target(target):
-            raise ConfigError(f"ckpt_path={path} names {target!r} at {where or ''}_target_ to build, which is not a "
-                              "metalab class (nor a torch optimizer or scheduler, a Lightning logger or callback), "
-                              "so it is refused; give a checkpoint written by metalab-train")
+            raise ConfigError(
+                f"ckpt_path={path} names {target!r} at {where or ''}_target_ to build, which is not a "
+                "metalab class (nor a torch optimizer or scheduler, a Lightning logger or callback), "
+                "so it is refused; give a checkpoint written by metalab-train"
+            )
         for key, value in config.items():
             check_stored_targets(value, path, f"{where}{key}.")
     elif isinstance(config, (list, tuple)):
@@ -102,24 +109,29 @@ def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
     try:
         name, input_shape, task_type = config["algorithm"]["name"], list(hyper["input_shape"]), hyper["task_type"]
     except (KeyError, TypeError):
-        raise ConfigError(f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written "
-                          "by metalab-train") from None
+        raise ConfigError(
+            f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written by metalab-train"
+        ) from None
     target = config["algorithm"].get("_target_")
     if target is None and name not in ALGORITHMS:
-        raise ConfigError(f"ckpt_path={path} was trained with algorithm={name!r}, which this metalab does not "
-                          f"have (it has {sorted(ALGORITHMS)})")
+        raise ConfigError(
+            f"ckpt_path={path} was trained with algorithm={name!r}, which this metalab does not "
+            f"have (it has {sorted(ALGORITHMS)})"
+        )
     try:  # only metalab's own learners: the stored _target_ cannot name anything else
         learner_cls = learner_class(config["algorithm"])
     except ConfigError as error:
         raise ConfigError(f"ckpt_path={path}: {error}") from None
-    older = {key: value for key, value in learner_cls.settings_of_older_checkpoints.items()
-             if key not in config["algorithm"]}
+    older = {
+        key: value for key, value in learner_cls.settings_of_older_checkpoints.items() if key not in config["algorithm"]
+    }
     model = learner_cls({**config, "algorithm": {**older, **config["algorithm"]}}, input_shape, task_type)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as error:
-        raise ConfigError(f"ckpt_path={path}: its weights do not fit algorithm={name} as configured "
-                          f"({str(error).splitlines()[0]})") from None
+        raise ConfigError(
+            f"ckpt_path={path}: its weights do not fit algorithm={name} as configured ({str(error).splitlines()[0]})"
+        ) from None
     return model
 
 

@@ -85,37 +85,52 @@ def check_hardware(trainer_cfg: dict) -> None:
     devices = trainer_cfg.get("devices", 1)
     strategy = trainer_cfg.get("strategy", "auto")
     nodes = trainer_cfg.get("num_nodes", 1)
-    if not (devices in ("auto", -1) or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
-            or (isinstance(devices, (list, tuple)) and devices)):
-        raise ConfigError(f"trainer.devices={devices!r} must be a positive count, a list of GPU ids or auto; "
-                          f"set e.g. trainer.devices=2")
+    if not (
+        devices in ("auto", -1)
+        or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
+        or (isinstance(devices, (list, tuple)) and devices)
+    ):
+        raise ConfigError(
+            f"trainer.devices={devices!r} must be a positive count, a list of GPU ids or auto; "
+            f"set e.g. trainer.devices=2"
+        )
     if "num_nodes" in trainer_cfg:
         require_positive_int(trainer_cfg, "num_nodes")
     count = device_count(trainer_cfg)
     if accelerator in ("gpu", "cuda"):
         available = torch.cuda.device_count()
         if available == 0:
-            raise ConfigError(f"trainer.accelerator={accelerator} (hardware=gpu, ddp or slurm) but no CUDA GPU is "
-                              f"visible here; use hardware=cpu, or hardware=ddp_cpu for several CPU processes")
+            raise ConfigError(
+                f"trainer.accelerator={accelerator} (hardware=gpu, ddp or slurm) but no CUDA GPU is "
+                f"visible here; use hardware=cpu, or hardware=ddp_cpu for several CPU processes"
+            )
         if count > available:
             raise ConfigError(
                 f"trainer.devices={devices} but only {available} GPU(s) are visible; set trainer.devices<={available}"
             )
         if "bf16" in str(trainer_cfg.get("precision")) and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"trainer.precision={trainer_cfg['precision']} but this GPU has no bfloat16; "
-                              f"set trainer.precision=16-mixed or 32-true")
+            raise ConfigError(
+                f"trainer.precision={trainer_cfg['precision']} but this GPU has no bfloat16; "
+                f"set trainer.precision=16-mixed or 32-true"
+            )
     elif accelerator == "cpu":
         cores = os.cpu_count() or 1
         if count > cores:
-            raise ConfigError(f"trainer.devices={devices} asks for {count} CPU processes but this machine has "
-                              f"{cores} core(s); set trainer.devices<={cores}")
+            raise ConfigError(
+                f"trainer.devices={devices} asks for {count} CPU processes but this machine has "
+                f"{cores} core(s); set trainer.devices<={cores}"
+            )
     if count * nodes > 1 and strategy != "ddp":
-        raise ConfigError(f"trainer.devices={devices} with trainer.num_nodes={nodes} needs trainer.strategy=ddp, "
-                          f"not {strategy!r}; use hardware=ddp (GPUs) or hardware=ddp_cpu (CPU processes)")
+        raise ConfigError(
+            f"trainer.devices={devices} with trainer.num_nodes={nodes} needs trainer.strategy=ddp, "
+            f"not {strategy!r}; use hardware=ddp (GPUs) or hardware=ddp_cpu (CPU processes)"
+        )
     if nodes > 1 and not launched_by_cluster():
-        raise ConfigError(f"trainer.num_nodes={nodes} needs a cluster to start the processes on every node; "
-                          f"launch with hardware=slurm (metalab-train -m hardware=slurm ...) or torchrun, "
-                          f"or set trainer.num_nodes=1")
+        raise ConfigError(
+            f"trainer.num_nodes={nodes} needs a cluster to start the processes on every node; "
+            f"launch with hardware=slurm (metalab-train -m hardware=slurm ...) or torchrun, "
+            f"or set trainer.num_nodes=1"
+        )
 
 
 def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
@@ -130,7 +145,8 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
         if 0 < episodes and -(-episodes // per_batch) < world:
             raise ConfigError(
                 f"{key}={episodes} in batches of eval_batch_size={per_batch} gives fewer batches than the {world} "
-                f"DDP processes, so one would have none; set eval_batch_size to at most {episodes // world}")
+                f"DDP processes, so one would have none; set eval_batch_size to at most {episodes // world}"
+            )
     # Lightning's DDP starts the other processes by re-running the command line, which a
     # Hydra multirun job cannot do. A cluster launcher starts every process itself.
     if multirun and not launched_by_cluster() and "submitit" not in launcher:
@@ -138,7 +154,8 @@ def check_distributed(cfg: dict, multirun: bool, launcher: str) -> None:
             f"trainer.devices={cfg['trainer'].get('devices')} (DDP) cannot run inside a local multirun (-m): "
             f"Lightning re-launches the command line for the other processes. Run each setting as its own "
             f"metalab-train command without -m, or launch the sweep on SLURM with hardware=slurm, which starts "
-            f"every job's processes itself")
+            f"every job's processes itself"
+        )
 
 
 # Algorithm settings that every learner's outer step reads (algorithms/base.py), whether or not
@@ -174,8 +191,11 @@ def with_group_defaults(group: str, section: Mapping) -> dict:
     such file (a config directory of the user's own)."""
     name = section.get("name")
     defaults = group_defaults(group, name) if isinstance(name, str) else None
-    usable = {key: value for key, value in (defaults or {}).items()
-              if not (isinstance(value, str) and ("${" in value or value == "???"))}
+    usable = {
+        key: value
+        for key, value in (defaults or {}).items()
+        if not (isinstance(value, str) and ("${" in value or value == "???"))
+    }
     return {**usable, **section}
 
 
@@ -191,8 +211,10 @@ def check_group_keys(group: str, section: dict, shared: tuple[str, ...]) -> None
     unknown = sorted(set(section) - set(accepted))
     if unknown:
         removals = " ".join(f"~{group}.{key}" for key in unknown)
-        raise ConfigError(f"{group}={name} has no setting {', '.join(unknown)}, so it would be ignored; its "
-                          f"settings are {', '.join(accepted)}; remove with {removals}")
+        raise ConfigError(
+            f"{group}={name} has no setting {', '.join(unknown)}, so it would be ignored; its "
+            f"settings are {', '.join(accepted)}; remove with {removals}"
+        )
 
 
 def check_algorithm_keys(algorithm: dict, learner_cls) -> None:
@@ -216,8 +238,10 @@ def check_constructor_keys(setting: str, section, set_by_code: str) -> None:
     try:
         cls = get_class(section["_target_"])
     except Exception:  # not importable, or not a class
-        raise ConfigError(f"{setting}._target_={section['_target_']!r} is not a class that can be imported; "
-                          f"give one such as torch.optim.Adam") from None
+        raise ConfigError(
+            f"{setting}._target_={section['_target_']!r} is not a class that can be imported; "
+            f"give one such as torch.optim.Adam"
+        ) from None
     parameters = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return  # takes any keyword: nothing to check against
@@ -225,8 +249,10 @@ def check_constructor_keys(setting: str, section, set_by_code: str) -> None:
     unknown = sorted(set(section) - {"_target_", "_partial_"} - set(accepted))
     if unknown:
         removals = " ".join(f"~{setting}.{key}" for key in unknown)
-        raise ConfigError(f"{setting} ({section['_target_']}) has no argument {', '.join(unknown)}; its arguments "
-                          f"are {', '.join(accepted)}; remove with {removals}")
+        raise ConfigError(
+            f"{setting} ({section['_target_']}) has no argument {', '.join(unknown)}; its arguments "
+            f"are {', '.join(accepted)}; remove with {removals}"
+        )
 
 
 def check_algorithm(cfg: dict, algorithms: dict) -> None:
@@ -256,9 +282,11 @@ def check_trainer_section(cfg: dict) -> None:
     trainer = cfg.get("trainer")
     if not isinstance(trainer, dict):
         example = f"hardware={trainer}" if trainer in HARDWARE else "hardware=gpu"
-        raise ConfigError(f"trainer={trainer!r} is not a setting: trainer.* are Lightning Trainer options "
-                          f"(e.g. trainer.max_steps=1000); to choose the hardware use "
-                          f"hardware=<{'|'.join(HARDWARE)}>, e.g. {example}")
+        raise ConfigError(
+            f"trainer={trainer!r} is not a setting: trainer.* are Lightning Trainer options "
+            f"(e.g. trainer.max_steps=1000); to choose the hardware use "
+            f"hardware=<{'|'.join(HARDWARE)}>, e.g. {example}"
+        )
 
 
 # Loggers whose package is an optional extra: class name -> (module, extra).
@@ -272,8 +300,10 @@ def check_loggers(cfg: dict) -> None:
         if target in OPTIONAL_LOGGERS:
             module, extra = OPTIONAL_LOGGERS[target]
             if importlib.util.find_spec(module) is None:
-                raise ConfigError(f"logger={name} needs the {module} package, which is not installed; "
-                                  f"install it with pip install -e '.[{extra}]', or choose logger=tensorboard or csv")
+                raise ConfigError(
+                    f"logger={name} needs the {module} package, which is not installed; "
+                    f"install it with pip install -e '.[{extra}]', or choose logger=tensorboard or csv"
+                )
     tags = cfg.get("tags")
     if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags)):
         raise ConfigError(f"tags={tags!r} must be a list of words; set e.g. tags=[baseline,omniglot]")
@@ -296,13 +326,18 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
 
 def check_resumable(cfg: dict, trained: dict) -> None:
     """Resuming needs the same network: the settings that shape the weights must match the checkpoint's."""
-    shaping = {"algorithm": lambda c: c["algorithm"]["name"], "backbone": lambda c: c.get("backbone"),
-               "dataset": lambda c: c["dataset"]["name"], "ways": lambda c: c["ways"]}
+    shaping = {
+        "algorithm": lambda c: c["algorithm"]["name"],
+        "backbone": lambda c: c.get("backbone"),
+        "dataset": lambda c: c["dataset"]["name"],
+        "ways": lambda c: c["ways"],
+    }
     for key, value_of in shaping.items():
         if value_of(cfg) != value_of(trained):
             raise ConfigError(
                 f"ckpt_path={cfg['ckpt_path']} was trained with {key}={value_of(trained)}, not {value_of(cfg)}; "
-                f"resume with the checkpoint's {key}, or start a new run without ckpt_path")
+                f"resume with the checkpoint's {key}, or start a new run without ckpt_path"
+            )
 
 
 def cpp_compiler() -> str | None:
@@ -329,15 +364,19 @@ def auto_compile(cfg: dict, learner_cls) -> tuple[bool, str]:
         (distributed, "several processes (DDP): not measured"),
         (bool(algorithm.get("checkpoint_inner_steps")), "algorithm.checkpoint_inner_steps=true cannot be compiled"),
         (bool(trainer.get("fast_dev_run")), "a fast_dev_run is too short to repay the compile"),
-        (not isinstance(steps, int) or steps < AUTO_COMPILE_MIN_STEPS,
-         f"trainer.max_steps={steps} is under {AUTO_COMPILE_MIN_STEPS:,}, too short to repay the compile"),
+        (
+            not isinstance(steps, int) or steps < AUTO_COMPILE_MIN_STEPS,
+            f"trainer.max_steps={steps} is under {AUTO_COMPILE_MIN_STEPS:,}, too short to repay the compile",
+        ),
         (cpp_compiler() is None, "no C++ compiler was found (g++, clang++ or $CXX)"),
     ]
     reasons = [reason for applies, reason in eager_because if applies]
     if reasons:
         return False, f"algorithm.compile=auto: eager, as {reasons[0]}; algorithm.compile=true compiles anyway"
-    return True, (f"algorithm.compile=auto: compiling the meta-gradient (an MLP on a CPU, {steps:,} steps; the "
-                  "first step compiles, about 30 s); algorithm.compile=false runs eagerly")
+    return True, (
+        f"algorithm.compile=auto: compiling the meta-gradient (an MLP on a CPU, {steps:,} steps; the "
+        "first step compiles, about 30 s); algorithm.compile=false runs eagerly"
+    )
 
 
 def check_compile(cfg: dict, learner_cls) -> None:
@@ -348,24 +387,34 @@ def check_compile(cfg: dict, learner_cls) -> None:
     from metalab.algorithms.compile_passes import COMPILE_MODES
 
     if algorithm["compile"] not in COMPILE_MODES:
-        raise ConfigError(f"algorithm.compile={algorithm['compile']} is not a choice; use auto, false, true or "
-                          f"reduce-overhead (true, and also replay the step as a CUDA graph on a GPU)")
+        raise ConfigError(
+            f"algorithm.compile={algorithm['compile']} is not a choice; use auto, false, true or "
+            f"reduce-overhead (true, and also replay the step as a CUDA graph on a GPU)"
+        )
     on_cpu = cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu"
     if algorithm["compile"] == "reduce-overhead" and on_cpu:
-        raise ConfigError("algorithm.compile=reduce-overhead replays CUDA graphs, which need a GPU; use "
-                          "algorithm.compile=true on a CPU, or hardware=gpu")
+        raise ConfigError(
+            "algorithm.compile=reduce-overhead replays CUDA graphs, which need a GPU; use "
+            "algorithm.compile=true on a CPU, or hardware=gpu"
+        )
     if not learner_cls.compilable:
         from metalab.algorithms import ALGORITHMS  # here only: it imports every learner to list them
 
         compilable = ", ".join(name for name, cls in ALGORITHMS.items() if cls.compilable)
-        raise ConfigError(f"algorithm.compile=true is not available for algorithm={algorithm['name']} (it is for "
-                          f"{compilable}); leave it out")
+        raise ConfigError(
+            f"algorithm.compile=true is not available for algorithm={algorithm['name']} (it is for "
+            f"{compilable}); leave it out"
+        )
     if algorithm.get("checkpoint_inner_steps"):
-        raise ConfigError("algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
-                          "(torch.compile cannot capture the recomputation); set one of them to false")
+        raise ConfigError(
+            "algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
+            "(torch.compile cannot capture the recomputation); set one of them to false"
+        )
     if on_cpu and cpp_compiler() is None:
-        raise ConfigError("algorithm.compile=true on a CPU needs a C++ compiler for torch.compile (g++, or the "
-                          "one named by $CXX) and none was found; install one or leave algorithm.compile out")
+        raise ConfigError(
+            "algorithm.compile=true on a CPU needs a C++ compiler for torch.compile (g++, or the "
+            "one named by $CXX) and none was found; install one or leave algorithm.compile out"
+        )
 
 
 def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
@@ -374,8 +423,10 @@ def check_learner_fits_data(cfg: dict, learner_cls, task_type: str) -> None:
     if task_type == "classification":
         for key in ("ways", "test_ways"):
             if cfg[key] < 2:
-                raise ConfigError(f"{key}={cfg[key]} is too few for classification: with one class every answer "
-                                  f"is right (accuracy 1.0 by construction); set {key}=2 or more")
+                raise ConfigError(
+                    f"{key}={cfg[key]} is too few for classification: with one class every answer "
+                    f"is right (accuracy 1.0 by construction); set {key}=2 or more"
+                )
     if task_type not in learner_cls.task_types:
         raise ConfigError(
             f"algorithm={name} needs a {' or '.join(learner_cls.task_types)} dataset, "
@@ -399,9 +450,11 @@ def check_metric(dataset: dict, task_type: str) -> None:
     metric, mode = METRICS[task_type]
     for key, value in (("metric", metric), ("metric_mode", mode)):
         if key in dataset and dataset[key] != value:
-            raise ConfigError(f"dataset.{key}={dataset[key]} disagrees with the metric learners report on "
-                              f"{task_type} tasks ({metric}, best at its {mode}imum); set dataset.{key}={value} "
-                              f"(the dataset's default)")
+            raise ConfigError(
+                f"dataset.{key}={dataset[key]} disagrees with the metric learners report on "
+                f"{task_type} tasks ({metric}, best at its {mode}imum); set dataset.{key}={value} "
+                f"(the dataset's default)"
+            )
 
 
 def save_config(cfg: dict, run_dir: Path) -> None:

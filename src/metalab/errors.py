@@ -28,15 +28,19 @@ def check_positive(setting: str, value, example, integer: bool = True, meaning: 
     if not isinstance(value, bool) and isinstance(value, kinds) and 0 < value < math.inf:
         return  # an integer > 0 is >= 1
     what = "a positive integer" if integer else "a positive number"
-    raise ConfigError(f"{setting}={value!r} must be {what}{f' ({meaning})' if meaning else ''}"
-                      f"{f', or {otherwise}' if otherwise else ''}; set e.g. {setting}={example}")
+    raise ConfigError(
+        f"{setting}={value!r} must be {what}{f' ({meaning})' if meaning else ''}"
+        f"{f', or {otherwise}' if otherwise else ''}; set e.g. {setting}={example}"
+    )
 
 
 def check_meta_batch_split(meta_batch_size: int, world: int) -> None:
     """DDP gives each of `world` processes an equal share of every meta-batch."""
     if meta_batch_size % world:
-        raise ConfigError(f"meta_batch_size={meta_batch_size} does not split evenly over {world} DDP processes "
-                          f"(trainer.devices x trainer.num_nodes); set meta_batch_size to a multiple of {world}")
+        raise ConfigError(
+            f"meta_batch_size={meta_batch_size} does not split evenly over {world} DDP processes "
+            f"(trainer.devices x trainer.num_nodes); set meta_batch_size to a multiple of {world}"
+        )
 
 
 def metalab_class(setting: str, target, package: str, base: type, choose: str) -> type:
@@ -44,9 +48,10 @@ def metalab_class(setting: str, target, package: str, base: type, choose: str) -
     module of metalab's own `package`): a checkpoint's stored config can make metalab build its
     own classes only, never import or call anything else."""
     module, _, name = str(target).rpartition(".")
-    if not (module.startswith(f"{package}.") and module[len(package) + 1:].isidentifier() and name.isidentifier()):
-        raise ConfigError(f"{setting}={target!r} is not one of metalab's classes ({package}.<module>.<Class>); "
-                          f"{choose}")
+    if not (module.startswith(f"{package}.") and module[len(package) + 1 :].isidentifier() and name.isidentifier()):
+        raise ConfigError(
+            f"{setting}={target!r} is not one of metalab's classes ({package}.<module>.<Class>); {choose}"
+        )
     try:
         found = getattr(import_module(module), name)
     except (ImportError, AttributeError):

@@ -41,12 +41,21 @@ OVERRIDABLE = ("eval_seed", *TEST_EPISODE_KEYS, "test_episodes", "eval_batch_siz
 FROM_COMMAND = ("paths", "trainer", "logger", "num_workers", "tags", "tf32")
 # Everything this command's line may set (evaluation_config reads each; `hardware`, `paths`,
 # `logger`, `dataset` are also group choices).
-ACTING = (*OVERRIDABLE, *FROM_COMMAND, "ckpt_path", "task_name", "eval_inner_steps", "transductive", "dataset",
-          "hardware", "hydra")
+ACTING = (
+    *OVERRIDABLE,
+    *FROM_COMMAND,
+    "ckpt_path",
+    "task_name",
+    "eval_inner_steps",
+    "transductive",
+    "dataset",
+    "hardware",
+    "hydra",
+)
 # Settings that cannot change at evaluation, and why (anything else not in ACTING: generic).
 FIXED_AT_TRAINING = {
     "algorithm": "the learner and its hyper-parameters are the checkpoint's (only eval_inner_steps and "
-                 "transductive change at meta-test)",
+    "transductive change at meta-test)",
     "backbone": "the network's architecture is the checkpoint's, its weights were trained for it",
     "ways": "the checkpoint was trained with its ways; meta-test another number with test_ways",
     "shots": "it is a training setting; meta-test another number with test_shots",
@@ -75,14 +84,18 @@ def evaluation_config(config: dict, trained: dict, input_shape: list[int], chose
         run[key] = config.get(key)
     if config.get("eval_inner_steps") is not None:
         if "eval_inner_steps" not in run["algorithm"]:
-            raise ConfigError(f"eval_inner_steps applies to learners with an inner loop, not "
-                              f"algorithm={run['algorithm']['name']}; leave it out")
+            raise ConfigError(
+                f"eval_inner_steps applies to learners with an inner loop, not "
+                f"algorithm={run['algorithm']['name']}; leave it out"
+            )
         run["algorithm"]["eval_inner_steps"] = config["eval_inner_steps"]
         require_positive_int(run["algorithm"], "eval_inner_steps")
     if config.get("transductive") is not None:  # Reptile: predict the queries together, or each beside the support
         if "transductive" not in run["algorithm"]:
-            raise ConfigError(f"transductive applies to learners with that option (reptile), not "
-                              f"algorithm={run['algorithm']['name']}; leave it out")
+            raise ConfigError(
+                f"transductive applies to learners with that option (reptile), not "
+                f"algorithm={run['algorithm']['name']}; leave it out"
+            )
         run["algorithm"]["transductive"] = bool(config["transductive"])
     dataset = config.get("dataset")
     if dataset is not None and dataset != trained["dataset"]:
@@ -107,8 +120,9 @@ def refuse_inactive(given: set[str]) -> None:
         if top in ACTING:
             continue
         why = FIXED_AT_TRAINING.get(top, "metalab-eval does not read it")
-        raise ConfigError(f"{key} cannot change at evaluation: {why}; leave it out (what metalab-eval sets: "
-                          f"{', '.join(ACTING)})")
+        raise ConfigError(
+            f"{key} cannot change at evaluation: {why}; leave it out (what metalab-eval sets: {', '.join(ACTING)})"
+        )
 
 
 def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], given: set[str]) -> None:
@@ -116,8 +130,7 @@ def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], g
     load_learner do (api.ImageTransform): the checkpoint's size, channels and ink polarity,
     unless the command sets them; the choice is printed. (Images are scaled to [0, 1] and not
     otherwise normalized, in training as here.)"""
-    chosen = {"image_size": input_shape[-1], "channels": input_shape[0],
-              "invert": bool(trained.get("invert", False))}
+    chosen = {"image_size": input_shape[-1], "channels": input_shape[0], "invert": bool(trained.get("invert", False))}
     described = []
     for key, value in chosen.items():
         if key not in dataset and key != "invert":
@@ -159,9 +172,16 @@ def evaluate(cfg: DictConfig) -> float | None:
     trainer = build_trainer(run, run_dir, with_callbacks=False)
     metrics = meta_test(trainer, model, datamodule, None, run)
     if trainer.is_global_zero:  # the metrics are already gathered from every process
-        write_results(run_dir, run, metrics, started, tested_checkpoint=config["ckpt_path"],
-                      world_size=trainer.world_size, test_episodes_evaluated=model.eval_episodes.get("test"),
-                      per_episode=model.eval_per_episode.get("test"))
+        write_results(
+            run_dir,
+            run,
+            metrics,
+            started,
+            tested_checkpoint=config["ckpt_path"],
+            world_size=trainer.world_size,
+            test_episodes_evaluated=model.eval_episodes.get("test"),
+            per_episode=model.eval_per_episode.get("test"),
+        )
     return metrics.get(f"test/{model.metric}")
 
 

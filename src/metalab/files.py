@@ -49,14 +49,19 @@ def storage_error(path: Path, error: OSError, needed: int | None = None) -> Stor
         space = f"{megabytes(needed)} needed" if needed is not None else "more space needed"
         if free is not None:
             space += f", {megabytes(free)} free"
-        return StorageError(f"cannot write {path}: {reason} ({space}); free some space there or write "
-                            "elsewhere (paths.log_dir, paths.cache_dir, output=)")
+        return StorageError(
+            f"cannot write {path}: {reason} ({space}); free some space there or write "
+            "elsewhere (paths.log_dir, paths.cache_dir, output=)"
+        )
     if error.errno == errno.EFBIG:
         size = f"{megabytes(needed)} " if needed is not None else ""
-        return StorageError(f"cannot write {path}: {reason} ({size}over this process's file-size limit, "
-                            "ulimit -f); raise the limit or write smaller files")
-    return StorageError(f"cannot write {path}: {reason}; choose a writable location (paths.log_dir, "
-                        "paths.cache_dir, output=)")
+        return StorageError(
+            f"cannot write {path}: {reason} ({size}over this process's file-size limit, "
+            "ulimit -f); raise the limit or write smaller files"
+        )
+    return StorageError(
+        f"cannot write {path}: {reason}; choose a writable location (paths.log_dir, paths.cache_dir, output=)"
+    )
 
 
 def sync_directory(folder: Path) -> None:

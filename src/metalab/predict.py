@@ -45,8 +45,9 @@ def parse(argv: list[str]) -> dict:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in KEYS:
-            raise ConfigError(f"argument {arg!r} is not one of {', '.join(k + '=...' for k in KEYS)}; "
-                              "see metalab-predict --help")
+            raise ConfigError(
+                f"argument {arg!r} is not one of {', '.join(k + '=...' for k in KEYS)}; see metalab-predict --help"
+            )
         if not value:
             raise ConfigError(f"{key}= is empty; give a value, e.g. {key}={'5' if key == 'batch_size' else '<path>'}")
         if key == "query":
@@ -55,13 +56,17 @@ def parse(argv: list[str]) -> dict:
             args[key] = value
     missing = [key for key in REQUIRED if not args.get(key)]
     if missing:
-        raise ConfigError(f"{', '.join(k + '=' for k in missing)} missing; usage: metalab-predict "
-                          "ckpt_path=<file> support=<dir of class dirs> query=<dir or file> [output=<file.csv|json>]")
+        raise ConfigError(
+            f"{', '.join(k + '=' for k in missing)} missing; usage: metalab-predict "
+            "ckpt_path=<file> support=<dir of class dirs> query=<dir or file> [output=<file.csv|json>]"
+        )
     if args["batch_size"] is not None:
         value = args["batch_size"]
         if not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"batch_size={value} is invalid; use a positive integer, or leave it out to "
-                              "predict all items in one pass")
+            raise ConfigError(
+                f"batch_size={value} is invalid; use a positive integer, or leave it out to "
+                "predict all items in one pass"
+            )
         args["batch_size"] = int(value)
     if args["independent"].lower() not in BOOLEANS:
         raise ConfigError(f"independent={args['independent']} is invalid; use true or false")
@@ -83,15 +88,18 @@ def support_files(root: Path) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
     for entry in _visible(root):
         if not entry.is_dir():
-            raise DataError(f"support={root} holds the file {entry} beside the class folders; move it into "
-                            "the folder of its class (one folder per class, named after it) or remove it")
+            raise DataError(
+                f"support={root} holds the file {entry} beside the class folders; move it into "
+                "the folder of its class (one folder per class, named after it) or remove it"
+            )
         files = _visible(entry)
         nested = [p for p in files if p.is_dir()]
         if nested:
             raise DataError(f"class folder {entry} holds the folder {nested[0]}; a class folder holds only its images")
         if not files:
-            raise DataError(f"class folder {entry} is empty; put at least one image of class "
-                            f"{entry.name!r} in it, or remove it")
+            raise DataError(
+                f"class folder {entry} is empty; put at least one image of class {entry.name!r} in it, or remove it"
+            )
         classes[entry.name] = files
     if len(classes) < 2:
         found = f"only the class folder {next(iter(classes))!r}" if classes else "no class folders"
@@ -104,8 +112,11 @@ def query_files(paths: list[str]) -> list[Path]:
     for value in paths:
         path = Path(value).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise DataError(f"query={value} is an empty folder; put the images to predict in it")
             files += found
@@ -129,8 +140,14 @@ def write(path: Path, rows: list[dict], labels: tuple) -> None:
     writer = csv.writer(text)
     writer.writerow(["item", "label", "probability", *(f"p:{label}" for label in labels)])
     for row in rows:
-        writer.writerow([row["item"], row["label"], f"{row['probability']:.6f}",
-                         *(f"{row['probabilities'][label]:.6f}" for label in labels)])
+        writer.writerow(
+            [
+                row["item"],
+                row["label"],
+                f"{row['probability']:.6f}",
+                *(f"{row['probabilities'][label]:.6f}" for label in labels),
+            ]
+        )
     write_atomic(path, text.getvalue(), errors="surrogateescape")
 
 
@@ -144,8 +161,10 @@ def table(rows: list[dict]) -> str:
     width = max(len("item"), *map(len, items))
     label_width = max(len("label"), *map(len, labels))
     lines = [f"{'item':<{width}}  {'label':<{label_width}}  probability"]
-    lines += [f"{item:<{width}}  {label:<{label_width}}  {r['probability']:.4f}"
-              for item, label, r in zip(items, labels, rows)]
+    lines += [
+        f"{item:<{width}}  {label:<{label_width}}  {r['probability']:.4f}"
+        for item, label, r in zip(items, labels, rows)
+    ]
     return "\n".join(lines)
 
 
@@ -172,12 +191,17 @@ def predict(argv: list[str]) -> list[dict]:
         print(f"metalab: note: {note.message}", file=sys.stderr)
     done = time.perf_counter()
 
-    rows = [{"item": str(path), "label": p.label, "probability": p.probability, "probabilities": p.probabilities}
-            for path, p in zip(queries, predictions)]
+    rows = [
+        {"item": str(path), "label": p.label, "probability": p.probability, "probabilities": p.probabilities}
+        for path, p in zip(queries, predictions)
+    ]
     print(table(rows))
     shots = sum(len(files) for files in classes.values())
-    print(f"\n{learner.algorithm}: adapted to {len(classes)} classes ({shots} examples) in {adapted - started:.3f} s, "
-          f"predicted {len(rows)} items in {done - adapted:.3f} s", file=sys.stderr)
+    print(
+        f"\n{learner.algorithm}: adapted to {len(classes)} classes ({shots} examples) in {adapted - started:.3f} s, "
+        f"predicted {len(rows)} items in {done - adapted:.3f} s",
+        file=sys.stderr,
+    )
     if args["output"]:
         write(Path(args["output"]).expanduser(), rows, task.labels)
         print(f"predictions: {printable(args['output'])}", file=sys.stderr)

@@ -34,9 +34,11 @@ def software() -> dict:
 
     source = Path(__file__).resolve().parent
     commit, dirty = None, None
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
         # Only metalab's own checkout (src/metalab under its top level), not a repository that
@@ -54,6 +56,11 @@ def test_episodes_identity(config: dict) -> dict:
     the test split of this dataset, in this shape. Two runs with equal identities share
     episode j for every j both evaluated, whatever learner or seed trained them."""
     dataset = {k: v for k, v in config["dataset"].items() if k not in NOT_EPISODE_SHAPING}
-    return {"dataset": dataset, "split": "test", "eval_seed": config["eval_seed"],
-            "test_ways": config["test_ways"], "test_shots": config["test_shots"],
-            "test_queries": config["test_queries"]}
+    return {
+        "dataset": dataset,
+        "split": "test",
+        "eval_seed": config["eval_seed"],
+        "test_ways": config["test_ways"],
+        "test_shots": config["test_shots"],
+        "test_queries": config["test_queries"],
+    }

@@ -32,8 +32,9 @@ def as_dict(overrides: list[str]) -> dict[str, str]:
 
 def varying_overrides(override_dicts: list[dict[str, str]]) -> list[str]:
     """The override keys whose value differs between runs (what tells their rows apart), sorted."""
-    return sorted({k for overrides in override_dicts for k in overrides
-                   if len({other.get(k) for other in override_dicts}) > 1})
+    return sorted(
+        {k for overrides in override_dicts for k in overrides if len({other.get(k) for other in override_dicts}) > 1}
+    )
 
 
 def label(overrides: dict[str, str], varying: list[str]) -> str:
@@ -113,11 +114,14 @@ def shared_episodes(a: dict | None, b: dict | None, names: tuple[str, str] = ("f
     """The test episodes two runs both evaluated; NotPaired, saying why, when they share none."""
     for record, name in zip((a, b), names):
         if record is None:
-            raise NotPaired(f"{name} has no per-episode values ({TEST_EPISODES_FILE}); it predates them: "
-                            f"re-run metalab-eval on its checkpoint to record them")
+            raise NotPaired(
+                f"{name} has no per-episode values ({TEST_EPISODES_FILE}); it predates them: "
+                f"re-run metalab-eval on its checkpoint to record them"
+            )
     if a["episodes"] != b["episodes"]:
-        differ = sorted(k for k in set(a["episodes"]) | set(b["episodes"])
-                        if a["episodes"].get(k) != b["episodes"].get(k))
+        differ = sorted(
+            k for k in set(a["episodes"]) | set(b["episodes"]) if a["episodes"].get(k) != b["episodes"].get(k)
+        )
         detail = ", ".join(f"{k}: {a['episodes'].get(k)!r} vs {b['episodes'].get(k)!r}" for k in differ)
         raise NotPaired(f"{names[0]} and {names[1]} were not tested on the same episodes ({detail})")
     common = sorted(set(a["episode"]) & set(b["episode"]))
@@ -126,8 +130,9 @@ def shared_episodes(a: dict | None, b: dict | None, names: tuple[str, str] = ("f
     return common
 
 
-def paired_difference(a: dict, b: dict, metric: str, names: tuple[str, str] = ("first run", "second run"),
-                      metric_b: str | None = None) -> dict:
+def paired_difference(
+    a: dict, b: dict, metric: str, names: tuple[str, str] = ("first run", "second run"), metric_b: str | None = None
+) -> dict:
     """Mean per-episode difference a − b of `metric` over the episodes both runs were tested on,
     with its paired 95% CI: t(0.975, n−1) · s_d / √n, where s_d is the standard deviation of
     the n per-episode differences. `metric_b`: b's name for the measure, where it differs (MAML's
@@ -143,5 +148,11 @@ def paired_difference(a: dict, b: dict, metric: str, names: tuple[str, str] = ("
     n = len(differences)
     mean = sum(differences) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
-    return {"metric": metric, "mean": mean, "ci95": t_quantile_975(n - 1) * sd / math.sqrt(n), "episodes": n,
-            "mean_a": sum(value_a[j] for j in common) / n, "mean_b": sum(value_b[j] for j in common) / n}
+    return {
+        "metric": metric,
+        "mean": mean,
+        "ci95": t_quantile_975(n - 1) * sd / math.sqrt(n),
+        "episodes": n,
+        "mean_a": sum(value_a[j] for j in common) / n,
+        "mean_b": sum(value_b[j] for j in common) / n,
+    }

@@ -82,8 +82,10 @@ def _make(parent: Path, stamp: str, per_job: bool) -> Path:
             except FileExistsError:
                 continue
     except OSError as error:
-        raise StorageError(f"cannot create a run directory in {parent}: {error.strerror or error}; "
-                           "set paths.log_dir to a writable directory") from None
+        raise StorageError(
+            f"cannot create a run directory in {parent}: {error.strerror or error}; "
+            "set paths.log_dir to a writable directory"
+        ) from None
     raise AssertionError("unreachable")
 
 
@@ -100,5 +102,6 @@ def requeued_checkpoint(run_dir: Path) -> Path | None:
 
 
 OmegaConf.register_new_resolver("metalab.new_dir", new_dir, use_cache=True, replace=True)
-OmegaConf.register_new_resolver("metalab.run_dir", lambda parent, stamp: new_dir(parent, stamp, per_job=True),
-                                use_cache=True, replace=True)
+OmegaConf.register_new_resolver(
+    "metalab.run_dir", lambda parent, stamp: new_dir(parent, stamp, per_job=True), use_cache=True, replace=True
+)

@@ -66,8 +66,9 @@ def quiet_known_warnings() -> None:
     rest through logging, into the run's log file as well as stderr."""
     # torch 2.10+ deprecates `isinstance(x, LeafSpec)`, which Lightning 2.6's own
     # lightning/pytorch/utilities/_pytree.py still calls at every batch transfer: not ours to fix.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     # trainer.overfit_batches (debug=overfit): Lightning 2.6 takes any IterableDataset loader for a
     # shuffled one (data_connector.py, _resolve_overfit_batches); metalab's training stream is
     # never shuffled, and its first meta-batches replay as they are.

@@ -78,8 +78,9 @@ def process_rank() -> int:
     return 0
 
 
-def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicDataModule, ckpt_path,
-              config: dict) -> dict:
+def meta_test(
+    trainer: Trainer, model: LightningModule, datamodule: EpisodicDataModule, ckpt_path, config: dict
+) -> dict:
     """Run the fixed test episodes; returns the logged `test/*` metrics and test throughput."""
     started = time.perf_counter()
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
@@ -89,8 +90,12 @@ def meta_test(trainer: Trainer, model: LightningModule, datamodule: EpisodicData
     metrics["test_tasks_per_sec"] = (model.eval_episodes.get("test") or datamodule.test_episodes) / seconds
     # TensorBoard's hyper-parameter table: one row per run, with its meta-test result; the other
     # loggers (csv, wandb, mlflow) get the same settings (their test/* metrics came with the test).
-    hparams = {**summary(config), "algorithm": config["algorithm"], "backbone": config.get("backbone"),
-               "tags": ",".join(config.get("tags") or [])}
+    hparams = {
+        **summary(config),
+        "algorithm": config["algorithm"],
+        "backbone": config.get("backbone"),
+        "tags": ",".join(config.get("tags") or []),
+    }
     scores = {f"hp/{k.removeprefix('test/')}": v for k, v in metrics.items() if k.startswith("test/")}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
@@ -114,16 +119,23 @@ def summary(config: dict) -> dict:
     }
 
 
-def write_results(run_dir: Path, config: dict, metrics: dict, started: float, per_episode: dict | None = None,
-                  **extra) -> dict:
+def write_results(
+    run_dir: Path, config: dict, metrics: dict, started: float, per_episode: dict | None = None, **extra
+) -> dict:
     """results.json, and beside it test_episodes.json: each meta-test episode's values in
     episode order (`per_episode`, the learner's eval_per_episode["test"]) with what fixes
     those episodes, so that runs on the same episodes can be compared pairwise."""
-    results = {**metrics, "config": summary(config), "tags": list(config.get("tags") or []),
-               "wall_time_sec": time.perf_counter() - started, **extra, "machine": machine(), "software": software()}
+    results = {
+        **metrics,
+        "config": summary(config),
+        "tags": list(config.get("tags") or []),
+        "wall_time_sec": time.perf_counter() - started,
+        **extra,
+        "machine": machine(),
+        "software": software(),
+    }
     if per_episode is not None and per_episode["episode"]:
-        write_json_atomic(run_dir / TEST_EPISODES_FILE,
-                          {"episodes": test_episodes_identity(config), **per_episode})
+        write_json_atomic(run_dir / TEST_EPISODES_FILE, {"episodes": test_episodes_identity(config), **per_episode})
         results["per_episode_file"] = TEST_EPISODES_FILE
     else:  # no meta-test this time: an earlier attempt's values in this directory are not this run's
         (run_dir / TEST_EPISODES_FILE).unlink(missing_ok=True)
@@ -201,8 +213,10 @@ def hydra_error_message(error: Exception) -> str | MetalabError:
         if match:
             key = match.group(1)
             given = next((a for a in sys.argv[1:] if a.split("=", 1)[0] == key), key)
-            return (f"{given}: there is no setting {key} to override; check its spelling "
-                    f"(--cfg job lists every setting), or add a new key with +{given}")
+            return (
+                f"{given}: there is no setting {key} to override; check its spelling "
+                f"(--cfg job lists every setting), or add a new key with +{given}"
+            )
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
 
@@ -267,10 +281,16 @@ def reporting_failures(task: Callable[[DictConfig], float | None], cfg: DictConf
             raise  # a bug in a single run: the traceback is what helps
         # In a sweep, one job's crash (out of memory, a diverged run, a bug) must not end the
         # others: keep the traceback in the job's run dir and go on with the next job.
-        kept = report_error(f"job failed: {type(crash).__name__}: {crash}", Path(hydra.runtime.output_dir),
-                            details=traceback.format_exc(), echo=False)
-        log.error(f"job {hydra.job.num} failed ({type(crash).__name__}: {crash}); "
-                  f"traceback in {kept or 'no file (it could not be written)'}")
+        kept = report_error(
+            f"job failed: {type(crash).__name__}: {crash}",
+            Path(hydra.runtime.output_dir),
+            details=traceback.format_exc(),
+            echo=False,
+        )
+        log.error(
+            f"job {hydra.job.num} failed ({type(crash).__name__}: {crash}); "
+            f"traceback in {kept or 'no file (it could not be written)'}"
+        )
         return None
     hydra = HydraConfig.get()
     report_error(error, Path(hydra.runtime.output_dir))

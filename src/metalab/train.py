@@ -1,9 +1,9 @@
 """metalab-train: meta-train a learner, then meta-test it on fixed episodes.
 
-    metalab-train algorithm=protonet dataset=omniglot ways=60 test_ways=5 shots=1
-    metalab-train -m algorithm=maml,protonet dataset=omniglot     # a sweep, one run dir per job
-    metalab-train hardware=ddp trainer.devices=4                  # 4 GPUs, the meta-batch split over them
-    metalab-train ckpt_path=<run>/checkpoints/last.ckpt           # resume a killed run where it stopped
+metalab-train algorithm=protonet dataset=omniglot ways=60 test_ways=5 shots=1
+metalab-train -m algorithm=maml,protonet dataset=omniglot     # a sweep, one run dir per job
+metalab-train hardware=ddp trainer.devices=4                  # 4 GPUs, the meta-batch split over them
+metalab-train ckpt_path=<run>/checkpoints/last.ckpt           # resume a killed run where it stopped
 """
 
 import time
@@ -47,8 +47,9 @@ def train(cfg: DictConfig) -> float | None:
     # Everything that can be wrong is checked before the first step.
     check_train_config(config, ALGORITHMS)
     hydra_cfg = HydraConfig.get()
-    check_distributed(config, multirun=hydra_cfg.mode == RunMode.MULTIRUN,
-                      launcher=str(hydra_cfg.launcher.get("_target_", "")))
+    check_distributed(
+        config, multirun=hydra_cfg.mode == RunMode.MULTIRUN, launcher=str(hydra_cfg.launcher.get("_target_", ""))
+    )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     learner_cls = learner_class(config["algorithm"])
@@ -67,13 +68,17 @@ def train(cfg: DictConfig) -> float | None:
         # Lightning stopped at the end of an outer step; ResumableCheckpoint saved last.ckpt.
         saver = trainer.checkpoint_callback
         if saver is None or not saver.last_model_path or saver._last_global_step_saved != trainer.global_step:
-            raise Interrupted(f"stopped by SIGTERM at step {trainer.global_step}; no checkpoint of that step was "
-                              "saved (checkpointing is off)") from None
+            raise Interrupted(
+                f"stopped by SIGTERM at step {trainer.global_step}; no checkpoint of that step was "
+                "saved (checkpointing is off)"
+            ) from None
         last = saver.last_model_path
-        resume = ("a requeued SLURM job resumes from it by itself" if slurm_job_name()
-                  else f"resume with ckpt_path={last}")
-        raise Interrupted(f"stopped by SIGTERM at step {trainer.global_step}; its state is saved in {last}; "
-                          f"{resume}") from None
+        resume = (
+            "a requeued SLURM job resumes from it by itself" if slurm_job_name() else f"resume with ckpt_path={last}"
+        )
+        raise Interrupted(
+            f"stopped by SIGTERM at step {trainer.global_step}; its state is saved in {last}; {resume}"
+        ) from None
 
     metrics, tested = {}, None
     if config["test_after_training"]:

@@ -56,8 +56,13 @@ def learner_class(algorithm: Mapping) -> type[MetaLearner]:
     if target is None:
         check_choice("algorithm", algorithm.get("name"), list(_LEARNERS))
         return ALGORITHMS[algorithm["name"]]
-    return metalab_class("algorithm._target_", target, "metalab.algorithms", MetaLearner,
-                         f"choose a learner with algorithm=<name> ({', '.join(_LEARNERS)})")
+    return metalab_class(
+        "algorithm._target_",
+        target,
+        "metalab.algorithms",
+        MetaLearner,
+        f"choose a learner with algorithm=<name> ({', '.join(_LEARNERS)})",
+    )
 
 
 __all__ = ["ALGORITHMS", "MetaLearner", "learner_class"]

@@ -26,8 +26,9 @@ class ANIL(MAML):
         self.forward_head = batched_forward(self.head, self.task_execution())
         self.head_loss = batched_loss(self.head, self.task_loss_fn(), **self.inner_loss_reduction())
 
-    def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-                    meta_gradient: bool) -> tuple[Params, Tensor | None]:
+    def inner_adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool, meta_gradient: bool
+    ) -> tuple[Params, Tensor | None]:
         features = vmap(self.body)(support_x)  # one task per slice: its own normalization statistics
         head = per_task(dict(self.head.named_parameters()), support_x.shape[0], meta_gradient)
         return sgd_adapt(self.head_loss, head, features, support_y, steps, self.inner_learning_rate(), first_order)

@@ -191,8 +191,10 @@ class MetaLearner(LightningModule):
             if not (self.compile_fallback and first):
                 raise
             reason = (str(error).strip().splitlines() or [""])[0][:200]
-            log.warning(f"algorithm.compile=auto: torch.compile failed ({type(error).__name__}: {reason}); "
-                        "running eagerly (set algorithm.compile=false to skip the attempt)")
+            log.warning(
+                f"algorithm.compile=auto: torch.compile failed ({type(error).__name__}: {reason}); "
+                "running eagerly (set algorithm.compile=false to skip the attempt)"
+            )
             self.compiled, self._meta_gradient = False, None
             return self.meta_loss(batch)
 
@@ -210,12 +212,16 @@ class MetaLearner(LightningModule):
             call = MetaLossCall(self)
 
             def loss_and_metrics(params: dict[str, Tensor], batch: Episode):
-                loss, metrics = torch.func.functional_call(call, {f"learner.{n}": p for n, p in params.items()},
-                                                           (batch,))
+                loss, metrics = torch.func.functional_call(
+                    call, {f"learner.{n}": p for n, p in params.items()}, (batch,)
+                )
                 return loss, (loss.detach(), metrics)
 
-            self._meta_gradient = torch.compile(torch.func.grad(loss_and_metrics, has_aux=True), fullgraph=True,
-                                                options=inductor_options(self.compile_mode))
+            self._meta_gradient = torch.compile(
+                torch.func.grad(loss_and_metrics, has_aux=True),
+                fullgraph=True,
+                options=inductor_options(self.compile_mode),
+            )
         if self.compile_mode == "reduce-overhead":
             # A new training iteration: the previous replay's outputs may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
@@ -243,12 +249,16 @@ class MetaLearner(LightningModule):
             checkpoint = getattr(saver, "last_good_checkpoint", None) or getattr(saver, "last_model_path", "")
             kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
             finite = all(bool(torch.isfinite(p).all()) for p in self.parameters())
-            state = ("The parameters were not updated with it" if finite else
-                     "The parameters were already non-finite after the previous update")
+            state = (
+                "The parameters were not updated with it"
+                if finite
+                else "The parameters were already non-finite after the previous update"
+            )
             raise TrainingDiverged(
                 f"training stopped at step {self.global_step}: the {what} is {worst}. Likely cause: a learning "
                 f"rate too large for this task ({', '.join(rates)}); lower it, or clip the meta-gradient with "
-                f"algorithm.grad_clip=<norm>. {state}; {kept}")
+                f"algorithm.grad_clip=<norm>. {state}; {kept}"
+            )
 
     def on_train_batch_start(self, batch: Episode, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -323,8 +333,10 @@ class MetaLearner(LightningModule):
             self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)
         # How many fixed episodes the figures are over (each exactly once, whatever the process count).
         self.eval_episodes[stage] = len(indices)
-        self.eval_per_episode[stage] = {"episode": indices.tolist(),
-                                        "values": {name: v.tolist() for name, v in values.items()}}
+        self.eval_per_episode[stage] = {
+            "episode": indices.tolist(),
+            "values": {name: v.tolist() for name, v in values.items()},
+        }
         self._eval_values.clear()
         self._eval_indices.clear()
 
@@ -337,7 +349,9 @@ class MetaLearner(LightningModule):
         Every process gets the same values and so logs the same mean and CI.
         """
         local = {name: torch.cat(chunks).cpu() for name, chunks in self._eval_values.items()}
-        local[_EPISODE] = torch.cat(self._eval_indices).long() if self._eval_indices else torch.zeros(0, dtype=torch.long)
+        local[_EPISODE] = (
+            torch.cat(self._eval_indices).long() if self._eval_indices else torch.zeros(0, dtype=torch.long)
+        )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             shares = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(shares, local)

@@ -55,8 +55,9 @@ def head_logits(kind: str, features: Tensor, head: Params, scale: float) -> Tens
     return scale * unit @ weight.transpose(-1, -2)
 
 
-def initial_head(kind: str, classes: int, dim: int, generator: torch.Generator | None = None,
-                 zero_bias: bool = False) -> Params:
+def initial_head(
+    kind: str, classes: int, dim: int, generator: torch.Generator | None = None, zero_bias: bool = False
+) -> Params:
     """A head's starting parameters, without a task dimension, as torch initializes nn.Linear
     (weight and bias uniform in ±1/√dim), with the norm g = ‖v‖ that WeightNorm starts from
     (so w = v at first). `zero_bias`: the training head of Baseline (baselinetrain.py line 16)."""
@@ -68,9 +69,20 @@ def initial_head(kind: str, classes: int, dim: int, generator: torch.Generator |
     return {"direction": weight, "norm": weight.norm(dim=-1)}
 
 
-def fit_heads(kind: str, features: Tensor, labels: Tensor, ways: int, epochs: int, batch_size: int, lr: float,
-              momentum: float, dampening: float, weight_decay: float, scale: float,
-              generator: torch.Generator | None = None) -> Params:
+def fit_heads(
+    kind: str,
+    features: Tensor,
+    labels: Tensor,
+    ways: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    scale: float,
+    generator: torch.Generator | None = None,
+) -> Params:
     """A new head per task fitted on its [tasks, n, dim] support features and [tasks, n] labels.
 
     baselinefinetune.py lines 33-50: `epochs` passes over the support set in a random order,
@@ -89,7 +101,7 @@ def fit_heads(kind: str, features: Tensor, labels: Tensor, ways: int, epochs: in
         for _ in range(epochs):
             order = torch.randperm(examples, generator=generator).to(features.device)
             for first in range(0, examples, batch_size):
-                batch = order[first:first + batch_size].expand(tasks, -1)
+                batch = order[first : first + batch_size].expand(tasks, -1)
                 x, y = take_examples(features, batch), take_examples(labels, batch)
                 params = {name: p.requires_grad_(True) for name, p in head.items()}
                 logits = head_logits(kind, x, params, scale)
@@ -97,8 +109,9 @@ def fit_heads(kind: str, features: Tensor, labels: Tensor, ways: int, epochs: in
                 grads = torch.autograd.grad(losses.view(tasks, -1).mean(1).sum(), list(params.values()))
                 for (name, p), grad in zip(params.items(), grads):
                     step = grad + weight_decay * p.detach()
-                    velocity[name] = step if name not in velocity else \
-                        velocity[name].mul(momentum).add(step, alpha=1 - dampening)
+                    velocity[name] = (
+                        step if name not in velocity else velocity[name].mul(momentum).add(step, alpha=1 - dampening)
+                    )
                     head[name] = p.detach() - lr * velocity[name]
     return head
 
@@ -109,16 +122,19 @@ class Baseline(MetricLearner):
     head_kind = "linear"
     settings_of_older_checkpoints = {}  # written with algorithm.batch_norm from the first
     # The linear head has no scale: a value would be ignored, so it is refused (config.check_algorithm_keys).
-    fixed_settings = {"cosine_scale": (None, "baseline's linear head has no cosine scale; it is Baseline++'s "
-                                             "(algorithm=baselinepp)")}
+    fixed_settings = {
+        "cosine_scale": (None, "baseline's linear head has no cosine scale; it is Baseline++'s (algorithm=baselinepp)")
+    }
 
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         classes = self.algorithm_cfg.get("num_classes")
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
-            raise ConfigError(f"algorithm.num_classes={classes!r} is invalid: {self.algorithm_cfg['name']} "
-                              "classifies among the training classes; metalab-train sets it to their number, "
-                              "or give an integer >= 2")
+            raise ConfigError(
+                f"algorithm.num_classes={classes!r} is invalid: {self.algorithm_cfg['name']} "
+                "classifies among the training classes; metalab-train sets it to their number, "
+                "or give an integer >= 2"
+            )
         self.backbone = self.build_embedding(config["backbone"], input_shape)
         start = initial_head(self.head_kind, classes, self.backbone.out_features, zero_bias=True)
         self.classifier = nn.ParameterDict({name: nn.Parameter(p) for name, p in start.items()})
@@ -129,16 +145,20 @@ class Baseline(MetricLearner):
         train = datamodule.sources["train"]
         name = config["algorithm"]["name"]
         if not hasattr(train, "num_classes"):
-            raise ConfigError(f"algorithm={name} trains on images labelled with their class among all training "
-                              f"classes, but dataset.episodes={config['dataset'].get('episodes', 'few_shot')}; "
-                              "set dataset.episodes=global_labels (its algorithm config does)")
+            raise ConfigError(
+                f"algorithm={name} trains on images labelled with their class among all training "
+                f"classes, but dataset.episodes={config['dataset'].get('episodes', 'few_shot')}; "
+                "set dataset.episodes=global_labels (its algorithm config does)"
+            )
         given = config["algorithm"].get("num_classes")
         if given is None:
             config["algorithm"]["num_classes"] = train.num_classes
         elif isinstance(given, bool) or not isinstance(given, int) or given < train.num_classes:
-            raise ConfigError(f"algorithm.num_classes={given!r} but the training split has {train.num_classes} "
-                              f"classes; set algorithm.num_classes={train.num_classes}, or null to take it from "
-                              "the data")
+            raise ConfigError(
+                f"algorithm.num_classes={given!r} but the training split has {train.num_classes} "
+                f"classes; set algorithm.num_classes={train.num_classes}, or null to take it from "
+                "the data"
+            )
 
     def scale(self, classes: int) -> float:
         """The cosine head's scale for `classes` outputs (unused by the linear head)."""
@@ -168,8 +188,20 @@ class Baseline(MetricLearner):
         cfg = self.finetune
         # A fixed seed: the same random start and example order for every checkpoint and task.
         generator = torch.Generator().manual_seed(self.config.get("eval_seed") or 0)
-        return fit_heads(self.head_kind, features, support_y, ways, cfg["epochs"], cfg["batch_size"], cfg["lr"],
-                         cfg["momentum"], cfg["dampening"], cfg["weight_decay"], self.scale(ways), generator)
+        return fit_heads(
+            self.head_kind,
+            features,
+            support_y,
+            ways,
+            cfg["epochs"],
+            cfg["batch_size"],
+            cfg["lr"],
+            cfg["momentum"],
+            cfg["dampening"],
+            cfg["weight_decay"],
+            self.scale(ways),
+            generator,
+        )
 
     def predict(self, head: Params, query_x: Tensor) -> Tensor:
         return self.classify(self.embed(self.backbone, query_x), head)

@@ -40,8 +40,12 @@ def short_contraction(node: torch.fx.Node, limit: int) -> bool:
     if left is None or right is None:
         return False
     contraction = left.shape[-1]
-    return (left.device.type == "cpu" and left.dtype in (torch.float32, torch.float64)
-            and isinstance(contraction, int) and contraction <= limit)
+    return (
+        left.device.type == "cpu"
+        and left.dtype in (torch.float32, torch.float64)
+        and isinstance(contraction, int)
+        and contraction <= limit
+    )
 
 
 def unroll_short_matmuls(graph: torch.fx.Graph) -> int:
@@ -53,8 +57,13 @@ def unroll_short_matmuls(graph: torch.fx.Graph) -> int:
             continue
         left, right = node.args
         with graph.inserting_before(node):
-            products = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.unsqueeze.default, (left, 3)),
-                                                             graph.call_function(aten.unsqueeze.default, (right, 1))))
+            products = graph.call_function(
+                aten.mul.Tensor,
+                (
+                    graph.call_function(aten.unsqueeze.default, (left, 3)),
+                    graph.call_function(aten.unsqueeze.default, (right, 1)),
+                ),
+            )
             summed = graph.call_function(aten.sum.dim_IntList, (products, [2]))
         for operand in (left, right):  # store the operands: inlined, they would be recomputed per product
             operand.meta["inductor_realize_to_strides"] = True
@@ -65,6 +74,7 @@ def unroll_short_matmuls(graph: torch.fx.Graph) -> int:
 
 
 if CustomGraphPass is not None:
+
     class UnrollShortMatmuls(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
             unroll_short_matmuls(graph)

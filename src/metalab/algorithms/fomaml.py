@@ -12,8 +12,9 @@ from metalab.algorithms.maml import MAML
 
 
 class FOMAML(MAML):
-    fixed_settings = {"first_order": (True, "fomaml is first order by definition; for second-order MAML use "
-                                            "algorithm=maml")}
+    fixed_settings = {
+        "first_order": (True, "fomaml is first order by definition; for second-order MAML use algorithm=maml")
+    }
 
     def training_first_order(self) -> bool:
         return True

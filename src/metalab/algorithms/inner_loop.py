@@ -76,8 +76,12 @@ def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Para
         # unbind/stack: each task's gradient lands in its own slice in one copy, where
         # indexing p[t] would add a full [tasks, ...] tensor per task.
         slices = zip(*(p.unbind(0) for p in params.values()))
-        return torch.stack([functional_call(model, dict(zip(params, task_params)), (x_t,))
-                            for task_params, x_t in zip(slices, x.unbind(0))])
+        return torch.stack(
+            [
+                functional_call(model, dict(zip(params, task_params)), (x_t,))
+                for task_params, x_t in zip(slices, x.unbind(0))
+            ]
+        )
 
     convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
@@ -105,8 +109,9 @@ def mean_loss_per_task(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
 INNER_LOSS_REDUCTIONS = ("mean", "sum", "sum_over_shots")
 
 
-def batched_loss(model: nn.Module, loss_fn: LossFn, reduction: str = "mean", ways: int = 1,
-                 execution: str = "auto") -> BatchedLoss:
+def batched_loss(
+    model: nn.Module, loss_fn: LossFn, reduction: str = "mean", ways: int = 1, execution: str = "auto"
+) -> BatchedLoss:
     """loss(params, x, y) -> [tasks]: each task's loss under its own parameters.
 
     `reduction` over a task's examples sets what an inner learning rate α means:
@@ -126,8 +131,15 @@ def batched_loss(model: nn.Module, loss_fn: LossFn, reduction: str = "mean", way
     return loss
 
 
-def sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
-             lr: float | Mapping[str, Tensor], first_order: bool, traceable: bool = False) -> tuple[Params, Tensor]:
+def sgd_step(
+    loss: BatchedLoss,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    lr: float | Mapping[str, Tensor],
+    first_order: bool,
+    traceable: bool = False,
+) -> tuple[Params, Tensor]:
     """One inner step for every task: θ'_t = θ_t − α ∇θ_t L_t(θ_t; x_t, y_t).
 
     The outer backward pass differentiates through ∇θ L (second-order MAML) unless
@@ -143,6 +155,7 @@ def sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
     """
     with torch.enable_grad():
         if traceable:
+
             def summed(params: Params) -> tuple[Tensor, Tensor]:
                 task_losses = loss(params, x, y)
                 return task_losses.sum(), task_losses
@@ -164,9 +177,17 @@ def sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
     return step, task_losses.detach()
 
 
-def sgd_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int,
-              lr: float | Mapping[str, Tensor], first_order: bool = False,
-              checkpointed: bool = False, traceable: bool = False) -> tuple[Params, Tensor | None]:
+def sgd_adapt(
+    loss: BatchedLoss,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    lr: float | Mapping[str, Tensor],
+    first_order: bool = False,
+    checkpointed: bool = False,
+    traceable: bool = False,
+) -> tuple[Params, Tensor | None]:
     """`steps` inner SGD steps on every task's support set (x, y).
 
     Returns the adapted parameters and the per-task support losses of the last step
@@ -186,8 +207,9 @@ def sgd_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: in
     return params, task_losses
 
 
-def checkpointed_sgd_step(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor,
-                          lr: float | Mapping[str, Tensor], first_order: bool) -> tuple[Params, Tensor]:
+def checkpointed_sgd_step(
+    loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, lr: float | Mapping[str, Tensor], first_order: bool
+) -> tuple[Params, Tensor]:
     names = list(params)
 
     def step(*values: Tensor) -> tuple[Tensor, ...]:
@@ -211,11 +233,19 @@ class AdamMoments:
 
     @classmethod
     def zeros(cls, params: Params) -> "AdamMoments":
-        return cls({n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()})
+        return cls(
+            {n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()}
+        )
 
 
-def minibatch_indices(tasks: int, examples: int, steps: int, batch_size: int, generator: torch.Generator | None,
-                      device: torch.device | None = None) -> Tensor:
+def minibatch_indices(
+    tasks: int,
+    examples: int,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+    device: torch.device | None = None,
+) -> Tensor:
     """[tasks, steps, batch_size] example indices: consecutive minibatches of each task's
     examples, reshuffled whenever a pass over them ends (a minibatch may straddle two passes).
 
@@ -223,7 +253,7 @@ def minibatch_indices(tasks: int, examples: int, steps: int, batch_size: int, ge
     """
     passes = -(-steps * batch_size // examples)
     orders = [torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)]) for _ in range(tasks)]
-    return torch.stack(orders)[:, :steps * batch_size].reshape(tasks, steps, batch_size).to(device)
+    return torch.stack(orders)[:, : steps * batch_size].reshape(tasks, steps, batch_size).to(device)
 
 
 def take_examples(x: Tensor, indices: Tensor) -> Tensor:
@@ -231,9 +261,18 @@ def take_examples(x: Tensor, indices: Tensor) -> Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], indices]
 
 
-def adam_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,
-               betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8, moments: AdamMoments | None = None,
-               batches: Tensor | None = None) -> tuple[Params, Tensor | None]:
+def adam_adapt(
+    loss: BatchedLoss,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    lr: float,
+    betas: tuple[float, float] = (0.0, 0.999),
+    eps: float = 1e-8,
+    moments: AdamMoments | None = None,
+    batches: Tensor | None = None,
+) -> tuple[Params, Tensor | None]:
     """`steps` inner Adam steps on every task, each task with its own moment estimates.
 
     For learners that need no gradient through the inner loop (Reptile): every step is
@@ -251,7 +290,9 @@ def adam_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: i
     for i in range(steps):
         moments.steps += 1
         t = moments.steps
-        step_x, step_y = (x, y) if batches is None else (take_examples(x, batches[:, i]), take_examples(y, batches[:, i]))
+        step_x, step_y = (
+            (x, y) if batches is None else (take_examples(x, batches[:, i]), take_examples(y, batches[:, i]))
+        )
         with torch.enable_grad():
             task_losses = loss(params, step_x, step_y)
             grads = torch.autograd.grad(task_losses.sum(), list(params.values()))
@@ -259,8 +300,8 @@ def adam_adapt(loss: BatchedLoss, params: Params, x: Tensor, y: Tensor, steps: i
         for (name, p), g in zip(params.items(), grads):
             first[name].mul_(beta1).add_(g, alpha=1 - beta1)
             second[name].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denominator = (second[name] / (1 - beta2 ** t)).sqrt_().add_(eps)
-            step = first[name] / (1 - beta1 ** t) / denominator
+            denominator = (second[name] / (1 - beta2**t)).sqrt_().add_(eps)
+            step = first[name] / (1 - beta1**t) / denominator
             updated[name] = (p.detach() - lr * step).requires_grad_(True)
         params = updated
         task_losses = task_losses.detach()

@@ -54,8 +54,7 @@ class MAML(MetaLearner):
     def inner_loss_reduction(self) -> dict:
         """`algorithm.inner_loss` as keyword arguments of `batched_loss` (ways = 1 for regression)."""
         ways = self.config["ways"] if self.task_type == "classification" else 1
-        return {"reduction": self.algorithm_cfg["inner_loss"], "ways": ways,
-                "execution": self.task_execution()}
+        return {"reduction": self.algorithm_cfg["inner_loss"], "ways": ways, "execution": self.task_execution()}
 
     def task_execution(self) -> str:
         """`algorithm.task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS)."""
@@ -70,8 +69,9 @@ class MAML(MetaLearner):
         """α: one scalar for MAML; a tensor per parameter for learners that learn it."""
         return self.algorithm_cfg["inner_lr"]
 
-    def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-                    meta_gradient: bool) -> tuple[Params, Tensor | None]:
+    def inner_adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool, meta_gradient: bool
+    ) -> tuple[Params, Tensor | None]:
         """θ'_t for every task t (`steps` SGD steps from θ on its support set), and the
         per-task support losses of the last step."""
         params = per_task(dict(self.model.named_parameters()), support_x.shape[0], meta_gradient)
@@ -85,22 +85,39 @@ class MAML(MetaLearner):
 
             def loss(adapted: Params, x: Tensor, y: Tensor) -> Tensor:
                 return self.inner_loss({**adapted, **fixed}, x, y)
-        adapted, inner_losses = sgd_adapt(loss, params, support_x, support_y, steps, lr, first_order, checkpointed,
-                                          traceable=self.compiled and meta_gradient)
+
+        adapted, inner_losses = sgd_adapt(
+            loss,
+            params,
+            support_x,
+            support_y,
+            steps,
+            lr,
+            first_order,
+            checkpointed,
+            traceable=self.compiled and meta_gradient,
+        )
         return {**adapted, **fixed}, inner_losses
 
     # ------------------------------------------------------------------ learner interface
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        adapted, inner_losses = self.inner_adapt(batch.support_x, batch.support_y, self.algorithm_cfg["inner_steps"],
-                                                 self.training_first_order(), meta_gradient=True)
+        adapted, inner_losses = self.inner_adapt(
+            batch.support_x,
+            batch.support_y,
+            self.algorithm_cfg["inner_steps"],
+            self.training_first_order(),
+            meta_gradient=True,
+        )
         predictions = self.predict(adapted, batch.query_x)
-        return self.query_loss(predictions, batch.query_y), self.training_metrics(predictions, batch.query_y,
-                                                                                  inner_losses)
+        return self.query_loss(predictions, batch.query_y), self.training_metrics(
+            predictions, batch.query_y, inner_losses
+        )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
         # Evaluation needs no graph through the inner steps, so first order is exact here.
-        adapted, _ = self.inner_adapt(support_x, support_y, self.algorithm_cfg["eval_inner_steps"],
-                                      first_order=True, meta_gradient=False)
+        adapted, _ = self.inner_adapt(
+            support_x, support_y, self.algorithm_cfg["eval_inner_steps"], first_order=True, meta_gradient=False
+        )
         return adapted
 
     def predict(self, adapted: Params, query_x: Tensor) -> Tensor:
@@ -131,5 +148,3 @@ def normalization_parameter_names(model: nn.Module) -> list[str]:
     """The names of the normalization layers' scale and shift parameters in `model`."""
     norm_modules = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
     return [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in norm_modules]
-
-

@@ -41,16 +41,23 @@ class MAMLPlusPlus(MAML):
         named = dict(self.model.named_parameters())
         self.adapted_names = [n for n in named if n not in self.norm_names]
         # α_{k,l}: one learning rate per adapted parameter tensor and inner step.
-        self.step_lrs = nn.ParameterDict({
-            parameter_key(n): nn.Parameter(torch.full((self.steps,), float(cfg["inner_lr"]))) for n in self.adapted_names
-        })
+        self.step_lrs = nn.ParameterDict(
+            {
+                parameter_key(n): nn.Parameter(torch.full((self.steps,), float(cfg["inner_lr"])))
+                for n in self.adapted_names
+            }
+        )
         # Normalization scale/shift of inner steps k = 1..steps-1; step 0 uses the module's own.
         # As in the reference, one set per inner step (MetaBatchNormLayer's weight and bias
         # have a leading num_step dimension, meta_neural_network_architectures.py).
-        self.step_norms = nn.ParameterDict({
-            parameter_key(n): nn.Parameter(named[n].detach().clone().expand(self.steps - 1, *named[n].shape).clone())
-            for n in self.norm_names
-        })
+        self.step_norms = nn.ParameterDict(
+            {
+                parameter_key(n): nn.Parameter(
+                    named[n].detach().clone().expand(self.steps - 1, *named[n].shape).clone()
+                )
+                for n in self.norm_names
+            }
+        )
         # algorithm.compile=true: the schedules of the current outer step, set outside the
         # compiled graph (see compiled_meta_loss). Not saved: they follow from global_step.
         self.register_buffer("msl_weights", torch.zeros(self.steps), persistent=False)
@@ -64,8 +71,7 @@ class MAMLPlusPlus(MAML):
             return super().parameter_groups()
         rates = list(self.step_lrs.parameters())
         chosen = {id(p) for p in rates}
-        return [{"params": [p for p in self.parameters() if id(p) not in chosen]},
-                {"params": rates, "lr": step_lr_lr}]
+        return [{"params": [p for p in self.parameters() if id(p) not in chosen]}, {"params": rates, "lr": step_lr_lr}]
 
     # ------------------------------------------------------------------ schedules
     def training_first_order(self) -> bool:
@@ -102,19 +108,24 @@ class MAMLPlusPlus(MAML):
         return weights
 
     # ------------------------------------------------------------------ inner loop
-    def trajectory(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-                   meta_gradient: bool) -> tuple[list[Params], Tensor | None]:
+    def trajectory(
+        self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool, meta_gradient: bool
+    ) -> tuple[list[Params], Tensor | None]:
         """Per-task parameters after each of `steps` inner updates (index 0: before any)."""
         tasks = support_x.shape[0]
         named = dict(self.model.named_parameters())
         weights = per_task({n: named[n] for n in self.adapted_names}, tasks, meta_gradient)
         norm_sets = [per_task({n: named[n] for n in self.norm_names}, tasks, meta_gradient)]
         for k in range(self.steps - 1):
-            norm_sets.append(per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names},
-                                      tasks, meta_gradient))
+            norm_sets.append(
+                per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names}, tasks, meta_gradient)
+            )
         states, inner_losses = [{**weights, **norm_sets[0]}], None
-        take_step = (checkpointed_sgd_step if meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps")
-                     else partial(sgd_step, traceable=self.compiled and meta_gradient))
+        take_step = (
+            checkpointed_sgd_step
+            if meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps")
+            else partial(sgd_step, traceable=self.compiled and meta_gradient)
+        )
         for k in range(steps):
             step = min(k, self.steps - 1)  # evaluation past the trained steps reuses the last step's
             norms = norm_sets[step]
@@ -130,15 +141,17 @@ class MAMLPlusPlus(MAML):
             states.append({**weights, **norms})
         return states, inner_losses
 
-    def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-                    meta_gradient: bool) -> tuple[Params, Tensor | None]:
+    def inner_adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool, meta_gradient: bool
+    ) -> tuple[Params, Tensor | None]:
         states, inner_losses = self.trajectory(support_x, support_y, steps, first_order, meta_gradient)
         return states[-1], inner_losses
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         first_order, weights = self.outer_schedule()
-        states, inner_losses = self.trajectory(batch.support_x, batch.support_y, self.steps, first_order,
-                                               meta_gradient=True)
+        states, inner_losses = self.trajectory(
+            batch.support_x, batch.support_y, self.steps, first_order, meta_gradient=True
+        )
         final = self.predict(states[-1], batch.query_x)
         loss = self.query_loss(final, batch.query_y)
         if weights is not None:  # Σ_k v_k L(θ_k; Q), each L the mean over the meta-batch

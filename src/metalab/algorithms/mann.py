@@ -88,8 +88,9 @@ def least_used(usage: Tensor, count: int) -> Tensor:
     return nn.functional.one_hot(slots, usage.shape[-1]).to(usage.dtype)
 
 
-def lrua_write(memory: Tensor, usage: Tensor, read_weights: Tensor, values: Tensor,
-               gate: Tensor) -> tuple[Tensor, Tensor]:
+def lrua_write(
+    memory: Tensor, usage: Tensor, read_weights: Tensor, values: Tensor, gate: Tensor
+) -> tuple[Tensor, Tensor]:
     """One LRUA write: (new memory [B, N, W], write weights [B, R, N]).
 
     memory [B, N, W]; usage and read_weights from the previous step ([B, N], [B, R, N]);
@@ -117,8 +118,18 @@ def content_read(memory: Tensor, keys: Tensor, strength: Tensor | None = None) -
 class Controller(nn.Module):
     """The recurrent core of both learners: one LSTM step, plus the memory when `slots` > 0."""
 
-    def __init__(self, features: int, ways: int, hidden: int, slots: int, width: int, heads: int,
-                 usage_decay: float, key_strength: bool, add_vector: bool):
+    def __init__(
+        self,
+        features: int,
+        ways: int,
+        hidden: int,
+        slots: int,
+        width: int,
+        heads: int,
+        usage_decay: float,
+        key_strength: bool,
+        add_vector: bool,
+    ):
         super().__init__()
         self.ways, self.slots, self.width, self.heads, self.usage_decay = ways, slots, width, heads, usage_decay
         reads = heads * width if slots else 0
@@ -135,9 +146,12 @@ class Controller(nn.Module):
         state = State(h=zeros(batch, self.lstm.hidden_size), c=zeros(batch, self.lstm.hidden_size))
         if not self.slots:
             return state
-        return state._replace(memory=zeros(batch, self.slots, self.width) + MEMORY_INIT,
-                              usage=zeros(batch, self.slots), read_weights=zeros(batch, self.heads, self.slots),
-                              reads=zeros(batch, self.heads * self.width))
+        return state._replace(
+            memory=zeros(batch, self.slots, self.width) + MEMORY_INIT,
+            usage=zeros(batch, self.slots),
+            read_weights=zeros(batch, self.heads, self.slots),
+            reads=zeros(batch, self.heads * self.width),
+        )
 
     def forward(self, state: State, features: Tensor, previous_label: Tensor) -> tuple[Tensor, State]:
         """(logits [B, ways] for this step's image, the next state), given f(x_t) and one-hot y_{t-1}."""
@@ -174,16 +188,30 @@ class SequenceLearner(MetaLearner):
         episodes = config["dataset"].get("episodes", "few_shot")
         name = self.algorithm_cfg["name"]
         if episodes != "sequence":
-            raise ConfigError(f"algorithm={name} learns from sequences, but dataset.episodes={episodes}; "
-                              f"set dataset.episodes=sequence")
+            raise ConfigError(
+                f"algorithm={name} learns from sequences, but dataset.episodes={episodes}; "
+                f"set dataset.episodes=sequence"
+            )
         cfg = self.algorithm_cfg
         self.ways = config["ways"]
         self.backbone = build_backbone(config["backbone"], input_shape)
         if self.memory and not 0 < cfg["read_heads"] <= cfg["memory_slots"]:
-            raise ConfigError(f"algorithm.read_heads={cfg['read_heads']} must be between 1 and algorithm.memory_slots="
-                              f"{cfg['memory_slots']}: every head writes to its own least-used slot")
-        memory = (cfg["memory_slots"], cfg["memory_width"], cfg["read_heads"], cfg["usage_decay"],
-                  cfg["key_strength"], bool(cfg["add_vector"])) if self.memory else (0, 0, 0, 0.0, False, False)
+            raise ConfigError(
+                f"algorithm.read_heads={cfg['read_heads']} must be between 1 and algorithm.memory_slots="
+                f"{cfg['memory_slots']}: every head writes to its own least-used slot"
+            )
+        memory = (
+            (
+                cfg["memory_slots"],
+                cfg["memory_width"],
+                cfg["read_heads"],
+                cfg["usage_decay"],
+                cfg["key_strength"],
+                bool(cfg["add_vector"]),
+            )
+            if self.memory
+            else (0, 0, 0, 0.0, False, False)
+        )
         self.controller = Controller(self.backbone.out_features, self.ways, cfg["hidden_size"], *memory)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -243,8 +271,11 @@ class SequenceLearner(MetaLearner):
     def on_test_epoch_end(self) -> None:
         # Accuracy against instance number as a TensorBoard curve (x axis: the instance), next to
         # the test/acc_inst<k> scalars the base logs at the training step.
-        curve = sorted((int(name.removeprefix("acc_inst")), mean_and_ci95(values)[0])
-                       for name, values in self.stage_values().items() if name.startswith("acc_inst"))
+        curve = sorted(
+            (int(name.removeprefix("acc_inst")), mean_and_ci95(values)[0])
+            for name, values in self.stage_values().items()
+            if name.startswith("acc_inst")
+        )
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_scalar"):  # TensorBoard's SummaryWriter
                 for k, accuracy in curve:
@@ -256,8 +287,10 @@ class SequenceLearner(MetaLearner):
 
     def _check_labels(self, y: Tensor) -> None:
         if y.numel() and int(y.max()) >= self.ways:
-            raise ConfigError(f"a sequence has label {int(y.max())}, but algorithm={self.algorithm_cfg['name']} "
-                              f"was built with ways={self.ways} outputs; use sequences of ways={self.ways} classes")
+            raise ConfigError(
+                f"a sequence has label {int(y.max())}, but algorithm={self.algorithm_cfg['name']} "
+                f"was built with ways={self.ways} outputs; use sequences of ways={self.ways} classes"
+            )
 
 
 class MANN(SequenceLearner):

@@ -97,8 +97,9 @@ class MatchingNet(MetricLearner):
             query = self.context_query(query, support)
         # Cosine similarity; the epsilon keeps an all-zero embedding (possible after a
         # ReLU) from dividing by zero.
-        cosine = (nn.functional.normalize(query, dim=-1, eps=self.eps)
-                  @ nn.functional.normalize(support, dim=-1, eps=self.eps).transpose(1, 2))  # [tasks, queries, support]
+        cosine = nn.functional.normalize(query, dim=-1, eps=self.eps) @ nn.functional.normalize(
+            support, dim=-1, eps=self.eps
+        ).transpose(1, 2)  # [tasks, queries, support]
         log_attention = torch.log_softmax(self.scale * cosine, dim=-1)
         # log Σ_{i: y_i = k} a_i, computed in log space: log 0 = −inf masks the other classes.
         return torch.logsumexp(log_attention.unsqueeze(-1) + one_hot.log().unsqueeze(1), dim=2)

@@ -20,9 +20,9 @@ class MetaSGD(MAML):
     def __init__(self, config: dict, input_shape: list[int], task_type: str):
         super().__init__(config, input_shape, task_type)
         alpha = config["algorithm"]["inner_lr"]
-        self.inner_lrs = nn.ParameterDict({
-            parameter_key(name): nn.Parameter(torch.full_like(p, alpha)) for name, p in self.model.named_parameters()
-        })
+        self.inner_lrs = nn.ParameterDict(
+            {parameter_key(name): nn.Parameter(torch.full_like(p, alpha)) for name, p in self.model.named_parameters()}
+        )
 
     def inner_learning_rate(self) -> dict[str, Tensor]:
         return {name: self.inner_lrs[parameter_key(name)] for name, _ in self.model.named_parameters()}

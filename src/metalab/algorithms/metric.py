@@ -40,8 +40,10 @@ class MetricLearner(MetaLearner):
         super().__init__(config, input_shape, task_type)
         self.batch_norm = self.algorithm_cfg["batch_norm"]
         if self.batch_norm not in BATCH_NORM:
-            raise ConfigError(f"algorithm.batch_norm={self.batch_norm!r} is unknown; use running (the authors' "
-                              f"evaluation with running statistics) or transductive (each task's own statistics)")
+            raise ConfigError(
+                f"algorithm.batch_norm={self.batch_norm!r} is unknown; use running (the authors' "
+                f"evaluation with running statistics) or transductive (each task's own statistics)"
+            )
         self.running_stats = self.batch_norm == "running"
 
     def build_embedding(self, backbone_cfg: dict, input_shape: list[int]) -> nn.Module:
@@ -61,5 +63,4 @@ class MetricLearner(MetaLearner):
         if not self.running_stats:
             return self.embed(module, support_x), self.embed(module, query_x)
         both = self.embed(module, torch.cat([support_x, query_x], 1))
-        return both[:, :support_x.shape[1]], both[:, support_x.shape[1]:]
-
+        return both[:, : support_x.shape[1]], both[:, support_x.shape[1] :]

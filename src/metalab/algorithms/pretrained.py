@@ -35,8 +35,10 @@ class PretrainedBaseline(MAML):
         super().__init__(config, input_shape, task_type)
         self.fit_points = self.algorithm_cfg["fit_points"]
         if self.fit_points not in FIT_POINTS:
-            raise ConfigError(f"algorithm.fit_points={self.fit_points!r} is unknown; use support (the support points "
-                              f"only, as cbfinn/maml's pretraining) or all (support and query points)")
+            raise ConfigError(
+                f"algorithm.fit_points={self.fit_points!r} is unknown; use support (the support points "
+                f"only, as cbfinn/maml's pretraining) or all (support and query points)"
+            )
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         x, y = batch.support_x, batch.support_y
@@ -49,12 +51,15 @@ class PretrainedBaseline(MAML):
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         steps = self.algorithm_cfg["eval_inner_steps"]
         params = per_task(dict(self.model.named_parameters()), batch.support_x.shape[0], meta_gradient=False)
-        results = {f"{self.metric}_before": self.episode_metric(self.forward_tasks(params, batch.query_x),
-                                                                batch.query_y)}
+        results = {
+            f"{self.metric}_before": self.episode_metric(self.forward_tasks(params, batch.query_x), batch.query_y)
+        }
         for step in range(1, steps + 1):  # the steps `adapt` takes, scored after each
-            params, _ = sgd_step(self.inner_loss, params, batch.support_x, batch.support_y,
-                                 self.inner_learning_rate(), first_order=True)
-            results[f"{self.metric}_step{step}"] = self.episode_metric(self.forward_tasks(params, batch.query_x),
-                                                                       batch.query_y)
+            params, _ = sgd_step(
+                self.inner_loss, params, batch.support_x, batch.support_y, self.inner_learning_rate(), first_order=True
+            )
+            results[f"{self.metric}_step{step}"] = self.episode_metric(
+                self.forward_tasks(params, batch.query_x), batch.query_y
+            )
         results[self.metric] = results[f"{self.metric}_step{steps}"] if steps else results[f"{self.metric}_before"]
         return results

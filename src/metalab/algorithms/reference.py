@@ -18,10 +18,17 @@ from metalab.data.episodes import Episode
 LearningRate = Callable[[int, str], float | Tensor]
 
 
-def per_task_meta_loss(model: nn.Module, batch: Episode, steps: int, lr: LearningRate, first_order: bool,
-                       loss_fn, adapted_names: list[str] | None = None,
-                       step_params: Callable[[int], dict[str, Tensor]] | None = None,
-                       step_weights: Tensor | None = None) -> Tensor:
+def per_task_meta_loss(
+    model: nn.Module,
+    batch: Episode,
+    steps: int,
+    lr: LearningRate,
+    first_order: bool,
+    loss_fn,
+    adapted_names: list[str] | None = None,
+    step_params: Callable[[int], dict[str, Tensor]] | None = None,
+    step_weights: Tensor | None = None,
+) -> Tensor:
     """Mean over tasks of the query loss after `steps` inner SGD steps, looping over tasks.
 
     adapted_names: the parameters the inner loop updates (default all; ANIL: the head).
@@ -92,15 +99,22 @@ def reference_meta_loss(learner, batch: Episode) -> Tensor:
         rates = {n: learner.step_lrs[parameter_key(n)] for n in learner.adapted_names}
         norms = {n: learner.step_norms[parameter_key(n)] for n in learner.norm_names}
         weights = learner.step_loss_weights(learner.global_step)
-        return per_task_meta_loss(model, batch, steps, lambda k, n: rates[n][k],
-                                  learner.first_order_at(learner.global_step), loss_fn,
-                                  adapted_names=learner.adapted_names,
-                                  step_params=lambda k: {n: v[k - 1] for n, v in norms.items()} if k else {},
-                                  step_weights=weights)
+        return per_task_meta_loss(
+            model,
+            batch,
+            steps,
+            lambda k, n: rates[n][k],
+            learner.first_order_at(learner.global_step),
+            loss_fn,
+            adapted_names=learner.adapted_names,
+            step_params=lambda k: {n: v[k - 1] for n, v in norms.items()} if k else {},
+            step_weights=weights,
+        )
     first_order = learner.training_first_order()
     if name == "metasgd":
         rates = {n: learner.inner_lrs[parameter_key(n)] for n, _ in model.named_parameters()}
         return per_task_meta_loss(model, batch, steps, lambda k, n: rates[n], first_order, loss_fn)
     adapted = [f"1.{n}" for n, _ in model[1].named_parameters()] if name == "anil" else None
-    return per_task_meta_loss(model, batch, steps, lambda k, n: cfg["inner_lr"], first_order, loss_fn,
-                              adapted_names=adapted)
+    return per_task_meta_loss(
+        model, batch, steps, lambda k, n: cfg["inner_lr"], first_order, loss_fn, adapted_names=adapted
+    )

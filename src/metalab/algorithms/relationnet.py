@@ -38,8 +38,11 @@ from metalab.errors import ConfigError
 
 def relation_block(in_channels: int, out_channels: int, pool: bool, running_stats: bool) -> nn.Sequential:
     """[3×3 conv, BatchNorm (running statistics or not, as the embedding's), ReLU, 2×2 max-pool]."""
-    layers = [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-              nn.BatchNorm2d(out_channels, track_running_stats=running_stats), nn.ReLU()]
+    layers = [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=running_stats),
+        nn.ReLU(),
+    ]
     return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 
@@ -51,14 +54,16 @@ class RelationModule(nn.Module):
         blocks, probe = [], torch.zeros(2, *in_shape)
         for in_channels in (in_shape[0], channels):
             # A map already 1×1 is not pooled, so small embeddings (ResNet-12 on 28×28) work.
-            blocks.append(relation_block(in_channels, channels, pool=min(probe.shape[-2:]) >= 2,
-                                         running_stats=running_stats))
+            blocks.append(
+                relation_block(in_channels, channels, pool=min(probe.shape[-2:]) >= 2, running_stats=running_stats)
+            )
             with torch.no_grad():
                 probe = blocks[-1].eval()(probe)  # eval: the shape probe leaves the statistics alone
                 blocks[-1].train()
         self.convs = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(probe[0].numel(), hidden), nn.ReLU(),
-                                  nn.Linear(hidden, 1), nn.Sigmoid())
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(probe[0].numel(), hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid()
+        )
 
     def forward(self, pairs: Tensor) -> Tensor:
         return self.head(self.convs(pairs)).squeeze(-1)
@@ -72,13 +77,17 @@ class RelationNet(MetricLearner):
         self.backbone = self.build_embedding({**backbone_cfg, **extra}, input_shape)
         shape = tuple(getattr(self.backbone, "out_shape", ()))
         if len(shape) != 3 or not hasattr(self.backbone, "feature_map"):
-            raise ConfigError(f"algorithm=relationnet compares [C, H, W] feature maps, but backbone="
-                              f"{backbone_cfg['name']} gives none; use backbone=conv4 or backbone=resnet12")
+            raise ConfigError(
+                f"algorithm=relationnet compares [C, H, W] feature maps, but backbone="
+                f"{backbone_cfg['name']} gives none; use backbone=conv4 or backbone=resnet12"
+            )
         self.backbone.feature_map = True  # return the map unflattened (and, for resnet12, unpooled)
-        self.relation = RelationModule((2 * shape[0], shape[1], shape[2]),
-                                       channels=int(self.algorithm_cfg["relation_channels"]),
-                                       hidden=int(self.algorithm_cfg["relation_hidden"]),
-                                       running_stats=self.running_stats)
+        self.relation = RelationModule(
+            (2 * shape[0], shape[1], shape[2]),
+            channels=int(self.algorithm_cfg["relation_channels"]),
+            hidden=int(self.algorithm_cfg["relation_hidden"]),
+            running_stats=self.running_stats,
+        )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         """[tasks, ways, C, H, W] class features: each class's support maps summed over its shots."""
@@ -91,8 +100,13 @@ class RelationNet(MetricLearner):
         """[tasks, queries, ways] relation scores in [0, 1]."""
         query = self.embed(self.backbone, query_x)  # [tasks, queries, C, H, W]
         tasks, queries, ways = query.shape[0], query.shape[1], classes.shape[1]
-        pairs = torch.cat([query.unsqueeze(2).expand(-1, -1, ways, -1, -1, -1),
-                           classes.unsqueeze(1).expand(-1, queries, -1, -1, -1, -1)], dim=3)
+        pairs = torch.cat(
+            [
+                query.unsqueeze(2).expand(-1, -1, ways, -1, -1, -1),
+                classes.unsqueeze(1).expand(-1, queries, -1, -1, -1, -1),
+            ],
+            dim=3,
+        )
         # transductive: one task's query-class pairs form one batch for the relation module's BatchNorm.
         scores = self.embed(self.relation, pairs.flatten(1, 2))
         return scores.view(tasks, queries, ways)

@@ -32,8 +32,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metalab.algorithms.inner_loop import (AdamMoments, Params, adam_adapt, mean_loss_per_task, minibatch_indices,
-                                           per_task, sgd_step, take_examples)
+from metalab.algorithms.inner_loop import (
+    AdamMoments,
+    Params,
+    adam_adapt,
+    mean_loss_per_task,
+    minibatch_indices,
+    per_task,
+    sgd_step,
+    take_examples,
+)
 from metalab.algorithms.inner_loop import parameter_key
 from metalab.algorithms.maml import MAML
 from metalab.data.episodes import Episode
@@ -60,15 +68,19 @@ class SharedAdamState(nn.Module):
 
     def live(self) -> AdamMoments:
         """Views of the buffers for one task ([1, ...]); updating them updates the state."""
-        return AdamMoments({n: self.moment("first", n).unsqueeze(0) for n in self.names},
-                           {n: self.moment("second", n).unsqueeze(0) for n in self.names}, int(self.steps))
+        return AdamMoments(
+            {n: self.moment("first", n).unsqueeze(0) for n in self.names},
+            {n: self.moment("second", n).unsqueeze(0) for n in self.names},
+            int(self.steps),
+        )
 
     def copies(self, tasks: int) -> AdamMoments:
         """A copy of the state for each of `tasks` tasks, leaving the state as it is."""
-        return AdamMoments({n: self.moment("first", n).expand(tasks, *self.moment("first", n).shape).clone()
-                            for n in self.names},
-                           {n: self.moment("second", n).expand(tasks, *self.moment("second", n).shape).clone()
-                            for n in self.names}, int(self.steps))
+        return AdamMoments(
+            {n: self.moment("first", n).expand(tasks, *self.moment("first", n).shape).clone() for n in self.names},
+            {n: self.moment("second", n).expand(tasks, *self.moment("second", n).shape).clone() for n in self.names},
+            int(self.steps),
+        )
 
 
 class Reptile(MAML):
@@ -84,12 +96,20 @@ class Reptile(MAML):
             if cfg.get(key) is not None:
                 check_positive(f"algorithm.{key}", cfg[key], 10, otherwise="null for the whole support set")
         # Only an Adam inner loop has a state to share; a checkpoint without it loads as before.
-        self.shared_adam = SharedAdamState(self.model) if cfg["inner_optimizer"] == "adam" and state == "shared" \
-            else None
+        self.shared_adam = (
+            SharedAdamState(self.model) if cfg["inner_optimizer"] == "adam" and state == "shared" else None
+        )
 
     # ------------------------------------------------------------------ inner loop
-    def inner_adapt(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-                    meta_gradient: bool, training: bool = False) -> tuple[Params, Tensor | None]:
+    def inner_adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        first_order: bool,
+        meta_gradient: bool,
+        training: bool = False,
+    ) -> tuple[Params, Tensor | None]:
         """φ_t for every task; `training` draws the inner minibatches of meta-training (and
         carries the shared Adam state on), otherwise those of evaluation."""
         # Reptile never differentiates through the inner loop, in training or evaluation.
@@ -108,40 +128,70 @@ class Reptile(MAML):
         if self.shared_adam is None:
             return adam_adapt(self.inner_loss, params, support_x, support_y, steps, lr, betas, batches=batches)
         if not training:  # every evaluation task starts from the training state and leaves it unchanged
-            return adam_adapt(self.inner_loss, params, support_x, support_y, steps, lr, betas,
-                              moments=self.shared_adam.copies(tasks), batches=batches)
+            return adam_adapt(
+                self.inner_loss,
+                params,
+                support_x,
+                support_y,
+                steps,
+                lr,
+                betas,
+                moments=self.shared_adam.copies(tasks),
+                batches=batches,
+            )
         # Meta-training: the tasks one after another, each continuing the state of the one before.
         adapted, losses = [], []
         for t in range(tasks):
             moments = self.shared_adam.live()
-            task_params, task_losses = adam_adapt(self.inner_loss, {n: p[t:t + 1] for n, p in params.items()},
-                                                  support_x[t:t + 1], support_y[t:t + 1], steps, lr, betas,
-                                                  moments=moments, batches=None if batches is None else batches[t:t + 1])
+            task_params, task_losses = adam_adapt(
+                self.inner_loss,
+                {n: p[t : t + 1] for n, p in params.items()},
+                support_x[t : t + 1],
+                support_y[t : t + 1],
+                steps,
+                lr,
+                betas,
+                moments=moments,
+                batches=None if batches is None else batches[t : t + 1],
+            )
             self.shared_adam.steps.fill_(moments.steps)
             adapted.append(task_params)
             losses.append(task_losses)
-        return ({n: torch.cat([a[n] for a in adapted]) for n in params},
-                None if losses[0] is None else torch.cat(losses))
+        return (
+            {n: torch.cat([a[n] for a in adapted]) for n in params},
+            None if losses[0] is None else torch.cat(losses),
+        )
 
-    def sgd_adapt(self, params: Params, x: Tensor, y: Tensor, steps: int,
-                  batches: Tensor | None) -> tuple[Params, Tensor | None]:
+    def sgd_adapt(
+        self, params: Params, x: Tensor, y: Tensor, steps: int, batches: Tensor | None
+    ) -> tuple[Params, Tensor | None]:
         task_losses = None
         for i in range(steps):
-            step_x, step_y = (x, y) if batches is None else (take_examples(x, batches[:, i]), take_examples(y, batches[:, i]))
-            params, task_losses = sgd_step(self.inner_loss, params, step_x, step_y, self.algorithm_cfg["inner_lr"],
-                                           first_order=True)
+            step_x, step_y = (
+                (x, y) if batches is None else (take_examples(x, batches[:, i]), take_examples(y, batches[:, i]))
+            )
+            params, task_losses = sgd_step(
+                self.inner_loss, params, step_x, step_y, self.algorithm_cfg["inner_lr"], first_order=True
+            )
             params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         return params, task_losses
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
-        adapted, _ = self.inner_adapt(support_x, support_y, self.algorithm_cfg["eval_inner_steps"],
-                                      first_order=True, meta_gradient=False)
+        adapted, _ = self.inner_adapt(
+            support_x, support_y, self.algorithm_cfg["eval_inner_steps"], first_order=True, meta_gradient=False
+        )
         return adapted
 
     # ------------------------------------------------------------------ learner interface
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        adapted, inner_losses = self.inner_adapt(batch.support_x, batch.support_y, self.algorithm_cfg["inner_steps"],
-                                                 first_order=True, meta_gradient=False, training=True)
+        adapted, inner_losses = self.inner_adapt(
+            batch.support_x,
+            batch.support_y,
+            self.algorithm_cfg["inner_steps"],
+            first_order=True,
+            meta_gradient=False,
+            training=True,
+        )
         # ∂/∂θ Σ θ·(θ − φ̄) with (θ − φ̄) held constant is θ − φ̄: the Reptile direction.
         surrogate = sum((p * (p - adapted[name].mean(0)).detach()).sum() for name, p in self.model.named_parameters())
         with torch.no_grad():  # query performance of the adapted weights, for the logs only
@@ -169,5 +219,10 @@ class Reptile(MAML):
 
         tasks, examples = support_x.shape[:2]
         chunk = max(1, NON_TRANSDUCTIVE_IMAGES // (tasks * (examples + 1)))
-        return torch.cat([vmap(one_task)(adapted, support_x, query_x[:, start:start + chunk])
-                          for start in range(0, query_x.shape[1], chunk)], 1)
+        return torch.cat(
+            [
+                vmap(one_task)(adapted, support_x, query_x[:, start : start + chunk])
+                for start in range(0, query_x.shape[1], chunk)
+            ],
+            1,
+        )

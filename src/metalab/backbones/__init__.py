@@ -35,9 +35,11 @@ def backbone_options(cfg: Mapping) -> tuple[str, dict]:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         removals = " ".join(f"~backbone.{key}" for key in unknown)
-        raise ConfigError(f"backbone={name} has no option {', '.join(unknown)} (a paper setting's for another "
-                          f"backbone?); its options are {', '.join(accepted)}; remove with {removals}, or choose "
-                          f"the backbone they belong to")
+        raise ConfigError(
+            f"backbone={name} has no option {', '.join(unknown)} (a paper setting's for another "
+            f"backbone?); its options are {', '.join(accepted)}; remove with {removals}, or choose "
+            f"the backbone they belong to"
+        )
     return name, options
 
 
@@ -46,8 +48,13 @@ def backbone_class(target, name: str) -> type[nn.Module]:
     (a checkpoint from before `_target_`)."""
     if target is None:
         return BACKBONES[name]
-    return metalab_class("backbone._target_", target, "metalab.backbones", nn.Module,
-                         f"choose one with backbone=<name> ({', '.join(BACKBONES)})")
+    return metalab_class(
+        "backbone._target_",
+        target,
+        "metalab.backbones",
+        nn.Module,
+        f"choose one with backbone=<name> ({', '.join(BACKBONES)})",
+    )
 
 
 def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bool = False) -> nn.Module:

@@ -43,8 +43,14 @@ def channels_last_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
 
 
-def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: int = 1,
-               ceil_pool: bool = False, running_stats: bool = False) -> nn.Sequential:
+def conv_block(
+    in_channels: int,
+    out_channels: int,
+    pool: bool = True,
+    stride: int = 1,
+    ceil_pool: bool = False,
+    running_stats: bool = False,
+) -> nn.Sequential:
     # By default BatchNorm without running statistics: every forward pass normalizes with
     # the statistics of the images it is given. Under vmap each task is its own batch, so
     # the statistics are per task (transductive, as in MAML's reference code), the
@@ -52,8 +58,11 @@ def conv_block(in_channels: int, out_channels: int, pool: bool = True, stride: i
     # does not depend on which other episodes share its meta-batch. `running_stats=True`
     # keeps running averages, used in eval mode; only for learners that do not vmap the
     # backbone (the metric learners, algorithms/metric.py).
-    conv = (nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1) if stride == 1
-            else SamePaddedConv2d(in_channels, out_channels, kernel_size=3, stride=stride))
+    conv = (
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        if stride == 1
+        else SamePaddedConv2d(in_channels, out_channels, kernel_size=3, stride=stride)
+    )
     norm = nn.BatchNorm2d(out_channels, track_running_stats=running_stats)
     if not pool:
         return nn.Sequential(conv, norm, nn.ReLU())
@@ -84,18 +93,32 @@ class Conv4(nn.Module):
     `memory_format`: the images' layout inside the network, for speed only (MEMORY_FORMATS).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], hidden_channels: int = 64, blocks: int = 4,
-                 pooled_blocks: int | None = None, feature_map: bool = False, stride: int = 1,
-                 global_average: bool = False, ceil_pool: bool = False,
-                 running_stats: bool = False, memory_format: str = "auto"):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        hidden_channels: int = 64,
+        blocks: int = 4,
+        pooled_blocks: int | None = None,
+        feature_map: bool = False,
+        stride: int = 1,
+        global_average: bool = False,
+        ceil_pool: bool = False,
+        running_stats: bool = False,
+        memory_format: str = "auto",
+    ):
         super().__init__()
         check_choice("backbone.memory_format", memory_format, MEMORY_FORMATS)
         self.memory_format = memory_format
         pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
         channels = [input_shape[0]] + [hidden_channels] * blocks
-        self.layers = nn.Sequential(*(conv_block(c_in, c_out, pool=i < pooled_blocks, stride=stride, ceil_pool=ceil_pool,
-                                                 running_stats=running_stats)
-                                      for i, (c_in, c_out) in enumerate(zip(channels, channels[1:]))))
+        self.layers = nn.Sequential(
+            *(
+                conv_block(
+                    c_in, c_out, pool=i < pooled_blocks, stride=stride, ceil_pool=ceil_pool, running_stats=running_stats
+                )
+                for i, (c_in, c_out) in enumerate(zip(channels, channels[1:]))
+            )
+        )
         self.feature_map = feature_map
         self.global_average = global_average
         with torch.no_grad():
@@ -110,8 +133,11 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under vmap (ANIL's body, learners that vmap the backbone) a tensor's layout can be
         # neither queried nor changed: those passes keep the layout they are given.
-        channels_last = (chosen_memory_format(self.memory_format, x) == "channels_last" and x.dim() == 4
-                         and not torch._C._functorch.is_batchedtensor(x))
+        channels_last = (
+            chosen_memory_format(self.memory_format, x) == "channels_last"
+            and x.dim() == 4
+            and not torch._C._functorch.is_batchedtensor(x)
+        )
         for block in self.layers:
             conv, *rest = block
             x = channels_last_convolution(conv, x) if channels_last else conv(x)

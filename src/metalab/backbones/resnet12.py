@@ -23,16 +23,20 @@ from torch import nn
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size: int, running_stats: bool) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels, track_running_stats=running_stats)]
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels, track_running_stats=running_stats),
+    ]
 
 
 class ResidualStage(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, slope: float, running_stats: bool = False):
         super().__init__()
         self.body = nn.Sequential(
-            *conv_bn(in_channels, out_channels, 3, running_stats), nn.LeakyReLU(slope),
-            *conv_bn(out_channels, out_channels, 3, running_stats), nn.LeakyReLU(slope),
+            *conv_bn(in_channels, out_channels, 3, running_stats),
+            nn.LeakyReLU(slope),
+            *conv_bn(out_channels, out_channels, 3, running_stats),
+            nn.LeakyReLU(slope),
             *conv_bn(out_channels, out_channels, 3, running_stats),
         )
         self.shortcut = nn.Sequential(*conv_bn(in_channels, out_channels, 1, running_stats))
@@ -44,13 +48,20 @@ class ResidualStage(nn.Module):
 
 
 class ResNet12(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...], channels: Sequence[int] = (64, 160, 320, 640),
-                 average_pool: bool = True, feature_map: bool = False, leaky_slope: float = 0.1,
-                 running_stats: bool = False):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        channels: Sequence[int] = (64, 160, 320, 640),
+        average_pool: bool = True,
+        feature_map: bool = False,
+        leaky_slope: float = 0.1,
+        running_stats: bool = False,
+    ):
         super().__init__()
         widths = [input_shape[0], *channels]
-        self.stages = nn.Sequential(*(ResidualStage(c_in, c_out, leaky_slope, running_stats)
-                                      for c_in, c_out in zip(widths, widths[1:])))
+        self.stages = nn.Sequential(
+            *(ResidualStage(c_in, c_out, leaky_slope, running_stats) for c_in, c_out in zip(widths, widths[1:]))
+        )
         self.average_pool = average_pool
         self.feature_map = feature_map
         with torch.no_grad():

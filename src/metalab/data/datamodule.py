@@ -21,8 +21,13 @@ BUILDERS = {
     "image_folder": build_image_folder_sources,
     "mini_imagenet": build_mini_imagenet_sources,
 }
-SPLITS_CHECKED = {None: ("train", "val", "test"), "fit": ("train", "val", "test"),  # a train run ends with a test
-                  "validate": ("val",), "test": ("test",), "predict": ("test",)}
+SPLITS_CHECKED = {
+    None: ("train", "val", "test"),
+    "fit": ("train", "val", "test"),  # a train run ends with a test
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
 
 
 def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict:
@@ -43,14 +48,16 @@ def check_disjoint_splits(sources: Mapping, dataset: str) -> None:
     family, episodes that differ only by seed) have nothing to check."""
     splits = [split for split in ("train", "val", "test") if hasattr(sources.get(split), "class_names")]
     for i, first in enumerate(splits):
-        for second in splits[i + 1:]:
+        for second in splits[i + 1 :]:
             a, b = sources[first], sources[second]
             shared = sorted(set(a.class_names) & set(b.class_names))
             rows = a.image_rows() & b.image_rows()
             if shared or rows:
                 what = f"classes such as {shared[0]!r}" if shared else f"{len(rows)} images"
-                raise DataError(f"the '{first}' and '{second}' splits of {dataset} share {what}; "
-                                f"make the splits disjoint (check dataset.split_dir or the split files)")
+                raise DataError(
+                    f"the '{first}' and '{second}' splits of {dataset} share {what}; "
+                    f"make the splits disjoint (check dataset.split_dir or the split files)"
+                )
 
 
 class TrainStream(IterableDataset):
@@ -65,8 +72,18 @@ class TrainStream(IterableDataset):
     step with the generator; sampling is cheap next to a meta-step.
     """
 
-    def __init__(self, source, ways: int, shots: int, queries: int, meta_batch_size: int, seed: int, start: int,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        source,
+        ways: int,
+        shots: int,
+        queries: int,
+        meta_batch_size: int,
+        seed: int,
+        start: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         check_meta_batch_split(meta_batch_size, world)
         self.source, self.shape, self.meta_batch_size = source, (ways, shots, queries), meta_batch_size
         self.seed, self.start = seed, start
@@ -77,8 +94,9 @@ class TrainStream(IterableDataset):
         worker = get_worker_info()
         first, step = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
         for i in count(first, step):
-            batch = sample_meta_batch(self.source, *self.shape, self.meta_batch_size,
-                                      episode_generator(self.seed, "train", i))
+            batch = sample_meta_batch(
+                self.source, *self.shape, self.meta_batch_size, episode_generator(self.seed, "train", i)
+            )
             yield Episode(*(part[self.tasks] for part in batch))
 
 
@@ -97,15 +115,33 @@ class FixedEpisodes(Dataset):
 
 
 class EpisodicDataModule(L.LightningDataModule):
-    def __init__(self, dataset: Mapping, data_dir: str | Path, cache_dir: str | Path,
-                 ways: int, shots: int, queries: int, meta_batch_size: int,
-                 test_ways: int, test_shots: int, test_queries: int,
-                 val_episodes: int, test_episodes: int,
-                 seed: int, eval_seed: int, eval_batch_size: int, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: Mapping,
+        data_dir: str | Path,
+        cache_dir: str | Path,
+        ways: int,
+        shots: int,
+        queries: int,
+        meta_batch_size: int,
+        test_ways: int,
+        test_shots: int,
+        test_queries: int,
+        val_episodes: int,
+        test_episodes: int,
+        seed: int,
+        eval_seed: int,
+        eval_batch_size: int,
+        num_workers: int = 0,
+    ):
         super().__init__()
-        for name, value, least in (("meta_batch_size", meta_batch_size, 1),
-                                   ("eval_batch_size", eval_batch_size, 1), ("val_episodes", val_episodes, 0),
-                                   ("test_episodes", test_episodes, 0), ("num_workers", num_workers, 0)):
+        for name, value, least in (
+            ("meta_batch_size", meta_batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("val_episodes", val_episodes, 0),
+            ("test_episodes", test_episodes, 0),
+            ("num_workers", num_workers, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {least}")
         self.dataset_cfg = dict(dataset)
@@ -141,8 +177,14 @@ class EpisodicDataModule(L.LightningDataModule):
         # Resuming from a checkpoint continues the stream: in manual optimization global_step
         # counts outer steps, i.e. meta-batches consumed.
         start = self.trainer.global_step if self.trainer is not None else 0
-        stream = TrainStream(self.sources["train"], *self._shape("train"), self.meta_batch_size, self.seed, start,
-                             *self._rank_and_world())
+        stream = TrainStream(
+            self.sources["train"],
+            *self._shape("train"),
+            self.meta_batch_size,
+            self.seed,
+            start,
+            *self._rank_and_world(),
+        )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -154,15 +196,23 @@ class EpisodicDataModule(L.LightningDataModule):
     def example_batch(self, split: str = "train") -> Episode:
         """One meta-batch of `split` (the first the loaders give), e.g. to log an image grid."""
         if split == "train":
-            return sample_meta_batch(self.sources["train"], *self._shape("train"), self.meta_batch_size,
-                                     episode_generator(self.seed, "train", 0))
+            return sample_meta_batch(
+                self.sources["train"],
+                *self._shape("train"),
+                self.meta_batch_size,
+                episode_generator(self.seed, "train", 0),
+            )
         return next(iter(self._eval_loader(split, num_workers=0)))
 
     def _eval_loader(self, split: str, num_workers: int) -> DataLoader:
-        episodes = FixedEpisodes(self.sources[split], *self._shape(split), self._length(split),
-                                 self.eval_seed, split)
-        return DataLoader(episodes, batch_sampler=self.eval_batches(split), num_workers=num_workers,
-                          persistent_workers=False, pin_memory=False)
+        episodes = FixedEpisodes(self.sources[split], *self._shape(split), self._length(split), self.eval_seed, split)
+        return DataLoader(
+            episodes,
+            batch_sampler=self.eval_batches(split),
+            num_workers=num_workers,
+            persistent_workers=False,
+            pin_memory=False,
+        )
 
     def eval_batches(self, split: str) -> list[list[int]]:
         """The indices of the fixed `split` episodes this process evaluates, batch by batch.
@@ -174,8 +224,9 @@ class EpisodicDataModule(L.LightningDataModule):
         """
         length = self._length(split) or 0
         rank, world = self._rank_and_world()
-        batches = [list(range(b, min(b + self.eval_batch_size, length)))
-                   for b in range(0, length, self.eval_batch_size)]
+        batches = [
+            list(range(b, min(b + self.eval_batch_size, length))) for b in range(0, length, self.eval_batch_size)
+        ]
         return batches[rank::world]
 
     def _rank_and_world(self) -> tuple[int, int]:

@@ -31,8 +31,7 @@ def episode_generator(seed: int, split: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def sample_meta_batch(source, ways: int, shots: int, queries: int, count: int,
-                      generator: torch.Generator) -> Episode:
+def sample_meta_batch(source, ways: int, shots: int, queries: int, count: int, generator: torch.Generator) -> Episode:
     """`count` episodes drawn one after another from `generator`, stacked into one meta-batch Episode."""
     episodes = [source.sample(ways, shots, queries, generator) for _ in range(count)]
     return Episode(*(torch.stack(parts) for parts in zip(*episodes)))
@@ -54,9 +53,18 @@ class ImageClassSource:
 
     task_type = "classification"
 
-    def __init__(self, array_path: Path, class_names: Sequence[str], starts: Sequence[int],
-                 counts: Sequence[int], rotations: Sequence[int] | None = None, *,
-                 dataset: str, split: str, empty_hint: str = ""):
+    def __init__(
+        self,
+        array_path: Path,
+        class_names: Sequence[str],
+        starts: Sequence[int],
+        counts: Sequence[int],
+        rotations: Sequence[int] | None = None,
+        *,
+        dataset: str,
+        split: str,
+        empty_hint: str = "",
+    ):
         self.array_path = Path(array_path)
         self.class_names = list(class_names)
         self.dataset, self.split, self.empty_hint = dataset, split, empty_hint
@@ -78,7 +86,7 @@ class ImageClassSource:
     def class_images(self, index: int) -> Tensor:
         """Every image of class `index` as uint8 [n, C, H, W], rotated as episodes show it."""
         start, n = self._starts[index], self._counts[index]
-        images = torch.from_numpy(np.array(self.images[start:start + n]))
+        images = torch.from_numpy(np.array(self.images[start : start + n]))
         return torch.rot90(images, int(self._rotations[index]), dims=(-2, -1))
 
     def image_rows(self) -> set[int]:
@@ -98,21 +106,27 @@ class ImageClassSource:
         if shots + queries > fewest:
             shots_key, queries_key = ("shots", "queries") if split_name == "train" else ("test_shots", "test_queries")
             if fewest < 2:  # no setting can help: an episode takes at least 1 support and 1 query image
-                allows = ("an episode needs at least 2 images of every class (1 support, 1 query), so give "
-                          "that class more images or remove it")
+                allows = (
+                    "an episode needs at least 2 images of every class (1 support, 1 query), so give "
+                    "that class more images or remove it"
+                )
             else:
-                allows = (f"choose {shots_key}+{queries_key} <= {fewest}, e.g. {shots_key}={min(shots, fewest - 1)} "
-                          f"{queries_key}={fewest - min(shots, fewest - 1)}")
+                allows = (
+                    f"choose {shots_key}+{queries_key} <= {fewest}, e.g. {shots_key}={min(shots, fewest - 1)} "
+                    f"{queries_key}={fewest - min(shots, fewest - 1)}"
+                )
             plural = "image" if fewest == 1 else "images"
             raise ConfigError(
                 f"{shots_key}+{queries_key}={shots}+{queries}={shots + queries} but class "
-                f"{self.class_names[smallest]!r} of {where} has only {fewest} {plural}; {allows}")
+                f"{self.class_names[smallest]!r} of {where} has only {fewest} {plural}; {allows}"
+            )
 
     def sample(self, ways: int, shots: int, queries: int, generator: torch.Generator) -> Episode:
         return self.sample_with_classes(ways, shots, queries, generator)[0]
 
-    def sample_with_classes(self, ways: int, shots: int, queries: int,
-                            generator: torch.Generator) -> tuple[Episode, Tensor]:
+    def sample_with_classes(
+        self, ways: int, shots: int, queries: int, generator: torch.Generator
+    ) -> tuple[Episode, Tensor]:
         """The episode `sample` draws, and [ways] the index in this split of the class behind each label."""
         per_class = shots + queries
         # The random class order is the label assignment: label i is the i-th drawn class.

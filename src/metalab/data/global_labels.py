@@ -29,8 +29,10 @@ class GlobalLabelSource:
 
     def __init__(self, source):
         if not hasattr(source, "sample_with_classes"):
-            raise ConfigError(f"dataset.episodes=global_labels needs a dataset of image classes; the "
-                              f"{type(source).__name__} source cannot tell which class a label stands for")
+            raise ConfigError(
+                f"dataset.episodes=global_labels needs a dataset of image classes; the "
+                f"{type(source).__name__} source cannot tell which class a label stands for"
+            )
         self.source = source
         self.input_shape = source.input_shape
         self.class_names = source.class_names

@@ -55,8 +55,9 @@ def _decode_chunk(refs: list[ImageRef], image_size: int, channels: int, invert: 
     with zipfile.ZipFile(archive_path) if archive_path else contextlib.nullcontext() as archive:
         for i, (_, name) in enumerate(refs):
             data = io.BytesIO(read_member(archive, archive_path, name)) if archive_path else name
-            out[i] = decode_image(data, f"{archive_path}:{name}" if archive_path else name,
-                                  image_size, channels, invert)
+            out[i] = decode_image(
+                data, f"{archive_path}:{name}" if archive_path else name, image_size, channels, invert
+            )
     return out
 
 
@@ -66,8 +67,9 @@ def read_member(archive: zipfile.ZipFile, archive_path: str, name: str) -> bytes
     try:
         return archive.read(name)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
-        raise DataError(f"{archive_path} is not a valid zip archive: its member {name} is damaged "
-                        f"({error}); download it again") from None
+        raise DataError(
+            f"{archive_path} is not a valid zip archive: its member {name} is damaged ({error}); download it again"
+        ) from None
 
 
 def _chunks(refs: list[ImageRef]) -> list[list[ImageRef]]:
@@ -104,7 +106,7 @@ def decode_all(refs: list[ImageRef], out: np.ndarray, image_size: int, channels:
 def _fill(out: np.ndarray, blocks) -> None:
     row = 0
     for block in blocks:
-        out[row:row + len(block)] = block
+        out[row : row + len(block)] = block
         row += len(block)
 
 
@@ -124,8 +126,15 @@ def reserve(tmp: Path, array_path: Path) -> None:
         raise storage_error(array_path, error, size) from None
 
 
-def load_or_build(cache_dir: Path, stem: str, fingerprint: dict, groups: dict[str, list[ImageRef]],
-                  image_size: int, channels: int, invert: bool) -> tuple[Path, dict[str, tuple[int, int]]]:
+def load_or_build(
+    cache_dir: Path,
+    stem: str,
+    fingerprint: dict,
+    groups: dict[str, list[ImageRef]],
+    image_size: int,
+    channels: int,
+    invert: bool,
+) -> tuple[Path, dict[str, tuple[int, int]]]:
     """Return (path of the cached .npy, {group: (first row, row count)}), decoding only on a cache miss."""
     layout = [[key, [ref[1] for ref in refs]] for key, refs in groups.items()]
     identity = {**fingerprint, "image_size": image_size, "channels": channels, "invert": invert, "layout": layout}
@@ -143,14 +152,17 @@ def load_or_build(cache_dir: Path, stem: str, fingerprint: dict, groups: dict[st
         raise storage_error(cache_dir, error) from None
     free = free_space(cache_dir)
     if free is not None and free < needed:  # refused before decoding anything
-        raise StorageError(f"the image cache {array_path} needs {megabytes(needed)} but {cache_dir} has "
-                        f"{megabytes(free)} free; free some space or set METALAB_CACHE_DIR (paths.cache_dir) "
-                        "to a disk with room")
+        raise StorageError(
+            f"the image cache {array_path} needs {megabytes(needed)} but {cache_dir} has "
+            f"{megabytes(free)} free; free some space or set METALAB_CACHE_DIR (paths.cache_dir) "
+            "to a disk with room"
+        )
     tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
     try:
         # Decode straight into a file-backed array so even large sets never sit whole in RAM.
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(refs), channels, image_size, image_size))
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(refs), channels, image_size, image_size)
+        )
         reserve(tmp, array_path)
         decode_all(refs, out, image_size, channels, invert)
         out.flush()

@@ -23,8 +23,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # matched c
 Splits = dict[str, tuple[list[tuple[str, str]], str]]
 
 
-def build_image_folder_sources(cfg: Mapping, data_dir: Path, cache_dir: Path,
-                               dataset: str = "image_folder") -> dict[str, ImageClassSource]:
+def build_image_folder_sources(
+    cfg: Mapping, data_dir: Path, cache_dir: Path, dataset: str = "image_folder"
+) -> dict[str, ImageClassSource]:
     image_size, channels = cfg["image_size"], cfg["channels"]
     check_positive("dataset.image_size", image_size, 84)
     if channels not in MODES:
@@ -33,8 +34,9 @@ def build_image_folder_sources(cfg: Mapping, data_dir: Path, cache_dir: Path,
         raise ConfigError("dataset.root is not set; point it at a directory of class directories of images")
     root = Path(cfg["root"]).expanduser()
     if not root.is_dir():
-        raise DataError(f"image folder root {root} does not exist; set dataset.root to a directory "
-                        "of class directories of images")
+        raise DataError(
+            f"image folder root {root} does not exist; set dataset.root to a directory of class directories of images"
+        )
 
     if cfg.get("split_dir"):
         groups, splits = _splits_from_csv(root, Path(cfg["split_dir"]).expanduser())
@@ -48,12 +50,19 @@ def build_image_folder_sources(cfg: Mapping, data_dir: Path, cache_dir: Path,
         raise DataError(f"no images found under {root} (looked for files ending in {sorted(IMAGE_SUFFIXES)})")
     fingerprint = {"dataset": dataset, "files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
     refs = {key: [(None, str(path)) for path in paths] for key, paths in groups.items()}
-    array_path, index = load_or_build(Path(cache_dir), dataset, fingerprint, refs,
-                                      image_size, channels, bool(cfg["invert"]))
+    array_path, index = load_or_build(
+        Path(cache_dir), dataset, fingerprint, refs, image_size, channels, bool(cfg["invert"])
+    )
     return {
-        split: ImageClassSource(array_path, [name for name, _ in classes],
-                                [index[key][0] for _, key in classes], [index[key][1] for _, key in classes],
-                                dataset=dataset, split=split, empty_hint=hint)
+        split: ImageClassSource(
+            array_path,
+            [name for name, _ in classes],
+            [index[key][0] for _, key in classes],
+            [index[key][1] for _, key in classes],
+            dataset=dataset,
+            split=split,
+            empty_hint=hint,
+        )
         for split, (classes, hint) in splits.items()
     }
 
@@ -64,8 +73,10 @@ def build_mini_imagenet_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -
     cfg["root"] = Path(cfg.get("root") or Path(data_dir) / "mini_imagenet" / "images")
     cfg["split_dir"] = cfg.get("split_dir") or Path(data_dir) / "mini_imagenet" / "splits" / "ravi"
     if not cfg["root"].is_dir():
-        raise DataError(f"miniImageNet images not found at {cfg['root']}; put the miniImageNet images there "
-                        "(flat, or in class folders) or set dataset.root")
+        raise DataError(
+            f"miniImageNet images not found at {cfg['root']}; put the miniImageNet images there "
+            "(flat, or in class folders) or set dataset.root"
+        )
     return build_image_folder_sources(cfg, data_dir, cache_dir, dataset="mini_imagenet")
 
 
@@ -83,8 +94,10 @@ def _splits_from_csv(root: Path, split_dir: Path) -> tuple[dict[str, list[Path]]
     for split in SPLITS:
         csv_path = split_dir / f"{split}.csv"
         if not csv_path.is_file():
-            raise DataError(f"split file {csv_path} not found; dataset.split_dir must hold "
-                            "train.csv, val.csv and test.csv with the header 'filename,label'")
+            raise DataError(
+                f"split file {csv_path} not found; dataset.split_dir must hold "
+                "train.csv, val.csv and test.csv with the header 'filename,label'"
+            )
         by_label: dict[str, list[Path]] = {}
         with csv_path.open(newline="") as file:
             reader = csv.DictReader(file)
@@ -96,8 +109,7 @@ def _splits_from_csv(root: Path, split_dir: Path) -> tuple[dict[str, list[Path]]
         # Keyed by split too, so a label listed in two CSVs stays two separate classes.
         for label in sorted(by_label):
             groups[f"{split}/{label}"] = sorted(by_label[label])
-        splits[split] = ([(label, f"{split}/{label}") for label in sorted(by_label)],
-                         f"{csv_path} lists no images")
+        splits[split] = ([(label, f"{split}/{label}") for label in sorted(by_label)], f"{csv_path} lists no images")
     return groups, splits
 
 
@@ -105,8 +117,9 @@ def _locate(root: Path, label: str, filename: str, csv_path: Path) -> Path:
     for candidate in (root / filename, root / label / filename):
         if candidate.is_file():
             return candidate
-    raise DataError(f"image {filename!r} listed in {csv_path} is at neither {root / filename} "
-                    f"nor {root / label / filename}")
+    raise DataError(
+        f"image {filename!r} listed in {csv_path} is at neither {root / filename} nor {root / label / filename}"
+    )
 
 
 def _splits_from_folders(root: Path) -> tuple[dict[str, list[Path]], Splits]:
@@ -121,14 +134,15 @@ def _splits_from_folders(root: Path) -> tuple[dict[str, list[Path]], Splits]:
     return groups, splits
 
 
-def _splits_from_fractions(root: Path, fractions: Mapping | None,
-                           seed: int) -> tuple[dict[str, list[Path]], Splits]:
+def _splits_from_fractions(root: Path, fractions: Mapping | None, seed: int) -> tuple[dict[str, list[Path]], Splits]:
     fractions = fractions or {}
     unknown = set(fractions) - set(SPLITS)
     values = [fractions.get(split, 0) for split in SPLITS]
     if unknown or any(not isinstance(v, (int, float)) or v < 0 for v in values) or sum(values) <= 0:
-        raise ConfigError(f"dataset.split_fractions={dict(fractions)} is invalid for {root}; give train, val and "
-                          "test fractions >= 0 with a positive sum, e.g. {train: 0.64, val: 0.16, test: 0.2}")
+        raise ConfigError(
+            f"dataset.split_fractions={dict(fractions)} is invalid for {root}; give train, val and "
+            "test fractions >= 0 with a positive sum, e.g. {train: 0.64, val: 0.16, test: 0.2}"
+        )
     class_dirs = _class_folders(root)
     if not class_dirs:
         raise DataError(f"{root} has no class folders; put each class's images in its own folder under it")
@@ -139,9 +153,11 @@ def _splits_from_fractions(root: Path, fractions: Mapping | None,
     bounds = [0] + [round(len(names) * c / sum(values)) for c in accumulate(values)]
     bounds[-1] = len(names)
     splits: Splits = {
-        split: ([(name, name) for name in names[bounds[i]:bounds[i + 1]]],
-                f"dataset.split_fractions.{split}={values[i]} gives it none of the {len(names)} classes "
-                f"in {root}; raise it")
+        split: (
+            [(name, name) for name in names[bounds[i] : bounds[i + 1]]],
+            f"dataset.split_fractions.{split}={values[i]} gives it none of the {len(names)} classes "
+            f"in {root}; raise it",
+        )
         for i, split in enumerate(SPLITS)
     }
     return groups, splits

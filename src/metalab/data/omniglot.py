@@ -25,8 +25,10 @@ ARCHIVES = ("images_background.zip", "images_evaluation.zip")  # background alph
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
 # The MD5 digests published for the official archives (the copies under shared/ are re-zipped,
 # so they are checked against their own SHA256SUMS instead).
-OFFICIAL_MD5 = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
-                "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}
+OFFICIAL_MD5 = {
+    "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+}
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 
 
@@ -36,8 +38,10 @@ def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dic
         raise ConfigError(f"dataset.protocol={protocol!r} is unknown for omniglot; choose 'vinyals' or 'lake'")
     held_out = cfg["lake_val_alphabets"]
     if protocol == "lake" and (isinstance(held_out, bool) or not isinstance(held_out, int) or not 1 <= held_out < 30):
-        raise ConfigError(f"dataset.lake_val_alphabets={held_out!r} must be a count of background alphabets from "
-                          f"1 to 29 (held out of the 30 for validation); set e.g. dataset.lake_val_alphabets=5")
+        raise ConfigError(
+            f"dataset.lake_val_alphabets={held_out!r} must be a count of background alphabets from "
+            f"1 to 29 (held out of the 30 for validation); set e.g. dataset.lake_val_alphabets=5"
+        )
     check_positive("dataset.image_size", image_size, 28)
     root = Path(data_dir) / "omniglot"
     archives = _archives(root, cfg["download"])
@@ -50,20 +54,32 @@ def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dic
     if protocol == "lake":
         splits = _lake_splits(*(sorted(chars) for chars in characters), cfg["lake_val_alphabets"])
     else:  # read before decoding, so a bad split file fails fast
-        splits = {split: _vinyals_split(root / "splits" / "vinyals" / f"{split}.txt", groups)
-                  for split in ("train", "val", "test")}
+        splits = {
+            split: _vinyals_split(root / "splits" / "vinyals" / f"{split}.txt", groups)
+            for split in ("train", "val", "test")
+        }
 
-    fingerprint = {"dataset": "omniglot", "checksums": checksums,
-                   "archives": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in archives]}
-    array_path, index = load_or_build(Path(cache_dir), "omniglot", fingerprint, groups,
-                                      image_size, 1, bool(cfg["invert"]))
+    fingerprint = {
+        "dataset": "omniglot",
+        "checksums": checksums,
+        "archives": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in archives],
+    }
+    array_path, index = load_or_build(
+        Path(cache_dir), "omniglot", fingerprint, groups, image_size, 1, bool(cfg["invert"])
+    )
 
     sources = {}
     for split, classes in splits.items():
         names = [char if protocol == "lake" else f"{char}/rot{90 * k:03d}" for char, k in classes]
         sources[split] = ImageClassSource(
-            array_path, names, [index[c][0] for c, _ in classes], [index[c][1] for c, _ in classes],
-            [k for _, k in classes], dataset=f"omniglot ({protocol})", split=split)
+            array_path,
+            names,
+            [index[c][0] for c, _ in classes],
+            [index[c][1] for c, _ in classes],
+            [k for _, k in classes],
+            dataset=f"omniglot ({protocol})",
+            split=split,
+        )
     return sources
 
 
@@ -78,7 +94,8 @@ def _archives(root: Path, download: bool) -> list[Path]:
         raise DataError(
             f"Omniglot archives not found: expected {archives[0]} and {archives[1]}. "
             "Set METALAB_DATA_DIR (or paths.data_dir) to the folder that holds omniglot/, "
-            "or set dataset.download=true to download them (needs internet).")
+            "or set dataset.download=true to download them (needs internet)."
+        )
     return archives
 
 
@@ -89,8 +106,10 @@ def _download(url: str, path: Path, md5: str) -> None:
         urllib.request.urlretrieve(url, tmp)
         digest = hashlib.md5(tmp.read_bytes()).hexdigest()
         if digest != md5:
-            raise DataError(f"downloaded {url} has MD5 {digest}, not the published {md5}; try again, "
-                            f"or download it by hand to {path}")
+            raise DataError(
+                f"downloaded {url} has MD5 {digest}, not the published {md5}; try again, "
+                f"or download it by hand to {path}"
+            )
         os.replace(tmp, path)
     except OSError as error:
         raise DataError(f"could not download {url} ({error}); download it by hand to {path}") from None
@@ -122,8 +141,10 @@ def _verified_checksums(archives: list[Path], sums_file: Path, cache_dir: Path) 
         entry = memo.get(str(path.resolve()))
         actual = entry["sha256"] if entry and entry["stamp"] == stamp else _sha256(path)
         if actual != expected[path.name]:
-            raise DataError(f"checksum mismatch for {path}: expected sha256 {expected[path.name]} "
-                            f"(from {sums_file}), got {actual}; download the archive again")
+            raise DataError(
+                f"checksum mismatch for {path}: expected sha256 {expected[path.name]} "
+                f"(from {sums_file}), got {actual}; download the archive again"
+            )
         memo[str(path.resolve())] = {"stamp": stamp, "sha256": actual}
         verified[path.name] = actual
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -159,22 +180,27 @@ def _lake_splits(background: list[str], evaluation: list[str], val_alphabets: in
     """Lake et al.'s background/evaluation protocol, validating on held-out background alphabets."""
     alphabets = sorted({char.split("/")[0] for char in background})
     held_out = set(alphabets[-val_alphabets:])
-    return {"train": [(c, 0) for c in background if c.split("/")[0] not in held_out],
-            "val": [(c, 0) for c in background if c.split("/")[0] in held_out],
-            "test": [(c, 0) for c in evaluation]}
+    return {
+        "train": [(c, 0) for c in background if c.split("/")[0] not in held_out],
+        "val": [(c, 0) for c in background if c.split("/")[0] in held_out],
+        "test": [(c, 0) for c in evaluation],
+    }
 
 
 def _vinyals_split(path: Path, characters: Mapping) -> list[tuple[str, int]]:
     if not path.is_file():
-        raise DataError(f"Omniglot vinyals split file not found: expected {path} "
-                        "(one 'Alphabet/characterNN/rotDDD' class per line)")
+        raise DataError(
+            f"Omniglot vinyals split file not found: expected {path} (one 'Alphabet/characterNN/rotDDD' class per line)"
+        )
     classes = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         char, _, rotation = line.strip().rpartition("/")
         if char not in characters or rotation not in ROTATIONS:
-            raise DataError(f"{path}:{number}: {line.strip()!r} is not a character of the archives "
-                            f"followed by one of {sorted(ROTATIONS)}")
+            raise DataError(
+                f"{path}:{number}: {line.strip()!r} is not a character of the archives "
+                f"followed by one of {sorted(ROTATIONS)}"
+            )
         classes.append((char, ROTATIONS[rotation]))
     return classes

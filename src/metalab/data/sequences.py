@@ -44,8 +44,10 @@ def episode_shaper(kind: str, dataset: str) -> Callable[[Mapping], dict]:
             return dict(sources)
         task_type = next(iter(sources.values())).task_type
         if task_type != "classification":
-            raise ConfigError(f"dataset.episodes={kind} needs a classification dataset, but dataset={dataset} "
-                              f"is {task_type}; choose e.g. dataset=omniglot")
+            raise ConfigError(
+                f"dataset.episodes={kind} needs a classification dataset, but dataset={dataset} "
+                f"is {task_type}; choose e.g. dataset=omniglot"
+            )
         if kind == "global_labels":  # the transfer baselines' training split (data/global_labels.py)
             return {**sources, "train": GlobalLabelSource(sources["train"])}
         return {split: SequenceSource(source) for split, source in sources.items()}

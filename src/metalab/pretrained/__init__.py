@@ -51,7 +51,7 @@ def resolve(path):
     """The file behind `pretrained:<name>`; any other path is returned unchanged."""
     if not is_named(path):
         return path
-    name, known = path[len(PREFIX):], entries()
+    name, known = path[len(PREFIX) :], entries()
     if name not in known:
         names = ", ".join(f"{PREFIX}{n}" for n in sorted(known)) or "none in this installation"
         raise ConfigError(f"ckpt_path={path}: no checkpoint named {name!r} ships with metalab; known: {names}")
@@ -61,8 +61,9 @@ def resolve(path):
     return file
 
 
-def ship(name: str, checkpoint: Path, results: str, licence: str, metric: str | None = None,
-         value: float | None = None) -> Path:
+def ship(
+    name: str, checkpoint: Path, results: str, licence: str, metric: str | None = None, value: float | None = None
+) -> Path:
     """Copy the loadable part of a metalab checkpoint into the package as `pretrained:<name>`."""
     import torch
 
@@ -77,8 +78,12 @@ def ship(name: str, checkpoint: Path, results: str, licence: str, metric: str | 
     folder = registry_dir()
     file = folder / f"{name}.ckpt"
     file.write_bytes(buffer.getvalue())
-    index = {"checkpoints": {**entries(), name: {"file": file.name, "results": results, "metric": metric,
-                                                 "value": value, "data_licence": licence}}}
+    index = {
+        "checkpoints": {
+            **entries(),
+            name: {"file": file.name, "results": results, "metric": metric, "value": value, "data_licence": licence},
+        }
+    }
     (folder / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return file
 
