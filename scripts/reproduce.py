@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from metalab.errors import MetalabError, StorageError
 from metalab.files import write_atomic
@@ -242,13 +243,9 @@ def experiment_setting(experiment: str) -> tuple[dict, dict]:
 
 
 def merged(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, nested settings merged key by key (a config group's keys)."""
-    result = dict(base)
-    for key, value in over.items():
-        result[key] = (
-            merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
-        )
-    return result
+    """`over` on top of `base`, nested settings merged key by key, as Hydra composes them;
+    interpolations are kept as written."""
+    return OmegaConf.to_container(OmegaConf.merge(base, over), resolve=False)
 
 
 def check_retested_setting(experiment: str, trained: dict, tested: dict) -> None:

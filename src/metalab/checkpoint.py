@@ -122,10 +122,8 @@ def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
         learner_cls = learner_class(config["algorithm"])
     except ConfigError as error:
         raise ConfigError(f"ckpt_path={path}: {error}") from None
-    older = {
-        key: value for key, value in learner_cls.settings_of_older_checkpoints.items() if key not in config["algorithm"]
-    }
-    model = learner_cls({**config, "algorithm": {**older, **config["algorithm"]}}, input_shape, task_type)
+    algorithm = {**learner_cls.settings_of_older_checkpoints, **config["algorithm"]}  # a stored setting wins
+    model = learner_cls({**config, "algorithm": algorithm}, input_shape, task_type)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as error:

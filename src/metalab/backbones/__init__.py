@@ -25,6 +25,12 @@ def backbone_options(cfg: Mapping) -> tuple[str, dict]:
     """The backbone's name and its options from `cfg`, every key checked against what its
     constructor takes: an unknown one (or one metalab sets, such as input_shape) is a
     ConfigError listing the accepted keys, before any data is read, not a TypeError."""
+    _, name, options = checked_backbone(cfg)
+    return name, options
+
+
+def checked_backbone(cfg: Mapping) -> tuple[type[nn.Module], str, dict]:
+    """(class, name, options) of the backbone `cfg` configures, its options checked (backbone_options)."""
     options = dict(cfg)
     name = options.pop("name", None)
     target = options.pop("_target_", None)
@@ -40,7 +46,7 @@ def backbone_options(cfg: Mapping) -> tuple[str, dict]:
             f"backbone?); its options are {', '.join(accepted)}; remove with {removals}, or choose "
             f"the backbone they belong to"
         )
-    return name, options
+    return cls, name, options
 
 
 def backbone_class(target, name: str) -> type[nn.Module]:
@@ -64,7 +70,7 @@ def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bo
     `running_stats=True`: its BatchNorm layers keep running statistics, used in eval mode
     (for learners that never vmap the backbone; a backbone without BatchNorm ignores it).
     """
-    name, options = backbone_options(cfg)
+    cls, name, options = checked_backbone(cfg)
     if running_stats and name in NORMALIZED:
         options["running_stats"] = True
-    return backbone_class(cfg.get("_target_"), name)(input_shape=tuple(input_shape), **options)
+    return cls(input_shape=tuple(input_shape), **options)
