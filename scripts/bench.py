@@ -73,12 +73,13 @@ def learner(
         inner_lr=inner_lr,
         inner_steps=inner_steps,
         eval_inner_steps=inner_steps,
-        first_order=False,
         optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
         scheduler=None,
         compile=compiled,
         task_execution=execution,
     )
+    if "first_order" in algorithm:  # second order where the learner has the choice
+        algorithm["first_order"] = False
     if name == "reptile":
         algorithm.update(inner_optimizer="sgd")
     if name == "mamlpp":  # second order, multi-step loss on: its most expensive phase
@@ -86,7 +87,7 @@ def learner(
     torch.manual_seed(0)
     # A run long enough that algorithm.compile=auto compiles where it would (an MLP on a CPU).
     trainer = {"accelerator": "cpu", "devices": 1, "max_steps": AUTO_COMPILE_MIN_STEPS}
-    return ALGORITHMS[name](
+    return ALGORITHMS[name].from_config(
         {"algorithm": algorithm, "backbone": backbone, "ways": WAYS, "trainer": trainer}, input_shape, "classification"
     )
 
@@ -208,8 +209,7 @@ def plain_layout(model: MAML) -> MAML:
 def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float, precision: str) -> dict:
     model = model.to(device)
     batch = Episode(*(t.to(device) for t in batch))
-    cfg = model.algorithm_cfg
-    order = "first" if cfg["name"] in ("fomaml", "reptile") else "second"
+    order = "first" if model.algorithm_name in ("fomaml", "reptile") else "second"
     # algorithm.compile: the same vmapped meta-loss, its gradient from one compiled graph.
     sides = {
         "batched": outer_step(
@@ -237,11 +237,11 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     tasks = batch.support_x.shape[0]
     flops = step_flops(sides["loop"])  # the same work on every side
     row = {
-        "learner": cfg["name"],
+        "learner": model.algorithm_name,
         "model": name,
-        "inner_steps": cfg["inner_steps"],
+        "inner_steps": model.inner_steps,
         "order": order,
-        "execution": cfg.get("task_execution", "auto"),
+        "execution": model.task_execution(),
         "loop_tasks_per_sec": rates["loop"] * tasks,
         "batched_tasks_per_sec": rates["batched"] * tasks,
         "ratio": ratios["loop"],
@@ -261,17 +261,20 @@ def episodes_per_second(name: str, device: torch.device, min_seconds: float, pre
     batch = omniglot_batch(ways, shots, queries, meta_batch=1)
     if batch is None:
         raise SystemExit(1)
-    options = yaml.safe_load((CONF / "algorithm" / f"{name}.yaml").read_text()).get("backbone_options", {})
     torch.manual_seed(0)
-    model = ALGORITHMS[name](
-        {
-            "algorithm": algorithm_config(name, scheduler=None),
-            "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4, **options},
-            "ways": ways,
-        },
-        [1, 28, 28],
-        "classification",
-    ).to(device)
+    model = (
+        ALGORITHMS[name]
+        .from_config(
+            {
+                "algorithm": algorithm_config(name, scheduler=None),
+                "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4},  # + the learner's backbone_options
+                "ways": ways,
+            },
+            [1, 28, 28],
+            "classification",
+        )
+        .to(device)
+    )
     batch = Episode(*(t.to(device) for t in batch))
     step = outer_step(model, lambda: model.meta_loss(batch)[0], precision, device)
     for _ in range(3):

@@ -52,7 +52,7 @@ def measure(mode: str, device: str, meta_batch: int, steps: int) -> dict:
         **MODES[mode],
     }
     torch.manual_seed(0)
-    model = MAML(
+    model = MAML.from_config(
         {"algorithm": algorithm, "backbone": {"name": "conv4", "hidden_channels": 64, "blocks": 4}, "ways": 20},
         [1, 28, 28],
         "classification",

@@ -62,7 +62,7 @@ def fresh_checkpoint(name: str, folder: Path, data_dir: Path, cache_dir: Path) -
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     L.seed_everything(0, verbose=False)
-    model = ALGORITHMS[name](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS[name].from_config(config, list(datamodule.input_shape), datamodule.task_type)
     trainer = L.Trainer(
         max_steps=1,
         limit_val_batches=0,
@@ -138,7 +138,7 @@ def accuracy_together_and_alone(learner, episodes: int, data_dir: Path, cache_di
     from metalab.runner import build_datamodule
 
     config = {
-        **learner.model.config,
+        **learner.model.run_config,
         "test_episodes": episodes,
         "paths": {"data_dir": str(data_dir), "cache_dir": str(cache_dir)},
     }

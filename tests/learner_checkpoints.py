@@ -107,7 +107,7 @@ def trained_checkpoint(name: str, tmp_path_factory, data_dir: Path, cache_dir: P
     datamodule.setup("fit")
     ALGORITHMS[name].settings_from_data(config, datamodule)  # as metalab-train: e.g. the classifier's size
     L.seed_everything(0, verbose=False)
-    model = ALGORITHMS[name](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS[name].from_config(config, list(datamodule.input_shape), datamodule.task_type)
     trainer = quiet_trainer(max_steps=SETTINGS[name][1], limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)
     folder.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def evaluation_path(path: Path):
     logits = []
     predict = model.predict
     model.predict = lambda *args: logits.append(predict(*args)) or logits[-1]  # record, change nothing
-    datamodule = build_datamodule(model.config)
+    datamodule = build_datamodule(model.run_config)
     datamodule.setup("test")
     metrics = quiet_trainer().test(model, datamodule=datamodule, verbose=False)[0]
     episodes = [

@@ -157,10 +157,10 @@ def test_the_classifier_is_sized_from_the_data_and_a_bad_size_is_refused(tmp_pat
     datamodule.setup("fit")
     learner_cls = ALGORITHMS["baseline"]
     with pytest.raises(ConfigError, match=r"algorithm.num_classes=None is invalid"):
-        learner_cls(config, [1, 28, 28], "classification")  # not built before the data says how many
+        learner_cls.from_config(config, [1, 28, 28], "classification")  # not built before the data says how many
     learner_cls.settings_from_data(config, datamodule)
     assert config["algorithm"]["num_classes"] == 4112
-    model = learner_cls(config, [1, 28, 28], "classification")
+    model = learner_cls.from_config(config, [1, 28, 28], "classification")
     assert model.classifier["weight"].shape == (4112, model.backbone.out_features)
     config["algorithm"]["num_classes"] = 100
     with pytest.raises(
@@ -230,7 +230,7 @@ def test_transfer_baselines_learn_omniglot_quickly(name, tmp_path, data_dir, cac
     ALGORITHMS[name].settings_from_data(config, datamodule)
     assert config["algorithm"]["num_classes"] == 100
     L.seed_everything(0, verbose=False)
-    model = ALGORITHMS[name](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS[name].from_config(config, list(datamodule.input_shape), datamodule.task_type)
     untrained = quiet_trainer().test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
     trainer = quiet_trainer(max_steps=150, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=datamodule)
@@ -246,7 +246,7 @@ def sinusoid(tmp_path, *overrides: str):
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     torch.manual_seed(0)
-    return ALGORITHMS["pretrained"](config, [1], "regression"), datamodule
+    return ALGORITHMS["pretrained"].from_config(config, [1], "regression"), datamodule
 
 
 def test_pretraining_is_plain_regression_on_the_support_points(tmp_path):

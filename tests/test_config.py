@@ -58,7 +58,7 @@ def test_every_pair_composes_and_builds_or_is_refused_clearly(algorithm, dataset
     check_learner_fits_data(cfg, learner_cls, task_type)
     if cfg["algorithm"].get("num_classes", 0) is None:  # metalab-train takes it from the data (settings_from_data)
         cfg["algorithm"]["num_classes"] = 64
-    learner = learner_cls(cfg, INPUT_SHAPES[dataset], task_type)
+    learner = learner_cls.from_config(cfg, INPUT_SHAPES[dataset], task_type)
     assert sum(p.numel() for p in learner.parameters()) > 0
 
 
@@ -233,7 +233,7 @@ def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
     monkeypatch.setattr("metalab.config.CONFIG_DIR", str(conf))
-    model = ALGORITHMS["matchingnet"](
+    model = ALGORITHMS["matchingnet"].from_config(
         {
             "algorithm": {"name": "matchingnet", "fce": True},
             "backbone": {"name": "conv4", "hidden_channels": 4, "blocks": 2},
@@ -242,5 +242,67 @@ def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
         [1, 8, 8],
         "classification",
     )
-    assert model.read_steps == 2 and model.algorithm_cfg["cosine_scale"] == 1.0
+    assert model.read_steps == 2 and model.scale == 1.0
     assert build_sources({"name": "sinusoid"}, tmp_path, tmp_path)["train"].x_range == (-1.0, 2.0)
+
+
+def learner_arguments(name: str) -> tuple[dict, dict]:
+    """(the settings conf/algorithm/<name>.yaml gives its learner, the run context every learner takes)."""
+    from metalab.config import group_defaults, with_group_defaults
+
+    settings = {k: v for k, v in group_defaults("algorithm", name).items() if k not in ("name", "_target_")}
+    if "num_classes" in settings:  # metalab-train sets it from the data
+        settings["num_classes"] = 64
+    regression = name == "pretrained"
+    context = {
+        "backbone": with_group_defaults("backbone", {"name": "mlp" if regression else "conv4"}),
+        "input_shape": [1] if regression else [1, 28, 28],
+        "task_type": "regression" if regression else "classification",
+        "ways": 5,
+    }
+    return settings, context
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_a_learners_yaml_keys_are_its_constructors_arguments(name):
+    """conf/algorithm/<name>.yaml reads as the call it makes: every key is a keyword argument of the
+    class its `_target_` names, and every setting the class takes is a key there (none has a
+    default in the code to drift from the yaml)."""
+    settings, context = learner_arguments(name)
+    learner = ALGORITHMS[name](**settings, **context)  # built from the yaml's keys alone
+    assert learner.run_config is None and sum(p.numel() for p in learner.parameters()) > 0
+    for key in settings:
+        if key == "compile":  # the one shared setting with a default: learners without a compiled path
+            continue
+        with pytest.raises(TypeError, match=f"missing 1 required keyword-only argument: '{key}'"):
+            ALGORITHMS[name](**{k: v for k, v in settings.items() if k != key}, **context)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_setting'"):
+        ALGORITHMS[name](**settings, **context, no_such_setting=1)
+
+
+def test_a_hand_written_config_with_a_setting_its_learner_lacks_is_refused_by_name():
+    """from_config (metalab-eval's and the API's way in, and scripts') refuses a key the learner
+    would ignore, naming it and the fix, instead of dropping it or a TypeError."""
+    config = {"algorithm": {"name": "protonet", "inner_lr": 0.1}, "backbone": {"name": "conv4"}, "ways": 5}
+    with pytest.raises(ConfigError, match=r"algorithm=protonet has no setting inner_lr.*~algorithm.inner_lr"):
+        ALGORITHMS["protonet"].from_config(config, [1, 28, 28], "classification")
+
+
+def test_lightning_load_from_checkpoint_rebuilds_the_learner_without_unpickling(tmp_path):
+    """`ProtoNet.load_from_checkpoint(path)`, Lightning's spelling, gives the stored learner with its
+    weights through metalab's reader; asked of another learner class, it says what the file holds."""
+    import torch
+
+    from metalab.checkpoint import MARKER
+
+    settings, context = learner_arguments("protonet")
+    run = {"algorithm": {"name": "protonet", **settings}, "backbone": context["backbone"], "ways": 5}
+    model = ALGORITHMS["protonet"].from_config(run, [1, 28, 28], "classification")
+    path = tmp_path / "protonet.ckpt"
+    torch.save({MARKER: "0", "hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+    loaded = ALGORITHMS["protonet"].load_from_checkpoint(path)
+    assert type(loaded) is type(model) and loaded.run_config["algorithm"]["batch_norm"] == "running"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ConfigError, match="holds a ProtoNet, not a MAML"):
+        ALGORITHMS["maml"].load_from_checkpoint(path)

@@ -91,7 +91,7 @@ def test_overfit_replays_the_same_few_meta_batches(tmp_path):
     config = train_config(tmp_path, "debug=overfit", "trainer.max_steps=7", "trainer.val_check_interval=7", *TINY)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
-    model = ALGORITHMS["maml"](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS["maml"].from_config(config, list(datamodule.input_shape), datamodule.task_type)
 
     class Record(Callback):
         seen: list[float] = []
@@ -180,7 +180,7 @@ def test_on_a_terminal_one_bar_counts_the_steps_of_max_steps(tmp_path, monkeypat
     config = train_config(tmp_path, "trainer.max_steps=5", "trainer.val_check_interval=5", *TINY)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
-    model = ALGORITHMS["maml"](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS["maml"].from_config(config, list(datamodule.input_shape), datamodule.task_type)
     trainer = build_trainer({**config, "callbacks": {}, "logger": {}}, tmp_path, with_callbacks=False)
     (bar,) = [c for c in trainer.callbacks if isinstance(c, StepProgressBar)]
 
@@ -217,7 +217,7 @@ def test_training_scalars_are_logged_only_on_the_steps_the_logger_writes(tmp_pat
     )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
-    model = ALGORITHMS["maml"](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS["maml"].from_config(config, list(datamodule.input_shape), datamodule.task_type)
     logged_at: set[int] = set()
     original = type(model).log
 

@@ -74,7 +74,9 @@ def setup(name: str, cache_dir: str, data_dir: str):
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     torch.manual_seed(0)  # the same initial weights in every process
-    model = ALGORITHMS[config["algorithm"]["name"]](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS[config["algorithm"]["name"]].from_config(
+        config, list(datamodule.input_shape), datamodule.task_type
+    )
     return model, datamodule
 
 

@@ -107,7 +107,7 @@ def test_training_throughput_leaves_out_each_processs_first_outer_step():
 
     from metalab.data.episodes import Episode
 
-    model = ALGORITHMS["protonet"](
+    model = ALGORITHMS["protonet"].from_config(
         {"algorithm": {"name": "protonet"}, "backbone": {"name": "mlp", "hidden_sizes": [4]}, "ways": 2},
         [3],
         "classification",

@@ -25,7 +25,9 @@ def sinusoid_setup(tmp_path, **overrides):
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     torch.manual_seed(0)
-    model = ALGORITHMS[config["algorithm"]["name"]](config, list(datamodule.input_shape), datamodule.task_type)
+    model = ALGORITHMS[config["algorithm"]["name"]].from_config(
+        config, list(datamodule.input_shape), datamodule.task_type
+    )
     return model, datamodule
 
 

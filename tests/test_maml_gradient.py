@@ -24,7 +24,7 @@ def small_maml(inner_steps: int, first_order: bool, inner_lr: float = 0.3) -> MA
         "ways": WAYS,
     }
     torch.manual_seed(0)
-    return MAML(config, [FEATURES], "classification").double()
+    return MAML.from_config(config, [FEATURES], "classification").double()
 
 
 def random_batch() -> Episode:
@@ -40,7 +40,7 @@ def random_batch() -> Episode:
 
 def reference_meta_gradient(model: MAML, batch: Episode, steps: int, first_order: bool) -> list[torch.Tensor]:
     """The textbook loop: adapt each task with autograd.grad, average the query losses."""
-    lr = model.algorithm_cfg["inner_lr"]
+    lr = model.inner_lr
     loss = per_task_maml_loss(model.model, batch, steps, lr, first_order, torch.nn.functional.cross_entropy)
     return list(torch.autograd.grad(loss, list(model.model.parameters())))
 

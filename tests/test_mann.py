@@ -72,10 +72,10 @@ def test_sequence_episodes_are_chosen_by_config_and_refused_where_they_cannot_wo
     assert composed(tmp_path, "algorithm=protonet", "dataset=omniglot")["dataset"].get("episodes") is None
     few_shot = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "dataset.episodes=few_shot")
     with pytest.raises(ConfigError, match="set dataset.episodes=sequence"):
-        ALGORITHMS["mann"](few_shot, [1, 28, 28], "classification")
+        ALGORITHMS["mann"].from_config(few_shot, [1, 28, 28], "classification")
     too_many_heads = composed(tmp_path, "algorithm=mann", "dataset=omniglot", "algorithm.memory_slots=3")
     with pytest.raises(ConfigError, match="algorithm.read_heads=4 must be between 1 and algorithm.memory_slots=3"):
-        ALGORITHMS["mann"](too_many_heads, [1, 28, 28], "classification")
+        ALGORITHMS["mann"].from_config(too_many_heads, [1, 28, 28], "classification")
 
 
 # ---------------------------------------------------------------------------------- LRUA memory
@@ -183,7 +183,7 @@ def tiny_learner(tmp_path, algorithm: str, ways: int = 3):
         ),
     )
     torch.manual_seed(0)
-    return ALGORITHMS[algorithm](cfg, [1, 2, 2], "classification")
+    return ALGORITHMS[algorithm].from_config(cfg, [1, 2, 2], "classification")
 
 
 @pytest.mark.parametrize("add_vector", [False, True])
@@ -202,7 +202,7 @@ def test_the_controller_writes_its_keys_or_its_add_vectors(tmp_path, add_vector)
         f"algorithm.add_vector={str(add_vector).lower()}",
     )
     torch.manual_seed(0)
-    controller = ALGORITHMS["mann"](cfg, [1, 2, 2], "classification").controller
+    controller = ALGORITHMS["mann"].from_config(cfg, [1, 2, 2], "classification").controller
     assert (controller.add is not None) == add_vector
     state = controller.initial_state(2, torch.zeros(1))
     state = state._replace(usage=torch.rand(2, 8))  # distinct usages: four distinct least-used slots
@@ -275,7 +275,7 @@ def test_a_run_logs_accuracy_by_instance_to_tensorboard_and_results(tmp_path, om
     )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
-    learner = ALGORITHMS["mann"](config, list(datamodule.input_shape), datamodule.task_type)
+    learner = ALGORITHMS["mann"].from_config(config, list(datamodule.input_shape), datamodule.task_type)
     trainer = build_trainer(config, tmp_path)
     trainer.fit(learner, datamodule=datamodule)
     metrics = meta_test(trainer, learner, datamodule, None, config)
@@ -313,7 +313,7 @@ def test_mann_learns_to_bind_omniglot_images_to_their_labels(tmp_path, omniglot_
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     torch.manual_seed(0)
-    learner = ALGORITHMS["mann"](config, list(datamodule.input_shape), datamodule.task_type)
+    learner = ALGORITHMS["mann"].from_config(config, list(datamodule.input_shape), datamodule.task_type)
     trainer = Trainer(
         logger=False,
         enable_checkpointing=False,

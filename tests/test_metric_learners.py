@@ -35,7 +35,7 @@ def configured(tmp_path, data_dir, cache_dir, algorithm: str, *overrides: str) -
 
 def learner(config: dict, input_shape=OMNIGLOT, seed: int = 0):
     torch.manual_seed(seed)
-    return ALGORITHMS[config["algorithm"]["name"]](config, list(input_shape), "classification")
+    return ALGORITHMS[config["algorithm"]["name"]].from_config(config, list(input_shape), "classification")
 
 
 def omniglot_episodes(tmp_path, data_dir, cache_dir, ways: int, shots: int, queries: int, count: int) -> Episode:

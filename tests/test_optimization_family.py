@@ -21,6 +21,7 @@ from metalab.config import (
     auto_compile,
     check_compile,
     check_learner_fits_data,
+    group_defaults,
     cpp_compiler,
 )
 from metalab.data.episodes import Episode
@@ -41,14 +42,17 @@ def small_learner(name: str, backbone: dict, input_shape: list[int], **algorithm
         "inner_lr": 0.3,
         "inner_steps": 2,
         "eval_inner_steps": 2,
-        "first_order": False,
         "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
         **algorithm,
     }
+    if "first_order" in group_defaults("algorithm", name):  # MAML++ anneals it; Reptile has none
+        settings.setdefault("first_order", False)
     torch.manual_seed(0)
-    return ALGORITHMS[name](
-        {"algorithm": settings, "backbone": backbone, "ways": WAYS}, input_shape, "classification"
-    ).double()
+    return (
+        ALGORITHMS[name]
+        .from_config({"algorithm": settings, "backbone": backbone, "ways": WAYS}, input_shape, "classification")
+        .double()
+    )
 
 
 def random_batch(input_shape: list[int]) -> Episode:
@@ -260,7 +264,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
     class BlowUpInnerRate(Callback):  # what a too-large inner learning rate does, from step 15 on
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.global_step == 15:
-                module.algorithm_cfg["inner_lr"] = 1e30
+                module.inner_lr = 1e30
 
     model, datamodule = sinusoid_setup(tmp_path, **{"trainer.max_steps": 40})
     checkpoints = ModelCheckpoint(

@@ -100,7 +100,7 @@ def genuine_format_checkpoint(path: Path, **algorithm) -> Path:
     """Plain data only (loads with weights_only=True), with a stored config to tamper with."""
     config = train_config("algorithm=protonet", "dataset=omniglot")
     config["algorithm"].update(algorithm)
-    model = ALGORITHMS["protonet"](config, [1, 28, 28], "classification")
+    model = ALGORITHMS["protonet"].from_config(config, [1, 28, 28], "classification")
     torch.save(
         {
             "metalab_version": metalab.__version__,
@@ -367,7 +367,7 @@ def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tmp_path):
     from metalab.callbacks import ResumableCheckpoint
 
     config = train_config("trainer.max_steps=2", "meta_batch_size=2", "val_episodes=2", "test_episodes=2")
-    model = ALGORITHMS["maml"](config, [1], "regression")
+    model = ALGORITHMS["maml"].from_config(config, [1], "regression")
     callback = ResumableCheckpoint(dirpath=tmp_path, save_last=True, monitor=None, every_n_train_steps=1)
     trainer = Trainer(
         logger=False,
@@ -453,7 +453,7 @@ def test_hydra_errors_become_one_line():
 
 def test_a_diverged_loss_says_when_the_weights_are_already_not_finite():
     config = train_config()
-    model = ALGORITHMS["maml"](config, [1], "regression")
+    model = ALGORITHMS["maml"].from_config(config, [1], "regression")
     with pytest.raises(TrainingDiverged, match="The parameters were not updated with it"):
         model.check_finite(torch.tensor(float("nan")), None)
     with torch.no_grad():

@@ -127,8 +127,8 @@ class Learner:
         self.model = model
         self.transform = transform
         self.checkpoint_path = checkpoint_path
-        self.algorithm = model.config["algorithm"]["name"]
-        self.training_ways = model.config.get("ways")
+        self.algorithm = model.algorithm_name
+        self.training_ways = model.ways
         # True when some BatchNorm normalizes with the statistics of each forward pass (the
         # MAML family's conv4); the metric learners' keep running statistics.
         self.transductive = any(

@@ -123,7 +123,7 @@ def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
     except ConfigError as error:
         raise ConfigError(f"ckpt_path={path}: {error}") from None
     algorithm = {**learner_cls.settings_of_older_checkpoints, **config["algorithm"]}  # a stored setting wins
-    model = learner_cls({**config, "algorithm": algorithm}, input_shape, task_type)
+    model = learner_cls.from_config({**config, "algorithm": algorithm}, input_shape, task_type)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as error:

@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> float | None:
     check_compile(config, learner_cls)  # training only: evaluation never compiles
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
-    model = learner_cls(config, list(datamodule.input_shape), datamodule.task_type)
+    model = learner_cls.from_config(config, list(datamodule.input_shape), datamodule.task_type)
     if model.compile_fallback:
         log.info(model.compile_choice)  # what algorithm.compile=auto chose, and why
     trainer = build_trainer(config, run_dir)

@@ -19,8 +19,10 @@ from metalab.algorithms.maml import MAML
 class ANIL(MAML):
     compilable = False  # torch.compile fails on it inside AOTAutograd ("Cannot access storage of TensorWrapper")
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
+    def __init__(self, **settings):
+        """MAML's settings (conf/algorithm/anil.yaml) but two: its own inner loop adapts the head
+        only, so the normalization's adaptation and inner-step checkpointing do not apply."""
+        super().__init__(adapt_norm=False, checkpoint_inner_steps=False, **settings)
         self.body, self.head = self.model[0], self.model[1]
         # The head is one linear layer, which task_execution=auto vmaps (one batched matmul).
         self.forward_head = batched_forward(self.head, self.task_execution())

@@ -20,7 +20,7 @@ episodes, Lightning's inference mode) is handled here once.
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,9 +32,9 @@ from torch import Tensor
 from metalab import __version__
 from metalab.algorithms.compile_passes import inductor_options
 from metalab.checkpoint import MARKER
-from metalab.config import auto_compile, with_group_defaults
+from metalab.config import SHARED_ALGORITHM_KEYS, auto_compile, check_group_keys, with_group_defaults
 from metalab.data.episodes import Episode
-from metalab.errors import TrainingDiverged
+from metalab.errors import ConfigError, TrainingDiverged
 from metalab.evaluation import mean_and_ci95
 from metalab.run_log import log
 
@@ -78,18 +78,48 @@ class MetaLearner(LightningModule):
     # that lacks the setting, so an older checkpoint loads and predicts as it did.
     settings_of_older_checkpoints: dict[str, Any] = {}
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
+    def __init__(
+        self,
+        *,
+        backbone: dict,
+        optimizer: dict,
+        scheduler: dict | None,
+        grad_clip: float | None,
+        input_shape: Sequence[int],
+        task_type: str,
+        ways: int | None = None,
+        eval_seed: int = 0,
+        compile: bool | str = False,
+        run_config: dict | None = None,
+    ):
+        """What every learner takes, beside its own settings (which its subclass names):
+
+        - `backbone`: the backbone's config (conf/backbone/<name>.yaml, with its `_target_`),
+          built by the learner for `input_shape` (e.g. [1, 28, 28]);
+        - `optimizer`, `scheduler`: the outer loop's, as Hydra configs (`_target_` and arguments;
+          `scheduler` null for none), built in `configure_optimizers`; `grad_clip`: the
+          meta-gradient's norm limit, or null;
+        - `task_type`: classification or regression; `ways`: the training ways, for learners
+          whose output layer is sized to them (MAML's head, MANN's labels);
+        - `eval_seed`: fixes the random draws of meta-test adaptation (Reptile's and the
+          baselines' minibatches), the same for every checkpoint;
+        - `compile`: false, true, "reduce-overhead", or "auto" (config.auto_compile decides from
+          `run_config`'s trainer settings);
+        - `run_config`: the whole run's config, stored in the checkpoint so that metalab-eval and
+          metalab.load_learner rebuild the learner and its data from the file alone.
+
+        `from_config` builds a learner from a run config (what metalab-train does)."""
         super().__init__()
-        # The whole resolved run config goes into the checkpoint: metalab-eval rebuilds
-        # the learner and its data from it.
-        self.save_hyperparameters()
+        self.run_config = run_config
+        # The checkpoint keeps the run config: metalab-eval rebuilds the learner and its data from it.
+        self.save_hyperparameters({"config": run_config, "input_shape": list(input_shape), "task_type": task_type})
         self.automatic_optimization = False
-        # Every setting the learner's yaml defines is there, filled in from the yaml where a config
-        # written by hand leaves it out: the learners read them without defaults of their own.
-        self.algorithm_cfg = with_group_defaults("algorithm", config["algorithm"])
-        self.config = {**config, "algorithm": self.algorithm_cfg}
+        self.backbone_cfg = dict(backbone)
+        self.optimizer_cfg, self.scheduler_cfg, self.grad_clip = optimizer, scheduler, grad_clip
         self.input_shape = tuple(input_shape)
         self.task_type = task_type
+        self.ways = ways
+        self.eval_seed = eval_seed
         self.metric = METRICS[task_type][0]
         self._eval_values: dict[str, list[Tensor]] = defaultdict(list)
         self._eval_indices: list[Tensor] = []  # the fixed episodes' indices, beside _eval_values
@@ -104,16 +134,64 @@ class MetaLearner(LightningModule):
         self.train_time = 0.0
         self.timed_tasks = 0
         self._warm = False
-        # auto, false, true or "reduce-overhead"; absent for learners without the setting
-        self.compile_mode = self.algorithm_cfg.get("compile", False)
+        self.compile_mode = compile  # auto, false, true or "reduce-overhead"
         # auto: compiled where that was measured to pay (config.auto_compile); should compiling
         # fail there, the run goes on eagerly instead of stopping.
         self.compile_fallback = self.compile_mode == "auto"
         self.compile_choice = None  # auto's choice and why, for the run's log
-        if self.compile_fallback:
-            self.compile_mode, self.compile_choice = auto_compile(config, type(self))
+        if self.compile_fallback and run_config is None:  # nothing to judge the run's length by
+            self.compile_mode, self.compile_choice = False, "algorithm.compile=auto: eager, as no run config was given"
+        elif self.compile_fallback:
+            self.compile_mode, self.compile_choice = auto_compile(run_config, type(self))
         self.compiled = bool(self.compile_mode)
         self._meta_gradient = None  # the compiled meta-gradient, built at the first outer step
+
+    @classmethod
+    def from_config(cls, config: dict, input_shape: Sequence[int], task_type: str) -> "MetaLearner":
+        """The learner a run config describes: `config["algorithm"]`'s settings (every one its
+        conf/algorithm/<name>.yaml gives, filled in where a config written by hand leaves it out)
+        as the constructor's keyword arguments, with the run's backbone, ways and eval_seed."""
+        algorithm = with_group_defaults("algorithm", config["algorithm"])
+        check_group_keys("algorithm", algorithm, SHARED_ALGORITHM_KEYS)  # a clear refusal, not a TypeError
+        run_config = {**config, "algorithm": algorithm}
+        cls.check_run_config(run_config)
+        settings = {key: value for key, value in algorithm.items() if key not in ("name", "_target_")}
+        return cls(
+            **settings,
+            backbone=config["backbone"],
+            input_shape=input_shape,
+            task_type=task_type,
+            ways=config.get("ways"),
+            eval_seed=0 if config.get("eval_seed") is None else config["eval_seed"],
+            run_config=run_config,
+        )
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, **unsupported) -> "MetaLearner":
+        """Lightning's way to load a checkpoint, through metalab's reader, which unpickles no
+        objects (checkpoint.read_checkpoint): the stored run config rebuilds the learner."""
+        from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
+
+        if unsupported:
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint takes checkpoint_path and map_location only "
+                f"(the learner is rebuilt from the run config stored in the file), not {', '.join(unsupported)}"
+            )
+        model = learner_from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path, map_location or "cpu"))
+        if not isinstance(model, cls):
+            raise ConfigError(f"ckpt_path={checkpoint_path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    @classmethod
+    def check_run_config(cls, config: dict) -> None:
+        """Refuse a run this learner cannot take part in, before it is built (the memory learners
+        need sequences). Default: any."""
+
+    @property
+    def algorithm_name(self) -> str:
+        """The name the learner goes by in messages: its `algorithm=` choice."""
+        name = ((self.run_config or {}).get("algorithm") or {}).get("name")
+        return name or type(self).__name__.lower()
 
     @classmethod
     def settings_from_data(cls, config: dict, datamodule) -> None:
@@ -151,9 +229,8 @@ class MetaLearner(LightningModule):
         self.check_finite(reported_loss, metrics.get("inner_loss"))
         # Exactly one backward per outer step: under DDP this is the one all-reduce.
         self.manual_backward(loss)
-        clip = self.algorithm_cfg.get("grad_clip")
-        if clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        if self.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -239,10 +316,9 @@ class MetaLearner(LightningModule):
             if value is None or bool(torch.isfinite(value).all()):
                 continue
             worst = value[~torch.isfinite(value)].flatten()[0].item() if value.dim() else value.item()
-            cfg = self.algorithm_cfg
-            rates = [f"algorithm.optimizer.lr={cfg['optimizer'].get('lr')}"]
-            if "inner_lr" in cfg:
-                rates.insert(0, f"algorithm.inner_lr={cfg['inner_lr']}")
+            rates = [f"algorithm.optimizer.lr={self.optimizer_cfg.get('lr')}"]
+            if hasattr(self, "inner_lr"):
+                rates.insert(0, f"algorithm.inner_lr={self.inner_lr}")
             # The file last written: metalab's callback names it (never one it refused for non-finite
             # weights); any other ModelCheckpoint, its last.ckpt (here the weights are still finite).
             saver = self.trainer.checkpoint_callback if self._trainer else None
@@ -279,11 +355,10 @@ class MetaLearner(LightningModule):
         return [{"params": list(self.parameters())}]
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.algorithm_cfg["optimizer"], _partial_=True)(self.parameter_groups())
-        scheduler_cfg = self.algorithm_cfg.get("scheduler")
-        if scheduler_cfg is None:
+        optimizer = instantiate(self.optimizer_cfg, _partial_=True)(self.parameter_groups())
+        if self.scheduler_cfg is None:
             return optimizer
-        scheduler = instantiate(scheduler_cfg, _partial_=True)(optimizer)
+        scheduler = instantiate(self.scheduler_cfg, _partial_=True)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation

@@ -126,19 +126,25 @@ class Baseline(MetricLearner):
         "cosine_scale": (None, "baseline's linear head has no cosine scale; it is Baseline++'s (algorithm=baselinepp)")
     }
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        classes = self.algorithm_cfg.get("num_classes")
+    def __init__(self, *, num_classes: int, cosine_scale: float | None, finetune: dict, **settings):
+        """`num_classes`: the training classes the classifier tells apart (metalab-train sets it
+        from the data, `settings_from_data`); `cosine_scale`: Baseline++'s similarity scale (null:
+        chosen from the number of classes, `cosine_scale`); `finetune`: the new head's fit at
+        meta-test (epochs, batch_size, lr, momentum, dampening, weight_decay). `settings`:
+        MetricLearner's."""
+        super().__init__(**settings)
+        classes = num_classes
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
             raise ConfigError(
-                f"algorithm.num_classes={classes!r} is invalid: {self.algorithm_cfg['name']} "
+                f"algorithm.num_classes={classes!r} is invalid: {self.algorithm_name} "
                 "classifies among the training classes; metalab-train sets it to their number, "
                 "or give an integer >= 2"
             )
-        self.backbone = self.build_embedding(config["backbone"], input_shape)
+        self.backbone = self.build_embedding()
         start = initial_head(self.head_kind, classes, self.backbone.out_features, zero_bias=True)
         self.classifier = nn.ParameterDict({name: nn.Parameter(p) for name, p in start.items()})
-        self.finetune = dict(self.algorithm_cfg["finetune"])
+        self.finetune = dict(finetune)
+        self.cosine_scale = cosine_scale
 
     @classmethod
     def settings_from_data(cls, config: dict, datamodule) -> None:
@@ -162,8 +168,7 @@ class Baseline(MetricLearner):
 
     def scale(self, classes: int) -> float:
         """The cosine head's scale for `classes` outputs (unused by the linear head)."""
-        fixed = self.algorithm_cfg.get("cosine_scale")
-        return cosine_scale(classes) if fixed is None else float(fixed)
+        return cosine_scale(classes) if self.cosine_scale is None else float(self.cosine_scale)
 
     def classify(self, features: Tensor, head: Params) -> Tensor:
         classes = head["weight" if self.head_kind == "linear" else "direction"].shape[-2]
@@ -187,7 +192,7 @@ class Baseline(MetricLearner):
         ways = int(support_y.max()) + 1
         cfg = self.finetune
         # A fixed seed: the same random start and example order for every checkpoint and task.
-        generator = torch.Generator().manual_seed(self.config.get("eval_seed") or 0)
+        generator = torch.Generator().manual_seed(self.eval_seed)
         return fit_heads(
             self.head_kind,
             features,

@@ -42,32 +42,55 @@ class MAML(MetaLearner):
     fixed_ways = True
     compilable = True
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        backbone = build_backbone(config["backbone"], input_shape)
-        outputs = config["ways"] if task_type == "classification" else 1
+    def __init__(
+        self,
+        *,
+        inner_lr: float,
+        inner_loss: str,
+        inner_steps: int,
+        eval_inner_steps: int,
+        task_execution: str,
+        first_order: bool,
+        adapt_norm: bool,
+        checkpoint_inner_steps: bool,
+        **common,
+    ):
+        """`inner_lr` α, `inner_steps` (meta-training) and `eval_inner_steps` (meta-test) SGD steps
+        on the support loss reduced as `inner_loss` (mean, sum or sum_over_shots); `first_order`
+        drops the second-order terms; `adapt_norm` false keeps the normalization's scale and
+        shift out of the inner loop; `checkpoint_inner_steps` recomputes each inner step's
+        activations in the backward pass instead of keeping them (memory for time);
+        `task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS).
+        `common`: MetaLearner's arguments."""
+        super().__init__(**common)
+        self.inner_lr, self.inner_loss_kind = inner_lr, inner_loss
+        self.inner_steps, self.eval_inner_steps = inner_steps, eval_inner_steps
+        self.execution, self.first_order = task_execution, first_order
+        self.adapt_norm, self.checkpoint_inner_steps = adapt_norm, checkpoint_inner_steps
+        backbone = build_backbone(self.backbone_cfg, self.input_shape)
+        outputs = self.ways if self.task_type == "classification" else 1
         self.model = nn.Sequential(backbone, nn.Linear(backbone.out_features, outputs))
         self.forward_tasks = batched_forward(self.model, self.task_execution())
         self.inner_loss = batched_loss(self.model, self.task_loss_fn(), **self.inner_loss_reduction())
         self.norm_names = normalization_parameter_names(self.model)
 
     def inner_loss_reduction(self) -> dict:
-        """`algorithm.inner_loss` as keyword arguments of `batched_loss` (ways = 1 for regression)."""
-        ways = self.config["ways"] if self.task_type == "classification" else 1
-        return {"reduction": self.algorithm_cfg["inner_loss"], "ways": ways, "execution": self.task_execution()}
+        """`inner_loss` as keyword arguments of `batched_loss` (ways = 1 for regression)."""
+        ways = self.ways if self.task_type == "classification" else 1
+        return {"reduction": self.inner_loss_kind, "ways": ways, "execution": self.task_execution()}
 
     def task_execution(self) -> str:
-        """`algorithm.task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS)."""
-        return self.algorithm_cfg["task_execution"]
+        """How the tasks' forward passes run (inner_loop.TASK_EXECUTIONS)."""
+        return self.execution
 
     # ------------------------------------------------------------------ hooks
     def training_first_order(self) -> bool:
         """Whether meta-training drops the second-order terms at the current step."""
-        return self.algorithm_cfg["first_order"]
+        return self.first_order
 
     def inner_learning_rate(self) -> float | Mapping[str, Tensor]:
         """α: one scalar for MAML; a tensor per parameter for learners that learn it."""
-        return self.algorithm_cfg["inner_lr"]
+        return self.inner_lr
 
     def inner_adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool, meta_gradient: bool
@@ -75,11 +98,9 @@ class MAML(MetaLearner):
         """θ'_t for every task t (`steps` SGD steps from θ on its support set), and the
         per-task support losses of the last step."""
         params = per_task(dict(self.model.named_parameters()), support_x.shape[0], meta_gradient)
-        # Learners that share this inner loop without these settings (pretrained: no yaml key) keep
-        # every step's graph and adapt the normalization too.
-        checkpointed = meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps", False)
+        checkpointed = meta_gradient and self.checkpoint_inner_steps
         lr, loss = self.inner_learning_rate(), self.inner_loss
-        fixed = {} if self.algorithm_cfg.get("adapt_norm", True) else {n: params.pop(n) for n in self.norm_names}
+        fixed = {} if self.adapt_norm else {n: params.pop(n) for n in self.norm_names}
         if fixed:  # the normalization parameters take part in every forward pass but are not stepped
             lr = {n: lr[n] for n in params} if isinstance(lr, Mapping) else lr
 
@@ -104,7 +125,7 @@ class MAML(MetaLearner):
         adapted, inner_losses = self.inner_adapt(
             batch.support_x,
             batch.support_y,
-            self.algorithm_cfg["inner_steps"],
+            self.inner_steps,
             self.training_first_order(),
             meta_gradient=True,
         )
@@ -116,7 +137,7 @@ class MAML(MetaLearner):
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
         # Evaluation needs no graph through the inner steps, so first order is exact here.
         adapted, _ = self.inner_adapt(
-            support_x, support_y, self.algorithm_cfg["eval_inner_steps"], first_order=True, meta_gradient=False
+            support_x, support_y, self.eval_inner_steps, first_order=True, meta_gradient=False
         )
         return adapted
 

@@ -34,16 +34,21 @@ from metalab.data.episodes import Episode
 class MAMLPlusPlus(MAML):
     compilable = True
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        cfg = config["algorithm"]
-        self.steps = cfg["inner_steps"]
+    def __init__(self, *, step_lr_lr: float | None, msl_steps: int, first_order_steps: int, **settings):
+        """MAML's settings (conf/algorithm/mamlpp.yaml), and: `step_lr_lr`, the outer lr of the
+        learned inner rates (null: the optimizer's); `msl_steps`, the outer steps over which the
+        multi-step loss anneals to the last step's; `first_order_steps`, the outer steps trained
+        first order before second order. The order is annealed (first_order does not apply) and
+        the normalization is per step, never adapted (adapt_norm does not apply)."""
+        super().__init__(first_order=False, adapt_norm=False, **settings)
+        self.step_lr_lr, self.msl_steps, self.first_order_steps = step_lr_lr, msl_steps, first_order_steps
+        self.steps = self.inner_steps
         named = dict(self.model.named_parameters())
         self.adapted_names = [n for n in named if n not in self.norm_names]
         # α_{k,l}: one learning rate per adapted parameter tensor and inner step.
         self.step_lrs = nn.ParameterDict(
             {
-                parameter_key(n): nn.Parameter(torch.full((self.steps,), float(cfg["inner_lr"])))
+                parameter_key(n): nn.Parameter(torch.full((self.steps,), float(self.inner_lr)))
                 for n in self.adapted_names
             }
         )
@@ -66,12 +71,14 @@ class MAMLPlusPlus(MAML):
     def parameter_groups(self) -> list[dict]:
         # The learned inner rates may take their own outer lr (`step_lr_lr`): Adam moves every
         # parameter by about its lr per step, which is large next to a small initial α.
-        step_lr_lr = self.algorithm_cfg.get("step_lr_lr")
-        if step_lr_lr is None:
+        if self.step_lr_lr is None:
             return super().parameter_groups()
         rates = list(self.step_lrs.parameters())
         chosen = {id(p) for p in rates}
-        return [{"params": [p for p in self.parameters() if id(p) not in chosen]}, {"params": rates, "lr": step_lr_lr}]
+        return [
+            {"params": [p for p in self.parameters() if id(p) not in chosen]},
+            {"params": rates, "lr": self.step_lr_lr},
+        ]
 
     # ------------------------------------------------------------------ schedules
     def training_first_order(self) -> bool:
@@ -94,14 +101,14 @@ class MAMLPlusPlus(MAML):
         return super().compiled_meta_loss(batch)
 
     def first_order_at(self, outer_step: int) -> bool:
-        return outer_step < self.algorithm_cfg["first_order_steps"]
+        return outer_step < self.first_order_steps
 
     def step_loss_weights(self, outer_step: int) -> Tensor | None:
         """v_k for k = 1..steps while the multi-step loss is on, None once only the last step counts."""
-        cfg, n = self.algorithm_cfg, self.steps
-        if outer_step >= cfg["msl_steps"]:
+        n = self.steps
+        if outer_step >= self.msl_steps:
             return None
-        decay = 1.0 / n / cfg["msl_steps"] * outer_step
+        decay = 1.0 / n / self.msl_steps * outer_step
         floor = 0.03 / n  # the paper's minimum weight of a non-final step
         weights = torch.full((n,), max(1.0 / n - decay, floor))
         weights[-1] = min(1.0 / n + decay * (n - 1), 1.0 - floor * (n - 1))
@@ -123,7 +130,7 @@ class MAMLPlusPlus(MAML):
         states, inner_losses = [{**weights, **norm_sets[0]}], None
         take_step = (
             checkpointed_sgd_step
-            if meta_gradient and self.algorithm_cfg.get("checkpoint_inner_steps")
+            if meta_gradient and self.checkpoint_inner_steps
             else partial(sgd_step, traceable=self.compiled and meta_gradient)
         )
         for k in range(steps):

@@ -181,38 +181,24 @@ class SequenceLearner(MetaLearner):
     task_types = ("classification",)
     # Trained on shuffled sequences: the application API shuffles a user's support set the same way.
     reads_sequences = True
-    memory = True
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
+    def __init__(self, *, hidden_size: int, memory: tuple | None = None, **common):
+        """`hidden_size`: the LSTM controller's; `memory`: the external memory's (slots, width,
+        read heads, usage decay, key strength, add vector), which MANN sets from its settings;
+        None for the LSTM baseline. `common`: MetaLearner's arguments (`ways`: one output per label)."""
+        super().__init__(**common)
+        self.backbone = build_backbone(self.backbone_cfg, self.input_shape)
+        no_memory = (0, 0, 0, 0.0, False, False)
+        self.controller = Controller(self.backbone.out_features, self.ways, hidden_size, *(memory or no_memory))
+
+    @classmethod
+    def check_run_config(cls, config: dict) -> None:
         episodes = config["dataset"].get("episodes", "few_shot")
-        name = self.algorithm_cfg["name"]
         if episodes != "sequence":
             raise ConfigError(
-                f"algorithm={name} learns from sequences, but dataset.episodes={episodes}; "
-                f"set dataset.episodes=sequence"
+                f"algorithm={config['algorithm'].get('name')} learns from sequences, but "
+                f"dataset.episodes={episodes}; set dataset.episodes=sequence"
             )
-        cfg = self.algorithm_cfg
-        self.ways = config["ways"]
-        self.backbone = build_backbone(config["backbone"], input_shape)
-        if self.memory and not 0 < cfg["read_heads"] <= cfg["memory_slots"]:
-            raise ConfigError(
-                f"algorithm.read_heads={cfg['read_heads']} must be between 1 and algorithm.memory_slots="
-                f"{cfg['memory_slots']}: every head writes to its own least-used slot"
-            )
-        memory = (
-            (
-                cfg["memory_slots"],
-                cfg["memory_width"],
-                cfg["read_heads"],
-                cfg["usage_decay"],
-                cfg["key_strength"],
-                bool(cfg["add_vector"]),
-            )
-            if self.memory
-            else (0, 0, 0, 0.0, False, False)
-        )
-        self.controller = Controller(self.backbone.out_features, self.ways, cfg["hidden_size"], *memory)
 
     def encode(self, x: Tensor) -> Tensor:
         # One episode per vmap slice: a conv4 backbone normalizes with that episode's statistics.
@@ -288,7 +274,7 @@ class SequenceLearner(MetaLearner):
     def _check_labels(self, y: Tensor) -> None:
         if y.numel() and int(y.max()) >= self.ways:
             raise ConfigError(
-                f"a sequence has label {int(y.max())}, but algorithm={self.algorithm_cfg['name']} "
+                f"a sequence has label {int(y.max())}, but algorithm={self.algorithm_name} "
                 f"was built with ways={self.ways} outputs; use sequences of ways={self.ways} classes"
             )
 
@@ -296,11 +282,31 @@ class SequenceLearner(MetaLearner):
 class MANN(SequenceLearner):
     """LSTM controller with an external memory written by LRUA and read by cosine similarity."""
 
-    memory = True
     settings_of_older_checkpoints = {"add_vector": False}  # the setting came in 343c065
+
+    def __init__(
+        self,
+        *,
+        memory_slots: int,
+        memory_width: int,
+        read_heads: int,
+        usage_decay: float,
+        key_strength: bool,
+        add_vector: bool,
+        **settings,
+    ):
+        """The memory's `memory_slots` × `memory_width`, its `read_heads` (each also writes),
+        the usage weights' `usage_decay` γ, whether a learned `key_strength` sharpens the cosine
+        read, and whether writes add a separate `add_vector` (module docstring). `settings`:
+        SequenceLearner's (`hidden_size`)."""
+        if not 0 < read_heads <= memory_slots:
+            raise ConfigError(
+                f"algorithm.read_heads={read_heads} must be between 1 and algorithm.memory_slots="
+                f"{memory_slots}: every head writes to its own least-used slot"
+            )
+        memory = (memory_slots, memory_width, read_heads, usage_decay, key_strength, bool(add_vector))
+        super().__init__(memory=memory, **settings)
 
 
 class LSTMBaseline(SequenceLearner):
-    """The same controller without the memory: the paper's LSTM baseline."""
-
-    memory = False
+    """The same controller without the memory: the paper's LSTM baseline (its only setting: `hidden_size`)."""

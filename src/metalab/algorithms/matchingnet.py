@@ -42,13 +42,16 @@ from metalab.errors import check_positive
 
 
 class MatchingNet(MetricLearner):
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        self.backbone = self.build_embedding(config["backbone"], input_shape)
-        self.fce = bool(self.algorithm_cfg["fce"])
-        self.read_steps = self.algorithm_cfg["read_steps"]
-        self.eps = float(self.algorithm_cfg["cosine_eps"])
-        self.scale = self.algorithm_cfg["cosine_scale"]
+    def __init__(self, *, fce: bool, read_steps: int, cosine_eps: float, cosine_scale: float, **settings):
+        """`fce`: full context embeddings, with `read_steps` (K) steps of the query's attention
+        LSTM; `cosine_eps` keeps the cosine's norms off zero; `cosine_scale` multiplies the
+        cosine similarities before the softmax (1: the paper's). `settings`: MetricLearner's."""
+        super().__init__(**settings)
+        self.backbone = self.build_embedding()
+        self.fce = bool(fce)
+        self.read_steps = read_steps
+        self.eps = float(cosine_eps)
+        self.scale = cosine_scale
         check_positive("algorithm.cosine_scale", self.scale, 1, integer=False, meaning="1 is the paper's attention")
         check_positive("algorithm.read_steps", self.read_steps, 5, meaning="the attention LSTM's K")
         dim = self.backbone.out_features

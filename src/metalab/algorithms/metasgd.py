@@ -17,11 +17,14 @@ from metalab.algorithms.maml import MAML
 
 
 class MetaSGD(MAML):
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        alpha = config["algorithm"]["inner_lr"]
+    def __init__(self, **settings):
+        """MAML's settings (conf/algorithm/metasgd.yaml); `inner_lr` is α's starting value."""
+        super().__init__(**settings)
         self.inner_lrs = nn.ParameterDict(
-            {parameter_key(name): nn.Parameter(torch.full_like(p, alpha)) for name, p in self.model.named_parameters()}
+            {
+                parameter_key(name): nn.Parameter(torch.full_like(p, self.inner_lr))
+                for name, p in self.model.named_parameters()
+            }
         )
 
     def inner_learning_rate(self) -> dict[str, Tensor]:

@@ -36,9 +36,10 @@ class MetricLearner(MetaLearner):
     task_types = ("classification",)
     settings_of_older_checkpoints = {"batch_norm": "transductive"}  # the setting came in 6661a23
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        self.batch_norm = self.algorithm_cfg["batch_norm"]
+    def __init__(self, *, batch_norm: str, **common):
+        """`batch_norm`: running or transductive (the module docstring); `common`: MetaLearner's arguments."""
+        super().__init__(**common)
+        self.batch_norm = batch_norm
         if self.batch_norm not in BATCH_NORM:
             raise ConfigError(
                 f"algorithm.batch_norm={self.batch_norm!r} is unknown; use running (the authors' "
@@ -46,8 +47,10 @@ class MetricLearner(MetaLearner):
             )
         self.running_stats = self.batch_norm == "running"
 
-    def build_embedding(self, backbone_cfg: dict, input_shape: list[int]) -> nn.Module:
-        return build_backbone(backbone_cfg, input_shape, running_stats=self.running_stats)
+    def build_embedding(self, backbone_cfg: dict | None = None) -> nn.Module:
+        """The backbone (default: the one this learner was given) for its input shape, its
+        BatchNorm keeping running statistics or not as `batch_norm` says."""
+        return build_backbone(backbone_cfg or self.backbone_cfg, self.input_shape, running_stats=self.running_stats)
 
     def embed(self, module: nn.Module, x: Tensor) -> Tensor:
         """module applied to [tasks, n, ...] inputs -> [tasks, n, ...] outputs: all tasks as one

@@ -31,9 +31,13 @@ class PretrainedBaseline(MAML):
     fixed_ways = False
     compilable = False
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        self.fit_points = self.algorithm_cfg["fit_points"]
+    def __init__(self, *, fit_points: str, **settings):
+        """MAML's inner-loop settings for the fine-tuning at meta-test (conf/algorithm/pretrained.yaml),
+        and `fit_points`: what the joint training fits (support, or all). It trains without an
+        inner loop, so inner_steps, first_order and checkpoint_inner_steps do not apply; at
+        meta-test the whole network is fine-tuned (adapt_norm)."""
+        super().__init__(inner_steps=0, first_order=True, adapt_norm=True, checkpoint_inner_steps=False, **settings)
+        self.fit_points = fit_points
         if self.fit_points not in FIT_POINTS:
             raise ConfigError(
                 f"algorithm.fit_points={self.fit_points!r} is unknown; use support (the support points "
@@ -49,7 +53,7 @@ class PretrainedBaseline(MAML):
         return self.query_loss(predictions, y), {self.metric: self.episode_metric(predictions, y)}
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        steps = self.algorithm_cfg["eval_inner_steps"]
+        steps = self.eval_inner_steps
         params = per_task(dict(self.model.named_parameters()), batch.support_x.shape[0], meta_gradient=False)
         results = {
             f"{self.metric}_before": self.episode_metric(self.forward_tasks(params, batch.query_x), batch.query_y)

@@ -19,9 +19,10 @@ from metalab.data.episodes import Episode
 
 
 class ProtoNet(MetricLearner):
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        self.backbone = self.build_embedding(config["backbone"], input_shape)
+    def __init__(self, **settings):
+        """MetricLearner's settings (conf/algorithm/protonet.yaml): nothing of its own."""
+        super().__init__(**settings)
+        self.backbone = self.build_embedding()
 
     @staticmethod
     def prototypes(support: Tensor, support_y: Tensor) -> Tensor:

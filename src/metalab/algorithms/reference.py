@@ -88,12 +88,12 @@ def reference_meta_loss(learner, batch: Episode) -> Tensor:
     For Reptile it is the surrogate Σ θ·(θ − mean φ) with the direction from the loop
     (SGD inner loop only).
     """
-    name, cfg = learner.algorithm_cfg["name"], learner.algorithm_cfg
-    model, loss_fn, steps = learner.model, learner.task_loss_fn(), cfg["inner_steps"]
+    name = learner.algorithm_name
+    model, loss_fn, steps = learner.model, learner.task_loss_fn(), learner.inner_steps
     if name == "reptile":
-        if cfg["inner_optimizer"] != "sgd":
+        if learner.inner_optimizer != "sgd":
             raise ValueError("the Reptile reference loop implements the SGD inner loop only")
-        direction = per_task_reptile_direction(model, batch, steps, cfg["inner_lr"], loss_fn)
+        direction = per_task_reptile_direction(model, batch, steps, learner.inner_lr, loss_fn)
         return sum((p * d).sum() for p, d in zip(model.parameters(), direction))
     if name == "mamlpp":
         rates = {n: learner.step_lrs[parameter_key(n)] for n in learner.adapted_names}
@@ -116,5 +116,5 @@ def reference_meta_loss(learner, batch: Episode) -> Tensor:
         return per_task_meta_loss(model, batch, steps, lambda k, n: rates[n], first_order, loss_fn)
     adapted = [f"1.{n}" for n, _ in model[1].named_parameters()] if name == "anil" else None
     return per_task_meta_loss(
-        model, batch, steps, lambda k, n: cfg["inner_lr"], first_order, loss_fn, adapted_names=adapted
+        model, batch, steps, lambda k, n: learner.inner_lr, first_order, loss_fn, adapted_names=adapted
     )

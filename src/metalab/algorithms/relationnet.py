@@ -70,11 +70,15 @@ class RelationModule(nn.Module):
 
 
 class RelationNet(MetricLearner):
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        backbone_cfg = dict(config["backbone"])
-        extra = (self.algorithm_cfg.get("backbone_options") or {}).get(backbone_cfg["name"]) or {}
-        self.backbone = self.build_embedding({**backbone_cfg, **extra}, input_shape)
+    def __init__(self, *, relation_channels: int, relation_hidden: int, backbone_options: dict | None, **settings):
+        """The relation module's `relation_channels` (its convolutions) and `relation_hidden`
+        (its hidden layer); `backbone_options`: {backbone name: settings} that this learner's
+        embedding takes on top of the backbone's config (the paper's conv4 pools twice only).
+        `settings`: MetricLearner's."""
+        super().__init__(**settings)
+        backbone_cfg = self.backbone_cfg
+        extra = (backbone_options or {}).get(backbone_cfg["name"]) or {}
+        self.backbone = self.build_embedding({**backbone_cfg, **extra})
         shape = tuple(getattr(self.backbone, "out_shape", ()))
         if len(shape) != 3 or not hasattr(self.backbone, "feature_map"):
             raise ConfigError(
@@ -84,8 +88,8 @@ class RelationNet(MetricLearner):
         self.backbone.feature_map = True  # return the map unflattened (and, for resnet12, unpooled)
         self.relation = RelationModule(
             (2 * shape[0], shape[1], shape[2]),
-            channels=int(self.algorithm_cfg["relation_channels"]),
-            hidden=int(self.algorithm_cfg["relation_hidden"]),
+            channels=int(relation_channels),
+            hidden=int(relation_hidden),
             running_stats=self.running_stats,
         )
 

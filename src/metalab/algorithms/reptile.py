@@ -87,17 +87,34 @@ class Reptile(MAML):
     compilable = False  # its inner loop cuts the graph with requires_grad_, which torch.func forbids
     settings_of_older_checkpoints = {"inner_adam_state": "per_task"}  # the setting came in de840d5
 
-    def __init__(self, config: dict, input_shape: list[int], task_type: str):
-        super().__init__(config, input_shape, task_type)
-        cfg = self.algorithm_cfg
-        state = cfg["inner_adam_state"]
-        check_choice("algorithm.inner_adam_state", state, ADAM_STATES)
-        for key in ("inner_batch_size", "eval_inner_batch_size"):
-            if cfg.get(key) is not None:
-                check_positive(f"algorithm.{key}", cfg[key], 10, otherwise="null for the whole support set")
-        # Only an Adam inner loop has a state to share; a checkpoint without it loads as before.
+    def __init__(
+        self,
+        *,
+        inner_optimizer: str,
+        adam_beta1: float,
+        adam_beta2: float,
+        inner_adam_state: str,
+        inner_batch_size: int | None,
+        eval_inner_batch_size: int | None,
+        transductive: bool,
+        **settings,
+    ):
+        """MAML's inner-loop settings (conf/algorithm/reptile.yaml), and: `inner_optimizer` (sgd,
+        or adam with betas `adam_beta1`, `adam_beta2`), `inner_adam_state`, `inner_batch_size`,
+        `eval_inner_batch_size` and `transductive` (the module docstring). No gradient flows
+        through the inner loop, so first_order, adapt_norm (the whole network adapts) and
+        checkpoint_inner_steps do not apply."""
+        super().__init__(first_order=True, adapt_norm=True, checkpoint_inner_steps=False, **settings)
+        check_choice("algorithm.inner_adam_state", inner_adam_state, ADAM_STATES)
+        for key, size in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
+            if size is not None:
+                check_positive(f"algorithm.{key}", size, 10, otherwise="null for the whole support set")
+        self.inner_optimizer, self.adam_betas = inner_optimizer, (adam_beta1, adam_beta2)
+        self.inner_batch_size, self.eval_inner_batch_size = inner_batch_size, eval_inner_batch_size
+        self.transductive = transductive
+        # Only an Adam inner loop has a state to share.
         self.shared_adam = (
-            SharedAdamState(self.model) if cfg["inner_optimizer"] == "adam" and state == "shared" else None
+            SharedAdamState(self.model) if inner_optimizer == "adam" and inner_adam_state == "shared" else None
         )
 
     # ------------------------------------------------------------------ inner loop
@@ -113,18 +130,17 @@ class Reptile(MAML):
         """φ_t for every task; `training` draws the inner minibatches of meta-training (and
         carries the shared Adam state on), otherwise those of evaluation."""
         # Reptile never differentiates through the inner loop, in training or evaluation.
-        cfg = self.algorithm_cfg
         tasks, examples = support_x.shape[:2]
-        batch_size = cfg.get("inner_batch_size" if training else "eval_inner_batch_size")
+        batch_size = self.inner_batch_size if training else self.eval_inner_batch_size
         batches = None
         if batch_size is not None and steps > 0:
             # Evaluation draws its minibatches from a fixed seed: the same for every checkpoint.
-            generator = None if training else torch.Generator().manual_seed(self.config.get("eval_seed") or 0)
+            generator = None if training else torch.Generator().manual_seed(self.eval_seed)
             batches = minibatch_indices(tasks, examples, steps, min(batch_size, examples), generator, support_x.device)
         params = per_task(dict(self.model.named_parameters()), tasks, meta_gradient=False)
-        if cfg["inner_optimizer"] != "adam":
+        if self.inner_optimizer != "adam":
             return self.sgd_adapt(params, support_x, support_y, steps, batches)
-        betas, lr = (cfg["adam_beta1"], cfg["adam_beta2"]), cfg["inner_lr"]
+        betas, lr = self.adam_betas, self.inner_lr
         if self.shared_adam is None:
             return adam_adapt(self.inner_loss, params, support_x, support_y, steps, lr, betas, batches=batches)
         if not training:  # every evaluation task starts from the training state and leaves it unchanged
@@ -170,15 +186,13 @@ class Reptile(MAML):
             step_x, step_y = (
                 (x, y) if batches is None else (take_examples(x, batches[:, i]), take_examples(y, batches[:, i]))
             )
-            params, task_losses = sgd_step(
-                self.inner_loss, params, step_x, step_y, self.algorithm_cfg["inner_lr"], first_order=True
-            )
+            params, task_losses = sgd_step(self.inner_loss, params, step_x, step_y, self.inner_lr, first_order=True)
             params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         return params, task_losses
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
         adapted, _ = self.inner_adapt(
-            support_x, support_y, self.algorithm_cfg["eval_inner_steps"], first_order=True, meta_gradient=False
+            support_x, support_y, self.eval_inner_steps, first_order=True, meta_gradient=False
         )
         return adapted
 
@@ -187,7 +201,7 @@ class Reptile(MAML):
         adapted, inner_losses = self.inner_adapt(
             batch.support_x,
             batch.support_y,
-            self.algorithm_cfg["inner_steps"],
+            self.inner_steps,
             first_order=True,
             meta_gradient=False,
             training=True,
@@ -201,7 +215,7 @@ class Reptile(MAML):
         return surrogate, metrics
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        if self.algorithm_cfg["transductive"]:
+        if self.transductive:
             return super().evaluate(batch)
         adapted = self.adapt(batch.support_x, batch.support_y)
         predictions = self.predict_beside_support(adapted, batch.support_x, batch.query_x)
