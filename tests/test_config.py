@@ -215,6 +215,33 @@ def test_each_group_file_names_the_class_it_builds():
     for name in BACKBONES:
         target = group_defaults("backbone", name)["_target_"]
         assert backbone_class(target, name) is BACKBONES[name], name
+    from metalab.data.datamodule import DATASETS as DATASET_CLASSES
+    from metalab.data.datamodule import dataset_class
+
+    for name in DATASETS:
+        target = group_defaults("dataset", name)["_target_"]
+        assert dataset_class(target, name) is DATASET_CLASSES[name] is dataset_class(None, name), name
+    with pytest.raises(ConfigError, match=r"dataset._target_='os.system' is not one of metalab's classes"):
+        dataset_class("os.system", "omniglot")
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_a_datasets_yaml_keys_are_its_constructors_arguments(name):
+    """conf/dataset/<name>.yaml reads as the call it makes, as the learners' do: its settings are
+    the keyword arguments of the class its `_target_` names (beside the keys that are the data
+    module's: `episodes`, and the checkpointing's metric)."""
+    import inspect
+
+    from metalab.config import group_defaults
+    from metalab.data.datamodule import DATASETS as DATASET_CLASSES
+    from metalab.data.datamodule import NOT_THE_DATASETS
+
+    settings = {k for k in group_defaults("dataset", name) if k not in NOT_THE_DATASETS}
+    parameters = inspect.signature(DATASET_CLASSES[name]).parameters
+    assert settings == set(parameters), name
+    required = {key for key, p in parameters.items() if p.default is inspect.Parameter.empty}
+    # Only paths a composed run fills in (`???`, `${paths.data_dir}/...`) may have a default: None, not given.
+    assert all(parameters[key].default is None for key in set(parameters) - required), name
 
 
 def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):

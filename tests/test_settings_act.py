@@ -129,7 +129,7 @@ def test_an_unknown_dataset_key_is_refused_listing_the_accepted_ones():
     with pytest.raises(
         ConfigError,
         match=r"dataset=omniglot has no setting image_sise, so it would be ignored; "
-        r"its settings are name, protocol, .*image_size.*; "
+        r"its settings are name, _target_, protocol, .*image_size.*; "
         r"remove with ~dataset.image_sise",
     ):
         check_train_config(cfg, ALGORITHMS)

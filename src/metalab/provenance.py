@@ -8,8 +8,9 @@ from pathlib import Path
 from metalab import __version__
 
 TEST_EPISODES_FILE = "test_episodes.json"  # beside results.json: the per-episode meta-test values
-# Dataset settings that do not change which episodes are drawn (checks, downloads, the metric's name).
-NOT_EPISODE_SHAPING = ("verify_checksums", "download", "metric", "metric_mode")
+# Dataset settings that do not change which episodes are drawn (the class that reads the data, which
+# `name` names too; checks, downloads, the metric's name).
+NOT_EPISODE_SHAPING = ("_target_", "verify_checksums", "download", "metric", "metric_mode")
 
 
 def machine() -> dict:

@@ -7,20 +7,19 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from metalab.config import with_group_defaults
-from metalab.data.episodes import Episode, episode_generator, sample_meta_batch
-from metalab.data.image_folder import build_image_folder_sources, build_mini_imagenet_sources
-from metalab.data.omniglot import build_omniglot_sources
+from metalab.config import SHARED_DATASET_KEYS, check_group_keys, with_group_defaults
+from metalab.data.episodes import Episode, EpisodeDataset, episode_generator, sample_meta_batch
+from metalab.data.image_folder import ImageFolder, MiniImageNet
+from metalab.data.omniglot import Omniglot
 from metalab.data.sequences import episode_shaper
-from metalab.data.sinusoid import build_sinusoid_sources
-from metalab.errors import ConfigError, DataError, check_choice, check_meta_batch_split
+from metalab.data.sinusoid import Sinusoid
+from metalab.errors import ConfigError, DataError, check_choice, check_meta_batch_split, metalab_class
 
-BUILDERS = {
-    "sinusoid": build_sinusoid_sources,
-    "omniglot": build_omniglot_sources,
-    "image_folder": build_image_folder_sources,
-    "mini_imagenet": build_mini_imagenet_sources,
-}
+# dataset=<name> -> the class conf/dataset/<name>.yaml builds; the names serve configs from before
+# `_target_` (older checkpoints) and the lists in messages.
+DATASETS = {"sinusoid": Sinusoid, "omniglot": Omniglot, "image_folder": ImageFolder, "mini_imagenet": MiniImageNet}
+# Dataset settings that are the data module's or the checkpointing's, not the dataset's own.
+NOT_THE_DATASETS = ("name", "_target_", "episodes", "metric", "metric_mode")
 SPLITS_CHECKED = {
     None: ("train", "val", "test"),
     "fit": ("train", "val", "test"),  # a train run ends with a test
@@ -31,15 +30,35 @@ SPLITS_CHECKED = {
 
 
 def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict:
-    """The episode sources {"train", "val", "test"} of the dataset named by `dataset_cfg["name"]`."""
+    """The episode sources {"train", "val", "test"} of the dataset `dataset_cfg` configures: the
+    class its `_target_` names (or, for a config from before `_target_`, its `name`), built with
+    its settings as keyword arguments."""
     cfg = with_group_defaults("dataset", dataset_cfg)  # conf/dataset/<name>.yaml: the one place of the defaults
-    name = cfg.pop("name", None)
-    check_choice("dataset.name", name, sorted(BUILDERS))
+    name = cfg.get("name")
+    check_choice("dataset.name", name, sorted(DATASETS))
+    check_group_keys("dataset", cfg, SHARED_DATASET_KEYS)  # a clear refusal, not a TypeError
     # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading
-    shape_episodes = episode_shaper(cfg.pop("episodes", "few_shot"), name)
-    sources = BUILDERS[name](cfg, Path(data_dir), Path(cache_dir))
+    shape_episodes = episode_shaper(cfg.get("episodes", "few_shot"), name)
+    dataset = dataset_class(cfg.get("_target_"), name)(
+        **{key: value for key, value in cfg.items() if key not in NOT_THE_DATASETS}
+    )
+    sources = dataset.sources(Path(data_dir), Path(cache_dir))
     check_disjoint_splits(sources, name)
     return shape_episodes(sources)
+
+
+def dataset_class(target, name: str) -> type[EpisodeDataset]:
+    """The class `dataset._target_` names (metalab's own datasets only: a checkpoint's stored config
+    can build nothing else), else the one `name` names."""
+    if target is None:
+        return DATASETS[name]
+    return metalab_class(
+        "dataset._target_",
+        target,
+        "metalab.data",
+        EpisodeDataset,
+        f"choose one with dataset=<name> ({', '.join(DATASETS)})",
+    )
 
 
 def check_disjoint_splits(sources: Mapping, dataset: str) -> None:

@@ -149,3 +149,15 @@ class ImageClassSource:
             query_y=labels.expand(ways, queries).reshape(-1),
         )
         return episode, torch.tensor(classes, dtype=torch.long)
+
+
+class EpisodeDataset:
+    """What a conf/dataset/<name>.yaml builds (the class its `_target_` names): the dataset's
+    settings, the constructor's keyword arguments, checked when it is built, before any file is
+    read; `sources` then gives its episode sources. A new dataset is a subclass in a module of
+    metalab.data and a yaml file naming it."""
+
+    def sources(self, data_dir: Path, cache_dir: Path) -> dict:
+        """{"train", "val", "test"}: each a source that deals the split's episodes (ImageClassSource,
+        SinusoidSource); `data_dir` holds the files, `cache_dir` what is decoded from them."""
+        raise NotImplementedError

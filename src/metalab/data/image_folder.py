@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from itertools import accumulate
 from pathlib import Path
 
-from metalab.data.episodes import ImageClassSource
+from metalab.data.episodes import EpisodeDataset, ImageClassSource
 from metalab.data.image_cache import MODES, load_or_build
 from metalab.errors import ConfigError, DataError, check_positive
 
@@ -23,61 +23,92 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # matched c
 Splits = dict[str, tuple[list[tuple[str, str]], str]]
 
 
-def build_image_folder_sources(
-    cfg: Mapping, data_dir: Path, cache_dir: Path, dataset: str = "image_folder"
-) -> dict[str, ImageClassSource]:
-    image_size, channels = cfg["image_size"], cfg["channels"]
-    check_positive("dataset.image_size", image_size, 84)
-    if channels not in MODES:
-        raise ConfigError(f"dataset.channels={channels!r} is invalid; use 1 (grayscale) or 3 (RGB)")
-    if cfg.get("root") is None:
-        raise ConfigError("dataset.root is not set; point it at a directory of class directories of images")
-    root = Path(cfg["root"]).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"image folder root {root} does not exist; set dataset.root to a directory of class directories of images"
+class ImageFolder(EpisodeDataset):
+    """Any folder of class folders of images (conf/dataset/image_folder.yaml), split as the module
+    docstring says."""
+
+    name = "image_folder"  # in the cache's file names and in messages
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        invert: bool,
+        split_fractions: Mapping[str, float] | None,
+        split_seed: int,
+        # None: not given. The yaml's values (`???`, `${paths.data_dir}/...`) exist only once Hydra
+        # composes a run, so a config written by hand may lack them.
+        root: str | None = None,
+        split_dir: str | None = None,
+    ):
+        """`root`: the folder of class folders; images resized to `image_size` pixels square with
+        `channels` 1 (grayscale) or 3 (RGB), inverted if `invert`; the splits from `split_dir`'s
+        csv files, else `root`'s train/val/test folders, else `split_fractions` of the classes
+        shuffled with `split_seed`."""
+        check_positive("dataset.image_size", image_size, 84)
+        if channels not in MODES:
+            raise ConfigError(f"dataset.channels={channels!r} is invalid; use 1 (grayscale) or 3 (RGB)")
+        self.root, self.image_size, self.channels, self.invert = root, image_size, channels, invert
+        self.split_dir, self.split_fractions, self.split_seed = split_dir, split_fractions, split_seed
+
+    def locations(self, data_dir: Path) -> tuple[Path, Path | None]:
+        """(the images' root, the split csv folder or None)."""
+        if self.root is None:
+            raise ConfigError("dataset.root is not set; point it at a directory of class directories of images")
+        return Path(self.root).expanduser(), Path(self.split_dir).expanduser() if self.split_dir else None
+
+    def sources(self, data_dir: Path, cache_dir: Path) -> dict[str, ImageClassSource]:
+        root, split_dir = self.locations(Path(data_dir))
+        if not root.is_dir():
+            raise DataError(
+                f"image folder root {root} does not exist; "
+                "set dataset.root to a directory of class directories of images"
+            )
+        if split_dir is not None:
+            groups, splits = _splits_from_csv(root, split_dir)
+        elif any((root / split).is_dir() for split in SPLITS):
+            groups, splits = _splits_from_folders(root)
+        else:
+            groups, splits = _splits_from_fractions(root, self.split_fractions, self.split_seed)
+
+        files = [path for paths in groups.values() for path in paths]
+        if not files:
+            raise DataError(f"no images found under {root} (looked for files ending in {sorted(IMAGE_SUFFIXES)})")
+        fingerprint = {"dataset": self.name, "files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+        refs = {key: [(None, str(path)) for path in paths] for key, paths in groups.items()}
+        array_path, index = load_or_build(
+            Path(cache_dir), self.name, fingerprint, refs, self.image_size, self.channels, bool(self.invert)
         )
-
-    if cfg.get("split_dir"):
-        groups, splits = _splits_from_csv(root, Path(cfg["split_dir"]).expanduser())
-    elif any((root / split).is_dir() for split in SPLITS):
-        groups, splits = _splits_from_folders(root)
-    else:
-        groups, splits = _splits_from_fractions(root, cfg["split_fractions"], cfg["split_seed"])
-
-    files = [path for paths in groups.values() for path in paths]
-    if not files:
-        raise DataError(f"no images found under {root} (looked for files ending in {sorted(IMAGE_SUFFIXES)})")
-    fingerprint = {"dataset": dataset, "files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-    refs = {key: [(None, str(path)) for path in paths] for key, paths in groups.items()}
-    array_path, index = load_or_build(
-        Path(cache_dir), dataset, fingerprint, refs, image_size, channels, bool(cfg["invert"])
-    )
-    return {
-        split: ImageClassSource(
-            array_path,
-            [name for name, _ in classes],
-            [index[key][0] for _, key in classes],
-            [index[key][1] for _, key in classes],
-            dataset=dataset,
-            split=split,
-            empty_hint=hint,
-        )
-        for split, (classes, hint) in splits.items()
-    }
+        return {
+            split: ImageClassSource(
+                array_path,
+                [name for name, _ in classes],
+                [index[key][0] for _, key in classes],
+                [index[key][1] for _, key in classes],
+                dataset=self.name,
+                split=split,
+                empty_hint=hint,
+            )
+            for split, (classes, hint) in splits.items()
+        }
 
 
-def build_mini_imagenet_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict[str, ImageClassSource]:
-    """miniImageNet is an image folder with the Ravi & Larochelle split CSVs."""
-    cfg = dict(cfg)
-    cfg["root"] = Path(cfg.get("root") or Path(data_dir) / "mini_imagenet" / "images")
-    cfg["split_dir"] = cfg.get("split_dir") or Path(data_dir) / "mini_imagenet" / "splits" / "ravi"
-    if not cfg["root"].is_dir():
-        raise DataError(
-            f"miniImageNet images not found at {cfg['root']}; put the miniImageNet images there "
-            "(flat, or in class folders) or set dataset.root"
-        )
-    return build_image_folder_sources(cfg, data_dir, cache_dir, dataset="mini_imagenet")
+class MiniImageNet(ImageFolder):
+    """miniImageNet (conf/dataset/mini_imagenet.yaml): an image folder with the Ravi & Larochelle
+    split CSVs, by default under <data_dir>/mini_imagenet/ (`root` and `split_dir` null)."""
+
+    name = "mini_imagenet"
+
+    def locations(self, data_dir: Path) -> tuple[Path, Path | None]:
+        root = Path(self.root or data_dir / "mini_imagenet" / "images").expanduser()
+        split_dir = Path(self.split_dir or data_dir / "mini_imagenet" / "splits" / "ravi").expanduser()
+        if not root.is_dir():
+            raise DataError(
+                f"miniImageNet images not found at {root}; put the miniImageNet images there "
+                "(flat, or in class folders) or set dataset.root"
+            )
+        return root, split_dir
 
 
 def _class_folders(folder: Path) -> list[Path]:

@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from metalab.data.episodes import ImageClassSource
+from metalab.data.episodes import EpisodeDataset, ImageClassSource
 from metalab.data.image_cache import ImageRef, load_or_build, write_json_atomic
 from metalab.errors import ConfigError, DataError, check_positive
 
@@ -32,55 +32,77 @@ OFFICIAL_MD5 = {
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 
 
-def build_omniglot_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict[str, ImageClassSource]:
-    protocol, image_size = cfg["protocol"], cfg["image_size"]
-    if protocol not in ("vinyals", "lake"):
-        raise ConfigError(f"dataset.protocol={protocol!r} is unknown for omniglot; choose 'vinyals' or 'lake'")
-    held_out = cfg["lake_val_alphabets"]
-    if protocol == "lake" and (isinstance(held_out, bool) or not isinstance(held_out, int) or not 1 <= held_out < 30):
-        raise ConfigError(
-            f"dataset.lake_val_alphabets={held_out!r} must be a count of background alphabets from "
-            f"1 to 29 (held out of the 30 for validation); set e.g. dataset.lake_val_alphabets=5"
-        )
-    check_positive("dataset.image_size", image_size, 28)
-    root = Path(data_dir) / "omniglot"
-    archives = _archives(root, cfg["download"])
-    checksums = {}
-    if cfg["verify_checksums"]:
-        checksums = _verified_checksums(archives, root / "SHA256SUMS", Path(cache_dir))
+class Omniglot(EpisodeDataset):
+    """Omniglot from the official archives under <data_dir>/omniglot/ (conf/dataset/omniglot.yaml)."""
 
-    characters = [_characters(path) for path in archives]
-    groups = {key: refs for chars in characters for key, refs in chars.items()}
-    if protocol == "lake":
-        splits = _lake_splits(*(sorted(chars) for chars in characters), cfg["lake_val_alphabets"])
-    else:  # read before decoding, so a bad split file fails fast
-        splits = {
-            split: _vinyals_split(root / "splits" / "vinyals" / f"{split}.txt", groups)
-            for split in ("train", "val", "test")
+    def __init__(
+        self,
+        *,
+        protocol: str,
+        lake_val_alphabets: int,
+        image_size: int,
+        invert: bool,
+        verify_checksums: bool,
+        download: bool,
+    ):
+        """`protocol`: vinyals or lake (the module docstring), `lake_val_alphabets` the background
+        alphabets lake holds out to validate; images `image_size` pixels square, ink bright on
+        dark if `invert`; `verify_checksums` against <data_dir>/omniglot/SHA256SUMS; `download`
+        the archives when they are missing."""
+        if protocol not in ("vinyals", "lake"):
+            raise ConfigError(f"dataset.protocol={protocol!r} is unknown for omniglot; choose 'vinyals' or 'lake'")
+        held_out = lake_val_alphabets
+        if protocol == "lake" and (
+            isinstance(held_out, bool) or not isinstance(held_out, int) or not 1 <= held_out < 30
+        ):
+            raise ConfigError(
+                f"dataset.lake_val_alphabets={held_out!r} must be a count of background alphabets from "
+                f"1 to 29 (held out of the 30 for validation); set e.g. dataset.lake_val_alphabets=5"
+            )
+        check_positive("dataset.image_size", image_size, 28)
+        self.protocol, self.lake_val_alphabets, self.image_size = protocol, lake_val_alphabets, image_size
+        self.invert, self.verify_checksums, self.download = invert, verify_checksums, download
+
+    def sources(self, data_dir: Path, cache_dir: Path) -> dict[str, ImageClassSource]:
+        protocol, image_size = self.protocol, self.image_size
+        root = Path(data_dir) / "omniglot"
+        archives = _archives(root, self.download)
+        checksums = {}
+        if self.verify_checksums:
+            checksums = _verified_checksums(archives, root / "SHA256SUMS", Path(cache_dir))
+
+        characters = [_characters(path) for path in archives]
+        groups = {key: refs for chars in characters for key, refs in chars.items()}
+        if protocol == "lake":
+            splits = _lake_splits(*(sorted(chars) for chars in characters), self.lake_val_alphabets)
+        else:  # read before decoding, so a bad split file fails fast
+            splits = {
+                split: _vinyals_split(root / "splits" / "vinyals" / f"{split}.txt", groups)
+                for split in ("train", "val", "test")
+            }
+
+        fingerprint = {
+            "dataset": "omniglot",
+            "checksums": checksums,
+            "archives": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in archives],
         }
-
-    fingerprint = {
-        "dataset": "omniglot",
-        "checksums": checksums,
-        "archives": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in archives],
-    }
-    array_path, index = load_or_build(
-        Path(cache_dir), "omniglot", fingerprint, groups, image_size, 1, bool(cfg["invert"])
-    )
-
-    sources = {}
-    for split, classes in splits.items():
-        names = [char if protocol == "lake" else f"{char}/rot{90 * k:03d}" for char, k in classes]
-        sources[split] = ImageClassSource(
-            array_path,
-            names,
-            [index[c][0] for c, _ in classes],
-            [index[c][1] for c, _ in classes],
-            [k for _, k in classes],
-            dataset=f"omniglot ({protocol})",
-            split=split,
+        array_path, index = load_or_build(
+            Path(cache_dir), "omniglot", fingerprint, groups, image_size, 1, bool(self.invert)
         )
-    return sources
+
+        sources = {}
+        for split, classes in splits.items():
+            names = [char if protocol == "lake" else f"{char}/rot{90 * k:03d}" for char, k in classes]
+            sources[split] = ImageClassSource(
+                array_path,
+                names,
+                [index[c][0] for c, _ in classes],
+                [index[c][1] for c, _ in classes],
+                [k for _, k in classes],
+                dataset=f"omniglot ({protocol})",
+                split=split,
+            )
+        return sources
 
 
 def _archives(root: Path, download: bool) -> list[Path]:

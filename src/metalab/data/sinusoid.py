@@ -1,11 +1,11 @@
 """Sinusoid regression (the MAML paper's toy task family): y = A sin(x - phase), A, phase, x uniform."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from metalab.data.episodes import Episode, require_positive
+from metalab.data.episodes import Episode, EpisodeDataset, require_positive
 from metalab.errors import ConfigError
 
 
@@ -29,10 +29,16 @@ class SinusoidSource:
         return Episode(x[:shots], y[:shots], x[shots:], y[shots:])
 
 
-def build_sinusoid_sources(cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict[str, SinusoidSource]:
-    """One task family for all splits; their episodes differ only by seed."""
-    source = SinusoidSource(cfg["amplitude"], cfg["phase"], cfg["x_range"])
-    return {"train": source, "val": source, "test": source}
+class Sinusoid(EpisodeDataset):
+    """The MAML paper's sinusoid tasks (conf/dataset/sinusoid.yaml): amplitude, phase and x drawn
+    uniformly from the intervals `amplitude`, `phase` and `x_range`."""
+
+    def __init__(self, *, amplitude: Sequence[float], phase: Sequence[float], x_range: Sequence[float]):
+        self.source = SinusoidSource(amplitude, phase, x_range)  # checks the intervals
+
+    def sources(self, data_dir: Path, cache_dir: Path) -> dict[str, SinusoidSource]:
+        """One task family for all splits; their episodes differ only by seed."""
+        return {"train": self.source, "val": self.source, "test": self.source}
 
 
 def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
