@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from metalab.errors import MetalabError, StorageError
 from metalab.files import write_atomic
 from metalab.paths import CONFIG_DIR
-from metalab.provenance import machine, software
+from metalab.provenance import comparable_identity, machine, software
 from metalab.results import NotPaired, as_dict, overrides_of, paired_difference, per_episode, scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -508,7 +508,7 @@ def pairs(entries: list[dict]) -> list[tuple[dict, str, dict, str]]:
     groups: dict[str, list[tuple[dict, str]]] = {}
     for entry in entries:
         for (measure, steps), metric in comparable_metrics(entry).items():
-            key = json.dumps([entry["per_episode"]["episodes"], measure, steps], sort_keys=True)
+            key = json.dumps([comparable_identity(entry["per_episode"]["episodes"]), measure, steps], sort_keys=True)
             groups.setdefault(key, []).append((entry, metric))
     found = []
     for group in groups.values():

@@ -194,3 +194,29 @@ def test_learning_curve_has_every_validation_point_and_its_ci_band(tmp_path, mon
     assert steps == [s for s, _, _ in val] and values == pytest.approx([v * 100 for _, v, _ in val])
     band_steps, low, high = drawn["band"]
     assert band_steps == steps and high[0] - low[0] == pytest.approx(2 * 2.0)
+
+
+def test_a_transfer_baseline_pairs_with_episodic_learners_but_a_sequence_run_does_not():
+    """dataset.episodes=global_labels changes the training images only: the baselines' test
+    episodes are the few-shot ones every learner meets, so they pair (also as recorded by runs
+    made before the identity left it out); sequences are other episodes."""
+    from metalab.provenance import test_episodes_identity
+    from metalab.results import NotPaired, shared_episodes
+
+    def run(**dataset) -> dict:
+        config = {
+            "dataset": {"name": "omniglot", "image_size": 28, **dataset},
+            "eval_seed": 0,
+            "test_ways": 5,
+            "test_shots": 1,
+            "test_queries": 15,
+        }
+        return {"episodes": test_episodes_identity(config), "episode": [0, 1, 2]}
+
+    protonet, baseline = run(), run(episodes="global_labels")
+    assert shared_episodes(baseline, protonet) == [0, 1, 2]
+    recorded_before = {**baseline, "episodes": {**baseline["episodes"], "dataset": {**run()["episodes"]["dataset"]}}}
+    recorded_before["episodes"]["dataset"]["episodes"] = "global_labels"
+    assert shared_episodes(recorded_before, protonet) == [0, 1, 2]
+    with pytest.raises(NotPaired, match="not tested on the same episodes"):
+        shared_episodes(run(episodes="sequence"), protonet)

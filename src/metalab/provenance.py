@@ -56,12 +56,26 @@ def test_episodes_identity(config: dict) -> dict:
     """What fixes a run's meta-test episodes: episode j is drawn from (eval_seed, "test", j) over
     the test split of this dataset, in this shape. Two runs with equal identities share
     episode j for every j both evaluated, whatever learner or seed trained them."""
-    dataset = {k: v for k, v in config["dataset"].items() if k not in NOT_EPISODE_SHAPING}
-    return {
-        "dataset": dataset,
-        "split": "test",
-        "eval_seed": config["eval_seed"],
-        "test_ways": config["test_ways"],
-        "test_shots": config["test_shots"],
-        "test_queries": config["test_queries"],
-    }
+    return comparable_identity(
+        {
+            "dataset": config["dataset"],
+            "split": "test",
+            "eval_seed": config["eval_seed"],
+            "test_ways": config["test_ways"],
+            "test_shots": config["test_shots"],
+            "test_queries": config["test_queries"],
+        }
+    )
+
+
+def comparable_identity(identity: dict) -> dict:
+    """A test-episode identity (as test_episodes_identity makes it, or as an older run recorded
+    it) without what does not change the test episodes: the NOT_EPISODE_SHAPING settings, and
+    `dataset.episodes=global_labels`, which labels the training images with their global class
+    (the transfer baselines) while the test split deals the same few-shot episodes as the
+    default `few_shot` (data/sequences.py), so both are left out as the default is. Runs are
+    compared by it (results.shared_episodes)."""
+    dataset = {k: v for k, v in identity.get("dataset", {}).items() if k not in NOT_EPISODE_SHAPING}
+    if dataset.get("episodes") in ("few_shot", "global_labels"):
+        del dataset["episodes"]
+    return {**identity, "dataset": dataset}

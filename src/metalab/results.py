@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from metalab.errors import MetalabError
-from metalab.provenance import TEST_EPISODES_FILE
+from metalab.provenance import TEST_EPISODES_FILE, comparable_identity
 
 
 class NotPaired(MetalabError):
@@ -118,11 +118,10 @@ def shared_episodes(a: dict | None, b: dict | None, names: tuple[str, str] = ("f
                 f"{name} has no per-episode values ({TEST_EPISODES_FILE}); it predates them: "
                 f"re-run metalab-eval on its checkpoint to record them"
             )
-    if a["episodes"] != b["episodes"]:
-        differ = sorted(
-            k for k in set(a["episodes"]) | set(b["episodes"]) if a["episodes"].get(k) != b["episodes"].get(k)
-        )
-        detail = ", ".join(f"{k}: {a['episodes'].get(k)!r} vs {b['episodes'].get(k)!r}" for k in differ)
+    first, second = comparable_identity(a["episodes"]), comparable_identity(b["episodes"])
+    if first != second:
+        differ = sorted(k for k in set(first) | set(second) if first.get(k) != second.get(k))
+        detail = ", ".join(f"{k}: {first.get(k)!r} vs {second.get(k)!r}" for k in differ)
         raise NotPaired(f"{names[0]} and {names[1]} were not tested on the same episodes ({detail})")
     common = sorted(set(a["episode"]) & set(b["episode"]))
     if len(common) < 2:
