@@ -150,6 +150,33 @@ def training_run(run_dir: Path) -> tuple[Path, dict, list[str]]:
     return trained_dir, read_json(trained_dir / "results.json"), overrides_of(trained_dir)
 
 
+def resumed_from(trained_dir: Path, overrides: list[str]) -> list[tuple[Path, dict]]:
+    """The training runs `trained_dir` continues, earliest first: a run started with
+    `ckpt_path=<run>/checkpoints/<file>` resumes that run, so the budget it trained on (its steps,
+    its wall time) and its learning curve begin in the earlier run."""
+    chain, checkpoint, seen = [], as_dict(overrides).get("ckpt_path"), {trained_dir.resolve()}
+    while checkpoint not in (None, "null"):
+        earlier = Path(checkpoint).resolve().parents[1]
+        if earlier in seen or not (earlier / "results.json").is_file():
+            raise ReproduceError(
+                f"{trained_dir} resumed from {checkpoint}, whose run ({earlier}) has no results.json "
+                "(or resumes itself); collect a run whose earlier runs are all at hand"
+            )
+        seen.add(earlier)
+        chain.insert(0, (earlier, read_json(earlier / "results.json")))
+        checkpoint = as_dict(overrides_of(earlier)).get("ckpt_path")
+    return chain
+
+
+def chained_series(runs: list[Path], tag: str) -> tuple[list[int], list[float]]:
+    """`tag` against the step over a run and the runs it resumed (the later run's value wins at a step both logged)."""
+    points = {}
+    for run in runs:
+        points.update(zip(*scalar_series(run, tag)))
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
 def record_per_episode(run_dir: Path, results: dict, eval_dir: Path) -> tuple[dict, str]:
     """The run's per-episode test values; for a run made before they were recorded, from a
     metalab-eval of its tested checkpoint on the same fixed episodes (cheap: no training)."""
@@ -297,6 +324,8 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
             "wait for it to finish, or give another directory"
         )
     trained_dir, trained, train_overrides = training_run(run_dir)
+    earlier = resumed_from(trained_dir, train_overrides)
+    train_overrides = [o for o in train_overrides if not o.startswith("ckpt_path=")]  # a path, not a setting
     results = read_json(run_dir / "results.json")
     config = yaml.safe_load((trained_dir / "config.yaml").read_text())
     overrides = train_overrides + [
@@ -329,8 +358,10 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
     batch = setting.get("meta_batch_size")
     provenance_at_run = "machine" in trained
     tag = "val/" + (paper.get("metric") or metric_key).rsplit("/", 1)[-1]  # training validated in its own setting
-    curve_steps, curve_values = scalar_series(trained_dir, tag)
-    ci_steps, ci_values = scalar_series(trained_dir, f"{tag}_ci95")
+    runs = [path for path, _ in earlier] + [trained_dir]
+    curve_steps, curve_values = chained_series(runs, tag)
+    ci_steps, ci_values = chained_series(runs, f"{tag}_ci95")
+    seconds = [r.get("wall_time_sec") for _, r in earlier] + [trained.get("wall_time_sec")]
     ci_at = dict(zip(ci_steps, ci_values))
     return {
         "name": name,
@@ -359,9 +390,10 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
             "steps": steps,
             "meta_batch_size": batch,
             "episodes": steps * batch if steps is not None and batch is not None else None,
-            "wall_time_sec": trained.get("wall_time_sec"),
+            "wall_time_sec": None if None in seconds else sum(seconds),  # over the runs it resumed as well
             "train_tasks_per_sec": trained.get("train_tasks_per_sec"),
             "world_size": trained.get("world_size"),
+            "resumed_from": [path.name for path, _ in earlier],  # the run directories, earliest first
         },
         "paper": paper,
         "curve": {

@@ -227,6 +227,26 @@ def test_collect_reads_a_finished_run_without_training(tmp_path):
     assert not (tmp_path / "logs").exists()  # nothing was run
 
 
+def test_a_resumed_run_counts_the_run_it_resumed_in_its_budget_and_curve(tmp_path):
+    """A run resumed with ckpt_path=<earlier run>/checkpoints/last.ckpt trained from the earlier
+    run's steps on: its entry's wall time and learning curve begin there, and the path is not a
+    setting of the entry."""
+    first = fake_run(tmp_path / "first", ["experiment=maml_omniglot_5w1s"], val=((100, 0.5, 0.05), (200, 0.6, 0.04)))
+    resumed = fake_run(
+        tmp_path / "resumed",
+        ["experiment=maml_omniglot_5w1s", f"ckpt_path={first}/checkpoints/last.ckpt"],
+        per_episode=[0.8, 1.0, 0.8, 0.6, 0.8],
+        val=((300, 0.8, 0.03),),
+    )
+    entry = reproduce.collect(resumed, None, tmp_path / "logs")
+    assert entry["name"] == "maml_omniglot_5w1s" and entry["overrides"] == ["experiment=maml_omniglot_5w1s"]
+    assert entry["budget"]["wall_time_sec"] == 240.0 and entry["budget"]["resumed_from"] == ["first"]
+    assert entry["curve"]["step"] == [100, 200, 300] and entry["curve"]["value"] == [0.5, 0.6, 0.8]
+    (first / "results.json").unlink()
+    with pytest.raises(reproduce.ReproduceError, match="resumed from .*last.ckpt, whose run .* has no results.json"):
+        reproduce.collect(resumed, None, tmp_path / "logs")
+
+
 def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match():
     """ProtoNet's 20-way figure re-tests the 60-way 1-shot model (the paper trains one model per
     shot): --experiment protonet_omniglot_20w1s is accepted for it, another setting is refused."""
