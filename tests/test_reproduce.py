@@ -73,6 +73,8 @@ def repo_copy(tmp_path) -> Path:
     """A README with the generated block's markers, and an empty results/."""
     (tmp_path / "results").mkdir()
     (tmp_path / "README.md").write_text("# x\n\n## Results\n\n" + "\n".join(reproduce.MARKERS) + "\n\n## Next\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "reproduction.md").write_text("# y\n\n" + "\n".join(reproduce.DETAIL_MARKERS) + "\n")
     return tmp_path
 
 
@@ -98,10 +100,13 @@ def test_generated_block_holds_each_figure_budget_machine_and_the_paired_differe
         "1,500 steps × 1 = 1,500 episodes, 12 min | 1,000,000 episodes (at most) | "
         "Test CPU, 2 cores |"
     )
-    paired = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | protonet")]
+    # The paired differences are in docs/reproduction.md's generated block, which the README links.
+    details = (repo_copy / "docs" / "reproduction.md").read_text()
+    assert details.startswith("# y\n\n") and "(docs/reproduction.md#the-reproduced-figures-in-detail)" in readme
+    paired = [line for line in details.splitlines() if line.startswith("| maml_omniglot_5w1s | protonet")]
     assert paired == ["| maml_omniglot_5w1s | protonet_omniglot_5w1s | acc % | -4.00 ± 20.78 | 5 |"]
     # Runs on other episodes (eval_seed=1) are not paired with ProtoNet's.
-    assert not any(line.startswith("| relationnet_omniglot_5w1s | protonet") for line in readme.splitlines())
+    assert not any(line.startswith("| relationnet_omniglot_5w1s | protonet") for line in details.splitlines())
     assert "![Validation learning curves, the paper's figure dashed](docs/results.png)" in readme
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The agreement check: it holds now, and fails once an entry changes without regenerating.
@@ -109,6 +114,11 @@ def test_generated_block_holds_each_figure_budget_machine_and_the_paired_differe
     maml["metrics"]["test/acc"]["mean"] = 0.81
     write_entries(repo_copy / "results", maml)
     assert "differs from what" in reproduce.readme_disagrees(repo_copy / "results", repo_copy / "README.md", plot)
+    reproduce.regenerate(repo_copy / "results", repo_copy / "README.md", plot)
+    edited = details.replace("-4.00 ± 20.78", "-3.00 ± 20.78")  # a paired figure typed by hand
+    (repo_copy / "docs" / "reproduction.md").write_text(edited)
+    stale = reproduce.readme_disagrees(repo_copy / "results", repo_copy / "README.md", plot)
+    assert "reproduction.md's results block differs from what" in stale
 
 
 def test_runs_are_paired_at_the_same_test_time_inner_steps():
