@@ -256,7 +256,8 @@ def test_each_learner_meta_trained_briefly_on_sinusoid_adapts_to_new_tasks(tmp_p
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     from lightning import Callback, Trainer
-    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from metalab.callbacks import ResumableCheckpoint
 
     from metalab.algorithms.maml import MAML
     from metalab.errors import TrainingDiverged
@@ -267,8 +268,9 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
                 module.inner_lr = 1e30
 
     model, datamodule = sinusoid_setup(tmp_path, **{"trainer.max_steps": 40})
-    checkpoints = ModelCheckpoint(
-        dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=10, save_top_k=-1
+    # metalab's checkpoint callback: the learner says what diverged, the callback which file is still good.
+    checkpoints = ResumableCheckpoint(
+        dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=10, save_top_k=-1, monitor=None
     )
     trainer = Trainer(
         logger=False,
@@ -284,7 +286,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
         trainer.fit(model, datamodule=datamodule)
     message = str(stopped.value)
     assert "step 15" in message and "loss is" in message and "algorithm.inner_lr=1e+30" in message, message
-    assert "last.ckpt" in message
+    assert f"The last good checkpoint is {tmp_path / 'checkpoints' / 'last.ckpt'}" in message, message
     # The update with the bad loss was never applied, and the last checkpoint (step 10) loads and is finite.
     assert all(torch.isfinite(p).all() for p in model.parameters())
     restored = MAML.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")

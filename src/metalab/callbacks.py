@@ -78,6 +78,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, TrainingDiverged):  # the learner found it: say which file is still good
+            exception.name_last_good_checkpoint(self.last_good_checkpoint)
         # SIGTERM (a scheduler's notice before it kills the job): Lightning stops at the end of an
         # outer step, a consistent state to resume from, and raises SIGTERMException; save it.
         if (
@@ -100,13 +102,13 @@ class ResumableCheckpoint(ModelCheckpoint):
             (name for name, p in trainer.lightning_module.named_parameters() if not bool(torch.isfinite(p).all())), None
         )
         if bad is not None:
-            kept = self.last_good_checkpoint  # the last file actually written, all finite
-            raise TrainingDiverged(
+            diverged = TrainingDiverged(
                 f"training stopped at step {trainer.global_step}: the parameter {bad} is no longer finite, so "
                 f"{filepath} was not written; lower the learning rates or clip the meta-gradient with "
-                f"algorithm.grad_clip=<norm>. "
-                + (f"The last good checkpoint is {kept}" if kept else "No checkpoint had been written yet")
+                f"algorithm.grad_clip=<norm>"
             )
+            diverged.name_last_good_checkpoint(self.last_good_checkpoint)  # the last file written, all finite
+            raise diverged
         super()._save_checkpoint(trainer, filepath)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

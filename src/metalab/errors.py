@@ -66,7 +66,23 @@ class DataError(MetalabError):
 
 
 class TrainingDiverged(MetalabError):
-    """A loss became NaN or infinite; training stops before the bad update is applied."""
+    """A loss became NaN or infinite; training stops before the bad update is applied.
+
+    The learner that finds it knows the step and the loss; the checkpoint callback knows the last
+    good file, and adds it (`name_last_good_checkpoint`) as the error passes through its
+    `on_exception`, so neither reads the other's state."""
+
+    def __init__(self, message: str, names_checkpoint: bool = False):
+        super().__init__(message)
+        self.names_checkpoint = names_checkpoint
+
+    def name_last_good_checkpoint(self, path: str) -> None:
+        """Complete the message with the last good checkpoint ("" : none was written yet), once."""
+        if self.names_checkpoint:
+            return
+        kept = f"The last good checkpoint is {path}" if path else "No checkpoint had been written yet"
+        self.args = (f"{self.args[0]}. {kept}",)
+        self.names_checkpoint = True
 
 
 class StorageError(MetalabError):

@@ -319,11 +319,7 @@ class MetaLearner(LightningModule):
             rates = [f"algorithm.optimizer.lr={self.optimizer_cfg.get('lr')}"]
             if hasattr(self, "inner_lr"):
                 rates.insert(0, f"algorithm.inner_lr={self.inner_lr}")
-            # The file last written: metalab's callback names it (never one it refused for non-finite
-            # weights); any other ModelCheckpoint, its last.ckpt (here the weights are still finite).
-            saver = self.trainer.checkpoint_callback if self._trainer else None
-            checkpoint = getattr(saver, "last_good_checkpoint", None) or getattr(saver, "last_model_path", "")
-            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
+            # The last good checkpoint is the checkpoint callback's to name (TrainingDiverged).
             finite = all(bool(torch.isfinite(p).all()) for p in self.parameters())
             state = (
                 "The parameters were not updated with it"
@@ -333,7 +329,7 @@ class MetaLearner(LightningModule):
             raise TrainingDiverged(
                 f"training stopped at step {self.global_step}: the {what} is {worst}. Likely cause: a learning "
                 f"rate too large for this task ({', '.join(rates)}); lower it, or clip the meta-gradient with "
-                f"algorithm.grad_clip=<norm>. {state}; {kept}"
+                f"algorithm.grad_clip=<norm>. {state}"
             )
 
     def on_train_batch_start(self, batch: Episode, batch_idx: int) -> None:
