@@ -333,3 +333,26 @@ def test_lightning_load_from_checkpoint_rebuilds_the_learner_without_unpickling(
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(ConfigError, match="holds a ProtoNet, not a MAML"):
         ALGORITHMS["maml"].load_from_checkpoint(path)
+
+
+def test_a_checkpoint_rebuilds_its_learner_without_the_config_directory(tmp_path, monkeypatch):
+    """The run config a checkpoint stores holds every setting its learner was built with, filled in
+    from the yamls when built, so a file loads where no conf/ is at hand (an installed package, a
+    user's own config directory) and predicts as before."""
+    import torch
+
+    from metalab.checkpoint import MARKER, learner_from_checkpoint
+    from metalab.config import with_group_defaults
+
+    run = {"algorithm": {"name": "matchingnet"}, "backbone": {"name": "conv4", "hidden_channels": 8}, "ways": 5}
+    model = ALGORITHMS["matchingnet"].from_config(run, [1, 28, 28], "classification").eval()
+    checkpoint = {MARKER: "0", "hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
+    stored = checkpoint["hyper_parameters"]["config"]["algorithm"]
+    assert stored == with_group_defaults("algorithm", {"name": "matchingnet"}) and stored["read_steps"] == 5
+    monkeypatch.setattr("metalab.config.CONFIG_DIR", str(tmp_path / "no_conf_here"))
+    loaded = learner_from_checkpoint("x.ckpt", checkpoint).eval()
+    support, labels, query = torch.rand(1, 5, 1, 28, 28), torch.arange(5)[None], torch.rand(1, 3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.predict(loaded.adapt(support, labels), query), model.predict(model.adapt(support, labels), query)
+        )
