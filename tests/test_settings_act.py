@@ -179,3 +179,17 @@ def test_a_scheduler_setting_its_class_does_not_take_is_refused():
     ):
         check_algorithm(composed("train", "algorithm=protonet", "+algorithm.scheduler.gama=0.5"), ALGORITHMS)
     check_algorithm(composed("train", "algorithm=protonet", "algorithm.scheduler.gamma=0.5"), ALGORITHMS)
+
+
+def test_a_checkpoint_from_before_target_resumes_and_another_backbone_is_still_refused():
+    """A checkpoint written before conf/backbone named its class (`_target_`) holds the same backbone
+    by `name`: resuming it is not refused for the missing key; another network still is."""
+    from metalab.config import check_resumable
+
+    cfg = composed("train", "dataset=omniglot", "ckpt_path=last.ckpt")
+    older = {**cfg, "backbone": {k: v for k, v in cfg["backbone"].items() if k != "_target_"}}
+    assert "_target_" in cfg["backbone"]
+    check_resumable(cfg, older)
+    wider = {**older, "backbone": {**older["backbone"], "hidden_channels": 32}}
+    with pytest.raises(ConfigError, match="was trained with backbone=.*'hidden_channels': 32"):
+        check_resumable(cfg, wider)
