@@ -177,10 +177,10 @@ class MetaLearner(LightningModule):
                 f"{cls.__name__}.load_from_checkpoint takes checkpoint_path and map_location only "
                 f"(the learner is rebuilt from the run config stored in the file), not {', '.join(unsupported)}"
             )
-        model = learner_from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path, map_location or "cpu"))
+        model = learner_from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path))
         if not isinstance(model, cls):
             raise ConfigError(f"ckpt_path={checkpoint_path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
+        return model if map_location is None else model.to(map_location)
 
     @classmethod
     def check_run_config(cls, config: dict) -> None:

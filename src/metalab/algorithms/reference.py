@@ -88,14 +88,18 @@ def reference_meta_loss(learner, batch: Episode) -> Tensor:
     For Reptile it is the surrogate Σ θ·(θ − mean φ) with the direction from the loop
     (SGD inner loop only).
     """
-    name = learner.algorithm_name
+    from metalab.algorithms.anil import ANIL  # here only: the learners' modules are not needed otherwise
+    from metalab.algorithms.mamlpp import MAMLPlusPlus
+    from metalab.algorithms.metasgd import MetaSGD
+    from metalab.algorithms.reptile import Reptile
+
     model, loss_fn, steps = learner.model, learner.task_loss_fn(), learner.inner_steps
-    if name == "reptile":
+    if isinstance(learner, Reptile):
         if learner.inner_optimizer != "sgd":
             raise ValueError("the Reptile reference loop implements the SGD inner loop only")
         direction = per_task_reptile_direction(model, batch, steps, learner.inner_lr, loss_fn)
         return sum((p * d).sum() for p, d in zip(model.parameters(), direction))
-    if name == "mamlpp":
+    if isinstance(learner, MAMLPlusPlus):
         rates = {n: learner.step_lrs[parameter_key(n)] for n in learner.adapted_names}
         norms = {n: learner.step_norms[parameter_key(n)] for n in learner.norm_names}
         weights = learner.step_loss_weights(learner.global_step)
@@ -111,10 +115,10 @@ def reference_meta_loss(learner, batch: Episode) -> Tensor:
             step_weights=weights,
         )
     first_order = learner.training_first_order()
-    if name == "metasgd":
+    if isinstance(learner, MetaSGD):
         rates = {n: learner.inner_lrs[parameter_key(n)] for n, _ in model.named_parameters()}
         return per_task_meta_loss(model, batch, steps, lambda k, n: rates[n], first_order, loss_fn)
-    adapted = [f"1.{n}" for n, _ in model[1].named_parameters()] if name == "anil" else None
+    adapted = [f"1.{n}" for n, _ in model[1].named_parameters()] if isinstance(learner, ANIL) else None
     return per_task_meta_loss(
         model, batch, steps, lambda k, n: learner.inner_lr, first_order, loss_fn, adapted_names=adapted
     )
