@@ -324,15 +324,20 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
         check_resumable(cfg, read_checkpoint(cfg["ckpt_path"])["hyper_parameters"]["config"])
 
 
+# Backbone settings that do not shape the weights, so a resumed run may differ in them: the class
+# `name` names already (`_target_`, absent from checkpoints written before the groups named their
+# class), and the memory layout (speed only, absent from checkpoints written before it existed).
+NOT_WEIGHT_SHAPING = ("_target_", "memory_format")
+
+
 def check_resumable(cfg: dict, trained: dict) -> None:
     """Resuming needs the same network: the settings that shape the weights must match the checkpoint's."""
-    # A checkpoint written before the groups named their class (`_target_`) names it by `name` alone:
-    # the same backbone, so `_target_` is compared only where both configs have it.
-    both_name_it = "_target_" in (cfg.get("backbone") or {}) and "_target_" in (trained.get("backbone") or {})
 
     def backbone(c: dict):
         section = c.get("backbone")
-        return section if both_name_it or not isinstance(section, dict) else without_target(section)
+        if not isinstance(section, dict):
+            return section
+        return {key: value for key, value in section.items() if key not in NOT_WEIGHT_SHAPING}
 
     shaping = {
         "algorithm": lambda c: c["algorithm"]["name"],
@@ -346,10 +351,6 @@ def check_resumable(cfg: dict, trained: dict) -> None:
                 f"ckpt_path={cfg['ckpt_path']} was trained with {key}={value_of(trained)}, not {value_of(cfg)}; "
                 f"resume with the checkpoint's {key}, or start a new run without ckpt_path"
             )
-
-
-def without_target(section: dict) -> dict:
-    return {key: value for key, value in section.items() if key != "_target_"}
 
 
 def cpp_compiler() -> str | None:
