@@ -472,7 +472,7 @@ def mamlpp_reference_loss(model, batch: Episode, outer_step: int, msl_steps: int
     few_shot_learning_system.py `forward`); set 0 is the module's own here."""
     from torch.func import functional_call
 
-    steps = model.steps
+    steps = model.inner_steps
     weights = paper_msl_weights(steps, outer_step, msl_steps)
     named = dict(model.model.named_parameters())
     norm_names = [n for n in named if n.startswith("0.layers.") and n.split(".")[3] == "1"]  # [conv, BN, ReLU, pool]

@@ -72,9 +72,7 @@ class TrainingDiverged(MetalabError):
     good file, and adds it (`name_last_good_checkpoint`) as the error passes through its
     `on_exception`, so neither reads the other's state."""
 
-    def __init__(self, message: str, names_checkpoint: bool = False):
-        super().__init__(message)
-        self.names_checkpoint = names_checkpoint
+    names_checkpoint = False  # whether the message names the last good checkpoint yet
 
     def name_last_good_checkpoint(self, path: str) -> None:
         """Complete the message with the last good checkpoint ("" : none was written yet), once."""

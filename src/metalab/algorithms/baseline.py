@@ -133,15 +133,14 @@ class Baseline(MetricLearner):
         meta-test (epochs, batch_size, lr, momentum, dampening, weight_decay). `settings`:
         MetricLearner's."""
         super().__init__(**settings)
-        classes = num_classes
-        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(
-                f"algorithm.num_classes={classes!r} is invalid: {self.algorithm_name} "
+                f"algorithm.num_classes={num_classes!r} is invalid: {self.algorithm_name} "
                 "classifies among the training classes; metalab-train sets it to their number, "
                 "or give an integer >= 2"
             )
         self.backbone = self.build_embedding()
-        start = initial_head(self.head_kind, classes, self.backbone.out_features, zero_bias=True)
+        start = initial_head(self.head_kind, num_classes, self.backbone.out_features, zero_bias=True)
         self.classifier = nn.ParameterDict({name: nn.Parameter(p) for name, p in start.items()})
         self.finetune = dict(finetune)
         self.cosine_scale = cosine_scale

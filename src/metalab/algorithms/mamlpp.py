@@ -42,13 +42,12 @@ class MAMLPlusPlus(MAML):
         the normalization is per step, never adapted (adapt_norm does not apply)."""
         super().__init__(first_order=False, adapt_norm=False, **settings)
         self.step_lr_lr, self.msl_steps, self.first_order_steps = step_lr_lr, msl_steps, first_order_steps
-        self.steps = self.inner_steps
         named = dict(self.model.named_parameters())
         self.adapted_names = [n for n in named if n not in self.norm_names]
         # α_{k,l}: one learning rate per adapted parameter tensor and inner step.
         self.step_lrs = nn.ParameterDict(
             {
-                parameter_key(n): nn.Parameter(torch.full((self.steps,), float(self.inner_lr)))
+                parameter_key(n): nn.Parameter(torch.full((self.inner_steps,), float(self.inner_lr)))
                 for n in self.adapted_names
             }
         )
@@ -58,14 +57,14 @@ class MAMLPlusPlus(MAML):
         self.step_norms = nn.ParameterDict(
             {
                 parameter_key(n): nn.Parameter(
-                    named[n].detach().clone().expand(self.steps - 1, *named[n].shape).clone()
+                    named[n].detach().clone().expand(self.inner_steps - 1, *named[n].shape).clone()
                 )
                 for n in self.norm_names
             }
         )
         # algorithm.compile=true: the schedules of the current outer step, set outside the
         # compiled graph (see compiled_meta_loss). Not saved: they follow from global_step.
-        self.register_buffer("msl_weights", torch.zeros(self.steps), persistent=False)
+        self.register_buffer("msl_weights", torch.zeros(self.inner_steps), persistent=False)
         self.compiled_schedule: tuple[bool, Tensor | None] = (False, None)
 
     def parameter_groups(self) -> list[dict]:
@@ -105,7 +104,7 @@ class MAMLPlusPlus(MAML):
 
     def step_loss_weights(self, outer_step: int) -> Tensor | None:
         """v_k for k = 1..steps while the multi-step loss is on, None once only the last step counts."""
-        n = self.steps
+        n = self.inner_steps
         if outer_step >= self.msl_steps:
             return None
         decay = 1.0 / n / self.msl_steps * outer_step
@@ -123,7 +122,7 @@ class MAMLPlusPlus(MAML):
         named = dict(self.model.named_parameters())
         weights = per_task({n: named[n] for n in self.adapted_names}, tasks, meta_gradient)
         norm_sets = [per_task({n: named[n] for n in self.norm_names}, tasks, meta_gradient)]
-        for k in range(self.steps - 1):
+        for k in range(self.inner_steps - 1):
             norm_sets.append(
                 per_task({n: self.step_norms[parameter_key(n)][k] for n in self.norm_names}, tasks, meta_gradient)
             )
@@ -134,7 +133,7 @@ class MAMLPlusPlus(MAML):
             else partial(sgd_step, traceable=self.compiled and meta_gradient)
         )
         for k in range(steps):
-            step = min(k, self.steps - 1)  # evaluation past the trained steps reuses the last step's
+            step = min(k, self.inner_steps - 1)  # evaluation past the trained steps reuses the last step's
             norms = norm_sets[step]
             lr = {n: self.step_lrs[parameter_key(n)][step] for n in self.adapted_names}
 
@@ -157,7 +156,7 @@ class MAMLPlusPlus(MAML):
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         first_order, weights = self.outer_schedule()
         states, inner_losses = self.trajectory(
-            batch.support_x, batch.support_y, self.steps, first_order, meta_gradient=True
+            batch.support_x, batch.support_y, self.inner_steps, first_order, meta_gradient=True
         )
         final = self.predict(states[-1], batch.query_x)
         loss = self.query_loss(final, batch.query_y)
