@@ -39,6 +39,7 @@ def build_datamodule(config: dict) -> EpisodicDataModule:
         data_dir=config["paths"]["data_dir"],
         cache_dir=config["paths"]["cache_dir"],
         num_workers=config.get("num_workers", 0),
+        trainval=config.get("trainval", False),  # absent from configs written before it existed
         **{key: config[key] for key in EPISODE_SETTINGS},  # under the same names
     )
 
@@ -116,6 +117,7 @@ def summary(config: dict) -> dict:
         "backbone": config.get("backbone", {}).get("name"),
         **{key: config.get(key) for key in keys},
         "max_steps": config["trainer"].get("max_steps"),
+        **({"trainval": True} if config.get("trainval") else {}),  # trained on the val classes too
     }
 
 

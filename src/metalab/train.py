@@ -52,6 +52,10 @@ def train(cfg: DictConfig) -> float | None:
     )
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
+    if datamodule.trainval:
+        log.info(
+            "trainval=true: training on the train and val classes together; no validation; the last weights are tested"
+        )
     learner_cls = learner_class(config["algorithm"])
     check_learner_fits_data(config, learner_cls, datamodule.task_type)
     learner_cls.settings_from_data(config, datamodule)  # e.g. a classifier sized to the training classes

@@ -29,10 +29,11 @@ SPLITS_CHECKED = {
 }
 
 
-def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict:
+def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path, trainval: bool = False) -> dict:
     """The episode sources {"train", "val", "test"} of the dataset `dataset_cfg` configures: the
     class its `_target_` names (or, for a config from before `_target_`, its `name`), built with
-    its settings as keyword arguments."""
+    its settings as keyword arguments. With `trainval` the train source deals episodes over the
+    train and val classes together (check_trainval)."""
     cfg = with_group_defaults("dataset", dataset_cfg)  # conf/dataset/<name>.yaml: the one place of the defaults
     name = cfg.get("name")
     check_choice("dataset.name", name, sorted(DATASETS))
@@ -44,7 +45,22 @@ def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path) -> dict
     )
     sources = dataset.sources(Path(data_dir), Path(cache_dir))
     check_disjoint_splits(sources, name)
+    if trainval:
+        check_trainval(sources, name)
+        sources = {**sources, "train": sources["train"].joined(sources["val"], "train+val")}
     return shape_episodes(sources)
+
+
+def check_trainval(sources: Mapping, dataset: str) -> None:
+    """trainval=true trains on the train and val classes together, as Snell et al. trained their
+    final models (jakesnell/prototypical-networks scripts/train/few_shot/train.py:39-42, the
+    `data.trainval` option scripts/train/few_shot/trainval.py:24 sets); it needs a dataset whose
+    splits are classes."""
+    if not all(hasattr(sources.get(split), "joined") for split in ("train", "val")):
+        raise ConfigError(
+            f"trainval=true trains on the train and val classes together, but dataset={dataset} has no "
+            f"class splits (every split draws from one task family); set trainval=false"
+        )
 
 
 def dataset_class(target, name: str) -> type[EpisodeDataset]:
@@ -152,6 +168,7 @@ class EpisodicDataModule(L.LightningDataModule):
         eval_seed: int,
         eval_batch_size: int,
         num_workers: int = 0,
+        trainval: bool = False,
     ):
         super().__init__()
         for name, value, least in (
@@ -163,18 +180,22 @@ class EpisodicDataModule(L.LightningDataModule):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {least}")
+        if not isinstance(trainval, bool):
+            raise ConfigError(f"trainval={trainval!r} is invalid; use true or false")
         self.dataset_cfg = dict(dataset)
         self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
         self.ways, self.shots, self.queries, self.meta_batch_size = ways, shots, queries, meta_batch_size
         self.test_ways, self.test_shots, self.test_queries = test_ways, test_shots, test_queries
         self.val_episodes, self.test_episodes, self.eval_batch_size = val_episodes, test_episodes, eval_batch_size
         self.seed, self.eval_seed, self.num_workers = seed, eval_seed, num_workers
+        # Training on the val classes leaves nothing to validate on: no validation runs.
+        self.trainval = trainval
         self._sources = None
 
     @property
     def sources(self) -> dict:
         if self._sources is None:  # built once, on first use
-            self._sources = build_sources(self.dataset_cfg, self.data_dir, self.cache_dir)
+            self._sources = build_sources(self.dataset_cfg, self.data_dir, self.cache_dir, self.trainval)
         return self._sources
 
     def setup(self, stage: str | None = None) -> None:
@@ -258,4 +279,4 @@ class EpisodicDataModule(L.LightningDataModule):
         return self.test_ways, self.test_shots, self.test_queries  # val episodes are shaped like the test's
 
     def _length(self, split: str) -> int | None:
-        return {"val": self.val_episodes, "test": self.test_episodes}.get(split)
+        return {"val": 0 if self.trainval else self.val_episodes, "test": self.test_episodes}.get(split)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalab.errors import ConfigError, check_positive
+from metalab.errors import ConfigError, DataError, check_positive
 
 
 class Episode(NamedTuple):
@@ -82,6 +82,22 @@ class ImageClassSource:
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}  # pickle the path, not the array
+
+    def joined(self, other: "ImageClassSource", split: str) -> "ImageClassSource":
+        """One source dealing episodes over this split's classes and `other`'s (of the same image
+        array), named `split`: e.g. training on the train and val classes together (trainval=true)."""
+        if other.array_path != self.array_path:
+            raise DataError(f"the '{self.split}' and '{other.split}' splits of {self.dataset} are in different arrays")
+        return ImageClassSource(
+            self.array_path,
+            self.class_names + other.class_names,
+            np.concatenate([self._starts, other._starts]),
+            np.concatenate([self._counts, other._counts]),
+            np.concatenate([self._rotations, other._rotations]),
+            dataset=self.dataset,
+            split=split,
+            empty_hint=self.empty_hint,
+        )
 
     def class_images(self, index: int) -> Tensor:
         """Every image of class `index` as uint8 [n, C, H, W], rotated as episodes show it."""
