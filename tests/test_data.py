@@ -334,6 +334,21 @@ def test_sinusoid_datamodule(tmp_path):
     assert next(iter(dm.val_dataloader())).support_y.shape == (4, 10, 1)
 
 
+def test_trainval_trains_on_train_and_val_classes_and_skips_validation(folder, tmp_path):
+    plain, joined = datamodule(folder_cfg(folder), tmp_path), datamodule(folder_cfg(folder), tmp_path, trainval=True)
+    train, val = plain.sources["train"], plain.sources["val"]
+    assert joined.sources["train"].class_names == train.class_names + val.class_names
+    assert joined.sources["train"].image_rows() == train.image_rows() | val.image_rows()
+    assert joined.sources["val"].class_names == val.class_names  # test and val splits unchanged
+    assert joined.sources["test"].class_names == plain.sources["test"].class_names
+    assert len(joined.val_dataloader()) == 0 and len(plain.val_dataloader()) > 0  # no validation
+    assert len(joined.test_dataloader()) == len(plain.test_dataloader())
+    with pytest.raises(ConfigError, match=r"trainval=true .*dataset=sinusoid has no class splits"):
+        datamodule(SINUSOID, tmp_path, trainval=True)
+    with pytest.raises(ConfigError, match=r"trainval='yes' is invalid"):
+        datamodule(folder_cfg(folder), tmp_path, trainval="yes")
+
+
 # ---------------------------------------------------------------- Omniglot (real data)
 def test_missing_omniglot_archives(tmp_path):
     with pytest.raises(DataError, match=r"images_background\.zip.*images_evaluation\.zip.*METALAB_DATA_DIR"):
@@ -418,6 +433,17 @@ def test_omniglot_vinyals(vinyals):
         images = torch.cat([episode.support_x, episode.query_x]).flatten(1)
         assert len(torch.unique(images, dim=0)) == len(images)  # no drawing twice
         assert episode.support_x.mean() < 0.5  # inverted: bright ink on a dark background
+
+
+@pytest.mark.data
+def test_omniglot_trainval_is_the_authors_trainval_list(omniglot_dir, cache_dir, vinyals):
+    joined = build_sources({"name": "omniglot", "protocol": "vinyals"}, omniglot_dir.parent, cache_dir, trainval=True)
+    listed = (omniglot_dir / "splits" / "vinyals" / "trainval.txt").read_text().split()
+    assert sorted(joined["train"].class_names) == sorted(listed) and len(listed) == 4800
+    # A val class is shown as the val split shows it: the same images at the same rotation.
+    name = vinyals["val"].class_names[5]
+    index = joined["train"].class_names.index(name)
+    assert torch.equal(joined["train"].class_images(index), vinyals["val"].class_images(5))
 
 
 @pytest.mark.data

@@ -61,6 +61,8 @@ def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> T
         # The data module shards the fixed evaluation episodes over DDP processes itself,
         # without the repeated episodes Lightning's distributed sampler pads with.
         use_distributed_sampler=False,
+        # trainval=true trains on the val classes: there is nothing left to validate on.
+        **({"limit_val_batches": 0} if config.get("trainval") else {}),
     )
 
 
