@@ -309,16 +309,16 @@ def test_pretrained_baseline_learns_sinusoids(tmp_path):
 # ---------------------------------------------------------------- the command line, and the checkpoint round trip
 def command(name: str, *overrides: str, data_dir, cache_dir):
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
-    return subprocess.run(
+    from preloaded_cli import run_command
+
+    return run_command(
         [str(Path(sys.executable).parent / name), "trainer.enable_progress_bar=false", *overrides],
-        capture_output=True,
-        text=True,
         env=env,
+        cwd=Path.cwd(),
         timeout=600,
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from preloaded_cli import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -24,7 +25,7 @@ def run(command: str, *overrides: str, env: dict, log_dir: Path, ok: bool = True
     flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m before the overrides
     values = [o for o in overrides if not o.startswith("-")]
     args = [str(BIN / command), *flags, f"paths.log_dir={log_dir}", *QUIET, *values]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    proc = run_command(args, env=env, cwd=REPO)
     if ok:
         assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -254,46 +255,42 @@ def test_multirun_sweep_writes_one_run_dir_per_job(env, tmp_path, omniglot_dir):
 
 
 # ---------------------------------------------------------------- bad input: a message, no traceback
-def slow_case(overrides: list[str], message: str):
-    return pytest.param(overrides, message, marks=pytest.mark.slow)
-
-
-# Every case goes through the same one-line refusal of metalab-train (about 7 s of start-up
-# each); the slow cases have their check unit-tested (test_config.py, test_settings_act.py).
+# Every case goes through the same one-line refusal of metalab-train, each in its own process
+# (preloaded_cli: the imports paid once a session).
 BAD = [
     (["dataset=omniglot", "ways=5000"], "ways=5000"),
-    slow_case(["dataset=omniglot", "shots=15", "queries=10"], "shots"),
+    (["dataset=omniglot", "shots=15", "queries=10"], "shots"),
     (["algorithm=nosuch"], "algorithm=nosuch is unknown (no conf/algorithm/nosuch.yaml); choose one of anil,"),
-    slow_case(["dataset=nosuch"], "dataset=nosuch is unknown"),
+    (["dataset=nosuch"], "dataset=nosuch is unknown"),
     (["tranier.max_steps=5"], "there is no setting tranier.max_steps to override; check its spelling"),
     (["trainer=gpu"], "trainer='gpu' is not a setting"),
     (["algorithm.optimizer.lr=inf"], "algorithm.optimizer.lr=inf is not a finite number"),
-    slow_case(["algorithm.optimizer.lr=nan"], "algorithm.optimizer.lr=nan is not a finite number"),
-    slow_case(["dataset=omniglot", "ways=1"], "ways=1 is too few for classification"),
-    slow_case(["dataset=omniglot", "test_ways=1"], "test_ways=1 is too few for classification"),
-    slow_case(["algorithm.optimizer.lr=-1"], "algorithm.optimizer.lr=-1"),
-    slow_case(["algorithm.inner_lr=0"], "algorithm.inner_lr=0"),
-    slow_case(["shots=0"], "shots=0"),
-    slow_case(["meta_batch_size=-3"], "meta_batch_size=-3"),
+    (["algorithm.optimizer.lr=nan"], "algorithm.optimizer.lr=nan is not a finite number"),
+    (["dataset=omniglot", "ways=1"], "ways=1 is too few for classification"),
+    (["dataset=omniglot", "test_ways=1"], "test_ways=1 is too few for classification"),
+    (["algorithm.optimizer.lr=-1"], "algorithm.optimizer.lr=-1"),
+    (["algorithm.inner_lr=0"], "algorithm.inner_lr=0"),
+    (["shots=0"], "shots=0"),
+    (["meta_batch_size=-3"], "meta_batch_size=-3"),
     (["ckpt_path=/nonexistent/last.ckpt"], "does not exist"),
     (["algorithm=protonet"], "classification"),
     (["dataset=omniglot", "test_ways=20"], "test_ways=20"),
     (["dataset=image_folder"], "dataset.root"),
+    (["trainval=true"], "trainval=true trains on the train and val classes together, but dataset=sinusoid"),
     # Every setting acts or is refused (issue 15), before any training.
     (["algorithm=fomaml", "algorithm.first_order=false"], "fomaml is first order by definition"),
     (["+algorithm.first_ordr=true"], "algorithm=maml has no setting first_ordr, so it would be ignored"),
-    slow_case(["+backbone.input_shape=[1]"], "backbone=mlp has no option input_shape"),
-    slow_case(["dataset.metric_mode=max"], "dataset.metric_mode=max disagrees with the metric"),
-    slow_case(["dataset=omniglot", "+dataset.image_sise=32"], "dataset=omniglot has no setting image_sise"),
+    (["+backbone.input_shape=[1]"], "backbone=mlp has no option input_shape"),
+    (["dataset.metric_mode=max"], "dataset.metric_mode=max disagrees with the metric"),
+    (["dataset=omniglot", "+dataset.image_sise=32"], "dataset=omniglot has no setting image_sise"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["hardware=gpu"], "hardware=gpu"))
+BAD_IDS = [" ".join(overrides) for overrides, _ in BAD]
 
 
 @pytest.mark.data
-@pytest.mark.parametrize(
-    "overrides,message", BAD, ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD]
-)
+@pytest.mark.parametrize("overrides,message", BAD, ids=BAD_IDS)
 def test_bad_config_fails_before_training_with_a_clear_message(overrides, message, env, tmp_path, omniglot_dir):
     proc = run("metalab-train", *overrides, env=env, log_dir=tmp_path, ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -390,7 +387,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(command, e
             f"support={tmp_path / 'support'}",
             f"query={tmp_path / 'query'}",
         ]
-        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        proc = run_command(args, env=env, cwd=REPO, timeout=300)
     else:  # train: resume from it
         proc = run(command, f"ckpt_path={evil}", env=env, log_dir=tmp_path / "logs", ok=False)
     assert proc.returncode == 2 and not marker.exists()

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from lightning import Callback
+from preloaded_cli import run_command
 
 from metalab.algorithms import ALGORITHMS
 from metalab.callbacks import ProgressLines, StepProgressBar, progress_callbacks
@@ -26,15 +27,10 @@ TINY = ["val_episodes=4", "test_episodes=4", "eval_batch_size=2", "meta_batch_si
 
 def train(tmp_path: Path, *overrides: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
     args = [str(BIN / "metalab-train"), f"paths.log_dir={tmp_path / 'logs'}", *TINY, *overrides]
-    return subprocess.run(
-        args,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        env={**os.environ, "METALAB_CACHE_DIR": str(tmp_path / "cache")},
-    )
+    env = {**os.environ, "METALAB_CACHE_DIR": str(tmp_path / "cache")}
+    if stdout == subprocess.PIPE:
+        return run_command(args, env=env, cwd=REPO, timeout=600)
+    return subprocess.run(args, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=600, env=env)
 
 
 def run_dir_of(tmp_path: Path) -> Path:
@@ -143,6 +139,11 @@ def test_a_redirected_run_logs_its_progress_to_the_file_and_its_log(tmp_path):
 
 
 MISSING_EXTRAS = [name for name in ("wandb", "mlflow") if __import__("importlib").util.find_spec(name) is None]
+HABITS = {
+    "trainer=gpu": "to choose the hardware use hardware=<cpu|gpu|ddp|ddp_cpu|slurm>, e.g. hardware=gpu",
+    "trainer=ddp": "e.g. hardware=ddp",
+    "tags=oops": "tags='oops' must be a list of words; set e.g. tags=[baseline,omniglot]",
+}
 
 
 @pytest.mark.parametrize("name", MISSING_EXTRAS)
@@ -156,14 +157,7 @@ def test_a_logger_whose_package_is_missing_is_refused_naming_the_extra(name, tmp
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("trainer=gpu", "to choose the hardware use hardware=<cpu|gpu|ddp|ddp_cpu|slurm>, e.g. hardware=gpu"),
-        pytest.param("trainer=ddp", "e.g. hardware=ddp", marks=pytest.mark.slow),  # the same refusal as trainer=gpu
-        ("tags=oops", "tags='oops' must be a list of words; set e.g. tags=[baseline,omniglot]"),
-    ],
-)
+@pytest.mark.parametrize("override,message", HABITS.items())
 def test_template_habits_that_do_not_apply_are_refused_in_one_line(override, message, tmp_path):
     proc = train(tmp_path, override)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]

@@ -389,29 +389,34 @@ def test_bad_settings_are_refused_naming_the_value(tmp_path):
 def test_sweep_of_the_three_then_eval_with_other_ways_and_shots(tmp_path, data_dir, cache_dir):
     import json
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
     bin_dir = Path(sys.executable).parent
     common = [f"paths.log_dir={tmp_path}", "trainer.enable_progress_bar=false"]
-    subprocess.run(
-        [
-            str(bin_dir / "metalab-train"),
-            "-m",
-            *common,
-            "algorithm=protonet,matchingnet,relationnet",
-            "dataset=omniglot",
-            "meta_batch_size=2",
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=4",
-            "val_episodes=4",
-            "test_episodes=8",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
+    from preloaded_cli import run_command
+
+    def check(proc):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    check(
+        run_command(
+            [
+                str(bin_dir / "metalab-train"),
+                "-m",
+                *common,
+                "algorithm=protonet,matchingnet,relationnet",
+                "dataset=omniglot",
+                "meta_batch_size=2",
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=4",
+                "val_episodes=4",
+                "test_episodes=8",
+            ],
+            env=env,
+            cwd=Path.cwd(),
+        )
     )
     trained = {
         json.loads(p.read_text())["config"]["algorithm"]: json.loads(p.read_text())
@@ -419,19 +424,20 @@ def test_sweep_of_the_three_then_eval_with_other_ways_and_shots(tmp_path, data_d
     }
     assert sorted(trained) == ["matchingnet", "protonet", "relationnet"]
     eval_dir = tmp_path / "eval"
-    subprocess.run(
-        [
-            str(bin_dir / "metalab-eval"),
-            f"paths.log_dir={eval_dir}",
-            "trainer.enable_progress_bar=false",
-            f"ckpt_path={trained['relationnet']['last_checkpoint']}",
-            "test_ways=20",
-            "test_shots=2",
-            "test_episodes=6",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
+    check(
+        run_command(
+            [
+                str(bin_dir / "metalab-eval"),
+                f"paths.log_dir={eval_dir}",
+                "trainer.enable_progress_bar=false",
+                f"ckpt_path={trained['relationnet']['last_checkpoint']}",
+                "test_ways=20",
+                "test_shots=2",
+                "test_episodes=6",
+            ],
+            env=env,
+            cwd=Path.cwd(),
+        )
     )
     (result,) = [json.loads(p.read_text()) for p in eval_dir.rglob("results.json")]
     assert result["config"]["test_ways"] == 20 and 0 <= result["test/acc"] <= 1

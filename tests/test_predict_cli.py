@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from learner_checkpoints import omniglot_folders, trained_checkpoint
+from preloaded_cli import run_command
 
 import metalab
 from metalab.predict import main
@@ -32,7 +34,7 @@ def tree(tmp_path_factory, omniglot_dir):
 def test_cli_writes_the_expected_csv(protonet_ckpt, tree, tmp_path):
     root, support, truth = tree
     output = tmp_path / "out" / "predictions.csv"
-    proc = subprocess.run(
+    proc = run_command(
         [
             str(BIN / "metalab-predict"),
             f"ckpt_path={protonet_ckpt}",
@@ -40,10 +42,9 @@ def test_cli_writes_the_expected_csv(protonet_ckpt, tree, tmp_path):
             f"query={root / 'query'}",
             f"output={output}",
         ],
-        capture_output=True,
-        text=True,
+        env=dict(os.environ),
+        cwd=Path.cwd(),
         timeout=600,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with output.open(newline="") as file:
@@ -175,7 +176,7 @@ def test_any_file_name_is_predicted_and_a_failed_write_keeps_the_old_output(
     shutil.copy(sorted(truth)[0], odd)
     output = tmp_path / "predictions.csv"
     output.write_text("earlier predictions\n")
-    proc = subprocess.run(
+    proc = run_command(
         [
             str(BIN / "metalab-predict"),
             f"ckpt_path={protonet_ckpt}",
@@ -183,9 +184,10 @@ def test_any_file_name_is_predicted_and_a_failed_write_keeps_the_old_output(
             f"query={odd}",
             f"output={output}",
         ],
-        capture_output=True,
+        env=dict(os.environ),
+        cwd=Path.cwd(),
         timeout=600,
-        check=False,
+        text=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     header, row = output.read_bytes().splitlines()
