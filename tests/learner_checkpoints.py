@@ -18,6 +18,15 @@ from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule
 
 EVAL = ["test_shots=1", "test_queries=5", "test_episodes=20", "eval_batch_size=10"]
+# The shortest Omniglot run that trains, validates and tests: for sweeps of several learners.
+TINY_OMNIGLOT = [
+    "dataset=omniglot",
+    "meta_batch_size=2",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "val_episodes=4",
+    "test_episodes=8",
+]
 # Classification learners the application API is tested with: name -> (overrides, outer steps).
 # The metric learners take 30 steps: BatchNorm's running averages (momentum 0.1), used at
 # meta-test, need a few tens of updates to forget their start.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from learner_checkpoints import TINY_OMNIGLOT
 from preloaded_cli import run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,12 +241,7 @@ def test_multirun_sweep_writes_one_run_dir_per_job(env, tmp_path, omniglot_dir):
         "metalab-train",
         "-m",
         "algorithm=maml,protonet",
-        "dataset=omniglot",
-        "meta_batch_size=2",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=4",
-        "val_episodes=4",
-        "test_episodes=8",
+        *TINY_OMNIGLOT,
         env=env,
         log_dir=tmp_path,
     )

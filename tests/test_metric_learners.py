@@ -3,7 +3,7 @@
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from learner_checkpoints import quiet_trainer
+from learner_checkpoints import TINY_OMNIGLOT, quiet_trainer
 
 from metalab.algorithms import ALGORITHMS
 from metalab.backbones import build_backbone
@@ -407,12 +407,7 @@ def test_sweep_of_the_three_then_eval_with_other_ways_and_shots(tmp_path, data_d
                 "-m",
                 *common,
                 "algorithm=protonet,matchingnet,relationnet",
-                "dataset=omniglot",
-                "meta_batch_size=2",
-                "trainer.max_steps=4",
-                "trainer.val_check_interval=4",
-                "val_episodes=4",
-                "test_episodes=8",
+                *TINY_OMNIGLOT,
             ],
             env=env,
             cwd=Path.cwd(),
