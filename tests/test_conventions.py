@@ -164,6 +164,14 @@ def test_template_habits_that_do_not_apply_are_refused_in_one_line(override, mes
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_trainval_runs_no_validation_even_where_the_trainer_limits_it(tmp_path):
+    # debug=limit sets trainer.limit_val_batches=2; trainval=true has nothing to validate on.
+    config = train_config(tmp_path, "debug=limit", "trainval=true")
+    assert config["trainer"]["limit_val_batches"] == 2
+    trainer = build_trainer({**config, "callbacks": {}, "logger": {}}, tmp_path, with_callbacks=False)
+    assert trainer.limit_val_batches == 0
+
+
 # ---------------------------------------------------------------- the progress bar on a terminal
 def test_on_a_terminal_one_bar_counts_the_steps_of_max_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)

@@ -51,8 +51,11 @@ def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> T
     callbacks += progress_callbacks(config["trainer"].get("enable_progress_bar", True))
     if config["trainer"].get("accelerator") in ("gpu", "cuda"):
         use_tf32(bool(config.get("tf32", False)))
+    settings = dict(config["trainer"])
+    if config.get("trainval"):  # it trains on the val classes: there is nothing left to validate on
+        settings["limit_val_batches"] = 0
     return Trainer(
-        **{**config["trainer"], "enable_progress_bar": any(isinstance(c, StepProgressBar) for c in callbacks)},
+        **{**settings, "enable_progress_bar": any(isinstance(c, StepProgressBar) for c in callbacks)},
         default_root_dir=str(run_dir),
         logger=loggers or False,
         callbacks=callbacks,
@@ -61,8 +64,6 @@ def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> T
         # The data module shards the fixed evaluation episodes over DDP processes itself,
         # without the repeated episodes Lightning's distributed sampler pads with.
         use_distributed_sampler=False,
-        # trainval=true trains on the val classes: there is nothing left to validate on.
-        **({"limit_val_batches": 0} if config.get("trainval") else {}),
     )
 
 
