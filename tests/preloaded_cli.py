@@ -46,10 +46,11 @@ for line in sys.stdin:
         try:
             mains[request["command"]]()
             code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-            if not isinstance(stop.code, (int, type(None))):
-                print(stop.code, file=sys.stderr)
+        except SystemExit as stop:  # as the interpreter exits: an int is the status, None 0, else printed and 1
+            code = stop.code or 0
+            if not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
         except BaseException:
             traceback.print_exc()
             code = 1
