@@ -159,17 +159,21 @@ def training_run(run_dir: Path) -> tuple[Path, dict, list[str]]:
 def resumed_from(trained_dir: Path, overrides: list[str]) -> list[tuple[Path, dict]]:
     """The training runs `trained_dir` continues, earliest first: a run started with
     `ckpt_path=<run>/checkpoints/<file>` resumes that run, so the budget it trained on (its steps,
-    its wall time) and its learning curve begin in the earlier run."""
+    its wall time) and its learning curve begin in the earlier run.
+
+    An earlier run stopped before it finished (SIGTERM, a kill) wrote no results.json: its steps
+    and curve still count, but its wall time is unknown, and so is the entry's."""
     chain, checkpoint, seen = [], as_dict(overrides).get("ckpt_path"), {trained_dir.resolve()}
     while checkpoint not in (None, "null"):
         earlier = Path(checkpoint).resolve().parents[1]
-        if earlier in seen or not (earlier / "results.json").is_file():
+        if earlier in seen or not (earlier / ".hydra" / "overrides.yaml").is_file():
             raise ReproduceError(
-                f"{trained_dir} resumed from {checkpoint}, whose run ({earlier}) has no results.json "
+                f"{trained_dir} resumed from {checkpoint}, whose run directory ({earlier}) is not at hand "
                 "(or resumes itself); collect a run whose earlier runs are all at hand"
             )
         seen.add(earlier)
-        chain.insert(0, (earlier, read_json(earlier / "results.json")))
+        record = earlier / "results.json"
+        chain.insert(0, (earlier, read_json(record) if record.is_file() else {}))
         checkpoint = as_dict(overrides_of(earlier)).get("ckpt_path")
     return chain
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,8 +253,13 @@ def test_a_resumed_run_counts_the_run_it_resumed_in_its_budget_and_curve(tmp_pat
     assert entry["name"] == "maml_omniglot_5w1s" and entry["overrides"] == ["experiment=maml_omniglot_5w1s"]
     assert entry["budget"]["wall_time_sec"] == 240.0 and entry["budget"]["resumed_from"] == ["first"]
     assert entry["curve"]["step"] == [100, 200, 300] and entry["curve"]["value"] == [0.5, 0.6, 0.8]
+    # The first run stopped before it finished (SIGTERM): its steps and curve count, its time is unknown.
     (first / "results.json").unlink()
-    with pytest.raises(reproduce.ReproduceError, match="resumed from .*last.ckpt, whose run .* has no results.json"):
+    entry = reproduce.collect(resumed, None, tmp_path / "logs")
+    assert entry["budget"]["wall_time_sec"] is None and entry["budget"]["resumed_from"] == ["first"]
+    assert entry["curve"]["step"] == [100, 200, 300] and "min" not in reproduce.our_budget(entry["budget"])
+    shutil.rmtree(first)
+    with pytest.raises(reproduce.ReproduceError, match="whose run directory .* is not at hand"):
         reproduce.collect(resumed, None, tmp_path / "logs")
 
 
