@@ -166,7 +166,7 @@ def resumed_from(trained_dir: Path, overrides: list[str]) -> list[tuple[Path, di
     chain, checkpoint, seen = [], as_dict(overrides).get("ckpt_path"), {trained_dir.resolve()}
     while checkpoint not in (None, "null"):
         earlier = Path(checkpoint).resolve().parents[1]
-        if earlier in seen or not (earlier / ".hydra" / "overrides.yaml").is_file():
+        if earlier in seen or not earlier.is_dir():
             raise ReproduceError(
                 f"{trained_dir} resumed from {checkpoint}, whose run directory ({earlier}) is not at hand "
                 "(or resumes itself); collect a run whose earlier runs are all at hand"
