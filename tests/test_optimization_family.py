@@ -747,9 +747,9 @@ def test_a_support_pass_differentiated_twice_runs_contiguous_and_the_rest_channe
     model = small_learner("maml", TINY_CONV, [1, 8, 8], first_order=first_order, task_execution="per_task")
     conv4 = next(m for m in model.modules() if isinstance(m, Conv4))
     layouts = []
-    conv4.layers[0][1].register_forward_hook(  # BatchNorm's input: the first convolution's output
+    conv4.layers[1][0].register_forward_hook(  # the second block's convolution, run in the pass's layout
         lambda module, args, out: layouts.append(
-            "channels_last" if args[0].is_contiguous(memory_format=torch.channels_last) else "contiguous"
+            "channels_last" if out.is_contiguous(memory_format=torch.channels_last) else "contiguous"
         )
     )
     batch = random_batch([1, 8, 8])

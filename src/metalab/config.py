@@ -326,8 +326,9 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
 
 # Backbone settings that do not shape the weights, so a resumed run may differ in them: the class
 # `name` names already (`_target_`, absent from checkpoints written before the groups named their
-# class), and the memory layout (speed only, absent from checkpoints written before it existed).
-NOT_WEIGHT_SHAPING = ("_target_", "memory_format")
+# class), the memory layout and the BatchNorm double backward (speed only, absent from
+# checkpoints written before they existed).
+NOT_WEIGHT_SHAPING = ("_target_", "memory_format", "batch_norm_double_backward")
 
 
 def check_resumable(cfg: dict, trained: dict) -> None:

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalab.backbones.batch_norm import (
+    BATCH_NORM_DOUBLE_BACKWARDS,
+    batch_norm_with_batch_statistics,
+    uses_metalab_double_backward,
+)
 from metalab.backbones.layout import MEMORY_FORMATS, chosen_memory_format
 from metalab.errors import check_choice
 
@@ -91,6 +96,8 @@ class Conv4(nn.Module):
     column (84 -> 42 -> 21 -> 11 -> 6), as supervised-reptile's miniImageNet network does.
     `running_stats=True`: BatchNorm keeps running statistics (see conv_block).
     `memory_format`: the images' layout inside the network, for speed only (MEMORY_FORMATS).
+    `batch_norm_double_backward`: whose BatchNorm double backward a second-order inner step's
+    support pass uses, for speed only (backbones/batch_norm.py, BATCH_NORM_DOUBLE_BACKWARDS).
     """
 
     def __init__(
@@ -105,10 +112,13 @@ class Conv4(nn.Module):
         ceil_pool: bool = False,
         running_stats: bool = False,
         memory_format: str = "auto",
+        batch_norm_double_backward: str = "auto",
     ):
         super().__init__()
         check_choice("backbone.memory_format", memory_format, MEMORY_FORMATS)
+        check_choice("backbone.batch_norm_double_backward", batch_norm_double_backward, BATCH_NORM_DOUBLE_BACKWARDS)
         self.memory_format = memory_format
+        self.batch_norm_double_backward = batch_norm_double_backward
         pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
         channels = [input_shape[0]] + [hidden_channels] * blocks
         self.layers = nn.Sequential(
@@ -142,6 +152,9 @@ class Conv4(nn.Module):
             conv, *rest = block
             x = channels_last_convolution(conv, x) if channels_last else conv(x)
             for layer in rest:
-                x = layer(x)
+                if uses_metalab_double_backward(self.batch_norm_double_backward, layer, x):
+                    x = batch_norm_with_batch_statistics(x, layer.weight, layer.bias, layer.eps)
+                else:
+                    x = layer(x)
         features = self.pooled(x)
         return features if self.feature_map else features.flatten(1)

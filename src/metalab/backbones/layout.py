@@ -34,8 +34,13 @@ def second_order_pass() -> Iterator[None]:
         _differentiated_twice.reset(token)
 
 
+def differentiated_twice() -> bool:
+    """Whether the forward passes running now are inside `second_order_pass`."""
+    return _differentiated_twice.get()
+
+
 def chosen_memory_format(memory_format: str, x: torch.Tensor) -> str:
     """The layout a pass over `x` runs in under `memory_format` (one of MEMORY_FORMATS)."""
     if memory_format != "auto":
         return memory_format
-    return "channels_last" if x.device.type == "cpu" and not _differentiated_twice.get() else "contiguous"
+    return "channels_last" if x.device.type == "cpu" and not differentiated_twice() else "contiguous"
