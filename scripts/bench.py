@@ -206,6 +206,25 @@ def plain_layout(model: MAML) -> MAML:
     return plain
 
 
+def with_pytorch_double_backward(model: MAML, order: str, device: torch.device) -> MAML | None:
+    """A copy of the batched side with PyTorch's BatchNorm double backward
+    (backbone.batch_norm_double_backward=pytorch; its support pass then runs contiguous), where
+    metalab's would be used: a conv4 learner differentiating its inner steps on a CPU. ANIL's
+    inner loop adapts only the head, outside the backbone, so it is left out. None elsewhere."""
+    from metalab.backbones.conv4 import Conv4
+
+    convs = [m for m in model.modules() if isinstance(m, Conv4)]
+    if order != "second" or model.algorithm_name == "anil" or device.type != "cpu" or model.compiled:
+        return None
+    if not convs or all(m.batch_norm_double_backward == "pytorch" for m in convs):
+        return None
+    other = copy.deepcopy(model)
+    for module in other.modules():
+        if isinstance(module, Conv4):
+            module.batch_norm_double_backward = "pytorch"
+    return other
+
+
 def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float, precision: str) -> dict:
     model = model.to(device)
     batch = Episode(*(t.to(device) for t in batch))
@@ -233,6 +252,11 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     )
     if same_layout:
         sides["loop_layout"] = outer_step(model, lambda: reference_meta_loss(model, batch), precision, device)
+    pytorch_norm = with_pytorch_double_backward(model, order, device)
+    if pytorch_norm is not None:
+        sides["batched_pytorch_norm"] = outer_step(
+            pytorch_norm, lambda: pytorch_norm.meta_loss(batch)[0], precision, device
+        )
     rates, ratios = interleaved(sides, device, min_seconds)
     tasks = batch.support_x.shape[0]
     flops = step_flops(sides["loop"])  # the same work on every side
@@ -252,6 +276,11 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
     }
     if same_layout:
         row.update(loop_layout_tasks_per_sec=rates["loop_layout"] * tasks, ratio_same_layout=ratios["loop_layout"])
+    if pytorch_norm is not None:
+        row.update(
+            pytorch_norm_tasks_per_sec=rates["batched_pytorch_norm"] * tasks,
+            ratio_pytorch_norm=ratios["batched_pytorch_norm"],
+        )
     return row
 
 
@@ -342,11 +371,16 @@ def print_row(result: dict) -> None:
         if "ratio_same_layout" in result
         else f"{'—':>15}"
     )
+    pytorch_norm = (
+        f" {result['pytorch_norm_tasks_per_sec']:>7.1f} ({result['ratio_pytorch_norm']:.2f}x) |"
+        if "ratio_pytorch_norm" in result
+        else ""
+    )
     print(
         f"| {label:<24} | {result['model']:<32} | {result['precision']:>9} | {result['inner_steps']:>5} | "
         f"{result['order']:<6} | {result['loop_tasks_per_sec']:>10.1f} | {result['batched_tasks_per_sec']:>10.1f} | "
         f"{result['ratio']:>6.2f}x | {same_layout} | {rate_of_matmul(result['loop_gflops'], result)} | "
-        f"{rate_of_matmul(result['batched_gflops'], result)} |",
+        f"{rate_of_matmul(result['batched_gflops'], result)} |{pytorch_norm}",
         flush=True,
     )
 
@@ -429,15 +463,16 @@ def main() -> None:
     )
     print(
         "(loop: the per-task loop of the plain network, contiguous; loop in layout: the same loop in "
-        "metalab's layout, channels-last on a CPU, with batched's ratio to it)"
+        "metalab's layout, channels-last on a CPU, with batched's ratio to it; conv4 second-order rows "
+        "on a CPU then give batched with PyTorch's BatchNorm double backward, and batched's ratio to it)"
     )
     print(
         "| learner                  | model                            | precision | steps | order  | loop tasks/s "
-        "| batched tasks/s | ratio | loop in layout | loop GFLOP/s | batched GFLOP/s |"
+        "| batched tasks/s | ratio | loop in layout | loop GFLOP/s | batched GFLOP/s | PyTorch's BN 2nd backward |"
     )
     print(
         "|--------------------------|----------------------------------|-----------|-------|--------|------------|"
-        "------------|--------|-----------------|--------------|--------------|",
+        "------------|--------|-----------------|--------------|--------------|---------------------------|",
         flush=True,
     )
     modes = ["0", "1", "auto"] + (["ro"] if args.cudagraphs else [])

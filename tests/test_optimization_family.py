@@ -737,14 +737,31 @@ def test_conv4_runs_channels_last_on_a_cpu_with_the_plain_networks_numbers(strid
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
-def test_a_support_pass_differentiated_twice_runs_contiguous_and_the_rest_channels_last(first_order):
-    """backbone.memory_format=auto on a CPU: a second-order inner step's support pass, whose
-    gradient is differentiated again, runs in the contiguous layout (faster for BatchNorm's double
-    backward, backbones/layout.py); a first-order support pass and the query pass run channels-last."""
+@pytest.mark.parametrize(
+    "first_order,double_backward,support_layout",
+    [
+        (False, "auto", "channels_last"),
+        (False, "pytorch", "contiguous"),
+        (True, "auto", "channels_last"),
+        (True, "pytorch", "channels_last"),
+    ],
+    ids=["second-order", "second-order-pytorch-double-backward", "first-order", "first-order-pytorch"],
+)
+def test_only_a_pass_pytorchs_batch_norm_differentiates_twice_runs_contiguous(
+    first_order, double_backward, support_layout
+):
+    """backbone.memory_format=auto on a CPU: every pass runs channels-last, except a second-order
+    inner step's support pass whose BatchNorm double backward is PyTorch's
+    (backbone.batch_norm_double_backward=pytorch), faster contiguous (backbones/layout.py)."""
     from metalab.backbones.conv4 import Conv4
 
-    model = small_learner("maml", TINY_CONV, [1, 8, 8], first_order=first_order, task_execution="per_task")
+    model = small_learner(
+        "maml",
+        {**TINY_CONV, "batch_norm_double_backward": double_backward},
+        [1, 8, 8],
+        first_order=first_order,
+        task_execution="per_task",
+    )
     conv4 = next(m for m in model.modules() if isinstance(m, Conv4))
     layouts = []
     conv4.layers[1][0].register_forward_hook(  # the second block's convolution, run in the pass's layout
@@ -757,7 +774,7 @@ def test_a_support_pass_differentiated_twice_runs_contiguous_and_the_rest_channe
     adapted, _ = model.inner_adapt(batch.support_x, batch.support_y, 1, first_order, meta_gradient=True)
     support_layouts, layouts[:] = list(layouts), []
     model.predict(adapted, batch.query_x)
-    assert support_layouts == ["channels_last" if first_order else "contiguous"] * tasks
+    assert support_layouts == [support_layout] * tasks
     assert layouts == ["channels_last"] * tasks
 
 

@@ -143,8 +143,9 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under vmap (ANIL's body, learners that vmap the backbone) a tensor's layout can be
         # neither queried nor changed: those passes keep the layout they are given.
+        metalab_norm = uses_metalab_double_backward(self.batch_norm_double_backward, self.layers[0][1], x)
         channels_last = (
-            chosen_memory_format(self.memory_format, x) == "channels_last"
+            chosen_memory_format(self.memory_format, x, pytorch_double_backward=not metalab_norm) == "channels_last"
             and x.dim() == 4
             and not torch._C._functorch.is_batchedtensor(x)
         )
@@ -152,7 +153,7 @@ class Conv4(nn.Module):
             conv, *rest = block
             x = channels_last_convolution(conv, x) if channels_last else conv(x)
             for layer in rest:
-                if uses_metalab_double_backward(self.batch_norm_double_backward, layer, x):
+                if metalab_norm and isinstance(layer, nn.BatchNorm2d):
                     x = batch_norm_with_batch_statistics(x, layer.weight, layer.bias, layer.eps)
                 else:
                     x = layer(x)

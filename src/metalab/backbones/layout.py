@@ -3,12 +3,12 @@
 The numbers are the same in every layout; only the speed differs. `auto`, the default, is
 measured per pass on a CPU (docs/speed.md, "Memory layout"):
 
-- channels_last (NHWC) for a pass that is differentiated at most once (every forward and
-  backward of the metric learners, first-order learners, evaluation, and MAML's query
-  pass): BatchNorm and max-pooling run several times faster in it;
-- contiguous (NCHW) for a pass that is differentiated twice (a second-order inner step's
-  support pass): PyTorch's BatchNorm double backward reads and writes both layouts there
-  and runs 1.1-1.35× slower in channels_last than in contiguous;
+- channels_last (NHWC) on a CPU: BatchNorm and max-pooling run several times faster in it;
+- except, contiguous (NCHW) for a pass that is differentiated twice (a second-order inner
+  step's support pass) while its BatchNorm double backward is PyTorch's own
+  (backbone.batch_norm_double_backward=pytorch): that composite reads and writes both layouts
+  and runs 1.1-1.35× slower in channels_last. metalab's (backbones/batch_norm.py, the default
+  on a CPU) runs faster in channels_last, like everything else;
 - contiguous on other devices, where it is not measured.
 """
 
@@ -39,8 +39,11 @@ def differentiated_twice() -> bool:
     return _differentiated_twice.get()
 
 
-def chosen_memory_format(memory_format: str, x: torch.Tensor) -> str:
-    """The layout a pass over `x` runs in under `memory_format` (one of MEMORY_FORMATS)."""
+def chosen_memory_format(memory_format: str, x: torch.Tensor, pytorch_double_backward: bool = True) -> str:
+    """The layout a pass over `x` runs in under `memory_format` (one of MEMORY_FORMATS);
+    `pytorch_double_backward`: whether its BatchNorms, if differentiated twice, use PyTorch's
+    double backward."""
     if memory_format != "auto":
         return memory_format
-    return "channels_last" if x.device.type == "cpu" and not differentiated_twice() else "contiguous"
+    slow_double_backward = differentiated_twice() and pytorch_double_backward
+    return "channels_last" if x.device.type == "cpu" and not slow_double_backward else "contiguous"
