@@ -156,7 +156,14 @@ def interleaved(sides: dict, device: torch.device, min_seconds: float, rounds: i
         for step in sides.values():
             step()
     window = min_seconds / rounds
-    timed = [{name: steps_per_second(step, device, window) for name, step in sides.items()} for _ in range(rounds)]
+    names = list(sides)
+    timed = []
+    for round_index in range(rounds):
+        # Each round starts from the next side, so no side always runs right after the same one
+        # (a step's speed depends on what ran before it: caches, allocator, CPU clocks).
+        start = round_index % len(names)
+        order = names[start:] + names[:start]
+        timed.append({name: steps_per_second(sides[name], device, window) for name in order})
     first = next(iter(sides))
     rates = {name: statistics.median(t[name] for t in timed) for name in sides}
     ratios = {name: statistics.median(t[first] / t[name] for t in timed) for name in sides}
@@ -225,7 +232,9 @@ def with_pytorch_double_backward(model: MAML, order: str, device: torch.device) 
     return other
 
 
-def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float, precision: str) -> dict:
+def compare(
+    name: str, model: MAML, batch: Episode, device: torch.device, min_seconds: float, precision: str, rounds: int
+) -> dict:
     model = model.to(device)
     batch = Episode(*(t.to(device) for t in batch))
     order = "first" if model.algorithm_name in ("fomaml", "reptile") else "second"
@@ -257,7 +266,7 @@ def compare(name: str, model: MAML, batch: Episode, device: torch.device, min_se
         sides["batched_pytorch_norm"] = outer_step(
             pytorch_norm, lambda: pytorch_norm.meta_loss(batch)[0], precision, device
         )
-    rates, ratios = interleaved(sides, device, min_seconds)
+    rates, ratios = interleaved(sides, device, min_seconds, rounds)
     tasks = batch.support_x.shape[0]
     flops = step_flops(sides["loop"])  # the same work on every side
     row = {
@@ -341,7 +350,7 @@ def run_row(row: str, args) -> dict:
             else omniglot_batch(meta_batch=args.meta_batch)
         )
         model = learner(learner_name, backbone, shape, int(steps), 0.4, COMPILE_SETTING[compiled], execution)
-        result = compare(label, model, batch, device, args.seconds, args.precision[0])
+        result = compare(label, model, batch, device, args.seconds, args.precision[0], args.rounds)
         result["compile"] = COMPILE_SETTING[compiled]
         if compiled == "auto":
             result["compile_chosen"] = model.compiled  # what auto chose for a long run
@@ -399,7 +408,10 @@ def describe_failure(returncode: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per side, over 5 alternating rounds")
+    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per side, over all rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternating rounds a row (3 steps a side or more each); medians of them"
+    )
     parser.add_argument("--learners", nargs="*", default=list(FAMILY), choices=FAMILY)
     parser.add_argument(
         "--compile",
@@ -507,6 +519,8 @@ def main() -> None:
                 args.device,
                 "--seconds",
                 str(args.seconds),
+                "--rounds",
+                str(args.rounds),
                 "--meta-batch",
                 str(args.meta_batch),
                 "--precision",
