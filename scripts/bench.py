@@ -164,9 +164,9 @@ def interleaved(sides: dict, device: torch.device, min_seconds: float, rounds: i
         start = round_index % len(names)
         order = names[start:] + names[:start]
         timed.append({name: steps_per_second(sides[name], device, window) for name in order})
-    first = next(iter(sides))
-    rates = {name: statistics.median(t[name] for t in timed) for name in sides}
-    ratios = {name: statistics.median(t[first] / t[name] for t in timed) for name in sides}
+    first = names[0]
+    rates = {name: statistics.median(t[name] for t in timed) for name in names}
+    ratios = {name: statistics.median(t[first] / t[name] for t in timed) for name in names}
     return rates, ratios
 
 
@@ -452,6 +452,8 @@ def main() -> None:
     parser.add_argument("--json", help="append each row as one JSON object per line to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: time one row in this process
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: a row needs at least one timing round; give --rounds 1 or more")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(

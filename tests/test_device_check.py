@@ -119,3 +119,15 @@ def test_training_throughput_leaves_out_each_processs_first_outer_step():
         model.on_train_batch_end(None, batch, 0)
     assert model.train_tasks == 3 * tasks  # every task trained on counts ...
     assert model.timed_tasks == 2 * tasks and model.train_time > 0  # ... but not in the timed rate
+
+
+def test_bench_refuses_fewer_than_one_round_before_timing_anything():
+    child = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--rounds", "0", "--models", "mlp", "--learners", "maml"]
+        + ["--compile", "no", "--steps", "1", "--seconds", "0.05", "--meta-batch", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 2 and "--rounds 0" in child.stderr and "Traceback" not in child.stderr
+    assert child.stdout == ""  # nothing timed, no table started
