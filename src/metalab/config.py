@@ -328,7 +328,7 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
 # `name` names already (`_target_`, absent from checkpoints written before the groups named their
 # class), the memory layout and the BatchNorm double backward (speed only, absent from
 # checkpoints written before they existed).
-NOT_WEIGHT_SHAPING = ("_target_", "memory_format", "batch_norm_double_backward")
+NOT_WEIGHT_SHAPING = ("_target_", "memory_format", "batch_norm_double_backward", "input_convolution")
 
 
 def check_resumable(cfg: dict, trained: dict) -> None:

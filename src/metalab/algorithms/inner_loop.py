@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
+from metalab.backbones.conv4 import handed_input_convolution, input_convolutions_for_tasks
 from metalab.backbones.layout import second_order_pass
 from metalab.errors import check_choice
 
@@ -76,12 +77,14 @@ def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Para
         # unbind/stack: each task's gradient lands in its own slice in one copy, where
         # indexing p[t] would add a full [tasks, ...] tensor per task.
         slices = zip(*(p.unbind(0) for p in params.values()))
-        return torch.stack(
-            [
-                functional_call(model, dict(zip(params, task_params)), (x_t,))
-                for task_params, x_t in zip(slices, x.unbind(0))
-            ]
-        )
+        images = x.unbind(0)
+        # a Conv4's first convolution may run for all tasks at once (backbone.input_convolution)
+        convolved = input_convolutions_for_tasks(model, params, x) or [None] * len(images)
+        outputs = []
+        for task_params, x_t, convolved_t in zip(slices, images, convolved):
+            with handed_input_convolution(x_t, convolved_t):
+                outputs.append(functional_call(model, dict(zip(params, task_params)), (x_t,)))
+        return torch.stack(outputs)
 
     convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 

@@ -1,6 +1,9 @@
 """The four-block convolutional embedding of Vinyals et al. (2016), used by MAML and ProtoNet."""
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +14,20 @@ from metalab.backbones.batch_norm import (
     batch_norm_with_batch_statistics,
     uses_metalab_double_backward,
 )
-from metalab.backbones.layout import MEMORY_FORMATS, chosen_memory_format
+from metalab.backbones.layout import MEMORY_FORMATS, chosen_memory_format, differentiated_twice
 from metalab.errors import check_choice
+
+# backbone.input_convolution: how the per-task loop (algorithms/inner_loop.py) runs the first
+# convolution, the one on the images, when every task has its own weights:
+#   batched:  all tasks at once, the images unfolded into 3×3 patches and one batched matmul
+#             over the tasks;
+#   per_task: one convolution per task, with the rest of the network;
+#   auto:     batched for a pass differentiated twice (a second-order support pass) on a CPU
+#             with a stride-1 first convolution, where it was measured to pay (docs/speed.md,
+#             "The input convolution"); per_task elsewhere, so evaluation and first-order
+#             passes run exactly as before.
+# The numbers are the same to rounding (a matmul sums the 9·C products in another order).
+INPUT_CONVOLUTIONS = ("auto", "batched", "per_task")
 
 
 class SamePaddedConv2d(nn.Conv2d):
@@ -46,6 +61,55 @@ def channels_last_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if isinstance(conv, SamePaddedConv2d):
         x = conv.same_padding(x)
     return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
+
+
+# (images, their first convolution) handed by the per-task loop to Conv4.forward for one task.
+_handed_input_convolution: ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = ContextVar(
+    "handed_input_convolution", default=None
+)
+
+
+@contextmanager
+def handed_input_convolution(images: torch.Tensor, convolved: torch.Tensor | None) -> Iterator[None]:
+    """Inside it, a Conv4 given exactly `images` (the same tensor object) takes `convolved` as
+    its first convolution's output instead of computing it; `None` hands nothing."""
+    token = _handed_input_convolution.set(None if convolved is None else (images, convolved))
+    try:
+        yield
+    finally:
+        _handed_input_convolution.reset(token)
+
+
+def input_convolutions_for_tasks(
+    model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor
+) -> list[torch.Tensor] | None:
+    """Each task's first convolution of a Conv4 that takes `model`'s input (the model itself, or
+    the first module of an nn.Sequential), computed for all tasks at once from per-task `params`
+    ([tasks, ...], named as in `model`) and images `x` ([tasks, n, C, H, W]): a list of [n, C', H,
+    W] outputs in the layout each task's pass runs in; None where the backbone's
+    input_convolution setting keeps that convolution per task (INPUT_CONVOLUTIONS)."""
+    backbone = model[0] if isinstance(model, nn.Sequential) and len(model) else model
+    if not isinstance(backbone, Conv4) or not backbone.batches_input_convolution(x):
+        return None
+    conv = backbone.layers[0][0]
+    name = next(name for name, module in model.named_modules() if module is conv)
+    weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+    tasks, images = x.shape[:2]
+    flat = x.flatten(0, 1)
+    flat = conv.same_padding(flat) if isinstance(conv, SamePaddedConv2d) else flat
+    height, width = (
+        (size + 2 * pad - (kernel - 1) - 1) // stride + 1
+        for size, pad, kernel, stride in zip(flat.shape[-2:], conv.padding, conv.kernel_size, conv.stride)
+    )
+    # [tasks·n, C·3·3, H'·W'] -> [tasks, n·H'·W', C·3·3]: each output pixel's patch as a row
+    patches = F.unfold(flat, conv.kernel_size, padding=conv.padding, stride=conv.stride)
+    patches = patches.view(tasks, images, patches.shape[1], -1).transpose(2, 3).flatten(1, 2)
+    kernels = weight.flatten(2).transpose(1, 2)  # [tasks, C·3·3, C'], unfold's (c, i, j) order
+    out = torch.bmm(patches, kernels) if bias is None else torch.baddbmm(bias.unsqueeze(1), patches, kernels)
+    # [tasks, n·H'·W', C'] holds each task's [n, C', H', W'] in the channels-last layout
+    per_task_out = out.view(tasks, images, height, width, -1).permute(0, 1, 4, 2, 3).unbind(0)
+    layout = backbone.memory_layout(x[0])
+    return [o.contiguous(memory_format=layout) for o in per_task_out]
 
 
 def conv_block(
@@ -98,6 +162,8 @@ class Conv4(nn.Module):
     `memory_format`: the images' layout inside the network, for speed only (MEMORY_FORMATS).
     `batch_norm_double_backward`: whose BatchNorm double backward a second-order inner step's
     support pass uses, for speed only (backbones/batch_norm.py, BATCH_NORM_DOUBLE_BACKWARDS).
+    `input_convolution`: whether the per-task loop runs the first convolution for all tasks at
+    once, for speed only (INPUT_CONVOLUTIONS).
     """
 
     def __init__(
@@ -113,12 +179,15 @@ class Conv4(nn.Module):
         running_stats: bool = False,
         memory_format: str = "auto",
         batch_norm_double_backward: str = "auto",
+        input_convolution: str = "auto",
     ):
         super().__init__()
         check_choice("backbone.memory_format", memory_format, MEMORY_FORMATS)
         check_choice("backbone.batch_norm_double_backward", batch_norm_double_backward, BATCH_NORM_DOUBLE_BACKWARDS)
         self.memory_format = memory_format
         self.batch_norm_double_backward = batch_norm_double_backward
+        check_choice("backbone.input_convolution", input_convolution, INPUT_CONVOLUTIONS)
+        self.input_convolution = input_convolution
         pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
         channels = [input_shape[0]] + [hidden_channels] * blocks
         self.layers = nn.Sequential(
@@ -140,18 +209,47 @@ class Conv4(nn.Module):
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean((-2, -1)) if self.global_average else features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under vmap (ANIL's body, learners that vmap the backbone) a tensor's layout can be
-        # neither queried nor changed: those passes keep the layout they are given.
-        metalab_norm = uses_metalab_double_backward(self.batch_norm_double_backward, self.layers[0][1], x)
-        channels_last = (
-            chosen_memory_format(self.memory_format, x, pytorch_double_backward=not metalab_norm) == "channels_last"
+    def uses_metalab_norm(self, x: torch.Tensor) -> bool:
+        return uses_metalab_double_backward(self.batch_norm_double_backward, self.layers[0][1], x)
+
+    def channels_last(self, x: torch.Tensor) -> bool:
+        """Whether a pass over `x` runs in the channels-last layout. Under vmap (ANIL's body,
+        learners that vmap the backbone) a tensor's layout can be neither queried nor changed:
+        those passes keep the layout they are given."""
+        pytorch_norm = not self.uses_metalab_norm(x)
+        return (
+            chosen_memory_format(self.memory_format, x, pytorch_double_backward=pytorch_norm) == "channels_last"
             and x.dim() == 4
             and not torch._C._functorch.is_batchedtensor(x)
         )
-        for block in self.layers:
+
+    def memory_layout(self, x: torch.Tensor) -> torch.memory_format:
+        return torch.channels_last if self.channels_last(x) else torch.contiguous_format
+
+    def batches_input_convolution(self, x: torch.Tensor) -> bool:
+        """Whether the per-task loop runs the first convolution for all tasks at once on the
+        per-task images `x` ([tasks, n, C, H, W]) under `input_convolution`."""
+        conv = self.layers[0][0]  # unfold below takes zero padding, no dilation, no groups
+        plain = conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and conv.groups == 1
+        plain = plain and conv.dilation == (1, 1)
+        if self.input_convolution == "per_task" or not plain or x.dim() != 5:
+            return False
+        if self.input_convolution == "batched":
+            return True
+        # auto: measured faster for the stride-1 network only; Finn et al.'s stride-2 one ran
+        # 0.96-0.97x with it (docs/speed.md), its per-task convolution being a quarter the work
+        return x.device.type == "cpu" and differentiated_twice() and conv.stride == (1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        metalab_norm = self.uses_metalab_norm(x)
+        channels_last = self.channels_last(x)
+        handed = _handed_input_convolution.get()
+        for i, block in enumerate(self.layers):
             conv, *rest = block
-            x = channels_last_convolution(conv, x) if channels_last else conv(x)
+            if i == 0 and handed is not None and handed[0] is x:
+                x = handed[1]  # computed for all tasks at once (input_convolutions_for_tasks)
+            else:
+                x = channels_last_convolution(conv, x) if channels_last else conv(x)
             for layer in rest:
                 if metalab_norm and isinstance(layer, nn.BatchNorm2d):
                     x = batch_norm_with_batch_statistics(x, layer.weight, layer.bias, layer.eps)
