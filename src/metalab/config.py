@@ -326,8 +326,8 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
 
 # Backbone settings that do not shape the weights, so a resumed run may differ in them: the class
 # `name` names already (`_target_`, absent from checkpoints written before the groups named their
-# class), the memory layout and the BatchNorm double backward (speed only, absent from
-# checkpoints written before they existed).
+# class), the memory layout, the BatchNorm double backward and the input convolution (speed
+# only, absent from checkpoints written before they existed).
 NOT_WEIGHT_SHAPING = ("_target_", "memory_format", "batch_norm_double_backward", "input_convolution")
 
 

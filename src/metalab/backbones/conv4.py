@@ -92,7 +92,8 @@ def input_convolutions_for_tasks(
     if not isinstance(backbone, Conv4) or not backbone.batches_input_convolution(x):
         return None
     conv = backbone.layers[0][0]
-    name = next(name for name, module in model.named_modules() if module is conv)
+    prefix = "" if backbone is model else f"{next(model.named_children())[0]}."  # "0." in nn.Sequential
+    name = f"{prefix}layers.0.0"
     weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
     tasks, images = x.shape[:2]
     flat = x.flatten(0, 1)
@@ -108,7 +109,8 @@ def input_convolutions_for_tasks(
     out = torch.bmm(patches, kernels) if bias is None else torch.baddbmm(bias.unsqueeze(1), patches, kernels)
     # [tasks, n·H'·W', C'] holds each task's [n, C', H', W'] in the channels-last layout
     per_task_out = out.view(tasks, images, height, width, -1).permute(0, 1, 4, 2, 3).unbind(0)
-    layout = backbone.memory_layout(x[0])
+    channels_last = backbone.runs_channels_last(x[0], backbone.uses_metalab_norm(x[0]))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     return [o.contiguous(memory_format=layout) for o in per_task_out]
 
 
@@ -212,19 +214,16 @@ class Conv4(nn.Module):
     def uses_metalab_norm(self, x: torch.Tensor) -> bool:
         return uses_metalab_double_backward(self.batch_norm_double_backward, self.layers[0][1], x)
 
-    def channels_last(self, x: torch.Tensor) -> bool:
-        """Whether a pass over `x` runs in the channels-last layout. Under vmap (ANIL's body,
-        learners that vmap the backbone) a tensor's layout can be neither queried nor changed:
-        those passes keep the layout they are given."""
-        pytorch_norm = not self.uses_metalab_norm(x)
+    def runs_channels_last(self, x: torch.Tensor, metalab_norm: bool) -> bool:
+        """Whether a pass over `x` runs in the channels-last layout, given whether its BatchNorms
+        use metalab's double backward (`uses_metalab_norm`). Under vmap (ANIL's body, learners
+        that vmap the backbone) a tensor's layout can be neither queried nor changed: those
+        passes keep the layout they are given."""
         return (
-            chosen_memory_format(self.memory_format, x, pytorch_double_backward=pytorch_norm) == "channels_last"
+            chosen_memory_format(self.memory_format, x, pytorch_double_backward=not metalab_norm) == "channels_last"
             and x.dim() == 4
             and not torch._C._functorch.is_batchedtensor(x)
         )
-
-    def memory_layout(self, x: torch.Tensor) -> torch.memory_format:
-        return torch.channels_last if self.channels_last(x) else torch.contiguous_format
 
     def batches_input_convolution(self, x: torch.Tensor) -> bool:
         """Whether the per-task loop runs the first convolution for all tasks at once on the
@@ -242,7 +241,7 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         metalab_norm = self.uses_metalab_norm(x)
-        channels_last = self.channels_last(x)
+        channels_last = self.runs_channels_last(x, metalab_norm)
         handed = _handed_input_convolution.get()
         for i, block in enumerate(self.layers):
             conv, *rest = block
