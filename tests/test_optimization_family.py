@@ -783,3 +783,28 @@ def test_unknown_task_execution_and_memory_format_are_refused():
         small_learner("maml", MLP, [5], task_execution="loop")
     with pytest.raises(ConfigError, match="backbone.memory_format='nhwc'"):
         small_learner("maml", {**TINY_CONV, "memory_format": "nhwc"}, [1, 8, 8])
+
+
+@pytest.mark.parametrize(
+    "backbone, images, per_task_run",
+    [
+        ({}, 5, True),  # stride 1 on 28×28: 5 × 784 = 3,920 output positions a task
+        ({}, 3, False),  # 2,352
+        ({"pooled_blocks": 0, "stride": 2, "global_average": True}, 5, False),  # Finn's network: 980
+        ({"pooled_blocks": 0, "stride": 2, "global_average": True}, 20, True),  # 3,920
+    ],
+)
+def test_auto_runs_each_task_alone_only_where_its_first_convolution_is_large(backbone, images, per_task_run):
+    """algorithm.task_execution=auto on a CPU: per task from PER_TASK_MIN_POSITIONS output positions
+    of the first convolution, vmapped below it (measured faster there, docs/speed.md)."""
+    from torch._C._functorch import is_batchedtensor
+
+    from metalab.algorithms.inner_loop import PER_TASK_MIN_POSITIONS
+
+    assert PER_TASK_MIN_POSITIONS == 3000
+    model = small_learner("maml", {**TINY_CONV, **backbone}, [1, 28, 28])
+    batched_inputs = []
+    model.model.register_forward_pre_hook(lambda module, args: batched_inputs.append(is_batchedtensor(args[0])))
+    x = torch.rand(2, images, 1, 28, 28, dtype=torch.float64)
+    model.inner_adapt(x, torch.zeros(2, images, dtype=torch.long), 1, first_order=True, meta_gradient=False)
+    assert batched_inputs == ([False, False] if per_task_run else [True])

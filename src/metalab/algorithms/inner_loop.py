@@ -59,12 +59,28 @@ def per_task(params: Mapping[str, Tensor], tasks: int, meta_gradient: bool = Tru
 #   per_task: the model once per task on its own slice of the per-task parameters, plain
 #             kernels on cache-sized tensors; everything around the forward passes (losses,
 #             inner gradients, parameter updates) stays batched over the tasks;
-#   auto:     per_task for a convolutional model on a CPU, whose grouped-convolution kernels
-#             are slower than plain ones and which runs a whole meta-batch's feature maps at
-#             memory speed; vmap for the rest (an MLP's per-task layers become batched matmuls,
-#             faster than a loop), on other devices and while torch.compile traces (one graph,
-#             not one per task). docs/speed.md has the measurements.
+#   auto:     per_task for a convolutional model on a CPU when each task's first convolution
+#             has PER_TASK_MIN_POSITIONS output positions or more: there the grouped-convolution
+#             kernels are slower than plain ones and a whole meta-batch's feature maps run at
+#             memory speed. Below it (Finn et al.'s stride-2 network on 5 images, a 1-shot
+#             support set) the plain kernels' fixed cost per task loses to one grouped call.
+#             vmap for the rest (an MLP's per-task layers become batched matmuls, faster than a
+#             loop), on other devices and while torch.compile traces (one graph, not one per
+#             task). docs/speed.md has the measurements.
 TASK_EXECUTIONS = ("auto", "per_task", "vmap")
+# Images × output height × width of a task's first convolution from which `auto` runs each task
+# alone. Measured crossovers (conv4, 32 tasks, 2-core CPU, docs/speed.md): 2,000-3,900 for
+# passes differentiated twice, 2,900-3,900 for passes differentiated once or not at all.
+PER_TASK_MIN_POSITIONS = 3000
+
+
+def first_convolution_positions(convolution: nn.modules.conv._ConvNd, x: Tensor) -> int:
+    """Output positions of `convolution` over one task's images x[t] ([tasks, n, C, *spatial]),
+    counting 'same'-sized outputs at its stride (3×3 padded, or padded by hand as Finn's network)."""
+    positions = x.shape[1]
+    for size, stride in zip(x.shape[3:], convolution.stride):
+        positions *= -(-size // stride)
+    return positions
 
 
 def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Params, Tensor], Tensor]:
@@ -86,11 +102,16 @@ def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Para
                 outputs.append(functional_call(model, dict(zip(params, task_params)), (x_t,)))
         return torch.stack(outputs)
 
-    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    first_convolution = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
 
     def forward(params: Params, x: Tensor) -> Tensor:
-        if execution == "auto":  # decided per call: the device and the compiling state can change
-            per_task_run = convolutional and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        if execution == "auto":  # decided per call: the device, shapes and compiling state can change
+            per_task_run = (
+                first_convolution is not None
+                and x.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and first_convolution_positions(first_convolution, x) >= PER_TASK_MIN_POSITIONS
+            )
         else:
             per_task_run = execution == "per_task"
         return looped(params, x) if per_task_run else vmapped(params, x)
