@@ -55,6 +55,8 @@ def test_failing_jobs_are_recorded_and_the_others_run_and_are_ranked(tmp_path, c
     for n in (1, 3, 4, 5):
         assert f"  job {n} (" in report and str(jobs[n] / "error.txt") in report
     assert "job 0 (" not in report and "job 2 (" not in report
+    job_4 = next(line for line in report.splitlines() if line.startswith("  job 4 ("))
+    assert "algorithm.optimizer.lr=-1" in job_4 and "trainer.precision=32-true" in job_4  # its overrides name it
     finished = sorted(n for n, p in jobs.items() if (p / "results.json").is_file())
     assert finished == [0, 2]  # lr 0.001 and 0.01 with precision 32-true (the last key varies fastest)
     config_error = (jobs[4] / "error.txt").read_text()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import hydra
 import torch
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.experimental.callback import Callback
@@ -30,6 +29,7 @@ from metalab.errors import Interrupted, MetalabError
 from metalab.files import write_json_atomic
 from metalab.paths import CONFIG_DIR
 from metalab.provenance import TEST_EPISODES_FILE, machine, software, test_episodes_identity
+from metalab.results import overrides_of
 from metalab.run_log import log, quiet_known_warnings
 
 
@@ -242,8 +242,7 @@ class FailedJobs(Callback):
         lines = [f"metalab: error: {len(failed)} job(s) of the sweep failed ({finished} finished) in {sweep_dir}:"]
         for error_file in failed:
             job_dir = error_file.parent
-            overrides = job_dir / ".hydra" / "overrides.yaml"
-            setting = " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.is_file() else ""
+            setting = " ".join(overrides_of(job_dir))
             first = (error_file.read_text(errors="replace").splitlines() or [""])[0].removeprefix("metalab: ")
             lines.append(f"  job {job_dir.name} ({setting}): {first} [{error_file}]")
         print("\n".join(lines), file=sys.stderr, flush=True)
