@@ -5,7 +5,8 @@ Both sides of a row run the same learner, the same episodes and a full outer ste
 (meta-loss, backward, optimizer step), timed in alternation. Printed as a table with the
 ratio (and, with --json, one JSON object per row); nothing is asserted.
 
-    python scripts/bench.py                          # every learner: MLP 784-64-64-5, conv4 on Omniglot
+    python scripts/bench.py                          # every learner: MLP 784-64-64-5, conv4 on Omniglot,
+                                                     # Finn's stride-2 net (MAML's Omniglot paper setting)
     python scripts/bench.py --learners maml anil     # some of them
     python scripts/bench.py --device cuda            # on a GPU
     python scripts/bench.py --compile no             # without the algorithm.compile=true rows
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,7 +69,10 @@ def learner(
     inner_lr: float,
     compiled: bool | str = False,
     execution: str = "auto",
+    setting: dict | None = None,
 ) -> MAML:
+    """`name` on `backbone`, second order; `setting`: a paper setting's algorithm keys, each
+    applied where the learner has it."""
     algorithm = algorithm_config(
         name,
         inner_lr=inner_lr,
@@ -78,6 +83,7 @@ def learner(
         compile=compiled,
         task_execution=execution,
     )
+    algorithm.update({key: value for key, value in (setting or {}).items() if key in algorithm})
     if "first_order" in algorithm:  # second order where the learner has the choice
         algorithm["first_order"] = False
     if name == "reptile":
@@ -329,9 +335,33 @@ def episodes_per_second(name: str, device: torch.device, min_seconds: float, pre
     }
 
 
-MODELS = {  # --models name: (label, backbone config, input shape)
-    "mlp": ("MLP 784-64-64-5 (random inputs)", {"name": "mlp", "hidden_sizes": [64, 64]}, [784]),
-    "conv4": ("conv4, Omniglot 28x28", {"name": "conv4", "hidden_channels": 64, "blocks": 4}, [1, 28, 28]),
+@dataclass(frozen=True)
+class BenchModel:
+    """A --models choice: the network, its input, and the episodes it is timed on (5-way 1-shot)."""
+
+    label: str
+    backbone: dict
+    input_shape: list[int]
+    queries: int = QUERIES  # query images per class
+    setting: dict = field(default_factory=dict)  # algorithm keys of the paper setting it stands for
+
+    @property
+    def omniglot(self) -> bool:
+        return self.backbone["name"] != "mlp"  # the MLP runs on random inputs
+
+
+MODELS = {
+    "mlp": BenchModel("MLP 784-64-64-5 (random inputs)", {"name": "mlp", "hidden_sizes": [64, 64]}, [784]),
+    "conv4": BenchModel("conv4, Omniglot 28x28", {"name": "conv4", "hidden_channels": 64, "blocks": 4}, [1, 28, 28]),
+    # MAML's Omniglot paper setting (conf/experiment/maml_omniglot_5w1s.yaml): Finn et al.'s
+    # stride-2 network without max-pooling, 1 query a class, BatchNorm not adapted.
+    "finn": BenchModel(
+        "Finn's net, Omniglot, 1 query",
+        {"name": "conv4", "hidden_channels": 64, "blocks": 4, "pooled_blocks": 0, "stride": 2, "global_average": True},
+        [1, 28, 28],
+        queries=1,
+        setting={"inner_loss": "sum_over_shots", "adapt_norm": False},
+    ),
 }
 
 
@@ -343,14 +373,23 @@ def run_row(row: str, args) -> dict:
         result = episodes_per_second(row.split(":")[1], device, args.seconds, args.precision[0])
     else:
         model_name, learner_name, compiled, steps, execution = row.split(":")
-        label, backbone, shape = MODELS[model_name]
+        bench_model = MODELS[model_name]
         batch = (
-            random_batch(shape[0], args.meta_batch)
-            if model_name == "mlp"
-            else omniglot_batch(meta_batch=args.meta_batch)
+            omniglot_batch(queries=bench_model.queries, meta_batch=args.meta_batch)
+            if bench_model.omniglot
+            else random_batch(bench_model.input_shape[0], args.meta_batch)
         )
-        model = learner(learner_name, backbone, shape, int(steps), 0.4, COMPILE_SETTING[compiled], execution)
-        result = compare(label, model, batch, device, args.seconds, args.precision[0], args.rounds)
+        model = learner(
+            learner_name,
+            bench_model.backbone,
+            bench_model.input_shape,
+            int(steps),
+            0.4,
+            COMPILE_SETTING[compiled],
+            execution,
+            bench_model.setting,
+        )
+        result = compare(bench_model.label, model, batch, device, args.seconds, args.precision[0], args.rounds)
         result["compile"] = COMPILE_SETTING[compiled]
         if compiled == "auto":
             result["compile_chosen"] = model.compiled  # what auto chose for a long run
@@ -468,7 +507,8 @@ def main() -> None:
                 out.write(json.dumps(result) + "\n")
         return
     print(
-        f"Meta-training, 5-way 1-shot 15 queries, meta-batch {args.meta_batch}; {device_name(device)}, "
+        f"Meta-training, {WAYS}-way {SHOTS}-shot {QUERIES} queries a class (unless a row says), "
+        f"meta-batch {args.meta_batch}; {device_name(device)}, "
         f"torch {torch.__version__}"
     )
     print(
@@ -498,7 +538,8 @@ def main() -> None:
         for mode in modes
         if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)
     ]
-    models = [m for m in args.models if m != "conv4" or omniglot_batch(meta_batch=1) is not None]
+    omniglot_present = any(MODELS[m].omniglot for m in args.models) and omniglot_batch(meta_batch=1) is not None
+    models = [m for m in args.models if not MODELS[m].omniglot or omniglot_present]
     rows = [
         f"{model_name}:{learner_name}:{mode}:{steps}:{execution}"
         for model_name in models

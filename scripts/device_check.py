@@ -133,7 +133,8 @@ def gradient_accuracy(args) -> dict:
     """Relative difference of the meta-gradient of (compile, precision) against float64 eager, per parameter."""
     device = torch.device(args.device)
     # conv4 on real Omniglot; the smoke run takes the MLP (conv4 compiles for minutes on a small CPU).
-    _, backbone, shape = bench_script.MODELS["mlp" if args.smoke else "conv4"]
+    bench_model = bench_script.MODELS["mlp" if args.smoke else "conv4"]
+    backbone, shape = bench_model.backbone, bench_model.input_shape
     batch = (
         bench_script.random_batch(shape[0], args.meta_batch)
         if args.smoke
