@@ -12,6 +12,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 CKPT ?=
 PYTEST_WORKERS ?=
+# The code before the speed work: `make bench` times ProtoNet's training episodes against it in a
+# temporary git worktree (docs/speed.md).
+BENCH_BASELINE ?= c1ec8a9
 
 .DEFAULT_GOAL := help
 .PHONY: help install train eval sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
@@ -64,8 +67,14 @@ test: install ## the test suite (under 10 minutes on 2 cores; slow tests exclude
 test-full: install ## every test, the slow ones included
 	$(BIN)/pytest -m "slow or not slow" $(ARGS)
 
-bench: install ## meta-training tasks/s of each optimization learner, batched vs a per-task loop; predict speed
+bench: install ## the speed floors (docs/speed.md): MAML batched vs a per-task loop, metric learners, ProtoNet vs the code before the speed work; predict speed
 	$(BIN)/python scripts/bench.py $(ARGS)
+	@if git rev-parse --verify --quiet "$(BENCH_BASELINE)^{commit}" >/dev/null 2>&1; then \
+	  echo "$(BIN)/python scripts/bench_against.py $(BENCH_BASELINE) --learner protonet --rounds 20"; \
+	  $(BIN)/python scripts/bench_against.py $(BENCH_BASELINE) --learner protonet --rounds 20; \
+	else \
+	  echo "(ProtoNet against $(BENCH_BASELINE) skipped: not a git checkout that holds that commit)"; \
+	fi
 	$(BIN)/python scripts/bench_predict.py
 
 bench-memory: install ## peak memory of second-order, checkpointed and first-order MAML (Omniglot 20-way, slow on CPU)

@@ -1,18 +1,20 @@
-"""Meta-training speed: the optimization-based family task-batched (vmap) against the plain
-per-task loop of metalab.algorithms.reference, and the metric learners' training episodes.
+"""Meta-training speed: the optimization-based family task-batched against the plain per-task
+loop of metalab.algorithms.reference, and the metric learners' training episodes.
 
 Both sides of a row run the same learner, the same episodes and a full outer step
 (meta-loss, backward, optimizer step), timed in alternation. Printed as a table with the
-ratio (and, with --json, one JSON object per row); nothing is asserted.
+ratio and the GFLOP/s each side reaches beside the machine's matmul rate measured in the same
+process (and, with --json, one JSON object per row); nothing is asserted.
 
-    python scripts/bench.py                          # every learner: MLP 784-64-64-5, conv4 on Omniglot,
-                                                     # Finn's stride-2 net (MAML's Omniglot paper setting)
-    python scripts/bench.py --learners maml anil     # some of them
+    python scripts/bench.py                          # the project's speed floors (docs/speed.md): MAML on the
+                                                     # default path on conv4, the MLP and Finn's stride-2 net
+                                                     # at 1 and 5 inner steps; ProtoNet, Matching and Relation
+                                                     # Networks' training episodes per second
+    python scripts/bench.py --learners maml fomaml reptile anil metasgd mamlpp --compile both --metric
+                                                     # every learner, eager, compiled and default rows
     python scripts/bench.py --device cuda            # on a GPU
-    python scripts/bench.py --compile no             # without the algorithm.compile=true rows
     python scripts/bench.py --models mlp             # the MLP rows only
     python scripts/bench.py --device cuda --precision tf32 bf16 --cudagraphs   # GPU settings
-    python scripts/bench.py --metric protonet        # ProtoNet's 60-way 5-shot training episodes/s
 """
 
 import argparse
@@ -444,20 +446,20 @@ def describe_failure(returncode: int) -> str:
     return f"failed with exit status {returncode}"
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per side, over all rounds")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per side, over all rounds")
     parser.add_argument(
-        "--rounds", type=int, default=5, help="alternating rounds a row (3 steps a side or more each); medians of them"
+        "--rounds", type=int, default=7, help="alternating rounds a row (3 steps a side or more each); medians of them"
     )
-    parser.add_argument("--learners", nargs="*", default=list(FAMILY), choices=FAMILY)
+    parser.add_argument("--learners", nargs="*", default=["maml"], choices=FAMILY, help="(default: maml)")
     parser.add_argument(
         "--compile",
         choices=("both", "no", "only", "default"),
-        default="both",
-        help="both: eager, algorithm.compile=true and the default (auto) rows; no: eager only; only: "
-        "compiled only; default: the default path only (algorithm.compile=auto for a long run)",
+        default="default",
+        help="default: the default path only (algorithm.compile=auto for a long run; eager on conv nets); "
+        "both: eager, algorithm.compile=true and the default rows; no: eager only; only: compiled only",
     )
     parser.add_argument(
         "--cudagraphs",
@@ -477,9 +479,10 @@ def main() -> None:
     parser.add_argument(
         "--metric",
         nargs="*",
-        default=[],
+        default=list(METRIC_EPISODES),
         choices=list(METRIC_EPISODES),
-        help="also time these metric learners' training episodes per second (conv4, Omniglot)",
+        help="also time these metric learners' training episodes per second (conv4, Omniglot; default: all "
+        "three; --metric alone: none)",
     )
     parser.add_argument(
         "--executions",
@@ -490,7 +493,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="append each row as one JSON object per line to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: time one row in this process
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: a row needs at least one timing round; give --rounds 1 or more")
     device = torch.device(args.device)
@@ -499,6 +502,35 @@ def main() -> None:
             f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__} here; "
             f"leave out --device to run on the CPU"
         )
+    return args
+
+
+def planned_rows(args: argparse.Namespace, omniglot_present: bool) -> list[str]:
+    """The rows `args` asks for, each `model:learner:compile:steps:execution` or `metric:learner`;
+    the Omniglot models only where the data is present."""
+    modes = ["0", "1", "auto"] + (["ro"] if args.cudagraphs else [])
+    wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro", "auto"}, "default": {"auto"}}[args.compile]
+    # auto rows only where auto can differ from eager (a compilable learner); on conv4 it is eager.
+    variants = [
+        (name, mode)
+        for name in args.learners
+        for mode in modes
+        if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)
+    ]
+    models = [m for m in args.models if not MODELS[m].omniglot or omniglot_present]
+    rows = [
+        f"{model_name}:{learner_name}:{mode}:{steps}:{execution}"
+        for model_name in models
+        for learner_name, mode in variants
+        for steps in args.steps
+        for execution in (args.executions if mode == "0" else ["auto"])
+    ]
+    return rows + [f"metric:{name}" for name in args.metric]
+
+
+def main() -> None:
+    args = arguments()
+    device = torch.device(args.device)
     if args.row:
         result = run_row(args.row, args)
         print_row(result)
@@ -529,25 +561,8 @@ def main() -> None:
         "------------|--------|-----------------|--------------|--------------|---------------------------|",
         flush=True,
     )
-    modes = ["0", "1", "auto"] + (["ro"] if args.cudagraphs else [])
-    wanted = {"no": {"0"}, "only": {"1", "ro"}, "both": {"0", "1", "ro", "auto"}, "default": {"auto"}}[args.compile]
-    # auto rows only where auto can differ from eager (a compilable learner); on conv4 it is eager.
-    variants = [
-        (name, mode)
-        for name in args.learners
-        for mode in modes
-        if mode in wanted and (mode == "0" or ALGORITHMS[name].compilable)
-    ]
     omniglot_present = any(MODELS[m].omniglot for m in args.models) and omniglot_batch(meta_batch=1) is not None
-    models = [m for m in args.models if not MODELS[m].omniglot or omniglot_present]
-    rows = [
-        f"{model_name}:{learner_name}:{mode}:{steps}:{execution}"
-        for model_name in models
-        for learner_name, mode in variants
-        for steps in args.steps
-        for execution in (args.executions if mode == "0" else ["auto"])
-    ]
-    rows += [f"metric:{name}" for name in args.metric]
+    rows = planned_rows(args, omniglot_present)
     for precision in args.precision:
         for row in rows:
             # Each row in its own process: a clean allocator for every row, and a row that

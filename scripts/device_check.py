@@ -309,7 +309,7 @@ def run_parts(check: Check) -> None:
     rows = bench(
         check,
         "1-maml-eager",
-        [*model, "--learners", "maml", "--compile", "no", "--steps", *steps, "--precision", *precisions],
+        [*model, "--learners", "maml", "--compile", "no", "--steps", *steps, "--precision", *precisions, "--metric"],
     )
     rows += bench(
         check,
@@ -325,6 +325,7 @@ def run_parts(check: Check) -> None:
             "--precision",
             *precisions,
             *(["--cudagraphs"] if on_gpu else []),
+            "--metric",  # none: they are timed once, in part 2
         ],
     )
     best = fastest(rows, a.steps[-1]) or {"compile": False, "precision": precisions[0]}
@@ -347,6 +348,7 @@ def run_parts(check: Check) -> None:
             "--precision",
             setting["precision"],
             *(["--cudagraphs"] if compile_mode == "ro" else []),
+            "--metric",
         ],
     )
     bench(

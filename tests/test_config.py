@@ -76,6 +76,26 @@ def test_test_episode_settings_default_to_training_and_can_differ():
     assert (cfg["ways"], cfg["test_ways"], cfg["test_episodes"]) == (60, 5, 600)
 
 
+# The settings that choose only how fast a run goes (docs/speed.md), at their defaults.
+SPEED_ONLY = {
+    "algorithm": ("task_execution", "compile"),
+    "backbone": ("memory_format", "batch_norm_double_backward", "input_convolution"),
+}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_paper_setting_runs_on_the_default_fast_path(experiment):
+    """The long reproduction runs (scripts/reproduce.py runs experiment=...) leave every speed-only
+    setting to `auto`, which picks the measured fastest path for the machine."""
+    cfg = composed(f"experiment={experiment}")
+    chosen = {
+        f"{group}.{key}": cfg[group][key] for group, keys in SPEED_ONLY.items() for key in keys if key in cfg[group]
+    }
+    assert all(value == "auto" for value in chosen.values()), chosen
+    if cfg["backbone"]["name"] == "conv4":  # not vacuous where the settings exist
+        assert {f"backbone.{key}" for key in SPEED_ONLY["backbone"]} <= chosen.keys()
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_compose(experiment):
     cfg = composed(f"experiment={experiment}")
