@@ -2,10 +2,12 @@
 
 The mechanism is tested with a checkpoint of a tiny real run, shipped into a temporary
 folder that stands in for the package's (the registry folder is monkeypatched), so no test
-checkpoint ever lands in the package itself.
+checkpoint ever lands in the package itself. The shipped ProtoNet itself is checked against the
+test episodes its run recorded.
 """
 
 import json
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -154,3 +156,28 @@ def test_the_package_ships_its_index_and_checkpoints_as_package_data():
     # Nothing is shipped that the index does not list.
     listed = {entry["file"] for entry in pretrained.entries().values()}
     assert {p.name for p in Path(str(folder)).glob("*.ckpt")} == listed
+
+
+@pytest.mark.data
+def test_the_shipped_checkpoint_scores_each_test_episode_as_its_run_recorded(data_dir, cache_dir, tmp_path):
+    """Speed work must not change a number: metalab-eval of the shipped ProtoNet, on the first
+    test episodes of its run, gives the accuracy its run recorded for each, to 1e-6."""
+    from preloaded_cli import run_command
+
+    recorded = json.loads((REPO / "results" / "protonet_omniglot_5w1s_trainval_long.json").read_text())["per_episode"]
+    episodes = 40  # two evaluation batches of 20: the run's first 40 episodes
+    env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
+    command = [
+        str(Path(sys.executable).parent / "metalab-eval"),
+        "ckpt_path=pretrained:protonet-omniglot",
+        f"test_episodes={episodes}",
+        f"paths.log_dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
+    ]
+    proc = run_command(command, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (evaluated_file,) = tmp_path.rglob("test_episodes.json")
+    evaluated = json.loads(evaluated_file.read_text())
+    assert evaluated["episodes"] == recorded["episodes"]  # the same fixed episodes: split, seed, shape
+    assert evaluated["episode"] == recorded["episode"][:episodes]
+    assert evaluated["values"]["acc"] == pytest.approx(recorded["values"]["acc"][:episodes], abs=1e-6)
