@@ -130,3 +130,11 @@ def run_command(
     """`args` run as `subprocess.run(args, capture_output=True, text=text, env=env, cwd=cwd)`
     would, by the session's preloaded interpreter (PreloadedCommands)."""
     return _commands.run(args, env=env, cwd=cwd, timeout=timeout, text=text)
+
+
+def metalab_command(name: str, *overrides: str, data_dir: Path, cache_dir: Path, timeout: int = 600):
+    """metalab-train or metalab-eval (`name`) with `overrides`, reading the data and image cache
+    from the given folders, without the progress bar, run as run_command runs it."""
+    env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
+    args = [str(BIN / name), "trainer.enable_progress_bar=false", *overrides]
+    return run_command(args, env=env, cwd=Path.cwd(), timeout=timeout)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from learner_checkpoints import quiet_trainer
+from preloaded_cli import metalab_command
 from torch import nn
 
 from metalab.algorithms import ALGORITHMS
@@ -307,22 +308,6 @@ def test_pretrained_baseline_learns_sinusoids(tmp_path):
 
 
 # ---------------------------------------------------------------- the command line, and the checkpoint round trip
-def command(name: str, *overrides: str, data_dir, cache_dir):
-    import os
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
-    from preloaded_cli import run_command
-
-    return run_command(
-        [str(Path(sys.executable).parent / name), "trainer.enable_progress_bar=false", *overrides],
-        env=env,
-        cwd=Path.cwd(),
-        timeout=600,
-    )
-
-
 TINY_RUN = [
     "experiment=baselinepp_omniglot_5w1s",
     "trainer.max_steps=4",
@@ -341,7 +326,7 @@ def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test
     import json
 
     episodes = ["test_episodes=10", "eval_batch_size=5"]
-    proc = command(
+    proc = metalab_command(
         "metalab-train",
         *TINY_RUN,
         *episodes,
@@ -355,7 +340,7 @@ def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["config"]["algorithm"]["num_classes"] == 4112
     assert saved["state_dict"]["classifier.direction"].shape[0] == 4112
-    proc = command(
+    proc = metalab_command(
         "metalab-eval",
         f"ckpt_path={checkpoint}",
         *episodes,
@@ -370,7 +355,7 @@ def test_metalab_train_sizes_the_classifier_and_metalab_eval_reproduces_its_test
 
 @pytest.mark.data
 def test_metalab_train_refuses_a_classifier_smaller_than_the_training_classes(tmp_path, data_dir, cache_dir):
-    proc = command(
+    proc = metalab_command(
         "metalab-train",
         *TINY_RUN,
         "algorithm.num_classes=10",

@@ -8,7 +8,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import check_algorithm, check_learner_fits_data, resolve
+from metalab.config import SPEED_ONLY_BACKBONE, check_algorithm, check_learner_fits_data, resolve
 from metalab.errors import ConfigError
 from metalab.paths import CONFIG_DIR
 
@@ -77,10 +77,7 @@ def test_test_episode_settings_default_to_training_and_can_differ():
 
 
 # The settings that choose only how fast a run goes (docs/speed.md), at their defaults.
-SPEED_ONLY = {
-    "algorithm": ("task_execution", "compile"),
-    "backbone": ("memory_format", "batch_norm_double_backward", "input_convolution"),
-}
+SPEED_ONLY = {"algorithm": ("task_execution", "compile"), "backbone": SPEED_ONLY_BACKBONE}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

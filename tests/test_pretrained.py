@@ -7,7 +7,6 @@ test episodes its run recorded.
 """
 
 import json
-import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from learner_checkpoints import omniglot_folders, trained_checkpoint
+from preloaded_cli import metalab_command
 
 import metalab
 import metalab.pretrained as pretrained
@@ -162,19 +162,16 @@ def test_the_package_ships_its_index_and_checkpoints_as_package_data():
 def test_the_shipped_checkpoint_scores_each_test_episode_as_its_run_recorded(data_dir, cache_dir, tmp_path):
     """Speed work must not change a number: metalab-eval of the shipped ProtoNet, on the first
     test episodes of its run, gives the accuracy its run recorded for each, to 1e-6."""
-    from preloaded_cli import run_command
-
     recorded = json.loads((REPO / "results" / "protonet_omniglot_5w1s_trainval_long.json").read_text())["per_episode"]
     episodes = 40  # two evaluation batches of 20: the run's first 40 episodes
-    env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
-    command = [
-        str(Path(sys.executable).parent / "metalab-eval"),
+    proc = metalab_command(
+        "metalab-eval",
         "ckpt_path=pretrained:protonet-omniglot",
         f"test_episodes={episodes}",
         f"paths.log_dir={tmp_path}",
-        "trainer.enable_progress_bar=false",
-    ]
-    proc = run_command(command, env=env, cwd=REPO)
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (evaluated_file,) = tmp_path.rglob("test_episodes.json")
     evaluated = json.loads(evaluated_file.read_text())

@@ -324,11 +324,12 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
         check_resumable(cfg, read_checkpoint(cfg["ckpt_path"])["hyper_parameters"]["config"])
 
 
+# Backbone settings that choose only how fast the network runs (docs/speed.md).
+SPEED_ONLY_BACKBONE = ("memory_format", "batch_norm_double_backward", "input_convolution")
 # Backbone settings that do not shape the weights, so a resumed run may differ in them: the class
 # `name` names already (`_target_`, absent from checkpoints written before the groups named their
-# class), the memory layout, the BatchNorm double backward and the input convolution (speed
-# only, absent from checkpoints written before they existed).
-NOT_WEIGHT_SHAPING = ("_target_", "memory_format", "batch_norm_double_backward", "input_convolution")
+# class) and the speed-only ones (absent from checkpoints written before they existed).
+NOT_WEIGHT_SHAPING = ("_target_", *SPEED_ONLY_BACKBONE)
 
 
 def check_resumable(cfg: dict, trained: dict) -> None:
