@@ -3,11 +3,13 @@
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -110,12 +112,80 @@ class ResumableCheckpoint(ModelCheckpoint):
             diverged.name_last_good_checkpoint(self.last_good_checkpoint)  # the last file written, all finite
             raise diverged
         super()._save_checkpoint(trainer, filepath)
+        self._owned.add(str(Path(filepath).resolve()))
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Files this run may delete when a newer best or last replaces them: the ones it wrote,
+        # and those of the run it resumes in this same folder (a requeued SLURM job).
+        self._owned: set[str] = set()
+        self._resumed_from: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # before the callbacks' states are restored: the file a resume reads
+            self._resumed_from = trainer.ckpt_path
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        state = self._trusted_record(state_dict)
+        super().load_state_dict(state)
         for key in ("best_model_score", "best_k_models", "kth_best_model_path", "kth_value"):
-            if key in state_dict:
-                setattr(self, key, state_dict[key])
+            if key in state:
+                setattr(self, key, state[key])
+
+    def _checkpoint_folders(self) -> list[Path]:
+        """Where a restored record may point: this run's checkpoint folder and the resumed checkpoint's."""
+        folders = [Path(self.dirpath).resolve()] if self.dirpath else []
+        resumed = self._resumed_from
+        if resumed and _is_local_file_protocol(str(resumed)):
+            folders.append(Path(resumed).resolve().parent)
+        return folders
+
+    def _trusted_path(self, path) -> bool:
+        """True for a path to an existing .ckpt file that lies, links resolved, in one of _checkpoint_folders."""
+        if not isinstance(path, str) or not path.endswith(".ckpt"):
+            return False
+        real = Path(path).resolve()
+        return real.is_file() and any(real.parent == folder for folder in self._checkpoint_folders())
+
+    def _trusted_record(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The callback state with every path checked: a checkpoint is a file from anywhere, and the
+        paths in it decide what is deleted when a better checkpoint is saved and which one is
+        meta-tested. A record naming any path outside the run's (or the resumed run's) checkpoint
+        folder, or no such file, is dropped whole with a warning: the resumed run keeps its own best."""
+        state = dict(state_dict)
+        best = [state.get("best_model_path"), state.get("kth_best_model_path"), *(state.get("best_k_models") or {})]
+        refused = [p for p in best if p and not self._trusted_path(p)]
+        if not isinstance(state.get("best_k_models", {}), dict):
+            refused.append(repr(state["best_k_models"]))
+        if refused:
+            log.warning(
+                f"the resumed checkpoint's record of the best checkpoint names {refused[0]}, which is not a "
+                f"checkpoint file in {' or '.join(map(str, self._checkpoint_folders()))}; the record is ignored, "
+                "so this run meta-tests the best of its own validations"
+            )
+            state.update(best_model_path="", best_model_score=None, best_k_models={}, kth_best_model_path="")
+            state.pop("kth_value", None)
+        last = state.get("last_model_path")
+        if last and not self._trusted_path(last):
+            log.warning(f"the resumed checkpoint names {last} as its last checkpoint, outside the run; ignored")
+            state["last_model_path"] = ""
+        own = Path(self.dirpath).resolve() if self.dirpath else None
+        for path in [state.get("best_model_path"), state.get("last_model_path"), *state.get("best_k_models", {})]:
+            if path and Path(path).resolve().parent == own:
+                self._owned.add(str(Path(path).resolve()))
+        return state
+
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # Lightning removes the previous best or last by the path in its record; only a file this
+        # run wrote (or the one it resumes in the same folder) is removed, never what a path
+        # from a file points at.
+        real = Path(filepath).resolve()
+        if str(real) not in self._owned or Path(filepath).is_symlink() or not real.is_file():
+            log.warning(f"{filepath} was not written by this run, so it is not removed")
+            return
+        self._owned.discard(str(real))
+        super()._remove_checkpoint(trainer, filepath)
 
 
 class RandomState(Callback):

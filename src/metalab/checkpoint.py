@@ -154,3 +154,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return read_checkpoint(path, map_location=map_location)  # None: each tensor to the device it was saved from
+
+    def remove_checkpoint(self, path) -> None:
+        # Lightning's own removes recursively whatever the path names; a checkpoint is one regular
+        # file, so a folder or a symbolic link there is left alone (the link itself is not
+        # followed, and nothing below a folder is touched).
+        file = Path(path)
+        if file.is_symlink() or not file.is_file():
+            return
+        file.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from metalab.errors import DataError, StorageError
-from metalab.files import free_space, megabytes, storage_error, write_json_atomic
+from metalab.files import FILE_MODE, free_space, megabytes, storage_error, write_json_atomic
 
 MODES = {1: "L", 3: "RGB"}
 CHUNK = 2048  # images per decode task: large enough that each task opens its zip archive once
@@ -110,16 +111,15 @@ def _fill(out: np.ndarray, blocks) -> None:
         row += len(block)
 
 
-def reserve(tmp: Path, array_path: Path) -> None:
+def reserve(file, array_path: Path) -> None:
     """Allocate the whole memory-mapped file on disk now. Left sparse, a disk that fills while the
     array is written kills the process with SIGBUS (no message, the file and pool workers left
     behind); allocated, a full disk is an error here, before any decoding."""
     if not hasattr(os, "posix_fallocate"):
         return
-    size = tmp.stat().st_size
+    size = os.fstat(file.fileno()).st_size
     try:
-        with open(tmp, "r+b") as file:
-            os.posix_fallocate(file.fileno(), 0, size)
+        os.posix_fallocate(file.fileno(), 0, size)
     except OSError as error:
         if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return  # a file system that cannot allocate ahead: written as before
@@ -157,21 +157,35 @@ def load_or_build(
             f"{megabytes(free)} free; free some space or set METALAB_CACHE_DIR (paths.cache_dir) "
             "to a disk with room"
         )
-    tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+    shape = (len(refs), channels, image_size, image_size)
+    tmp = None
     try:
-        # Decode straight into a file-backed array so even large sets never sit whole in RAM.
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(refs), channels, image_size, image_size)
-        )
-        reserve(tmp, array_path)
-        decode_all(refs, out, image_size, channels, invert)
-        out.flush()
-        del out
+        # A new file of an unpredictable name, created exclusively (a link planted in a shared
+        # cache folder is never followed), renamed over the array once complete. Decoded
+        # straight into it through a memory map, so even large sets never sit whole in RAM.
+        descriptor, name = tempfile.mkstemp(dir=cache_dir, prefix=f".{array_path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        with open(descriptor, "w+b") as file:
+            np.lib.format.write_array_header_1_0(
+                file,
+                {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape},
+            )
+            offset = file.tell()
+            file.truncate(offset + int(np.prod(shape)))
+            reserve(file, array_path)
+            out = np.memmap(file, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+            decode_all(refs, out, image_size, channels, invert)
+            out.flush()
+            del out
+            os.fsync(file.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, array_path)
+        tmp = None
     except OSError as error:  # creating, allocating or renaming the file
         raise storage_error(array_path, error, needed) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     index, row = {}, 0
     for name, group in groups.items():
         index[name] = (row, len(group))

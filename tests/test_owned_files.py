@@ -1,0 +1,158 @@
+"""Nothing outside a run is touched: paths read from a checkpoint, and files in a shared cache.
+
+A checkpoint is a file from anywhere. Its callback state names the earlier best and last
+checkpoints, which Lightning deletes when a better one is saved; those paths must stay inside
+the run's checkpoint folder, links resolved. The image cache is written where other users may
+plant links (a shared METALAB_CACHE_DIR); its writes never follow them.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from preloaded_cli import metalab_command
+
+from metalab.callbacks import ResumableCheckpoint
+from metalab.checkpoint import AtomicCheckpointIO
+from metalab.data.image_cache import load_or_build
+
+SHORT = [
+    "trainer.val_check_interval=10",
+    "val_episodes=4",
+    "test_episodes=4",
+    "meta_batch_size=2",
+    "logger=none",
+]
+
+
+def victim_folder(root: Path) -> Path:
+    victim = root / "victim"
+    (victim / "inside").mkdir(parents=True)
+    (victim / "inside" / "precious.txt").write_text("not metalab's")
+    return victim
+
+
+def craft(checkpoint: Path, out: Path, **record) -> None:
+    """A copy of `checkpoint` whose ResumableCheckpoint state says `record` (tensors and strings only:
+    it passes the weights_only load)."""
+    state = torch.load(checkpoint, weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith("ResumableCheckpoint")]
+    state["callbacks"][key].update(record)
+    torch.save(state, out)
+
+
+@pytest.mark.parametrize("via", ["dot-dot", "symlink"])
+def test_a_crafted_checkpoint_cannot_make_a_resumed_run_delete_outside_it(tmp_path, cache_dir, data_dir, via):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    done = metalab_command(
+        "metalab-train",
+        f"hydra.run.dir={first}",
+        "trainer.max_steps=10",
+        *SHORT,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    victim = victim_folder(tmp_path)
+    if via == "dot-dot":  # Lightning's guard compares path text: <run>/checkpoints/../.. passes it
+        named = f"{resumed}/checkpoints/../../victim"
+    else:  # a link planted in the resumed run's folder, next to its checkpoints
+        planted = first / "checkpoints" / "best-step0.ckpt"
+        planted.symlink_to(victim, target_is_directory=True)
+        named = str(planted)
+    crafted = tmp_path / "crafted.ckpt"
+    worst = torch.tensor(1e9)  # val/mse: any validation of the resumed run is "better", so the old best goes
+    craft(
+        first / "checkpoints" / "last.ckpt",
+        crafted,
+        dirpath=str(resumed / "checkpoints"),  # what Lightning compares before it restores the whole record
+        best_model_path=named,
+        kth_best_model_path=named,
+        best_k_models={named: worst},
+        best_model_score=worst,
+        kth_value=worst,
+        last_model_path=named,
+    )
+    run = metalab_command(
+        "metalab-train",
+        f"hydra.run.dir={resumed}",
+        f"ckpt_path={crafted}",
+        "trainer.max_steps=30",
+        *SHORT,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (victim / "inside" / "precious.txt").read_text() == "not metalab's"
+    assert "the record is ignored" in run.stderr
+    # The resumed run kept its own best and meta-tested it, not the named file.
+    tested = json.loads((resumed / "results.json").read_text())["tested_checkpoint"]
+    assert Path(tested).parent == resumed / "checkpoints", tested
+
+
+def test_only_files_this_run_wrote_are_removed(tmp_path):
+    callback = ResumableCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    (tmp_path / "checkpoints").mkdir()
+    other = tmp_path / "checkpoints" / "someone-elses.ckpt"
+    other.write_bytes(b"x")
+    removed = []
+
+    class Strategy:
+        def remove_checkpoint(self, path):
+            removed.append(path)
+            AtomicCheckpointIO().remove_checkpoint(path)
+
+    trainer = type("T", (), {"strategy": Strategy()})()
+    callback._remove_checkpoint(trainer, str(other))
+    assert other.exists() and removed == []
+    mine = tmp_path / "checkpoints" / "mine.ckpt"
+    mine.write_bytes(b"y")
+    callback._owned.add(str(mine.resolve()))
+    callback._remove_checkpoint(trainer, str(mine))
+    assert not mine.exists() and removed == [str(mine)]
+
+
+def test_the_checkpoint_io_removes_one_regular_file_never_a_folder_or_a_links_target(tmp_path):
+    victim = victim_folder(tmp_path)
+    io = AtomicCheckpointIO()
+    io.remove_checkpoint(victim)  # a folder: Lightning's own removes it recursively
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(victim / "inside" / "precious.txt")
+    io.remove_checkpoint(link)
+    assert (victim / "inside" / "precious.txt").read_text() == "not metalab's"
+    file = tmp_path / "last.ckpt"
+    file.write_bytes(b"z")
+    io.remove_checkpoint(file)
+    assert not file.exists()
+
+
+# ---------------------------------------------------------------- the image cache
+def small_images(root: Path, count: int = 6) -> dict:
+    from PIL import Image
+
+    folder = root / "images"
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(np.full((8, 8), i * 40, dtype=np.uint8)).save(folder / f"{i}.png")
+    return {"group": [(None, str(folder / f"{i}.png")) for i in range(count)]}
+
+
+def test_links_planted_in_a_shared_cache_are_never_followed(tmp_path):
+    groups = small_images(tmp_path)
+    cache = tmp_path / "cache"
+    target = tmp_path / "target.txt"
+    target.write_text("untouched")
+    path, _ = load_or_build(cache, "imgs", {"v": 1}, groups, image_size=8, channels=1, invert=False)
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    path.unlink()  # the next run rebuilds it: a link waits at the temporary name a build once used
+    planted = cache / f".{path.name}.{os.getpid()}.tmp"
+    planted.symlink_to(target)
+    path, index = load_or_build(cache, "imgs", {"v": 1}, groups, image_size=8, channels=1, invert=False)
+    assert target.read_text() == "untouched" and planted.is_symlink()
+    assert not path.is_symlink()
+    array = np.load(path, mmap_mode="r")
+    assert array.shape == (6, 1, 8, 8) and index == {"group": (0, 6)}
+    assert [int(array[i].max()) for i in range(6)] == [i * 40 for i in range(6)]
