@@ -156,3 +156,84 @@ def test_links_planted_in_a_shared_cache_are_never_followed(tmp_path):
     array = np.load(path, mmap_mode="r")
     assert array.shape == (6, 1, 8, 8) and index == {"group": (0, 6)}
     assert [int(array[i].max()) for i in range(6)] == [i * 40 for i in range(6)]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def object_array(path: Path) -> None:
+    np.save(path, np.array([{"a": 1}] * 6, dtype=object), allow_pickle=True)
+
+
+def wrong_shape(path: Path) -> None:
+    np.save(path, np.zeros((5, 1, 8, 8), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("array", truncate),
+        ("array", object_array),
+        ("array", wrong_shape),
+        ("array", lambda p: p.write_bytes(b"not numpy")),
+        ("index", lambda p: p.write_bytes(b"\x93{not json")),
+        ("index", lambda p: p.write_text('{"group": [0, 5]}')),
+        ("index", lambda p: p.write_text("[1, 2]")),
+    ],
+    ids=["truncated", "object-array", "wrong-shape", "not-npy", "index-not-json", "index-wrong", "index-a-list"],
+)
+def test_a_damaged_image_cache_is_rebuilt_with_a_warning(tmp_path, damage, caplog):
+    groups = small_images(tmp_path)
+    cache = tmp_path / "cache"
+    path, _ = load_or_build(cache, "imgs", {"v": 1}, groups, image_size=8, channels=1, invert=False)
+    which, harm = damage
+    harm(path if which == "array" else path.with_suffix(".json"))
+    with caplog.at_level("WARNING", logger="metalab"):
+        again, index = load_or_build(cache, "imgs", {"v": 1}, groups, image_size=8, channels=1, invert=False)
+    assert again == path and index == {"group": (0, 6)}
+    assert "is damaged" in caplog.text and "decoding the images again" in caplog.text
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    assert [int(array[i].max()) for i in range(6)] == [i * 40 for i in range(6)]
+
+
+# ---------------------------------------------------------------- the archive checksums
+def archive_and_sums(tmp_path: Path) -> tuple[Path, Path]:
+    import hashlib
+
+    archive = tmp_path / "images_background.zip"
+    archive.write_bytes(b"an archive")
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"{hashlib.sha256(archive.read_bytes()).hexdigest()}  {archive.name}\n")
+    return archive, sums
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"deadbeef\n", "line 1 is not '<sha256> <file name>'"),
+        (b"zz" * 32 + b"  images_background.zip\n", "line 1 is not '<sha256> <file name>'"),
+        (b"\xff\xfe\x00garbage", "cannot read"),
+    ],
+    ids=["one-field", "not-hex", "not-utf8"],
+)
+def test_a_malformed_checksum_file_is_one_clear_error(tmp_path, content, message):
+    from metalab.data.omniglot import _verified_checksums
+    from metalab.errors import DataError
+
+    archive, sums = archive_and_sums(tmp_path)
+    sums.write_bytes(content)
+    with pytest.raises(DataError, match=f"{sums}.*{message}|{message}.*{sums}"):
+        _verified_checksums([archive], sums, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("memo", [b"\x93{", b"[1]", b'{"%s": "not a record"}'])
+def test_a_damaged_checksum_memo_is_hashed_anew(tmp_path, memo):
+    from metalab.data.omniglot import _verified_checksums
+
+    archive, sums = archive_and_sums(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "checksums.json").write_bytes(memo.replace(b"%s", str(archive.resolve()).encode()))
+    verified = _verified_checksums([archive], sums, cache)
+    assert verified == {archive.name: sums.read_text().split()[0]}

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -24,6 +25,7 @@ from PIL import Image
 from metalab.errors import DataError, StorageError
 from metalab.files import FILE_MODE, free_space, megabytes, storage_error, write_json_atomic
 
+log = logging.getLogger("metalab")
 MODES = {1: "L", 3: "RGB"}
 CHUNK = 2048  # images per decode task: large enough that each task opens its zip archive once
 PARALLEL_MIN = 4096  # below this a process pool costs more than it saves
@@ -126,6 +128,27 @@ def reserve(file, array_path: Path) -> None:
         raise storage_error(array_path, error, size) from None
 
 
+def cache_damage(array_path: Path, index_path: Path, shape: tuple, index: dict) -> str | None:
+    """What is wrong with a cached array and its index (None: nothing). A cache folder may be shared,
+    copied or cut short by a full disk, so neither file is trusted: the array must be a plain uint8
+    array of the expected shape, whole on disk, and the index the one these groups give."""
+    try:
+        stored = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"its index {index_path.name} is unreadable: {type(error).__name__}"
+    if not isinstance(stored, dict) or {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()} != index:
+        return f"its index {index_path.name} does not match the images"
+    try:
+        array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # truncated, not an .npy file, or an object array
+        return f"{type(error).__name__}: {error}"
+    if not isinstance(array, np.memmap) or array.dtype != np.uint8 or array.shape != shape:
+        return (
+            f"it holds {getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}, not uint8 {shape}"
+        )
+    return None
+
+
 def load_or_build(
     cache_dir: Path,
     stem: str,
@@ -141,10 +164,18 @@ def load_or_build(
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     array_path = cache_dir / f"{stem}-{image_size}px-{key}.npy"
     index_path = array_path.with_suffix(".json")
-    if array_path.exists() and index_path.exists():  # the index is written last, so it marks a complete cache
-        return array_path, {k: tuple(v) for k, v in json.loads(index_path.read_text()).items()}
-
     refs = [ref for group in groups.values() for ref in group]
+    shape = (len(refs), channels, image_size, image_size)
+    index, row = {}, 0
+    for name, group in groups.items():
+        index[name] = (row, len(group))
+        row += len(group)
+    if array_path.exists() and index_path.exists():  # the index is written last, so it marks a complete cache
+        damage = cache_damage(array_path, index_path, shape, index)
+        if damage is None:
+            return array_path, index
+        log.warning(f"the image cache {array_path} is damaged ({damage}); decoding the images again")
+
     needed = len(refs) * channels * image_size * image_size + 4096  # the pixels and the .npy header
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +188,6 @@ def load_or_build(
             f"{megabytes(free)} free; free some space or set METALAB_CACHE_DIR (paths.cache_dir) "
             "to a disk with room"
         )
-    shape = (len(refs), channels, image_size, image_size)
     tmp = None
     try:
         # A new file of an unpredictable name, created exclusively (a link planted in a shared
@@ -186,9 +216,5 @@ def load_or_build(
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-    index, row = {}, 0
-    for name, group in groups.items():
-        index[name] = (row, len(group))
-        row += len(group)
     write_json_atomic(index_path, index)
     return array_path, index

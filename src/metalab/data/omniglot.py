@@ -11,7 +11,9 @@ Protocols:
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Mapping
@@ -20,6 +22,8 @@ from pathlib import Path
 from metalab.data.episodes import EpisodeDataset, ImageClassSource
 from metalab.data.image_cache import ImageRef, load_or_build, write_json_atomic
 from metalab.errors import ConfigError, DataError, check_positive
+
+log = logging.getLogger("metalab")
 
 ARCHIVES = ("images_background.zip", "images_evaluation.zip")  # background alphabets first
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
@@ -123,7 +127,11 @@ def _archives(root: Path, download: bool) -> list[Path]:
 
 def _download(url: str, path: Path, md5: str) -> None:
     """Fetch `url` to `path`, keeping it only if its MD5 is the published one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A new file of an unpredictable name, created exclusively: a link planted in a shared data
+    # folder is never written through.
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    tmp = Path(name)
     try:
         urllib.request.urlretrieve(url, tmp)
         digest = hashlib.md5(tmp.read_bytes()).hexdigest()
@@ -147,13 +155,22 @@ def _verified_checksums(archives: list[Path], sums_file: Path, cache_dir: Path) 
     """
     if not sums_file.is_file():
         return {}
+    try:
+        lines = sums_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {sums_file}: {error}; fix its permissions or download it again") from None
     expected = {}
-    for line in sums_file.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         if line.strip():
-            digest, name = line.split(maxsplit=1)
-            expected[name.lstrip("*")] = digest.lower()
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
+                raise DataError(
+                    f"{sums_file} line {number} is not '<sha256> <file name>' ({line[:80]!r}); "
+                    "correct it or download the file again"
+                )
+            expected[parts[1].strip().lstrip("*")] = parts[0].lower()
     memo_path = cache_dir / "checksums.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    memo = _checksum_memo(memo_path)
     verified = {}
     for path in archives:
         if path.name not in expected:
@@ -161,7 +178,8 @@ def _verified_checksums(archives: list[Path], sums_file: Path, cache_dir: Path) 
         stat = path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = memo.get(str(path.resolve()))
-        actual = entry["sha256"] if entry and entry["stamp"] == stamp else _sha256(path)
+        remembered = isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str)
+        actual = entry["sha256"] if remembered else _sha256(path)
         if actual != expected[path.name]:
             raise DataError(
                 f"checksum mismatch for {path}: expected sha256 {expected[path.name]} "
@@ -172,6 +190,20 @@ def _verified_checksums(archives: list[Path], sums_file: Path, cache_dir: Path) 
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(memo_path, memo)
     return verified
+
+
+def _checksum_memo(path: Path) -> dict:
+    """The remembered archive checksums; a damaged memo is only a cache: warned about and hashed anew."""
+    if not path.is_file():
+        return {}
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        memo = error
+    if isinstance(memo, dict):
+        return memo
+    log.warning(f"the checksum memo {path} is damaged ({type(memo).__name__}); hashing the archives again")
+    return {}
 
 
 def _sha256(path: Path) -> str:

@@ -23,6 +23,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from metalab.errors import ConfigError
+from metalab.files import write_atomic
 
 PREFIX = "pretrained:"
 INDEX = "index.json"
@@ -77,14 +78,14 @@ def ship(
     torch.save(slim, buffer)
     folder = registry_dir()
     file = folder / f"{name}.ckpt"
-    file.write_bytes(buffer.getvalue())
+    write_atomic(file, buffer.getbuffer())
     index = {
         "checkpoints": {
             **entries(),
             name: {"file": file.name, "results": results, "metric": metric, "value": value, "data_licence": licence},
         }
     }
-    (folder / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    write_atomic(folder / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
     return file
 
 
