@@ -31,6 +31,11 @@ CLASSIFIERS = [
     "baselinepp",
 ]  # every classification learner
 METRIC = ["protonet", "matchingnet"]  # learners whose predictions must not depend on the support order
+# Accuracy floors over 228 queries for the briefly meta-trained metric learners: 4.5 standard
+# deviations above chance at 2-way (0.5), 3x chance at 12-way, and about 10 points below what they
+# reach with each of torch's CPU kernels (ProtoNet 0.81 / 0.50-0.55, Matching Networks 0.75 / 0.36
+# at ATEN_CPU_CAPABILITY=default, avx2 and avx512), so float rounding cannot flip the test.
+MUCH_BETTER_THAN_CHANCE = {2: 0.65, 12: 0.25}
 FIXED_WAYS = ["maml"]  # learners with an output head sized to the training ways
 # BatchNorm with running statistics at meta-test
 RUNNING_STATISTICS = ["protonet", "matchingnet", "relationnet", "baseline", "baselinepp"]
@@ -174,14 +179,20 @@ def test_support_order_does_not_change_metric_predictions(name, checkpoint, imag
 @pytest.mark.data
 @pytest.mark.parametrize("name", METRIC)
 def test_metric_learners_take_any_number_of_classes(name, checkpoint, data_dir, cache_dir):
-    learner = metalab.load_learner(checkpoint(name))  # meta-trained on 5-way episodes
-    many = omniglot_test_images(data_dir, cache_dir, classes=12, per_class=6, seed=1)
-    for ways in (2, 12):
-        support, query, truth = support_and_query(dict(list(many.items())[:ways]))
-        predictions = learner.adapt(support).predict(query)
-        assert all(len(p.probabilities) == ways for p in predictions)
-        accuracy = np.mean([p.label == t for p, t in zip(predictions, truth)])
-        assert accuracy > 1.5 / ways, (ways, accuracy)  # 5 queries per class
+    learner = metalab.load_learner(checkpoint(name))  # meta-trained briefly on 5-way episodes
+    many = omniglot_test_images(data_dir, cache_dir, classes=12, per_class=20, seed=1)  # 1 shot, 19 queries
+    names = list(many)
+    # Tasks of 2 and of 12 classes, 228 queries at each size (the six disjoint pairs of the twelve
+    # classes; all twelve at once), so that no few answers decide the accuracy.
+    for tasks in ([names[i : i + 2] for i in range(0, 12, 2)], [names]):
+        ways, right, asked = len(tasks[0]), 0, 0
+        for classes in tasks:
+            support, query, truth = support_and_query({c: many[c] for c in classes})
+            predictions = learner.adapt(support).predict(query)
+            assert all(len(p.probabilities) == ways for p in predictions)
+            right += sum(p.label == t for p, t in zip(predictions, truth))
+            asked += len(truth)
+        assert right / asked > MUCH_BETTER_THAN_CHANCE[ways], (ways, right / asked)
 
 
 @pytest.mark.data
