@@ -17,7 +17,7 @@ PYTEST_WORKERS ?=
 BENCH_BASELINE ?= c1ec8a9
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
+.PHONY: help install lock train eval sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,7 +26,15 @@ help: ## list the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The exact versions `make install` takes (pip-tools' lock of pyproject.toml's ranges with every
+# extra CI uses): one file per Python minor version, so a fresh install on any day gets the same
+# packages. `make lock` refreshes it on purpose. Without a lock for this Python, the ranges.
+PY_MINOR = $(shell $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCK ?= requirements/py$(PY_MINOR).lock
+PIP_TOOLS_VERSION ?= 7.7.0
+LOCK_TOOLS := $(VENV)-lock-tools
+
+$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)) | $(BIN)/python
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if nvidia-smi -L >/dev/null 2>&1; then \
 	    $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
@@ -36,7 +44,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	    $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
 	  fi; \
 	fi
-	$(BIN)/pip install -e ".[test,optuna,slurm]"
+	@if [ -f "$(LOCK)" ]; then \
+	  echo "$(BIN)/pip install -r $(LOCK)  (the locked versions; make lock refreshes them)"; \
+	  $(BIN)/pip install -r "$(LOCK)" && $(BIN)/pip install --no-deps -e ".[test,optuna,slurm]"; \
+	else \
+	  echo "no $(LOCK) for Python $(PY_MINOR): installing the newest versions pyproject.toml's ranges admit (make lock pins them)"; \
+	  $(BIN)/pip install -e ".[test,optuna,slurm]"; \
+	fi
 	@touch $@
 
 install: $(VENV)/.installed ## create .venv and install metalab (CPU torch where there is no GPU)
@@ -79,6 +93,22 @@ bench: install ## the speed floors (docs/speed.md): MAML batched vs a per-task l
 
 bench-memory: install ## peak memory of second-order, checkpointed and first-order MAML (Omniglot 20-way, slow on CPU)
 	$(BIN)/python scripts/bench_memory.py $(ARGS)
+
+lock: | $(BIN)/python ## refresh requirements/py<python>.lock: the newest versions pyproject.toml's ranges admit, torch at TORCH_VERSION; then make install
+	@# pip-compile resolves for the Python it runs on: its own venv, made from the project's Python.
+	@test -x $(LOCK_TOOLS)/bin/pip-compile || { $(BIN)/python -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q "pip-tools==$(PIP_TOOLS_VERSION)"; }
+	mkdir -p $(dir $(LOCK))
+	echo "torch==$(TORCH_VERSION)" > $(LOCK_TOOLS)/torch.txt
+	@# torch's CPU build where there is no NVIDIA GPU (as install takes it): its CUDA build would put
+	@# the nvidia-* packages in the lock, which torch itself pins exactly where it needs them.
+	CUSTOM_COMPILE_COMMAND='make lock' $(LOCK_TOOLS)/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --extra test --extra optuna --extra slurm \
+	  $$(nvidia-smi -L >/dev/null 2>&1 || ! $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=3)" 2>/dev/null || echo --extra-index-url $(TORCH_CPU_INDEX)) \
+	  --constraint $(LOCK_TOOLS)/torch.txt --output-file $(LOCK) pyproject.toml
+	@# A local build tag (2.13.0+cpu) is the same release: the lock names the release, install picks the build.
+	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+$$/\1/' $(LOCK)
+	@grep -qE '^(nvidia-|triton==)' $(LOCK) && echo "warning: $(LOCK) pins CUDA packages; on a CPU machine make lock takes torch's CPU build" || true
+	rm -f $(VENV)/.installed
 
 device-carry: install ## fill device_carry/ (git-ignored) with the wheels and Omniglot archives a GPU machine lacks
 	mkdir -p device_carry/wheels device_carry/data/omniglot

@@ -1,5 +1,6 @@
 """The command-line front door, end to end: real runs, results.json, eval, resume, sweeps, bad input."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -82,6 +83,10 @@ def test_eval_reproduces_the_test_metric_exactly(sinusoid_run, env, tmp_path):
     mse = trained_episodes["values"]["mse"]
     assert sum(mse) / len(mse) == pytest.approx(trained["test/mse"], rel=1e-6)
     assert evaluated["machine"]["cores"] >= 1 and evaluated["software"]["torch"] == torch.__version__
+    # Every installed package's version beside torch's: the set a lock pins (make lock).
+    packages = evaluated["software"]["packages"]
+    assert packages == trained["software"]["packages"]
+    assert packages["torch"] == torch.__version__ and packages["lightning"] == importlib.metadata.version("lightning")
     # Fewer inner steps at meta-test than the trained run's 10: a worse fit, same prior.
     one_step = tmp_path / "one_step"
     run("metalab-eval", f"ckpt_path={trained['tested_checkpoint']}", "eval_inner_steps=1", env=env, log_dir=one_step)

@@ -30,7 +30,8 @@ def machine() -> dict:
 
 
 def software() -> dict:
-    """torch's and metalab's versions, and metalab's git commit where it runs from a checkout."""
+    """torch's and metalab's versions, metalab's git commit where it runs from a checkout, and the
+    version of every installed package."""
     import torch
 
     source = Path(__file__).resolve().parent
@@ -49,7 +50,22 @@ def software() -> dict:
             dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         pass  # an installed package, or no git: the version alone
-    return {"torch": torch.__version__, "metalab": __version__, "commit": commit, "dirty": dirty}
+    return {
+        "torch": torch.__version__,
+        "metalab": __version__,
+        "commit": commit,
+        "dirty": dirty,
+        "packages": installed_packages(),
+    }
+
+
+def installed_packages() -> dict[str, str]:
+    """{package: version} of everything installed beside metalab, by name: what the lock
+    (requirements/py<version>.lock, `make lock`) pins, so that a result names the exact set it ran on."""
+    from importlib.metadata import distributions
+
+    found = ((d.metadata["Name"], d.version) for d in distributions())
+    return dict(sorted((name.lower().replace("_", "-"), version) for name, version in found if name))
 
 
 def test_episodes_identity(config: dict) -> dict:
