@@ -14,6 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from metalab import schema
 from metalab.backbones import backbone_options
 from metalab.checkpoint import read_checkpoint
 from metalab.errors import ConfigError, StorageError, check_choice, check_meta_batch_split, check_positive
@@ -261,9 +262,17 @@ def check_algorithm(cfg: dict, algorithms: dict) -> None:
     algorithm = cfg["algorithm"]
     if algorithm.get("_target_") is None:  # a config from before _target_: the learner by name
         check_choice("algorithm", algorithm.get("name"), sorted(algorithms))
-    check_algorithm_keys(algorithm, learner_class(algorithm))
+    learner_cls = learner_class(algorithm)
+    check_algorithm_keys(algorithm, learner_cls)
+    schema.check_against_signature(
+        "algorithm",
+        {k: v for k, v in algorithm.items() if k not in SHARED_ALGORITHM_KEYS},
+        learner_cls,
+        filled_by_code=True,
+    )
     check_constructor_keys("algorithm.optimizer", algorithm.get("optimizer"), set_by_code="params")
     check_constructor_keys("algorithm.scheduler", algorithm.get("scheduler"), set_by_code="optimizer")
+    schema.check_optimizer_and_scheduler(algorithm)
     check_positive("algorithm.optimizer.lr", algorithm["optimizer"].get("lr"), 0.001, integer=False)
     if "inner_lr" in algorithm:
         check_positive("algorithm.inner_lr", algorithm["inner_lr"], 0.001, integer=False)
@@ -313,9 +322,13 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
     check_trainer_section(cfg)
     check_loggers(cfg)
     require_finite_settings(cfg)
+    schema.check_float32(cfg)
+    schema.check_seeds(cfg)
     for key in POSITIVE_EPISODE_KEYS:
         require_positive_int(cfg, key)
     require_positive_int(cfg["trainer"], "max_steps")
+    schema.check_trainer(cfg["trainer"])
+    schema.check_checkpoint_callback(cfg.get("callbacks"))
     check_algorithm(cfg, algorithms)
     backbone_options(cfg["backbone"])  # an unknown backbone key, before the data is read
     check_group_keys("dataset", cfg["dataset"], SHARED_DATASET_KEYS)

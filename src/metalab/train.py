@@ -28,6 +28,7 @@ from metalab.errors import Interrupted
 from metalab.run_dirs import requeued_checkpoint, slurm_job_name
 from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
+from metalab.schema import check_added_settings
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -45,8 +46,10 @@ def train(cfg: DictConfig) -> float | None:
         save_config(config, run_dir)
 
     # Everything that can be wrong is checked before the first step.
-    check_train_config(config, ALGORITHMS)
     hydra_cfg = HydraConfig.get()
+    groups = [group.split("/")[0] for group in hydra_cfg.runtime.choices]
+    check_added_settings(hydra_cfg.overrides.task, config_groups=groups)
+    check_train_config(config, ALGORITHMS)
     check_distributed(
         config, multirun=hydra_cfg.mode == RunMode.MULTIRUN, launcher=str(hydra_cfg.launcher.get("_target_", ""))
     )

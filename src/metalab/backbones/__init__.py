@@ -9,6 +9,7 @@ from metalab.backbones.conv4 import Conv4
 from metalab.backbones.mlp import MLP
 from metalab.backbones.resnet12 import ResNet12
 from metalab.errors import ConfigError, check_choice, metalab_class
+from metalab.schema import check_against_signature, check_positive_sizes
 
 BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 
@@ -46,6 +47,8 @@ def checked_backbone(cfg: Mapping) -> tuple[type[nn.Module], str, dict]:
             f"backbone?); its options are {', '.join(accepted)}; remove with {removals}, or choose "
             f"the backbone they belong to"
         )
+    check_against_signature("backbone", options, cls, set_by_code=SET_BY_CODE)
+    check_positive_sizes("backbone", options, cls)
     return cls, name, options
 
 
