@@ -93,6 +93,34 @@ def test_a_crafted_checkpoint_cannot_make_a_resumed_run_delete_outside_it(tmp_pa
     assert Path(tested).parent == resumed / "checkpoints", tested
 
 
+def test_a_genuine_record_survives_the_resume_and_its_best_is_meta_tested(tmp_path, cache_dir, data_dir):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    done = metalab_command(
+        "metalab-train",
+        f"hydra.run.dir={first}",
+        "trainer.max_steps=10",
+        *SHORT,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Resumed to step 15: no validation after the resume, so the best is still the first run's.
+    run = metalab_command(
+        "metalab-train",
+        f"hydra.run.dir={resumed}",
+        f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+        "trainer.max_steps=15",
+        *SHORT,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "record is ignored" not in run.stderr
+    tested = json.loads((resumed / "results.json").read_text())["tested_checkpoint"]
+    assert tested == str(first / "checkpoints" / "best-step10.ckpt")
+    assert (first / "checkpoints" / "best-step10.ckpt").is_file()  # another run's file: never removed
+
+
 def test_only_files_this_run_wrote_are_removed(tmp_path):
     callback = ResumableCheckpoint(dirpath=str(tmp_path / "checkpoints"))
     (tmp_path / "checkpoints").mkdir()

@@ -119,12 +119,13 @@ class ResumableCheckpoint(ModelCheckpoint):
         # Files this run may delete when a newer best or last replaces them: the ones it wrote,
         # and those of the run it resumes in this same folder (a requeued SLURM job).
         self._owned: set[str] = set()
-        self._resumed_from: str | None = None
+        self._resuming_trainer: Trainer | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit":  # before the callbacks' states are restored: the file a resume reads
-            self._resumed_from = trainer.ckpt_path
+        # Lightning names the checkpoint it resumes from (trainer.ckpt_path) only after setup,
+        # just before it restores the callbacks' states: read there.
+        self._resuming_trainer = trainer
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = self._trusted_record(state_dict)
@@ -136,7 +137,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _checkpoint_folders(self) -> list[Path]:
         """Where a restored record may point: this run's checkpoint folder and the resumed checkpoint's."""
         folders = [Path(self.dirpath).resolve()] if self.dirpath else []
-        resumed = self._resumed_from
+        resumed = self._resuming_trainer.ckpt_path if self._resuming_trainer is not None else None
         if resumed and _is_local_file_protocol(str(resumed)):
             folders.append(Path(resumed).resolve().parent)
         return folders
@@ -166,10 +167,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
             state.update(best_model_path="", best_model_score=None, best_k_models={}, kth_best_model_path="")
             state.pop("kth_value", None)
-        last = state.get("last_model_path")
-        if last and not self._trusted_path(last):
-            log.warning(f"the resumed checkpoint names {last} as its last checkpoint, outside the run; ignored")
-            state["last_model_path"] = ""
+        if state.get("last_model_path") and not self._trusted_path(state["last_model_path"]):
+            state["last_model_path"] = ""  # (restored only into the same folder, where Lightning deletes it)
         own = Path(self.dirpath).resolve() if self.dirpath else None
         for path in [state.get("best_model_path"), state.get("last_model_path"), *state.get("best_k_models", {})]:
             if path and Path(path).resolve().parent == own:

@@ -359,6 +359,9 @@ def check_resumable(cfg: dict, trained: dict) -> None:
         "backbone": backbone,
         "dataset": lambda c: c["dataset"]["name"],
         "ways": lambda c: c["ways"],
+        # The random streams go on from the checkpoint's (callbacks.RandomState): another seed would
+        # be recorded without acting.
+        "seed": lambda c: c.get("seed"),
     }
     for key, value_of in shaping.items():
         if value_of(cfg) != value_of(trained):

@@ -435,6 +435,50 @@ class MetaLearner(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MARKER] = __version__
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resume restores the optimizer's and the scheduler's states, and with them the
+        # settings they were built with (each group's lr, betas, weight decay; a scheduler's
+        # T_max, step_size, gamma). This run's settings act instead: the stored states are
+        # rewritten to what this run's configure_optimizers builds, before Lightning restores
+        # them. A learning rate is changed by its ratio to the stored one, so a schedule goes on
+        # from where it was, scaled (resuming with a lower rate after a divergence).
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
+            return
+        built = self.configure_optimizers()
+        optimizer = built["optimizer"] if isinstance(built, dict) else built
+        scheduler = built["lr_scheduler"]["scheduler"] if isinstance(built, dict) else None
+        stored = checkpoint["optimizer_states"][0]["param_groups"]
+        groups = optimizer.state_dict()["param_groups"]
+        if len(stored) != len(groups):
+            return  # another grouping of the parameters: Lightning's restore refuses it by itself
+        changed, ratios = set(), []
+        for old, new in zip(stored, groups):
+            base = "initial_lr" if "initial_lr" in new and "initial_lr" in old else "lr"
+            ratio = new[base] / old[base] if old[base] else 1.0
+            ratios.append(ratio)
+            for key, value in new.items():
+                if key in ("params", "lr", "initial_lr") or old.get(key) == value:
+                    continue
+                changed.add(key)
+                old[key] = value
+            if ratio != 1.0:
+                changed.add("lr")
+                old["lr"] *= ratio
+                old[base] = new[base]
+        stored_schedules = checkpoint.get("lr_schedulers") or []
+        if scheduler is not None and stored_schedules:
+            state, fresh = stored_schedules[0], scheduler.state_dict()
+            state["base_lrs"] = fresh.get("base_lrs", state.get("base_lrs"))
+            if "_last_lr" in state:
+                state["_last_lr"] = [lr * ratio for lr, ratio in zip(state["_last_lr"], ratios)]
+            for key, value in fresh.items():
+                if not key.startswith("_") and key not in ("last_epoch", "base_lrs") and state.get(key) != value:
+                    changed.add(f"scheduler {key}")
+                    state[key] = value
+        if changed:
+            log.info(f"resumed with this run's optimizer settings ({', '.join(sorted(changed))}), not the checkpoint's")
+
     # ------------------------------------------------------------------ helpers
     def task_loss_fn(self):
         """Cross-entropy for classification, mean squared error for regression."""
