@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from metalab.errors import TrainingDiverged
+from metalab.errors import ConfigError, TrainingDiverged
 from metalab.run_log import log
 
 
@@ -206,13 +206,28 @@ class RandomState(Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._resuming_trainer = trainer  # its ckpt_path names the file a restored state comes from
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        random.setstate(state_dict["python"])
-        name, keys, position, has_gauss, gauss = state_dict["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        # A state read from a file may be anything: each generator checks its own, and what
+        # one refuses is one line naming the checkpoint, before any training step.
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            random.setstate(state_dict["python"])
+            name, keys, position, has_gauss, gauss = state_dict["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+            torch.set_rng_state(state_dict["torch"])
+            if "cuda" in state_dict and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state_dict["cuda"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            random.setstate(saved[0]), np.random.set_state(saved[1]), torch.set_rng_state(saved[2])
+            trainer = getattr(self, "_resuming_trainer", None)
+            path = trainer.ckpt_path if trainer is not None else "the checkpoint"
+            raise ConfigError(
+                f"ckpt_path={path}: its random state is damaged ({type(error).__name__}: {str(error)[:120]}), so "
+                "the run cannot continue the same random sequence; resume from another checkpoint, or start a new run"
+            ) from None
 
 
 class StepProgressBar(RichProgressBar):

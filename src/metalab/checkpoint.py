@@ -52,7 +52,41 @@ def read_checkpoint(path, map_location="cpu") -> dict:
             f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written by metalab-train"
         )
     check_stored_targets(config, path)
+    check_stored_shapes(checkpoint["hyper_parameters"], config, path)
     return checkpoint
+
+
+# What metalab-train stores and every reader builds from: the groups of the run config, and the
+# task types the learners are written for.
+STORED_GROUPS = ("algorithm", "backbone", "dataset")
+TASK_TYPES = ("classification", "regression")
+
+
+def check_stored_shapes(hyper: dict, config: dict, path) -> None:
+    """A stored run config that a reader would trip over (a group missing, an input shape of
+    anything but positive whole numbers, an unknown task type) is refused here, naming the file,
+    whatever reads it: metalab-eval, metalab-predict, load_learner, a resume."""
+    missing = [group for group in STORED_GROUPS if not isinstance(config.get(group), dict)]
+    if missing:
+        raise ConfigError(
+            f"ckpt_path={path} lacks the {', '.join(missing)} settings of its run config; "
+            "give a checkpoint written by metalab-train"
+        )
+    shape = hyper.get("input_shape")
+    if not (
+        isinstance(shape, (list, tuple))
+        and shape
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise ConfigError(
+            f"ckpt_path={path} stores the input shape {shape!r}, not a list of positive whole numbers; "
+            "give a checkpoint written by metalab-train"
+        )
+    if hyper.get("task_type") not in TASK_TYPES:
+        raise ConfigError(
+            f"ckpt_path={path} stores the task type {hyper.get('task_type')!r}, not one of "
+            f"{', '.join(TASK_TYPES)}; give a checkpoint written by metalab-train"
+        )
 
 
 # What a stored config may name for Hydra to build (`_target_`): metalab's own classes, and
@@ -123,7 +157,10 @@ def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
     except ConfigError as error:
         raise ConfigError(f"ckpt_path={path}: {error}") from None
     algorithm = {**learner_cls.settings_of_older_checkpoints, **config["algorithm"]}  # a stored setting wins
-    model = learner_cls.from_config({**config, "algorithm": algorithm}, input_shape, task_type)
+    try:
+        model = learner_cls.from_config({**config, "algorithm": algorithm}, input_shape, task_type)
+    except ConfigError as error:  # a stored setting the learner refuses: name the file it came from
+        raise ConfigError(f"ckpt_path={path}: {error}") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as error:

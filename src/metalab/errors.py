@@ -1,5 +1,6 @@
 """Errors that metalab reports to the user as a message, not a traceback, and the checks that raise them."""
 
+import inspect
 import math
 from importlib import import_module
 
@@ -58,6 +59,8 @@ def metalab_class(setting: str, target, package: str, base: type, choose: str) -
         raise ConfigError(f"{setting}={target!r}: {module} has no class {name}; {choose}") from None
     if not (isinstance(found, type) and issubclass(found, base)):
         raise ConfigError(f"{setting}={target!r} is not a {base.__name__}; {choose}")
+    if found is base or inspect.isabstract(found):  # the shared base, which nothing can build on its own
+        raise ConfigError(f"{setting}={target!r} is the base every {base.__name__} builds on, not one; {choose}")
     return found
 
 
