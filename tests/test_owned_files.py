@@ -8,6 +8,7 @@ plant links (a shared METALAB_CACHE_DIR); its writes never follow them.
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,62 @@ def test_a_damaged_checksum_memo_is_hashed_anew(tmp_path, memo):
     (cache / "checksums.json").write_bytes(memo.replace(b"%s", str(archive.resolve()).encode()))
     verified = _verified_checksums([archive], sums, cache)
     assert verified == {archive.name: sums.read_text().split()[0]}
+
+
+# ---------------------------------------------------------------- readers of the data
+def omniglot_copy(omniglot_dir: Path, root: Path) -> Path:
+    """A data folder whose omniglot/ links to the real archives, with split files of its own."""
+    (root / "omniglot").mkdir(parents=True)
+    for archive in ("images_background.zip", "images_evaluation.zip"):
+        (root / "omniglot" / archive).symlink_to(omniglot_dir / archive)
+    shutil.copytree(omniglot_dir / "splits", root / "omniglot" / "splits")
+    return root
+
+
+@pytest.mark.data
+def test_an_unreadable_archive_is_one_line_naming_it(omniglot_dir, tmp_path, monkeypatch):
+    import zipfile
+
+    import metalab.data.omniglot as omniglot
+    from metalab.data import build_sources
+    from metalab.errors import DataError
+
+    data = omniglot_copy(omniglot_dir, tmp_path / "data")
+    archive = data / "omniglot" / "images_background.zip"
+
+    class Refused(zipfile.ZipFile):  # what open() raises for a file this user may not read
+        def __init__(self, file, *args, **kwargs):
+            if str(file) == str(archive):
+                raise PermissionError(13, "Permission denied", str(file))
+            super().__init__(file, *args, **kwargs)
+
+    monkeypatch.setattr(omniglot.zipfile, "ZipFile", Refused)
+    monkeypatch.setattr(omniglot, "_verified_checksums", lambda *args: {})
+    with pytest.raises(DataError, match=f"cannot read {archive} \\(dataset=omniglot\\): Permission denied"):
+        build_sources({"name": "omniglot", "protocol": "vinyals"}, data, tmp_path / "cache")
+
+
+@pytest.mark.data
+def test_a_split_file_that_is_not_utf8_is_one_line_naming_it(omniglot_dir, tmp_path):
+    from metalab.data import build_sources
+    from metalab.errors import DataError
+
+    data = omniglot_copy(omniglot_dir, tmp_path / "data")
+    split = data / "omniglot" / "splits" / "vinyals" / "test.txt"
+    split.write_bytes(b"\xff\xfe" + split.read_bytes()[:100])
+    with pytest.raises(DataError, match=f"{split} is not UTF-8 text"):
+        build_sources({"name": "omniglot", "protocol": "vinyals"}, data, tmp_path / "cache")
+
+
+def test_a_split_csv_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    from metalab.data import build_sources
+    from metalab.errors import DataError
+
+    root, splits = tmp_path / "images", tmp_path / "splits"
+    root.mkdir()
+    splits.mkdir()
+    for split in ("train", "val", "test"):
+        (splits / f"{split}.csv").write_bytes(b"filename,label\n\xe9t\xe9.jpg,n01\n")
+    cfg = {"name": "mini_imagenet", "root": str(root), "split_dir": str(splits), "image_size": 8, "channels": 3}
+    with pytest.raises(DataError, match=f"{splits / 'train.csv'} is not UTF-8 text"):
+        build_sources(cfg, tmp_path, tmp_path / "cache")

@@ -43,7 +43,14 @@ def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path, trainva
     dataset = dataset_class(cfg.get("_target_"), name)(
         **{key: value for key, value in cfg.items() if key not in NOT_THE_DATASETS}
     )
-    sources = dataset.sources(Path(data_dir), Path(cache_dir))
+    try:
+        sources = dataset.sources(Path(data_dir), Path(cache_dir))
+    except OSError as error:  # the data's files and folders, as the operating system refuses them
+        where = error.filename or data_dir
+        raise DataError(
+            f"cannot read {where} (dataset={name}): {error.strerror or error}; check that it exists and that "
+            "this user may read it, or set METALAB_DATA_DIR (paths.data_dir, dataset.root) to a readable copy"
+        ) from None
     check_disjoint_splits(sources, name)
     if trainval:
         check_trainval(sources, name)

@@ -130,13 +130,21 @@ def _splits_from_csv(root: Path, split_dir: Path) -> tuple[dict[str, list[Path]]
                 "train.csv, val.csv and test.csv with the header 'filename,label'"
             )
         by_label: dict[str, list[Path]] = {}
-        with csv_path.open(newline="") as file:
-            reader = csv.DictReader(file)
-            if not {"filename", "label"} <= set(reader.fieldnames or ()):
-                raise DataError(f"{csv_path} must start with the header 'filename,label'")
-            for row in reader:
-                label, filename = row["label"], row["filename"]
-                by_label.setdefault(label, []).append(_locate(root, label, filename, csv_path))
+        try:
+            rows = csv_path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{csv_path} is not UTF-8 text (byte {error.start}); it should be a CSV with the header "
+                "'filename,label': restore the split file"
+            ) from None
+        reader = csv.DictReader(rows)
+        if not {"filename", "label"} <= set(reader.fieldnames or ()):
+            raise DataError(f"{csv_path} must start with the header 'filename,label'")
+        for row in reader:
+            label, filename = row["label"], row["filename"]
+            if label is None or filename is None:
+                raise DataError(f"{csv_path}:{reader.line_num}: a row needs a filename and a label")
+            by_label.setdefault(label, []).append(_locate(root, label, filename, csv_path))
         # Keyed by split too, so a label listed in two CSVs stays two separate classes.
         for label in sorted(by_label):
             groups[f"{split}/{label}"] = sorted(by_label[label])

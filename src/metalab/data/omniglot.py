@@ -246,8 +246,15 @@ def _vinyals_split(path: Path, characters: Mapping) -> list[tuple[str, int]]:
         raise DataError(
             f"Omniglot vinyals split file not found: expected {path} (one 'Alphabet/characterNN/rotDDD' class per line)"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {error.start}); it should list one 'Alphabet/characterNN/rotDDD' "
+            "class per line: restore the split file"
+        ) from None
     classes = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         char, _, rotation = line.strip().rpartition("/")
