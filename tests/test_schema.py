@@ -90,3 +90,32 @@ def test_types_read_from_annotations():
     assert fits(None, int | None) and not fits("a", int | None)
     assert fits("16-mixed", typing.Literal["16-mixed", "32-true"]) and not fits(16, typing.Literal["16"])
     assert described(typing.Literal["a", "b"] | None) == "a, b or null"
+
+
+# ---------------------------------------------------------------- memory, before the first step
+def test_a_meta_batch_that_cannot_fit_is_refused_before_any_step(tmp_path, cache_dir, data_dir):
+    env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
+    args = [str(BIN / "metalab-train"), f"paths.log_dir={tmp_path}", *QUIET, "meta_batch_size=100000000"]
+    proc = run_command(args, env=env, cwd=Path.cwd(), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "meta_batch_size=100000000 needs at least" in line and "set meta_batch_size=" in line, line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("processes", [1, 4])
+def test_the_meta_batch_advised_is_one_that_fits(tmp_path, processes):
+    from test_learners import sinusoid_setup
+
+    from metalab.memory import check_meta_batch_fits, saved_bytes_of_one_task
+
+    model, datamodule = sinusoid_setup(tmp_path)  # 20,000 steps: the compiled path, measured eagerly
+    assert model.compiled
+    per_task = saved_bytes_of_one_task(model, datamodule.example_batch("train", tasks=1))
+    assert per_task > 0
+    available = per_task * 10 + per_task // 2  # room for ten tasks and a half
+    with pytest.raises(ConfigError, match=r"set meta_batch_size=(\d+) or less") as refused:
+        check_meta_batch_fits(model, datamodule, 48, processes, "cpu", available=available)
+    advised = int(refused.value.args[0].rsplit("meta_batch_size=", 1)[1].split()[0])
+    assert advised == 10 // processes * processes  # a multiple of the DDP processes, which split the batch
+    check_meta_batch_fits(model, datamodule, advised, processes, "cpu", available=available)  # accepted

@@ -23,8 +23,10 @@ from metalab.config import (
     check_train_config,
     resolve,
     save_config,
+    world_size,
 )
 from metalab.errors import Interrupted
+from metalab.memory import check_meta_batch_fits
 from metalab.run_dirs import requeued_checkpoint, slurm_job_name
 from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
@@ -68,6 +70,13 @@ def train(cfg: DictConfig) -> float | None:
     model = learner_cls.from_config(config, list(datamodule.input_shape), datamodule.task_type)
     if model.compile_fallback:
         log.info(model.compile_choice)  # what algorithm.compile=auto chose, and why
+    check_meta_batch_fits(
+        model,
+        datamodule,
+        config["meta_batch_size"],
+        processes=world_size(config["trainer"]),
+        accelerator=str(config["trainer"].get("accelerator", "cpu")),
+    )
     trainer = build_trainer(config, run_dir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=config["ckpt_path"])

@@ -240,13 +240,14 @@ class EpisodicDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test", self.num_workers)
 
-    def example_batch(self, split: str = "train") -> Episode:
-        """One meta-batch of `split` (the first the loaders give), e.g. to log an image grid."""
+    def example_batch(self, split: str = "train", tasks: int | None = None) -> Episode:
+        """One meta-batch of `split` (the first the loaders give), e.g. to log an image grid;
+        `tasks`: only that many of the training batch's tasks (to measure one before a large batch)."""
         if split == "train":
             return sample_meta_batch(
                 self.sources["train"],
                 *self._shape("train"),
-                self.meta_batch_size,
+                self.meta_batch_size if tasks is None else tasks,
                 episode_generator(self.seed, "train", 0),
             )
         return next(iter(self._eval_loader(split, num_workers=0)))
