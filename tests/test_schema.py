@@ -54,6 +54,11 @@ CASES = {
         ["algorithm=protonet", "dataset=omniglot", "algorithm.scheduler.step_size=0"],
         "algorithm.scheduler.step_size=0 counts steps, so at least 1",
     ),
+    # What Lightning checks in its own code, beyond its signature's types: refused as it builds the trainer.
+    "max-time": (["+trainer.max_time=bogus"], "Lightning refuses the trainer.* settings: `Timer(duration='bogus')`"),
+    "val-interval-word": (["trainer.val_check_interval=abc"], "Invalid time format for `val_check_interval`: 'abc'"),
+    "clip-algorithm": (["+trainer.gradient_clip_algorithm=bogus"], "`gradient_clip_algorithm` bogus is invalid"),
+    "episodes-beyond-memory": (["val_episodes=100000000000000000000"], "val_episodes=100000000000000000000 fixed"),
     "top-level-added": (["+anything=1"], "+anything=1 adds the setting anything, which no code reads"),
     "paths-added": (["+paths.foo=2"], "+paths.foo=2 adds the setting paths.foo"),
 }
@@ -119,3 +124,52 @@ def test_the_meta_batch_advised_is_one_that_fits(tmp_path, processes):
     advised = int(refused.value.args[0].rsplit("meta_batch_size=", 1)[1].split()[0])
     assert advised == 10 // processes * processes  # a multiple of the DDP processes, which split the batch
     check_meta_batch_fits(model, datamodule, advised, processes, "cpu", available=available)  # accepted
+
+
+@pytest.fixture(scope="module")
+def sinusoid_checkpoint(tmp_path_factory, data_dir, cache_dir) -> Path:
+    from preloaded_cli import metalab_command
+
+    run = tmp_path_factory.mktemp("trained")
+    done = metalab_command(
+        "metalab-train",
+        f"hydra.run.dir={run}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "val_episodes=2",
+        "test_episodes=2",
+        "logger=none",
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval_seed=-1", "eval_seed=-1 must be a whole number"),
+        ("trainer.precision=banana", "trainer.precision=banana is not 64, 32, 16"),
+        ("+trainer.max_time=bogus", "Lightning refuses the trainer.* settings"),
+        ("test_episodes=100000000000000000000", "test_episodes=100000000000000000000 fixed episodes need"),
+    ],
+    ids=["eval-seed", "precision", "max-time", "huge-count"],
+)
+def test_metalab_eval_checks_its_settings_the_same_way(
+    tmp_path, sinusoid_checkpoint, data_dir, cache_dir, override, message
+):
+    from preloaded_cli import metalab_command
+
+    proc = metalab_command(
+        "metalab-eval",
+        f"ckpt_path={sinusoid_checkpoint}",
+        f"paths.log_dir={tmp_path}",
+        override,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("metalab: error: ") and message in line, line
+    assert not list(tmp_path.rglob("results.json"))

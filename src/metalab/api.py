@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metalab.algorithms.base import evaluation_mode
-from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
+from metalab.checkpoint import RUN_GROUPS, learner_from_checkpoint, read_checkpoint
 from metalab.data.image_cache import MODES, decode_image, image_to_array
 from metalab.errors import ConfigError, DataError, check_positive
 
@@ -302,7 +302,7 @@ def load_learner(path, device: str | torch.device = "cpu") -> Learner:
     Needs no Hydra config directory: the checkpoint holds the resolved run config.
     """
     device = _device(device)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, groups=RUN_GROUPS)
     hyper = checkpoint["hyper_parameters"]
     config, input_shape, task_type = hyper["config"], list(hyper.get("input_shape", [])), hyper.get("task_type")
     if task_type != "classification" or len(input_shape) != 3:

@@ -24,10 +24,11 @@ from metalab.pretrained import resolve as resolve_named
 MARKER = "metalab_version"
 
 
-def read_checkpoint(path, map_location="cpu") -> dict:
+def read_checkpoint(path, map_location="cpu", groups: tuple[str, ...] = ("algorithm", "backbone")) -> dict:
     """Load a checkpoint (on the CPU unless told) without unpickling objects, and check it was written by metalab.
 
     `path` may name a checkpoint shipped in the package, `pretrained:<name>` (metalab/pretrained/).
+    `groups`: the run config's groups the reader needs (RUN_GROUPS where it rebuilds the data too).
     """
     file = Path(resolve_named(path))
     if not file.is_file():
@@ -52,21 +53,21 @@ def read_checkpoint(path, map_location="cpu") -> dict:
             f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written by metalab-train"
         )
     check_stored_targets(config, path)
-    check_stored_shapes(checkpoint["hyper_parameters"], config, path)
+    check_stored_shapes(checkpoint["hyper_parameters"], config, path, groups)
     return checkpoint
 
 
-# What metalab-train stores and every reader builds from: the groups of the run config, and the
-# task types the learners are written for.
-STORED_GROUPS = ("algorithm", "backbone", "dataset")
+# The groups of a run config a reader that rebuilds the learner and its data needs (metalab-eval,
+# load_learner, a resume), and the task types the learners are written for.
+RUN_GROUPS = ("algorithm", "backbone", "dataset")
 TASK_TYPES = ("classification", "regression")
 
 
-def check_stored_shapes(hyper: dict, config: dict, path) -> None:
+def check_stored_shapes(hyper: dict, config: dict, path, groups: tuple[str, ...]) -> None:
     """A stored run config that a reader would trip over (a group missing, an input shape of
     anything but positive whole numbers, an unknown task type) is refused here, naming the file,
     whatever reads it: metalab-eval, metalab-predict, load_learner, a resume."""
-    missing = [group for group in STORED_GROUPS if not isinstance(config.get(group), dict)]
+    missing = [group for group in groups if not isinstance(config.get(group), dict)]
     if missing:
         raise ConfigError(
             f"ckpt_path={path} lacks the {', '.join(missing)} settings of its run config; "

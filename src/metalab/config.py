@@ -16,9 +16,10 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from metalab import schema
 from metalab.backbones import backbone_options
-from metalab.checkpoint import read_checkpoint
+from metalab.checkpoint import RUN_GROUPS, read_checkpoint
 from metalab.errors import ConfigError, StorageError, check_choice, check_meta_batch_split, check_positive
 from metalab.files import write_atomic
+from metalab.memory import check_episode_counts
 from metalab.paths import CONFIG_DIR
 from metalab.run_log import print_config_tree
 
@@ -327,6 +328,7 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
     for key in POSITIVE_EPISODE_KEYS:
         require_positive_int(cfg, key)
     require_positive_int(cfg["trainer"], "max_steps")
+    check_episode_counts(cfg, ("val_episodes", "test_episodes"))
     schema.check_trainer(cfg["trainer"])
     schema.check_checkpoint_callback(cfg.get("callbacks"))
     check_algorithm(cfg, algorithms)
@@ -334,7 +336,7 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
     check_group_keys("dataset", cfg["dataset"], SHARED_DATASET_KEYS)
     check_hardware(cfg["trainer"])
     if cfg.get("ckpt_path") is not None:
-        check_resumable(cfg, read_checkpoint(cfg["ckpt_path"])["hyper_parameters"]["config"])
+        check_resumable(cfg, read_checkpoint(cfg["ckpt_path"], groups=RUN_GROUPS)["hyper_parameters"]["config"])
 
 
 # Backbone settings that choose only how fast the network runs (docs/speed.md).

@@ -16,7 +16,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
+from metalab import schema
+from metalab.checkpoint import RUN_GROUPS, learner_from_checkpoint, read_checkpoint
 from metalab.config import (
     EVALUATION_KEYS,
     SHARED_DATASET_KEYS,
@@ -32,6 +33,7 @@ from metalab.config import (
     save_config,
 )
 from metalab.errors import ConfigError
+from metalab.memory import check_episode_counts
 from metalab.run_log import log
 from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
 
@@ -147,7 +149,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     config = resolve(cfg)
     run_dir = Path(config["paths"]["run_dir"])
-    checkpoint = read_checkpoint(config["ckpt_path"])
+    checkpoint = read_checkpoint(config["ckpt_path"], groups=RUN_GROUPS)
     hyper = checkpoint["hyper_parameters"]
     run = evaluation_config(config, hyper["config"], hyper["input_shape"], list(HydraConfig.get().overrides.task))
     if process_rank() == 0:  # under DDP every process runs this command in the same run dir
@@ -159,6 +161,11 @@ def evaluate(cfg: DictConfig) -> float | None:
     for key in (*TEST_EPISODE_KEYS, *EVALUATION_KEYS):
         require_positive_int(run, key)
     check_hardware(run["trainer"])
+    schema.check_trainer(run["trainer"])
+    schema.check_float32(run)
+    schema.check_seeds({"seed": 0, "eval_seed": run.get("eval_seed")})  # the training seed is the checkpoint's
+    check_episode_counts(run, ("test_episodes",))
+    trainer = build_trainer(run, run_dir, with_callbacks=False)  # Lightning's own refusals, before the data
     datamodule = build_datamodule(run)
     datamodule.setup("test")
     if list(datamodule.input_shape) != list(hyper["input_shape"]):
@@ -169,7 +176,6 @@ def evaluate(cfg: DictConfig) -> float | None:
     # The learner gets this evaluation's config (e.g. eval_inner_steps), the checkpoint's weights.
     model = learner_from_checkpoint(config["ckpt_path"], checkpoint, config=run)
     check_learner_fits_data(run, type(model), datamodule.task_type)
-    trainer = build_trainer(run, run_dir, with_callbacks=False)
     metrics = meta_test(trainer, model, datamodule, None, run)
     if trainer.is_global_zero:  # the metrics are already gathered from every process
         write_results(

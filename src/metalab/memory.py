@@ -84,3 +84,25 @@ def check_meta_batch_fits(
         f"meta_batch_size={meta_batch_size} needs at least {size(tasks * per_task)} for the outer step "
         f"({size(per_task)} a task, measured on one) but {where} is {size(available)}; {advice}"
     )
+
+
+# What the fixed evaluation episodes cost before any is evaluated: the data module deals their
+# indices as lists of batches (datamodule.eval_batches), 43 bytes an episode measured with
+# tracemalloc (a Python int and its list slot); their values and test_episodes.json come on top.
+EPISODE_INDEX_BYTES = 43
+
+
+def check_episode_counts(config: dict, keys: tuple[str, ...], available: int | None = None) -> None:
+    """Refuse a number of fixed evaluation episodes whose indices alone exceed the memory available."""
+    available = available_bytes("cpu") if available is None else available
+    if available is None:
+        return
+    largest = available // EPISODE_INDEX_BYTES
+    for key in keys:
+        count = config.get(key) or 0
+        if count > largest:
+            raise ConfigError(
+                f"{key}={count} fixed episodes need at least {size(count * EPISODE_INDEX_BYTES)} to deal out "
+                f"but the memory available on this machine is {size(available)}; set {key}={largest} or less "
+                "(papers use 600 to 10,000)"
+            )

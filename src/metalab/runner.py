@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import LightningModule, Trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -25,7 +26,7 @@ from metalab.callbacks import StepProgressBar, progress_callbacks
 from metalab.checkpoint import AtomicCheckpointIO
 from metalab.config import EPISODE_SETTINGS, report_error
 from metalab.data import EpisodicDataModule
-from metalab.errors import Interrupted, MetalabError
+from metalab.errors import ConfigError, Interrupted, MetalabError
 from metalab.files import write_json_atomic
 from metalab.paths import CONFIG_DIR
 from metalab.provenance import TEST_EPISODES_FILE, machine, software, test_episodes_identity
@@ -54,17 +55,23 @@ def build_trainer(config: dict, run_dir: Path, with_callbacks: bool = True) -> T
     settings = dict(config["trainer"])
     if config.get("trainval"):  # it trains on the val classes: there is nothing left to validate on
         settings["limit_val_batches"] = 0
-    return Trainer(
-        **{**settings, "enable_progress_bar": any(isinstance(c, StepProgressBar) for c in callbacks)},
-        default_root_dir=str(run_dir),
-        logger=loggers or False,
-        callbacks=callbacks,
-        enable_checkpointing=with_callbacks,
-        plugins=[AtomicCheckpointIO()],
-        # The data module shards the fixed evaluation episodes over DDP processes itself,
-        # without the repeated episodes Lightning's distributed sampler pads with.
-        use_distributed_sampler=False,
-    )
+    try:
+        return Trainer(
+            **{**settings, "enable_progress_bar": any(isinstance(c, StepProgressBar) for c in callbacks)},
+            default_root_dir=str(run_dir),
+            logger=loggers or False,
+            callbacks=callbacks,
+            enable_checkpointing=with_callbacks,
+            plugins=[AtomicCheckpointIO()],
+            # The data module shards the fixed evaluation episodes over DDP processes itself,
+            # without the repeated episodes Lightning's distributed sampler pads with.
+            use_distributed_sampler=False,
+        )
+    except (MisconfigurationException, ValueError) as error:
+        # What Lightning checks in its own code, beyond its signature's types (schema.py): a time
+        # that is not DD:HH:MM:SS, a profiler or clipping algorithm it does not know. Its message
+        # names the value and what it accepts.
+        raise ConfigError(f"Lightning refuses the trainer.* settings: {str(error).splitlines()[0]}") from None
 
 
 def use_tf32(enabled: bool) -> None:

@@ -55,6 +55,8 @@ def train(cfg: DictConfig) -> float | None:
     check_distributed(
         config, multirun=hydra_cfg.mode == RunMode.MULTIRUN, launcher=str(hydra_cfg.launcher.get("_target_", ""))
     )
+    # Built before the data is read: what Lightning refuses in its own code comes before any work.
+    trainer = build_trainer(config, run_dir)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     if datamodule.trainval:
@@ -77,7 +79,6 @@ def train(cfg: DictConfig) -> float | None:
         processes=world_size(config["trainer"]),
         accelerator=str(config["trainer"].get("accelerator", "cpu")),
     )
-    trainer = build_trainer(config, run_dir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=config["ckpt_path"])
     except SIGTERMException:
