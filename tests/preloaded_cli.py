@@ -138,3 +138,32 @@ def metalab_command(name: str, *overrides: str, data_dir: Path, cache_dir: Path,
     env = {**os.environ, "METALAB_DATA_DIR": str(data_dir), "METALAB_CACHE_DIR": str(cache_dir)}
     args = [str(BIN / name), "trainer.enable_progress_bar=false", *overrides]
     return run_command(args, env=env, cwd=Path.cwd(), timeout=timeout)
+
+
+def trained_briefly(run_dir: Path, steps: int, *overrides: str, data_dir: Path, cache_dir: Path) -> Path:
+    """metalab-train (sinusoid MAML unless `overrides` say otherwise) for `steps` outer steps into
+    `run_dir`; returns its checkpoints/last.ckpt. For tests that need a genuine checkpoint to
+    resume, evaluate or damage."""
+    done = metalab_command(
+        "metalab-train",
+        f"hydra.run.dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        *overrides,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def resumed(run_dir: Path, checkpoint: Path, steps: int, *overrides: str, data_dir: Path, cache_dir: Path):
+    """metalab-train resuming `checkpoint` into `run_dir` up to `steps` outer steps (a CompletedProcess)."""
+    return metalab_command(
+        "metalab-train",
+        f"hydra.run.dir={run_dir}",
+        f"ckpt_path={checkpoint}",
+        f"trainer.max_steps={steps}",
+        *overrides,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+    )

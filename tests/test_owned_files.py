@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from preloaded_cli import metalab_command
+from preloaded_cli import resumed, trained_briefly
 
 from metalab.callbacks import ResumableCheckpoint
 from metalab.checkpoint import AtomicCheckpointIO
@@ -47,19 +47,11 @@ def craft(checkpoint: Path, out: Path, **record) -> None:
 
 @pytest.mark.parametrize("via", ["dot-dot", "symlink"])
 def test_a_crafted_checkpoint_cannot_make_a_resumed_run_delete_outside_it(tmp_path, cache_dir, data_dir, via):
-    first, resumed = tmp_path / "first", tmp_path / "resumed"
-    done = metalab_command(
-        "metalab-train",
-        f"hydra.run.dir={first}",
-        "trainer.max_steps=10",
-        *SHORT,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    first, resumed_dir = tmp_path / "first", tmp_path / "resumed"
+    trained_briefly(first, 10, *SHORT, data_dir=data_dir, cache_dir=cache_dir)
     victim = victim_folder(tmp_path)
     if via == "dot-dot":  # Lightning's guard compares path text: <run>/checkpoints/../.. passes it
-        named = f"{resumed}/checkpoints/../../victim"
+        named = f"{resumed_dir}/checkpoints/../../victim"
     else:  # a link planted in the resumed run's folder, next to its checkpoints
         planted = first / "checkpoints" / "best-step0.ckpt"
         planted.symlink_to(victim, target_is_directory=True)
@@ -69,7 +61,7 @@ def test_a_crafted_checkpoint_cannot_make_a_resumed_run_delete_outside_it(tmp_pa
     craft(
         first / "checkpoints" / "last.ckpt",
         crafted,
-        dirpath=str(resumed / "checkpoints"),  # what Lightning compares before it restores the whole record
+        dirpath=str(resumed_dir / "checkpoints"),  # what Lightning compares before it restores the whole record
         best_model_path=named,
         kth_best_model_path=named,
         best_k_models={named: worst},
@@ -77,47 +69,23 @@ def test_a_crafted_checkpoint_cannot_make_a_resumed_run_delete_outside_it(tmp_pa
         kth_value=worst,
         last_model_path=named,
     )
-    run = metalab_command(
-        "metalab-train",
-        f"hydra.run.dir={resumed}",
-        f"ckpt_path={crafted}",
-        "trainer.max_steps=30",
-        *SHORT,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
+    run = resumed(resumed_dir, crafted, 30, *SHORT, data_dir=data_dir, cache_dir=cache_dir)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (victim / "inside" / "precious.txt").read_text() == "not metalab's"
     assert "the record is ignored" in run.stderr
     # The resumed run kept its own best and meta-tested it, not the named file.
-    tested = json.loads((resumed / "results.json").read_text())["tested_checkpoint"]
-    assert Path(tested).parent == resumed / "checkpoints", tested
+    tested = json.loads((resumed_dir / "results.json").read_text())["tested_checkpoint"]
+    assert Path(tested).parent == resumed_dir / "checkpoints", tested
 
 
 def test_a_genuine_record_survives_the_resume_and_its_best_is_meta_tested(tmp_path, cache_dir, data_dir):
-    first, resumed = tmp_path / "first", tmp_path / "resumed"
-    done = metalab_command(
-        "metalab-train",
-        f"hydra.run.dir={first}",
-        "trainer.max_steps=10",
-        *SHORT,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    first, resumed_dir = tmp_path / "first", tmp_path / "resumed"
+    trained_briefly(first, 10, *SHORT, data_dir=data_dir, cache_dir=cache_dir)
     # Resumed to step 15: no validation after the resume, so the best is still the first run's.
-    run = metalab_command(
-        "metalab-train",
-        f"hydra.run.dir={resumed}",
-        f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
-        "trainer.max_steps=15",
-        *SHORT,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
+    run = resumed(resumed_dir, first / "checkpoints" / "last.ckpt", 15, *SHORT, data_dir=data_dir, cache_dir=cache_dir)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "record is ignored" not in run.stderr
-    tested = json.loads((resumed / "results.json").read_text())["tested_checkpoint"]
+    tested = json.loads((resumed_dir / "results.json").read_text())["tested_checkpoint"]
     assert tested == str(first / "checkpoints" / "best-step10.ckpt")
     assert (first / "checkpoints" / "best-step10.ckpt").is_file()  # another run's file: never removed
 

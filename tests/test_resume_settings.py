@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from preloaded_cli import metalab_command
+from preloaded_cli import resumed, trained_briefly
 
 STEP_LR = "algorithm.scheduler={_target_:torch.optim.lr_scheduler.StepLR,step_size:4,gamma:0.5}"
 SHORT = [
@@ -21,24 +21,7 @@ SHORT = [
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, data_dir, cache_dir) -> Path:
-    run = tmp_path_factory.mktemp("first")
-    done = metalab_command(
-        "metalab-train", f"hydra.run.dir={run}", "trainer.max_steps=8", *SHORT, data_dir=data_dir, cache_dir=cache_dir
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run / "checkpoints" / "last.ckpt"
-
-
-def resume(run: Path, last: Path, *changes: str, data_dir, cache_dir):
-    return metalab_command(
-        "metalab-train",
-        f"hydra.run.dir={run}",
-        f"ckpt_path={last}",
-        *SHORT,
-        *changes,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
+    return trained_briefly(tmp_path_factory.mktemp("first"), 8, *SHORT, data_dir=data_dir, cache_dir=cache_dir)
 
 
 def test_a_changed_learning_rate_and_schedule_act_on_resume(tmp_path, first_run, data_dir, cache_dir):
@@ -46,10 +29,11 @@ def test_a_changed_learning_rate_and_schedule_act_on_resume(tmp_path, first_run,
     # 8 steps of StepLR(4, 0.5) from 0.001: the rate is a quarter of it.
     assert before["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.001 * 0.25)
     run = tmp_path / "resumed"
-    done = resume(
+    done = resumed(
         run,
         first_run,
-        "trainer.max_steps=9",
+        9,
+        *SHORT,
         "algorithm.optimizer.lr=0.004",
         "+algorithm.optimizer.betas=[0.5,0.9]",
         "algorithm.scheduler.step_size=5",
@@ -69,9 +53,7 @@ def test_a_changed_learning_rate_and_schedule_act_on_resume(tmp_path, first_run,
 
 
 def test_a_changed_seed_is_refused_by_name_on_resume(tmp_path, first_run, data_dir, cache_dir):
-    refused = resume(
-        tmp_path / "resumed", first_run, "trainer.max_steps=9", "seed=1", data_dir=data_dir, cache_dir=cache_dir
-    )
+    refused = resumed(tmp_path / "resumed", first_run, 9, *SHORT, "seed=1", data_dir=data_dir, cache_dir=cache_dir)
     assert refused.returncode == 2, refused.stderr[-2000:]
     (line,) = refused.stderr.strip().splitlines()
     assert "was trained with seed=0, not 1" in line

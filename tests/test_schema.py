@@ -128,22 +128,10 @@ def test_the_meta_batch_advised_is_one_that_fits(tmp_path, processes):
 
 @pytest.fixture(scope="module")
 def sinusoid_checkpoint(tmp_path_factory, data_dir, cache_dir) -> Path:
-    from preloaded_cli import metalab_command
+    from preloaded_cli import trained_briefly
 
-    run = tmp_path_factory.mktemp("trained")
-    done = metalab_command(
-        "metalab-train",
-        f"hydra.run.dir={run}",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=4",
-        "val_episodes=2",
-        "test_episodes=2",
-        "logger=none",
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run / "checkpoints" / "last.ckpt"
+    quiet = ("trainer.val_check_interval=4", "val_episodes=2", "test_episodes=2", "logger=none")
+    return trained_briefly(tmp_path_factory.mktemp("trained"), 4, *quiet, data_dir=data_dir, cache_dir=cache_dir)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from preloaded_cli import metalab_command
+from preloaded_cli import metalab_command, resumed, trained_briefly
 
 import metalab
 from metalab.errors import ConfigError
@@ -20,12 +20,7 @@ SHORT = ["trainer.val_check_interval=10", "val_episodes=2", "test_episodes=2", "
 
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory, data_dir, cache_dir) -> Path:
-    run = tmp_path_factory.mktemp("genuine")
-    done = metalab_command(
-        "metalab-train", f"hydra.run.dir={run}", "trainer.max_steps=10", *SHORT, data_dir=data_dir, cache_dir=cache_dir
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run / "checkpoints" / "last.ckpt"
+    return trained_briefly(tmp_path_factory.mktemp("genuine"), 10, *SHORT, data_dir=data_dir, cache_dir=cache_dir)
 
 
 def config(checkpoint: dict) -> dict:
@@ -95,15 +90,7 @@ def test_a_tampered_random_state_stops_the_resume_in_one_line(tmp_path, genuine,
     path = tmp_path / "damaged.ckpt"
     torch.save(damaged, path)
     run = tmp_path / "resumed"
-    proc = metalab_command(
-        "metalab-train",
-        f"hydra.run.dir={run}",
-        f"ckpt_path={path}",
-        "trainer.max_steps=12",
-        *SHORT,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
+    proc = resumed(run, path, 12, *SHORT, data_dir=data_dir, cache_dir=cache_dir)
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("metalab: error")]
     assert f"ckpt_path={path}: its random state is damaged" in line, line

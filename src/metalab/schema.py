@@ -200,20 +200,30 @@ def check_seeds(cfg: Mapping) -> None:
             )
 
 
-def check_float32(cfg, where: str = "") -> None:
-    """Every number fits in float32: `algorithm.optimizer.lr=1e300` is finite in Python but overflows
-    in the optimizer's float32 step."""
+def numbers(cfg, where: str = ""):
+    """(setting, value) of every float in a config, at any depth: `algorithm.optimizer.lr`, `dataset.amplitude[1]`."""
     if isinstance(cfg, Mapping):
         for key, value in cfg.items():
-            check_float32(value, f"{where}.{key}" if where else str(key))
+            yield from numbers(value, f"{where}.{key}" if where else str(key))
     elif isinstance(cfg, list):
         for i, value in enumerate(cfg):
-            check_float32(value, f"{where}[{i}]")
-    elif isinstance(cfg, float) and math.isfinite(cfg) and abs(cfg) > FLOAT32_MAX:
-        raise ConfigError(
-            f"{where}={cfg} does not fit in float32 (at most {FLOAT32_MAX:.3g}), the precision metalab "
-            "trains in; give a smaller value"
-        )
+            yield from numbers(value, f"{where}[{i}]")
+    elif isinstance(cfg, float):
+        yield where, cfg
+
+
+def check_numbers(cfg) -> None:
+    """Every number is finite (`algorithm.optimizer.lr=inf` passes a positivity check but turns every
+    weight non-finite at the first step) and fits in float32 (`lr=1e300` is finite in Python but
+    overflows in the optimizer's float32 step)."""
+    for where, value in numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value} is not a finite number; give a finite value")
+        if abs(value) > FLOAT32_MAX:
+            raise ConfigError(
+                f"{where}={value} does not fit in float32 (at most {FLOAT32_MAX:.3g}), the precision metalab "
+                "trains in; give a smaller value"
+            )
 
 
 def check_positive_sizes(setting: str, section: Mapping, cls) -> None:
