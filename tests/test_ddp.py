@@ -18,12 +18,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning import Trainer
 from lightning.pytorch.strategies import DDPStrategy
+from test_cli import results, run
 
 from metalab.algorithms import ALGORITHMS
 from metalab.config import ConfigError, check_distributed, check_hardware, resolve
 from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule, guarded
-from test_cli import results, run
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4

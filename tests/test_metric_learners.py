@@ -182,7 +182,7 @@ def test_relationnet_class_feature_is_the_sum_over_shots(tmp_path):
 def test_at_meta_test_a_query_does_not_depend_on_the_other_queries(variant, tmp_path):
     model = learner(configured(tmp_path, "unused", tmp_path, *VARIANTS[variant]))
     assert model.batch_norm == "running"  # the configs' default: the authors' model.eval() protocol
-    for step in range(3):  # training-mode passes: batch statistics, running averages updated
+    for _ in range(3):  # training-mode passes: batch statistics, running averages updated
         model.meta_loss(random_episodes(2, 5, 1, 2))
     model.eval()  # as Lightning's validate/test and metalab.load_learner set it
     batch = random_episodes(2, ways=5, shots=2, queries=3)

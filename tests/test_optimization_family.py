@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from test_learners import quiet_trainer, sinusoid_setup
 from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -21,11 +22,10 @@ from metalab.config import (
     auto_compile,
     check_compile,
     check_learner_fits_data,
-    group_defaults,
     cpp_compiler,
+    group_defaults,
 )
 from metalab.data.episodes import Episode
-from test_learners import quiet_trainer, sinusoid_setup
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 4
 MLP = {"name": "mlp", "hidden_sizes": [7, 6]}
@@ -272,9 +272,8 @@ def test_mamlpp_at_its_defaults_adapts_every_sinusoid_task_without_blowing_up(tm
 def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     from lightning import Callback, Trainer
 
-    from metalab.callbacks import ResumableCheckpoint
-
     from metalab.algorithms.maml import MAML
+    from metalab.callbacks import ResumableCheckpoint
     from metalab.errors import TrainingDiverged
 
     class BlowUpInnerRate(Callback):  # what a too-large inner learning rate does, from step 15 on

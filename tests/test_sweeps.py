@@ -17,7 +17,7 @@ from metalab.paths import CONFIG_DIR
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "scripts"))
-import summarize_sweep
+import summarize_sweep  # noqa: E402 (scripts/ is not a package: importable once on the path)
 
 # MAML on sinusoid, 20 outer steps per job: seconds each, no data needed.
 TINY = [

@@ -18,11 +18,12 @@ k_t^i = tanh(W_k^i h_t) and a gate α_t^i = W_α^i h_t (the learned interpolatio
 In the paper's equations head i writes its key (`algorithm.add_vector=false`, the paper
 experiment config); `algorithm.add_vector=true`, the `algorithm=mann` default, writes a separate
 add vector a_t^i = tanh(W_a^i h_t) instead, as tristandeleu/ntm-one-shot does (mann/model.py,
-line 59), which learned much faster on Omniglot sequences (docs/results.md, memory-based results; results/mann_omniglot_5w10i*.json).
-The paper reads with β_t = 1 (`algorithm.key_strength=false`); `algorithm.key_strength=true`, the `algorithm=mann` default (measured better together with the
-add vector), adds the Neural Turing Machine's learned key strength β_t = 1 + softplus(W_β h_t),
-which lets a read focus on one slot. Least-recently-used access (LRUA), per step, following
-tristandeleu/ntm-one-shot mann/model.py lines 63-72:
+line 59), which learned much faster on Omniglot sequences (docs/results.md, memory-based
+results; results/mann_omniglot_5w10i*.json). The paper reads with β_t = 1
+(`algorithm.key_strength=false`); `algorithm.key_strength=true`, the `algorithm=mann` default
+(measured better together with the add vector), adds the Neural Turing Machine's learned key
+strength β_t = 1 + softplus(W_β h_t), which lets a read focus on one slot. Least-recently-used
+access (LRUA), per step, following tristandeleu/ntm-one-shot mann/model.py lines 63-72:
 
     lu_{t-1}(i) = the slot of i-th smallest usage w^u_{t-1}     each head its own least-used slot
     w^w_t^i = σ(α_t^i) w^r_{t-1}^i + (1 − σ(α_t^i)) e_{lu_{t-1}(i)}   write to the last-read slot or it

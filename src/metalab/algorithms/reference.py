@@ -44,19 +44,19 @@ def per_task_meta_loss(
     for t in range(batch.support_x.shape[0]):
         fast = {n: shared[n] for n in adapted_names}
 
-        def forward(k: int, x: Tensor) -> Tensor:
+        def forward(k: int, x: Tensor, fast: dict[str, Tensor]) -> Tensor:
             overrides = step_params(k) if step_params is not None else {}
             return functional_call(model, {**shared, **overrides, **fast}, (x,))
 
         query_losses = []  # after each inner step, for the multi-step loss only
         for k in range(steps):
-            support_loss = loss_fn(forward(k, batch.support_x[t]), batch.support_y[t])
+            support_loss = loss_fn(forward(k, batch.support_x[t], fast), batch.support_y[t])
             grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
             fast = {n: p - lr(k, n) * g for (n, p), g in zip(fast.items(), grads)}
             if step_weights is not None:
-                query_losses.append(loss_fn(forward(k, batch.query_x[t]), batch.query_y[t]))
+                query_losses.append(loss_fn(forward(k, batch.query_x[t], fast), batch.query_y[t]))
         if step_weights is None:
-            task_losses.append(loss_fn(forward(steps - 1, batch.query_x[t]), batch.query_y[t]))
+            task_losses.append(loss_fn(forward(steps - 1, batch.query_x[t], fast), batch.query_y[t]))
         else:
             task_losses.append(sum(w * loss for w, loss in zip(step_weights, query_losses)))
     return torch.stack(task_losses).mean()

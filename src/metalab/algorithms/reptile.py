@@ -38,11 +38,11 @@ from metalab.algorithms.inner_loop import (
     adam_adapt,
     mean_loss_per_task,
     minibatch_indices,
+    parameter_key,
     per_task,
     sgd_step,
     take_examples,
 )
-from metalab.algorithms.inner_loop import parameter_key
 from metalab.algorithms.maml import MAML
 from metalab.data.episodes import Episode
 from metalab.errors import check_choice, check_positive
