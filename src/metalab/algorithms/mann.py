@@ -283,7 +283,8 @@ class SequenceLearner(MetaLearner):
 class MANN(SequenceLearner):
     """LSTM controller with an external memory written by LRUA and read by cosine similarity."""
 
-    settings_of_older_checkpoints = {"add_vector": False}  # the setting came in 343c065
+    # Checkpoints written before add_vector existed wrote the key itself, as add_vector=false does.
+    settings_of_older_checkpoints = {"add_vector": False}
 
     def __init__(
         self,

@@ -34,7 +34,8 @@ BATCH_NORM = ("running", "transductive")
 
 class MetricLearner(MetaLearner):
     task_types = ("classification",)
-    settings_of_older_checkpoints = {"batch_norm": "transductive"}  # the setting came in 6661a23
+    # Checkpoints written before batch_norm existed normalized with each pass's own statistics.
+    settings_of_older_checkpoints = {"batch_norm": "transductive"}
 
     def __init__(self, *, batch_norm: str, **common):
         """`batch_norm`: running or transductive (the module docstring); `common`: MetaLearner's arguments."""

@@ -85,7 +85,8 @@ class SharedAdamState(nn.Module):
 
 class Reptile(MAML):
     compilable = False  # its inner loop cuts the graph with requires_grad_, which torch.func forbids
-    settings_of_older_checkpoints = {"inner_adam_state": "per_task"}  # the setting came in de840d5
+    # Checkpoints written before inner_adam_state existed kept one Adam state per task.
+    settings_of_older_checkpoints = {"inner_adam_state": "per_task"}
 
     def __init__(
         self,
