@@ -59,6 +59,11 @@ CASES = {
     "val-interval-word": (["trainer.val_check_interval=abc"], "Invalid time format for `val_check_interval`: 'abc'"),
     "clip-algorithm": (["+trainer.gradient_clip_algorithm=bogus"], "`gradient_clip_algorithm` bogus is invalid"),
     "episodes-beyond-memory": (["val_episodes=100000000000000000000"], "val_episodes=100000000000000000000 fixed"),
+    "negative-clip": (["algorithm.grad_clip=-1"], "algorithm.grad_clip=-1 must be a positive number, or null for none"),
+    "negative-rate-lr": (
+        ["algorithm=mamlpp", "algorithm.step_lr_lr=-0.001"],
+        "algorithm.step_lr_lr=-0.001 must be a positive number",
+    ),
     "top-level-added": (["+anything=1"], "+anything=1 adds the setting anything, which no code reads"),
     "paths-added": (["+paths.foo=2"], "+paths.foo=2 adds the setting paths.foo"),
 }

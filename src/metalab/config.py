@@ -231,6 +231,11 @@ def check_algorithm(cfg: dict, algorithms: dict) -> None:
     check_positive("algorithm.optimizer.lr", algorithm["optimizer"].get("lr"), 0.001, integer=False)
     if "inner_lr" in algorithm:
         check_positive("algorithm.inner_lr", algorithm["inner_lr"], 0.001, integer=False)
+    # Optional rates and limits: null turns them off; a value must be above 0 (a negative clipping
+    # norm would flip the meta-gradient's sign, a negative rate climb the loss).
+    for key, example in (("grad_clip", 10), ("step_lr_lr", 0.00001)):
+        if algorithm.get(key) is not None:
+            check_positive(f"algorithm.{key}", algorithm[key], example, integer=False, otherwise="null for none")
     for key in ("inner_steps", "eval_inner_steps"):
         if key in algorithm:
             require_positive_int(algorithm, key)
