@@ -59,6 +59,8 @@ CASES = {
     "val-interval-word": (["trainer.val_check_interval=abc"], "Invalid time format for `val_check_interval`: 'abc'"),
     "clip-algorithm": (["+trainer.gradient_clip_algorithm=bogus"], "`gradient_clip_algorithm` bogus is invalid"),
     "episodes-beyond-memory": (["val_episodes=100000000000000000000"], "val_episodes=100000000000000000000 fixed"),
+    "lightning-clipping": (["+trainer.gradient_clip_val=1"], "clip the meta-gradient with algorithm.grad_clip=<norm>"),
+    "lightning-accumulation": (["+trainer.accumulate_grad_batches=2"], "take more tasks per outer step"),
     "negative-clip": (["algorithm.grad_clip=-1"], "algorithm.grad_clip=-1 must be a positive number, or null for none"),
     "negative-rate-lr": (
         ["algorithm=mamlpp", "algorithm.step_lr_lr=-0.001"],

@@ -25,6 +25,13 @@ SEED_RANGE = (0, 2**32 - 1)  # what NumPy's seeding accepts (lightning.seed_ever
 POSITIVE_TRAINER_SETTINGS = ("val_check_interval", "accumulate_grad_batches", "check_val_every_n_epoch", "num_nodes")
 # Numbers where -1 means "no limit" to Lightning.
 UNLIMITED_BY_MINUS_ONE = ("max_epochs", "max_steps", "min_steps", "min_epochs")
+# Trainer arguments for automatic optimization, which metalab's learners do not use (each takes
+# its outer step itself): the setting that does the same for them.
+AUTOMATIC_OPTIMIZATION_ONLY = {
+    "gradient_clip_val": "clip the meta-gradient with algorithm.grad_clip=<norm>",
+    "gradient_clip_algorithm": "algorithm.grad_clip clips the meta-gradient's norm",
+    "accumulate_grad_batches": "take more tasks per outer step with meta_batch_size",
+}
 # Trainer arguments metalab builds itself from other groups (logger=, callbacks=), never from trainer.*.
 SET_BY_METALAB = ("logger", "callbacks", "plugins", "default_root_dir")
 
@@ -156,6 +163,13 @@ def check_trainer(trainer: Mapping) -> None:
                 f"remove it with ~trainer.{key}"
             )
     check_against_signature("trainer", section, Trainer, set_by_code=SET_BY_METALAB)
+    for key, instead in AUTOMATIC_OPTIMIZATION_ONLY.items():
+        value = section.get(key)
+        if value is not None and not (key == "accumulate_grad_batches" and value == 1):  # 1: Lightning's default
+            raise ConfigError(
+                f"trainer.{key}={format_value(section[key])} applies to Lightning's automatic optimization, "
+                f"which metalab's learners do not use; {instead} (and remove ~trainer.{key})"
+            )
     for key, value in section.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
