@@ -57,7 +57,7 @@ CASES = {
     # What Lightning checks in its own code, beyond its signature's types: refused as it builds the trainer.
     "max-time": (["+trainer.max_time=bogus"], "Lightning refuses the trainer.* settings: `Timer(duration='bogus')`"),
     "val-interval-word": (["trainer.val_check_interval=abc"], "Invalid time format for `val_check_interval`: 'abc'"),
-    "clip-algorithm": (["+trainer.gradient_clip_algorithm=bogus"], "`gradient_clip_algorithm` bogus is invalid"),
+    "profiler": (["+trainer.profiler=bogus"], "string value for the `profiler` parameter of `Trainer`"),
     "episodes-beyond-memory": (["val_episodes=100000000000000000000"], "val_episodes=100000000000000000000 fixed"),
     "lightning-clipping": (["+trainer.gradient_clip_val=1"], "clip the meta-gradient with algorithm.grad_clip=<norm>"),
     "lightning-accumulation": (["+trainer.accumulate_grad_batches=2"], "take more tasks per outer step"),
