@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from metalab import schema
-from metalab.backbones import backbone_options
+from metalab.backbones import backbone_class, backbone_options
 from metalab.checkpoint import RUN_GROUPS, read_checkpoint
 from metalab.errors import ConfigError, StorageError, check_choice, check_meta_batch_split, check_positive
 from metalab.files import write_atomic
@@ -346,11 +346,13 @@ def auto_compile(cfg: dict, learner_cls) -> tuple[bool, str]:
     """What algorithm.compile=auto means for this run: (compile?, the reason, to print)."""
     algorithm, trainer = cfg["algorithm"], cfg.get("trainer") or {}
     steps, backbone = trainer.get("max_steps"), (cfg.get("backbone") or {}).get("name")
+    target = (cfg.get("backbone") or {}).get("_target_")
+    pays = backbone is not None and getattr(backbone_class(target, backbone), "compile_pays_on_cpu", False)
     devices = trainer.get("devices", 1)
     distributed = "ddp" in str(trainer.get("strategy") or "") or (isinstance(devices, int) and devices > 1)
     eager_because = [
         (not learner_cls.compilable, f"algorithm={algorithm.get('name')} has no compiled path"),
-        (backbone != "mlp", f"backbone={backbone}: compiling is measured to pay for an MLP only"),
+        (not pays, f"backbone={backbone}: compiling is measured to pay for an MLP only"),
         (trainer.get("accelerator", "cpu") != "cpu", "on a GPU compiling is not measured yet"),
         (distributed, "several processes (DDP): not measured"),
         (bool(algorithm.get("checkpoint_inner_steps")), "algorithm.checkpoint_inner_steps=true cannot be compiled"),

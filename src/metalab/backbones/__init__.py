@@ -14,8 +14,10 @@ from metalab.schema import check_against_signature, check_positive_sizes
 BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 
 
-# Backbones with BatchNorm layers, which can keep running statistics (`running_stats`).
-NORMALIZED = ("conv4", "resnet12")
+def takes_running_stats(cls) -> bool:
+    """A backbone with BatchNorm layers takes `running_stats` (keep running statistics for eval mode);
+    one without has nothing to keep. Read from its constructor, so a new backbone needs no list."""
+    return "running_stats" in inspect.signature(cls).parameters
 
 
 # Constructor arguments metalab fills in itself, never from the config.
@@ -35,8 +37,9 @@ def checked_backbone(cfg: Mapping) -> tuple[type[nn.Module], str, dict]:
     options = dict(cfg)
     name = options.pop("name", None)
     target = options.pop("_target_", None)
-    check_choice("backbone", name, sorted(BACKBONES))
-    cls = backbone_class(target, name)
+    if target is None:  # a config from before `_target_`: the backbone by name
+        check_choice("backbone", name, sorted(BACKBONES))
+    cls = backbone_class(target, name)  # otherwise the class its `_target_` names: a new one needs no list
     # The accepted keys are the constructor's own arguments: a list that cannot drift from the code.
     accepted = [key for key in inspect.signature(cls).parameters if key not in SET_BY_CODE]
     unknown = sorted(set(options) - set(accepted))
@@ -56,6 +59,7 @@ def backbone_class(target, name: str) -> type[nn.Module]:
     """The class `backbone._target_` names (metalab's own backbones only), else the one `name` names
     (a checkpoint from before `_target_`)."""
     if target is None:
+        check_choice("backbone", name, sorted(BACKBONES))
         return BACKBONES[name]
     return metalab_class(
         "backbone._target_",
@@ -74,6 +78,6 @@ def build_backbone(cfg: Mapping, input_shape: tuple[int, ...], running_stats: bo
     (for learners that never vmap the backbone; a backbone without BatchNorm ignores it).
     """
     cls, name, options = checked_backbone(cfg)
-    if running_stats and name in NORMALIZED:
+    if running_stats and takes_running_stats(cls):
         options["running_stats"] = True
     return cls(input_shape=tuple(input_shape), **options)

@@ -28,6 +28,10 @@ class Dense(nn.Module):
 class MLP(nn.Module):
     """Flatten the input, then Dense+ReLU for each hidden size. `out_features` is the last size."""
 
+    # algorithm.compile=auto compiles a long run on this network on a CPU: measured to pay there
+    # (docs/speed.md, "Compiled by default"); a backbone without this attribute runs eagerly.
+    compile_pays_on_cpu = True
+
     def __init__(self, input_shape: tuple[int, ...], hidden_sizes: list[int] = (40, 40)):
         super().__init__()
         sizes = [math.prod(input_shape), *hidden_sizes]

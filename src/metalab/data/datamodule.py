@@ -36,7 +36,8 @@ def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path, trainva
     train and val classes together (check_trainval)."""
     cfg = with_group_defaults("dataset", dataset_cfg)  # conf/dataset/<name>.yaml: the one place of the defaults
     name = cfg.get("name")
-    check_choice("dataset.name", name, sorted(DATASETS))
+    if cfg.get("_target_") is None:  # a config from before `_target_`: the dataset by name
+        check_choice("dataset.name", name, sorted(DATASETS))
     check_group_keys("dataset", cfg, SHARED_DATASET_KEYS)  # a clear refusal, not a TypeError
     # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading
     shape_episodes = episode_shaper(cfg.get("episodes", "few_shot"), name)
