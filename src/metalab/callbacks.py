@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -60,6 +59,13 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     Files are written atomically (checkpoint.AtomicCheckpointIO, set by runner.build_trainer).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Files this run may delete when a newer best or last replaces them: the ones it wrote,
+        # and those of the run it resumes in this same folder (a requeued SLURM job).
+        self._owned: set[str] = set()
+        self._resuming_trainer: Trainer | None = None
 
     def _saving(self, trainer: Trainer) -> bool:
         return not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING)
@@ -114,13 +120,6 @@ class ResumableCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         self._owned.add(str(Path(filepath).resolve()))
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Files this run may delete when a newer best or last replaces them: the ones it wrote,
-        # and those of the run it resumes in this same folder (a requeued SLURM job).
-        self._owned: set[str] = set()
-        self._resuming_trainer: Trainer | None = None
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         # Lightning names the checkpoint it resumes from (trainer.ckpt_path) only after setup,
@@ -138,7 +137,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         """Where a restored record may point: this run's checkpoint folder and the resumed checkpoint's."""
         folders = [Path(self.dirpath).resolve()] if self.dirpath else []
         resumed = self._resuming_trainer.ckpt_path if self._resuming_trainer is not None else None
-        if resumed and _is_local_file_protocol(str(resumed)):
+        if resumed:
             folders.append(Path(resumed).resolve().parent)
         return folders
 
@@ -155,10 +154,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         meta-tested. A record naming any path outside the run's (or the resumed run's) checkpoint
         folder, or no such file, is dropped whole with a warning: the resumed run keeps its own best."""
         state = dict(state_dict)
-        best = [state.get("best_model_path"), state.get("kth_best_model_path"), *(state.get("best_k_models") or {})]
-        refused = [p for p in best if p and not self._trusted_path(p)]
-        if not isinstance(state.get("best_k_models", {}), dict):
-            refused.append(repr(state["best_k_models"]))
+        kept = state.get("best_k_models") or {}
+        if isinstance(kept, dict):
+            best = [state.get("best_model_path"), state.get("kth_best_model_path"), *kept]
+            refused = [p for p in best if p and not self._trusted_path(p)]
+        else:
+            refused = [repr(kept)]
         if refused:
             log.warning(
                 f"the resumed checkpoint's record of the best checkpoint names {refused[0]}, which is not a "
@@ -178,12 +179,13 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # Lightning removes the previous best or last by the path in its record; only a file this
         # run wrote (or the one it resumes in the same folder) is removed, never what a path
-        # from a file points at.
-        real = Path(filepath).resolve()
-        if str(real) not in self._owned or Path(filepath).is_symlink() or not real.is_file():
+        # from a file points at (a link resolves elsewhere; AtomicCheckpointIO removes one
+        # regular file only).
+        real = str(Path(filepath).resolve())
+        if real not in self._owned:
             log.warning(f"{filepath} was not written by this run, so it is not removed")
             return
-        self._owned.discard(str(real))
+        self._owned.discard(real)
         super()._remove_checkpoint(trainer, filepath)
 
 

@@ -13,7 +13,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from metalab.errors import StorageError
 
@@ -78,29 +81,38 @@ def sync_directory(folder: Path) -> None:
         os.close(directory)
 
 
-def write_atomic(path, data: bytes | str | memoryview, encoding: str = "utf-8", errors: str = "strict") -> None:
-    """Replace `path` by `data` (text is encoded with `encoding` and `errors`) in one rename."""
+@contextmanager
+def atomic_file(path, size: int | None = None) -> Iterator[BinaryIO]:
+    """A new temporary file beside `path`, open for reading and writing, that replaces `path` in one
+    rename when the block ends without an error (flushed to disk first) and is removed when it
+    does not. `size`: the bytes it will hold, for the message when the disk is full."""
     target = Path(path)
-    payload = data.encode(encoding, errors) if isinstance(data, str) else data
     temporary = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         temporary = Path(name)
-        with open(descriptor, "wb") as file:
+        with open(descriptor, "w+b") as file:
             if hasattr(os, "fchmod"):
                 os.fchmod(file.fileno(), FILE_MODE)
-            file.write(payload)
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, target)
         temporary = None
     except OSError as error:
-        raise storage_error(target, error, len(payload)) from None
+        raise storage_error(target, error, size) from None
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
     sync_directory(target.parent)
+
+
+def write_atomic(path, data: bytes | str | memoryview, encoding: str = "utf-8", errors: str = "strict") -> None:
+    """Replace `path` by `data` (text is encoded with `encoding` and `errors`) in one rename."""
+    payload = data.encode(encoding, errors) if isinstance(data, str) else data
+    with atomic_file(path, len(payload)) as file:
+        file.write(payload)
 
 
 def write_json_atomic(path, obj) -> None:

@@ -22,7 +22,7 @@ SEED_RANGE = (0, 2**32 - 1)  # what NumPy's seeding accepts (lightning.seed_ever
 
 # Lightning Trainer settings that count or space something, so must be above zero (the others
 # that take numbers may be 0: no sanity steps, no limit, every step logged).
-POSITIVE_TRAINER_SETTINGS = ("val_check_interval", "accumulate_grad_batches", "check_val_every_n_epoch", "num_nodes")
+POSITIVE_TRAINER_SETTINGS = ("val_check_interval", "check_val_every_n_epoch", "num_nodes")
 # Numbers where -1 means "no limit" to Lightning.
 UNLIMITED_BY_MINUS_ONE = ("max_epochs", "max_steps", "min_steps", "min_epochs")
 # Trainer arguments for automatic optimization, which metalab's learners do not use (each takes
@@ -93,9 +93,7 @@ def alternatives(annotation) -> list[str]:
         words = [w for a in typing.get_args(annotation) if a is not type(None) for w in alternatives(a)]
         return list(dict.fromkeys(words)) + (["null"] if type(None) in typing.get_args(annotation) else [])
     if origin is typing.Literal:
-        return [
-            str(choice).lower() if isinstance(choice, bool) else str(choice) for choice in typing.get_args(annotation)
-        ]
+        return [format_value(choice) for choice in typing.get_args(annotation)]
     names = {bool: ["true", "false"], int: ["an integer"], float: ["a number"], str: ["a word"]}
     if annotation in names:
         return names[annotation]
@@ -200,7 +198,7 @@ def check_checkpoint_callback(callbacks: Mapping | None) -> None:
         if isinstance(value, int) and value < lowest:
             raise ConfigError(
                 f"callbacks.model_checkpoint.{key}={value} must be {lowest} or more; "
-                f"set e.g. callbacks.model_checkpoint.{key}={max(lowest, 1) if key != 'save_top_k' else 1}"
+                f"set e.g. callbacks.model_checkpoint.{key}=1"
             )
 
 
@@ -241,13 +239,20 @@ def check_numbers(cfg) -> None:
 
 
 def check_positive_sizes(setting: str, section: Mapping, cls) -> None:
-    """Integer arguments of a network's constructor are sizes and counts (channels, layers,
-    widths): each must be at least 1."""
+    """Integer arguments of a network's constructor (an int, or a list of ints) are sizes and
+    counts (channels, layers, widths): each must be at least 1."""
     arguments, _ = declared_arguments(cls)
     for key, value in section.items():
-        sizes = value if typing.get_origin(arguments.get(key)) is list and isinstance(value, list) else [value]
-        counted = arguments.get(key) is int or typing.get_args(arguments.get(key)) == (int,)
-        if counted and any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in sizes):
+        annotation = arguments.get(key)
+        if annotation is int:
+            sizes = [value]
+        elif (
+            typing.get_origin(annotation) is list and typing.get_args(annotation) == (int,) and isinstance(value, list)
+        ):
+            sizes = value
+        else:
+            continue
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in sizes):
             example = "[40,40]" if isinstance(value, list) else "64"
             raise ConfigError(
                 f"{setting}.{key}={value} is made of sizes, each at least 1; set e.g. {setting}.{key}={example}"

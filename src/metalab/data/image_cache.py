@@ -11,8 +11,8 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
-import tempfile
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from metalab.errors import DataError, StorageError
-from metalab.files import FILE_MODE, free_space, megabytes, storage_error, write_json_atomic
+from metalab.files import atomic_file, free_space, megabytes, storage_error, write_json_atomic
 
 log = logging.getLogger("metalab")
 MODES = {1: "L", 3: "RGB"}
@@ -142,10 +142,10 @@ def cache_damage(array_path: Path, index_path: Path, shape: tuple, index: dict) 
         array = np.load(array_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:  # truncated, not an .npy file, or an object array
         return f"{type(error).__name__}: {error}"
-    if not isinstance(array, np.memmap) or array.dtype != np.uint8 or array.shape != shape:
-        return (
-            f"it holds {getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}, not uint8 {shape}"
-        )
+    if not isinstance(array, np.memmap):  # an .npz archive
+        return f"it holds a {type(array).__name__}, not an array"
+    if array.dtype != np.uint8 or array.shape != shape:
+        return f"it holds {array.dtype} {array.shape}, not uint8 {shape}"
     return None
 
 
@@ -188,33 +188,17 @@ def load_or_build(
             f"{megabytes(free)} free; free some space or set METALAB_CACHE_DIR (paths.cache_dir) "
             "to a disk with room"
         )
-    tmp = None
-    try:
-        # A new file of an unpredictable name, created exclusively (a link planted in a shared
-        # cache folder is never followed), renamed over the array once complete. Decoded
-        # straight into it through a memory map, so even large sets never sit whole in RAM.
-        descriptor, name = tempfile.mkstemp(dir=cache_dir, prefix=f".{array_path.name}.", suffix=".tmp")
-        tmp = Path(name)
-        with open(descriptor, "w+b") as file:
-            np.lib.format.write_array_header_1_0(
-                file,
-                {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape},
-            )
-            offset = file.tell()
-            file.truncate(offset + int(np.prod(shape)))
-            reserve(file, array_path)
-            out = np.memmap(file, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
-            decode_all(refs, out, image_size, channels, invert)
-            out.flush()
-            del out
-            os.fsync(file.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, array_path)
-        tmp = None
-    except OSError as error:  # creating, allocating or renaming the file
-        raise storage_error(array_path, error, needed) from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    # Decoded straight into the new file through a memory map, so even large sets never sit whole
+    # in RAM; files.atomic_file makes it (a link planted in a shared cache folder is never followed).
+    with atomic_file(array_path, needed) as file:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(file, header)
+        offset = file.tell()
+        file.truncate(offset + math.prod(shape))
+        reserve(file, array_path)
+        out = np.memmap(file, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+        decode_all(refs, out, image_size, channels, invert)
+        out.flush()
+        del out
     write_json_atomic(index_path, index)
     return array_path, index

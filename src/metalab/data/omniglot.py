@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import urllib.request
 import zipfile
@@ -163,7 +164,7 @@ def _verified_checksums(archives: list[Path], sums_file: Path, cache_dir: Path) 
     for number, line in enumerate(lines, 1):
         if line.strip():
             parts = line.split(maxsplit=1)
-            if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
+            if len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
                 raise DataError(
                     f"{sums_file} line {number} is not '<sha256> <file name>' ({line[:80]!r}); "
                     "correct it or download the file again"
