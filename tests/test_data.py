@@ -2,9 +2,12 @@
 
 import csv
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +15,8 @@ from PIL import Image
 import metalab.data.image_cache as image_cache
 from metalab.data import Episode, EpisodicDataModule, build_sources, episode_generator, sample_meta_batch
 from metalab.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- synthetic image folders
 # Every image is one flat colour: red encodes its class, green its number within the class,
@@ -563,7 +568,7 @@ def assert_pairwise_disjoint(sources: dict) -> None:
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("protocol", ["vinyals", "lake"])
+@pytest.mark.parametrize("protocol", ["vinyals", "finn", "sung", "lake"])
 def test_omniglot_splits_are_pairwise_disjoint(protocol, data_dir, cache_dir):
     sources = build_sources({"name": "omniglot", "protocol": protocol, "image_size": 28}, data_dir, cache_dir)
     assert_pairwise_disjoint(sources)
@@ -573,6 +578,64 @@ def test_omniglot_splits_are_pairwise_disjoint(protocol, data_dir, cache_dir):
         or characters["train"] & characters["test"]
         or characters["val"] & characters["test"]
     )  # no character in two splits, at any rotation
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("protocol", ["finn", "sung"])
+def test_finn_and_sung_split_characters_pooled_from_both_archives(protocol, data_dir, cache_dir):
+    """Finn's and Sung's code shuffle all 1,623 characters together: 1,100 / 100 / 423 with every
+    rotation of a character on its side, and test characters from background alphabets too."""
+    sources = build_sources({"name": "omniglot", "protocol": protocol, "image_size": 28}, data_dir, cache_dir)
+    characters = {split: {name.rsplit("/rot", 1)[0] for name in s.class_names} for split, s in sources.items()}
+    assert {split: len(chars) for split, chars in characters.items()} == {"train": 1100, "val": 100, "test": 423}
+    assert {split: len(s.class_names) for split, s in sources.items()} == {"train": 4400, "val": 400, "test": 1692}
+    background = {f"{a}/{c}" for a, c in (n.split("/")[:2] for n in sources["train"].class_names)}
+    vinyals = build_sources({"name": "omniglot", "protocol": "vinyals", "image_size": 28}, data_dir, cache_dir)
+    vinyals_train = {name.rsplit("/rot", 1)[0] for name in vinyals["train"].class_names}
+    # Not the alphabet-disjoint split: test characters share alphabets with training ones.
+    assert {c.split("/")[0] for c in characters["test"]} & {c.split("/")[0] for c in background}
+    assert characters["test"] & vinyals_train
+
+
+@pytest.mark.data
+def test_binary_nearest_gives_finns_black_and_white_images(data_dir, tmp_path):
+    """Finn's resize script asks Pillow for LANCZOS on the archives' 1-bit PNGs, and gets nearest
+    neighbour: `dataset.resample=binary_nearest` gives those very pixels, from the cache as from
+    load_learner's transform; the default stays greyscale LANCZOS."""
+    import io
+    import zipfile
+
+    archive = data_dir / "omniglot" / "images_background.zip"
+    with zipfile.ZipFile(archive) as zf:
+        member = sorted(n for n in zf.namelist() if n.endswith(".png"))[0]
+        raw = zf.read(member)
+    with Image.open(io.BytesIO(raw)) as original:
+        assert original.mode == "1"
+        finn = np.asarray(original.resize((28, 28), Image.Resampling.LANCZOS), dtype=np.uint8) * 255
+    ours = image_cache.decode_image(io.BytesIO(raw), member, 28, 1, False, "binary_nearest")[0]
+    np.testing.assert_array_equal(ours, finn)
+    lanczos = image_cache.decode_image(io.BytesIO(raw), member, 28, 1, False)[0]
+    assert len(np.unique(lanczos)) > 2 and set(np.unique(ours)) == {0, 255}
+    sources = build_sources(
+        {"name": "omniglot", "protocol": "finn", "resample": "binary_nearest", "invert": False, "image_size": 28},
+        data_dir,
+        tmp_path / "cache",
+    )
+    character = member.split("/")[1] + "/" + member.split("/")[2]
+    split = next(s for s in sources.values() if f"{character}/rot000" in s.class_names)
+    first_drawing = split.images[split._starts[split.class_names.index(f"{character}/rot000")]]
+    np.testing.assert_array_equal(first_drawing[0], finn)
+    with pytest.raises(ConfigError, match="dataset.resample='bicubic'"):
+        build_sources({"name": "omniglot", "resample": "bicubic"}, data_dir, tmp_path / "cache")
+
+
+@pytest.mark.data
+def test_committed_finn_split_is_what_its_script_writes(data_dir):
+    script = REPO / "scripts" / "make_omniglot_splits.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check", "--data-dir", str(data_dir)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_image_folder_and_mini_imagenet_splits_are_pairwise_disjoint(folder, tmp_path, data_dir):

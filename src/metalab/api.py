@@ -11,7 +11,7 @@ Adapting and predicting call the learner's own `adapt(support_x, support_y)` and
 evaluation does: inner-loop steps for the gradient-based learners, prototypes or attention
 for the metric learners, a support sequence for the memory learners. Images are brought to
 the model's input by the transform it was trained with (data/image_cache.py: mode,
-size, layout, ink polarity), whose settings come from the checkpoint.
+size and resampling, layout, ink polarity), whose settings come from the checkpoint.
 
 Inputs: a file path or a PIL image is a raw image and goes through that transform; a
 numpy array is a raw image too (PIL's `fromarray`); a torch tensor is taken as already
@@ -68,10 +68,10 @@ class ImageTransform:
     size and channels of the model's input and the dataset's ink polarity (`invert`).
     """
 
-    def __init__(self, input_shape: Sequence[int], invert: bool):
+    def __init__(self, input_shape: Sequence[int], invert: bool, resample: str = "lanczos"):
         self.channels, self.image_size = int(input_shape[0]), int(input_shape[-1])
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.invert = bool(invert)
+        self.invert, self.resample = bool(invert), resample
 
     def __call__(self, item: Item, name: str | None = None) -> Tensor:
         name = name or _describe(item)
@@ -81,7 +81,7 @@ class ImageTransform:
             path = Path(item).expanduser()
             if not path.is_file():
                 raise DataError(f"image {name} does not exist or is not a file; give the path of an image file")
-            array = decode_image(path, str(item), self.image_size, self.channels, self.invert)
+            array = decode_image(path, str(item), self.image_size, self.channels, self.invert, self.resample)
         elif isinstance(item, Image.Image):
             array = self._convert(item, name)
         elif isinstance(item, np.ndarray):
@@ -102,7 +102,7 @@ class ImageTransform:
 
     def _convert(self, image: Image.Image, name: str) -> np.ndarray:
         try:
-            return image_to_array(image, self.image_size, self.channels, self.invert)
+            return image_to_array(image, self.image_size, self.channels, self.invert, self.resample)
         except (OSError, ValueError) as error:
             raise DataError(f"cannot convert image {name}: {error}") from None
 
@@ -117,7 +117,7 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         mode = MODES.get(self.channels, self.channels)
-        return f"ImageTransform(mode={mode}, size={self.image_size}, invert={self.invert})"
+        return f"ImageTransform(mode={mode}, size={self.image_size}, invert={self.invert}, resample={self.resample})"
 
 
 class Learner:
@@ -313,8 +313,9 @@ def load_learner(path, device: str | torch.device = "cpu") -> Learner:
         )
     model = learner_from_checkpoint(path, checkpoint)
     model.eval().to(device)  # as Lightning sets it for meta-test
-    invert = bool(config["dataset"].get("invert", False))
-    return Learner(model, ImageTransform(input_shape, invert), str(path))
+    dataset = config["dataset"]
+    transform = ImageTransform(input_shape, bool(dataset.get("invert", False)), dataset.get("resample", "lanczos"))
+    return Learner(model, transform, str(path))
 
 
 # ---------------------------------------------------------------------- helpers

@@ -128,10 +128,15 @@ def refuse_inactive(given: set[str]) -> None:
 
 def transform_as_trained(dataset: dict, trained: dict, input_shape: list[int], given: set[str]) -> None:
     """Cross-domain: bring the images to what the model was trained on, as metalab-predict and
-    load_learner do (api.ImageTransform): the checkpoint's size, channels and ink polarity,
+    load_learner do (api.ImageTransform): the checkpoint's size, channels, ink polarity and resampling,
     unless the command sets them; the choice is printed. (Images are scaled to [0, 1] and not
     otherwise normalized, in training as here.)"""
-    chosen = {"image_size": input_shape[-1], "channels": input_shape[0], "invert": bool(trained.get("invert", False))}
+    chosen = {
+        "image_size": input_shape[-1],
+        "channels": input_shape[0],
+        "invert": bool(trained.get("invert", False)),
+        "resample": trained.get("resample", "lanczos"),
+    }
     described = []
     for key, value in chosen.items():
         if key not in dataset and key != "invert":

@@ -27,6 +27,12 @@ from metalab.files import atomic_file, free_space, megabytes, storage_error, wri
 
 log = logging.getLogger("metalab")
 MODES = {1: "L", 3: "RGB"}
+# How an image is brought to its size. lanczos: metalab's. binary_nearest: Finn et al.'s Omniglot
+# (cbfinn/maml data/omniglot_resized/resize_images.py asks for LANCZOS, but Omniglot's PNGs are
+# 1-bit, which Pillow resizes by nearest neighbour whatever filter is asked): pixels are made black
+# or white at the middle grey, then sampled, so the image stays black and white. On the archives'
+# 1-bit images this gives exactly the images of Finn's resize script.
+RESAMPLES = ("lanczos", "binary_nearest")
 CHUNK = 2048  # images per decode task: large enough that each task opens its zip archive once
 PARALLEL_MIN = 4096  # below this a process pool costs more than it saves
 
@@ -34,24 +40,34 @@ PARALLEL_MIN = 4096  # below this a process pool costs more than it saves
 ImageRef = tuple[str | None, str]
 
 
-def decode_image(data, name: str, image_size: int, channels: int, invert: bool) -> np.ndarray:
+def decode_image(
+    data, name: str, image_size: int, channels: int, invert: bool, resample: str = "lanczos"
+) -> np.ndarray:
     """Decode one image (a path or a file object) to uint8 [C, image_size, image_size]."""
     try:
         with Image.open(data) as image:
-            return image_to_array(image, image_size, channels, invert)
+            return image_to_array(image, image_size, channels, invert, resample)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read image {name}: {error}; replace or remove this file") from None
 
 
-def image_to_array(image: Image.Image, image_size: int, channels: int, invert: bool) -> np.ndarray:
-    """The training transform of one opened image: mode, size, [C, H, W] layout, ink polarity."""
-    image = image.convert(MODES[channels]).resize((image_size, image_size), Image.Resampling.LANCZOS)
+def image_to_array(
+    image: Image.Image, image_size: int, channels: int, invert: bool, resample: str = "lanczos"
+) -> np.ndarray:
+    """The training transform of one opened image: mode, size (RESAMPLES), [C, H, W] layout, ink polarity."""
+    image = image.convert(MODES[channels])
+    if resample == "binary_nearest":
+        image = image.point(lambda value: 255 if value >= 128 else 0).resize(
+            (image_size, image_size), Image.Resampling.NEAREST
+        )
+    else:
+        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.uint8)
     array = array[None] if channels == 1 else array.transpose(2, 0, 1)
     return 255 - array if invert else array
 
 
-def _decode_chunk(refs: list[ImageRef], image_size: int, channels: int, invert: bool) -> np.ndarray:
+def _decode_chunk(refs: list[ImageRef], image_size: int, channels: int, invert: bool, resample: str) -> np.ndarray:
     """Decode refs that all share one archive (or none); runs in pool workers."""
     out = np.empty((len(refs), channels, image_size, image_size), dtype=np.uint8)
     archive_path = refs[0][0]
@@ -59,7 +75,7 @@ def _decode_chunk(refs: list[ImageRef], image_size: int, channels: int, invert: 
         for i, (_, name) in enumerate(refs):
             data = io.BytesIO(read_member(archive, archive_path, name)) if archive_path else name
             out[i] = decode_image(
-                data, f"{archive_path}:{name}" if archive_path else name, image_size, channels, invert
+                data, f"{archive_path}:{name}" if archive_path else name, image_size, channels, invert, resample
             )
     return out
 
@@ -88,11 +104,13 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_all(refs: list[ImageRef], out: np.ndarray, image_size: int, channels: int, invert: bool) -> None:
+def decode_all(
+    refs: list[ImageRef], out: np.ndarray, image_size: int, channels: int, invert: bool, resample: str = "lanczos"
+) -> None:
     """Decode every ref into `out` in order, on all cores when there are enough images."""
     chunks = _chunks(refs)
     workers = min(_cpu_count(), len(chunks))
-    args = (repeat(image_size), repeat(channels), repeat(invert))
+    args = (repeat(image_size), repeat(channels), repeat(invert), repeat(resample))
     if len(refs) < PARALLEL_MIN or workers < 2:
         _fill(out, map(_decode_chunk, chunks, *args))
     else:
@@ -157,10 +175,13 @@ def load_or_build(
     image_size: int,
     channels: int,
     invert: bool,
+    resample: str = "lanczos",
 ) -> tuple[Path, dict[str, tuple[int, int]]]:
     """Return (path of the cached .npy, {group: (first row, row count)}), decoding only on a cache miss."""
     layout = [[key, [ref[1] for ref in refs]] for key, refs in groups.items()]
     identity = {**fingerprint, "image_size": image_size, "channels": channels, "invert": invert, "layout": layout}
+    if resample != "lanczos":  # the caches made before the setting existed keep their names
+        identity["resample"] = resample
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     array_path = cache_dir / f"{stem}-{image_size}px-{key}.npy"
     index_path = array_path.with_suffix(".json")
@@ -197,7 +218,7 @@ def load_or_build(
         file.truncate(offset + math.prod(shape))
         reserve(file, array_path)
         out = np.memmap(file, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
-        decode_all(refs, out, image_size, channels, invert)
+        decode_all(refs, out, image_size, channels, invert, resample)
         out.flush()
         del out
     write_json_atomic(index_path, index)

@@ -3,6 +3,13 @@
 Protocols:
 - vinyals: class lists from `<data_dir>/omniglot/splits/vinyals/{train,val,test}.txt`; a class is a
   character at a rotation of k*90 degrees, applied at sample time.
+- finn, sung: the shuffled character split of Finn et al. (2017) and Sung et al. (2018), from
+  `metalab/data/splits/omniglot/finn/{train,val,test}.txt` (made by scripts/make_omniglot_splits.py):
+  1,100 / 100 / 423 characters pooled from both archives, every rotation of a character on its
+  side, rotations as classes as in vinyals. Sung's code cuts the same shuffle, training on the
+  first 1,200 characters (Finn's train and val) and testing on the last 423; `sung` holds out
+  Finn's 100 for validation, so a checkpoint is chosen without the test characters (the authors
+  chose theirs on them).
 - lake: train = the characters of the 30 background alphabets but the last `lake_val_alphabets`
   (by name), val = the characters of those held-out background alphabets, test = the 659
   characters of the 20 evaluation alphabets; unrotated. Validation never sees a test class, so
@@ -21,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from metalab.data.episodes import EpisodeDataset, ImageClassSource
-from metalab.data.image_cache import ImageRef, load_or_build, write_json_atomic
+from metalab.data.image_cache import RESAMPLES, ImageRef, load_or_build, write_json_atomic
 from metalab.errors import ConfigError, DataError, check_positive
 
 log = logging.getLogger("metalab")
@@ -35,6 +42,11 @@ OFFICIAL_MD5 = {
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
+# The split files of each protocol read from a folder: vinyals ships with the data, the
+# others with metalab (both papers cut one shuffle, so sung reads finn's files).
+SPLIT_FOLDERS = {"finn": "finn", "sung": "finn"}
+PACKAGED_SPLITS = Path(__file__).resolve().parent / "splits" / "omniglot"
+PROTOCOLS = ("vinyals", "finn", "sung", "lake")
 
 
 class Omniglot(EpisodeDataset):
@@ -47,15 +59,19 @@ class Omniglot(EpisodeDataset):
         lake_val_alphabets: int,
         image_size: int,
         invert: bool,
+        resample: str,
         verify_checksums: bool,
         download: bool,
     ):
-        """`protocol`: vinyals or lake (the module docstring), `lake_val_alphabets` the background
+        """`protocol`: vinyals, finn, sung or lake (the module docstring), `lake_val_alphabets` the background
         alphabets lake holds out to validate; images `image_size` pixels square, ink bright on
-        dark if `invert`; `verify_checksums` against <data_dir>/omniglot/SHA256SUMS; `download`
-        the archives when they are missing."""
-        if protocol not in ("vinyals", "lake"):
-            raise ConfigError(f"dataset.protocol={protocol!r} is unknown for omniglot; choose 'vinyals' or 'lake'")
+        dark if `invert`, resized as `resample` says (data/image_cache.py RESAMPLES: lanczos,
+        or binary_nearest for Finn et al.'s images); `verify_checksums` against
+        <data_dir>/omniglot/SHA256SUMS; `download` the archives when they are missing."""
+        if protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"dataset.protocol={protocol!r} is unknown for omniglot; choose one of {', '.join(PROTOCOLS)}"
+            )
         held_out = lake_val_alphabets
         if protocol == "lake" and (
             isinstance(held_out, bool) or not isinstance(held_out, int) or not 1 <= held_out < 30
@@ -65,6 +81,12 @@ class Omniglot(EpisodeDataset):
                 f"1 to 29 (held out of the 30 for validation); set e.g. dataset.lake_val_alphabets=5"
             )
         check_positive("dataset.image_size", image_size, 28)
+        if resample not in RESAMPLES:
+            raise ConfigError(
+                f"dataset.resample={resample!r} is unknown; use lanczos (metalab's) or binary_nearest "
+                "(Finn et al.'s black-and-white images)"
+            )
+        self.resample = resample
         self.protocol, self.lake_val_alphabets, self.image_size = protocol, lake_val_alphabets, image_size
         self.invert, self.verify_checksums, self.download = invert, verify_checksums, download
 
@@ -81,10 +103,10 @@ class Omniglot(EpisodeDataset):
         if protocol == "lake":
             splits = _lake_splits(*(sorted(chars) for chars in characters), self.lake_val_alphabets)
         else:  # read before decoding, so a bad split file fails fast
-            splits = {
-                split: _vinyals_split(root / "splits" / "vinyals" / f"{split}.txt", groups)
-                for split in ("train", "val", "test")
-            }
+            folder = (
+                PACKAGED_SPLITS / SPLIT_FOLDERS[protocol] if protocol in SPLIT_FOLDERS else root / "splits" / "vinyals"
+            )
+            splits = {split: _split_file(folder / f"{split}.txt", groups) for split in ("train", "val", "test")}
 
         fingerprint = {
             "dataset": "omniglot",
@@ -92,7 +114,7 @@ class Omniglot(EpisodeDataset):
             "archives": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in archives],
         }
         array_path, index = load_or_build(
-            Path(cache_dir), "omniglot", fingerprint, groups, image_size, 1, bool(self.invert)
+            Path(cache_dir), "omniglot", fingerprint, groups, image_size, 1, bool(self.invert), self.resample
         )
 
         sources = {}
@@ -242,10 +264,11 @@ def _lake_splits(background: list[str], evaluation: list[str], val_alphabets: in
     }
 
 
-def _vinyals_split(path: Path, characters: Mapping) -> list[tuple[str, int]]:
+def _split_file(path: Path, characters: Mapping) -> list[tuple[str, int]]:
+    """A split file's (character, quarter turns) classes: one 'Alphabet/characterNN/rotDDD' a line."""
     if not path.is_file():
         raise DataError(
-            f"Omniglot vinyals split file not found: expected {path} (one 'Alphabet/characterNN/rotDDD' class per line)"
+            f"Omniglot split file not found: expected {path} (one 'Alphabet/characterNN/rotDDD' class per line)"
         )
     try:
         text = path.read_text(encoding="utf-8")
