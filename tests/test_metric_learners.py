@@ -70,7 +70,8 @@ VARIANTS = {
     "protonet": ("protonet",),
     "matchingnet": ("matchingnet",),
     "matchingnet-fce": ("matchingnet", "algorithm.fce=true"),
-    "relationnet": ("relationnet",),
+    # PyTorch's initialisation: the authors' (the paper setting's) was at chance after 20 steps.
+    "relationnet": ("relationnet", "algorithm.init=default"),
 }
 
 
@@ -156,6 +157,26 @@ def test_matchingnet_gives_log_probabilities_and_survives_a_zero_embedding(tmp_p
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("ways", [5, 20])
+def test_matchingnet_support_cosine_lifts_the_two_sided_cosines_loss_floor(ways, tmp_path):
+    """Non-negative embeddings, each query its own class's support direction and orthogonal to
+    the others: the most confident a two-sided cosine can be. Its loss stays at
+    log(1 + (N − 1)/e) (0.90 at 5 ways, 2.1 at 20); normalising the support only lets the
+    query's norm sharpen the attention, and the loss goes to zero."""
+    model = learner(configured(tmp_path, "unused", tmp_path, "matchingnet"))
+    support_y = torch.arange(ways).unsqueeze(0)
+    support = torch.eye(ways, 64).unsqueeze(0)  # one-hot directions: non-negative, orthogonal
+    query = 50 * support  # long query embeddings pointing at their own class
+    floor = torch.log(torch.tensor(1 + (ways - 1) / torch.e))
+    cosine = model.attend(model.support_set(support, support_y), query)
+    torch.testing.assert_close(-cosine.diagonal(dim1=1, dim2=2).mean(), floor)
+    model.similarity = "support_cosine"
+    support_cosine = model.attend(model.support_set(support, support_y), query)
+    assert float(-support_cosine.diagonal(dim1=1, dim2=2).mean()) < 1e-6
+    with pytest.raises(ConfigError, match="algorithm.similarity='dot'"):
+        learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.similarity=dot"))
+
+
 def test_relationnet_scores_lie_in_unit_interval_and_the_loss_is_the_papers(tmp_path):
     model = learner(configured(tmp_path, "unused", tmp_path, "relationnet"))
     batch = random_episodes(3, ways=5, shots=2, queries=3)
@@ -175,6 +196,45 @@ def test_relationnet_class_feature_is_the_sum_over_shots(tmp_path):
     maps = model.backbone(batch.support_x[0])  # one task: the same statistics as under vmap
     assert classes.shape == (1, 3, 64, 7, 7)  # the paper's embedding keeps a 7×7 map of a 28×28 image
     torch.testing.assert_close(classes[0, 1], maps[4:8].sum(0))
+
+
+def test_relationnet_clips_each_network_apart_as_the_authors(tmp_path):
+    """Their script clips the encoder's and the relation module's gradient norms at 0.5 each: both
+    end at 0.5 where one clip over all parameters would leave their joint norm at 0.5."""
+    overrides = ("algorithm.grad_clip=0.5", "algorithm.grad_clip_per_network=true")
+    model = learner(configured(tmp_path, "unused", tmp_path, "relationnet", *overrides))
+    loss, _ = model.meta_loss(random_episodes(1, ways=5, shots=1, queries=2))
+    (loss * 1e4).backward()  # every network's gradient norm well above 0.5
+    model.clip_meta_gradients(optimizer=None)
+    for network in (model.backbone, model.relation):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in network.parameters()]))
+        torch.testing.assert_close(norm, torch.tensor(0.5), rtol=1e-4, atol=0)
+    with pytest.raises(ConfigError, match="algorithm.grad_clip=0.5"):
+        learner(
+            configured(
+                tmp_path,
+                "unused",
+                tmp_path,
+                "relationnet",
+                "algorithm.grad_clip=null",
+                "algorithm.grad_clip_per_network=true",
+            )
+        )
+
+
+def test_relationnet_sung_init_draws_the_authors_weights(tmp_path):
+    model = learner(configured(tmp_path, "unused", tmp_path, "relationnet", "algorithm.init=sung"))
+    linears = [m for m in model.relation.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(bool((m.bias == 1).all()) for m in linears)  # their linear biases start at 1
+    assert abs(float(linears[0].weight.detach().std()) - 0.01) < 0.002
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:  # He's rule on the fan-out, zero bias
+        expected = (2 / (9 * conv.out_channels)) ** 0.5
+        assert abs(float(conv.weight.detach().std()) / expected - 1) < 0.1 and not conv.bias.any()
+    default = learner(configured(tmp_path, "unused", tmp_path, "relationnet", "algorithm.init=default"))
+    assert not any(bool((m.bias == 1).all()) for m in default.relation.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ConfigError, match="algorithm.init='xavier'"):
+        learner(configured(tmp_path, "unused", tmp_path, "relationnet", "algorithm.init=xavier"))
 
 
 # ---------------------------------------------------------------- BatchNorm: training vs meta-test

@@ -230,7 +230,7 @@ class MetaLearner(LightningModule):
         # Exactly one backward per outer step: under DDP this is the one all-reduce.
         self.manual_backward(loss)
         if self.grad_clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            self.clip_meta_gradients(optimizer)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -241,6 +241,11 @@ class MetaLearner(LightningModule):
                 self.log(f"train/{name}", values.detach().mean(), prog_bar=name == self.metric)
             self.log("train/lr", optimizer.param_groups[0]["lr"])
         return loss.detach()
+
+    def clip_meta_gradients(self, optimizer) -> None:
+        """Clip the meta-gradient's norm at `grad_clip` over all parameters (a learner whose
+        paper clips each network apart overrides this)."""
+        self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def logs_step(self, step: int) -> bool:
         """Whether outer step `step` (counted from 1) logs its training scalars. Lightning writes

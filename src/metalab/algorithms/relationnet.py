@@ -20,6 +20,13 @@ paper's conv4 embedding pools after its first two blocks only, set per backbone 
 `algorithm.backbone_options` (conf/algorithm/relationnet.yaml). Nothing is sized to the
 number of ways or shots, so test episodes may use others than training.
 
+The authors' training (omniglot/omniglot_train_one_shot.py) has two settings here:
+`algorithm.grad_clip_per_network=true` clips the embedding's and the relation module's
+gradient norms apart at `grad_clip` (their lines 197-198: 0.5 each), and
+`algorithm.init=sung` draws the weights as their `weights_init` does (lines 103-116):
+convolutions N(0, 2/(k·k·out_channels)) with zero bias, BatchNorm scale 1 and shift 0,
+linear layers N(0, 0.01²) with every bias 1. `init=default` keeps PyTorch's.
+
 BatchNorm (embedding and relation module): `algorithm.batch_norm` (algorithms/metric.py).
 The default `running` meta-tests with running statistics, so a query's score does not
 depend on the other queries; the authors' test scripts instead normalize each pass with its
@@ -27,6 +34,8 @@ own statistics (they never call `model.eval()`), which is `transductive`. Suppor
 images are embedded in separate passes, as in the authors' training script
 (omniglot/omniglot_train_one_shot.py, lines 172-173).
 """
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -69,13 +78,49 @@ class RelationModule(nn.Module):
         return self.head(self.convs(pairs)).squeeze(-1)
 
 
+INITS = ("default", "sung")
+
+
+def sung_init(module: nn.Module) -> None:
+    """The authors' `weights_init` for one layer (the module docstring), applied with `.apply`."""
+    if isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, 0.01)
+        nn.init.ones_(module.bias)
+
+
 class RelationNet(MetricLearner):
-    def __init__(self, *, relation_channels: int, relation_hidden: int, backbone_options: dict | None, **settings):
+    def __init__(
+        self,
+        *,
+        relation_channels: int,
+        relation_hidden: int,
+        backbone_options: dict | None,
+        grad_clip_per_network: bool,
+        init: str,
+        **settings,
+    ):
         """The relation module's `relation_channels` (its convolutions) and `relation_hidden`
         (its hidden layer); `backbone_options`: {backbone name: settings} that this learner's
-        embedding takes on top of the backbone's config (the paper's conv4 pools twice only).
-        `settings`: MetricLearner's."""
+        embedding takes on top of the backbone's config (the paper's conv4 pools twice only);
+        `grad_clip_per_network` and `init`: the authors' clipping and initialisation (the
+        module docstring). `settings`: MetricLearner's."""
         super().__init__(**settings)
+        if init not in INITS:
+            raise ConfigError(f"algorithm.init={init!r} is unknown; use default (PyTorch's) or sung (the authors')")
+        if grad_clip_per_network and self.grad_clip is None:
+            raise ConfigError(
+                "algorithm.grad_clip_per_network=true needs the norm to clip each network at: "
+                "set algorithm.grad_clip, e.g. algorithm.grad_clip=0.5 as the authors"
+            )
+        self.grad_clip_per_network = bool(grad_clip_per_network)
         backbone_cfg = self.backbone_cfg
         extra = (backbone_options or {}).get(backbone_cfg["name"]) or {}
         self.backbone = self.build_embedding({**backbone_cfg, **extra})
@@ -92,6 +137,16 @@ class RelationNet(MetricLearner):
             hidden=int(relation_hidden),
             running_stats=self.running_stats,
         )
+        if init == "sung":
+            self.backbone.apply(sung_init)
+            self.relation.apply(sung_init)
+
+    def clip_meta_gradients(self, optimizer) -> None:
+        if not self.grad_clip_per_network:
+            return super().clip_meta_gradients(optimizer)
+        # What Lightning's clip_gradients does to all parameters at once, to each network apart.
+        for network in (self.backbone, self.relation):
+            nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         """[tasks, ways, C, H, W] class features: each class's support maps summed over its shots."""
