@@ -165,8 +165,8 @@ def test_a_backbone_option_of_another_backbone_is_refused_clearly():
 
     with pytest.raises(
         ConfigError,
-        match=r"backbone=mlp has no option global_average, pooled_blocks, stride .*; "
-        r"remove with ~backbone.global_average ~backbone.pooled_blocks ~backbone.stride",
+        match=r"backbone=mlp has no option batch_norm_scale, global_average, pooled_blocks, stride .*; "
+        r"remove with ~backbone.batch_norm_scale ~backbone.global_average ~backbone.pooled_blocks ~backbone.stride",
     ):
         build_backbone(composed("algorithm=maml", "dataset=omniglot", "backbone=mlp")["backbone"], (1, 28, 28))
 

@@ -96,3 +96,50 @@ def test_evaluation_adapts_under_no_grad_and_inference_mode():
     # Adaptation changes predictions: evaluation is not the unadapted model.
     unadapted = (model.model(batch.query_x.flatten(0, 1)).argmax(-1).view(TASKS, -1) == batch.query_y).double().mean(-1)
     assert not torch.equal(unadapted, a)
+
+
+@pytest.mark.parametrize("double_backward", ["metalab", "pytorch"])
+def test_finns_network_without_batch_norm_scale_has_an_exact_meta_gradient(double_backward):
+    """Finn et al.'s Omniglot net: stride-2 convolutions, BatchNorm with a shift β but no scale γ
+    (held at 1, not a parameter), his initialisation. Its second-order meta-gradient is the
+    per-task loop's, through either BatchNorm double backward."""
+    config = {
+        "algorithm": {
+            "name": "maml",
+            "inner_lr": 0.3,
+            "inner_steps": 2,
+            "eval_inner_steps": 2,
+            "first_order": False,
+            "init": "finn",
+            "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
+        },
+        "backbone": {
+            "name": "conv4",
+            "hidden_channels": 4,
+            "pooled_blocks": 0,
+            "stride": 2,
+            "global_average": True,
+            "batch_norm_scale": False,
+            "batch_norm_double_backward": double_backward,
+        },
+        "ways": WAYS,
+    }
+    torch.manual_seed(0)
+    model = MAML.from_config(config, [1, 12, 12], "classification").double()
+    names = [name for name, _ in model.model.named_parameters()]
+    assert "0.layers.0.1.bias" in names and "0.layers.0.1.weight" not in names  # β learned, γ not
+    assert bool((model.model[0].layers[0][1].weight == 1).all())
+    head = model.model[1].weight
+    assert 0.7 < float(head.detach().std()) < 1.3  # Finn's output layer: N(0, 1)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(WAYS)
+    batch = Episode(
+        support_x=torch.rand(2, WAYS * SHOTS, 1, 12, 12, generator=g, dtype=torch.float64),
+        support_y=labels.repeat_interleave(SHOTS).repeat(2, 1),
+        query_x=torch.rand(2, WAYS * QUERIES, 1, 12, 12, generator=g, dtype=torch.float64),
+        query_y=labels.repeat_interleave(QUERIES).repeat(2, 1),
+    )
+    ours = vmapped_meta_gradient(model, batch)
+    reference = reference_meta_gradient(model, batch, 2, False)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -1,7 +1,10 @@
 """Every setting either acts or is refused (issue 15): no key is accepted and then ignored."""
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
+from preloaded_cli import metalab_command, trained_briefly
 
 from metalab.algorithms import ALGORITHMS
 from metalab.backbones import build_backbone
@@ -194,3 +197,31 @@ def test_a_checkpoint_from_before_target_resumes_and_another_backbone_is_still_r
     wider = {**older, "backbone": {**older["backbone"], "hidden_channels": 32}}
     with pytest.raises(ConfigError, match="was trained with backbone=.*'hidden_channels': 32"):
         check_resumable(cfg, wider)
+
+
+def test_a_checkpoint_from_before_a_backbone_setting_resumes_at_its_default_only():
+    """A backbone setting added later (batch_norm_scale) is absent from older checkpoints, which
+    built what its default builds: resuming one is not refused, unless the run asks otherwise."""
+    from metalab.config import check_resumable
+
+    cfg = composed("train", "dataset=omniglot", "ckpt_path=last.ckpt")
+    assert cfg["backbone"]["batch_norm_scale"] is True
+    older = {**cfg, "backbone": {k: v for k, v in cfg["backbone"].items() if k != "batch_norm_scale"}}
+    check_resumable(cfg, older)
+    unscaled = {**cfg, "backbone": {**cfg["backbone"], "batch_norm_scale": False}}
+    with pytest.raises(ConfigError, match="not .*'batch_norm_scale': False"):
+        check_resumable(unscaled, older)
+
+
+def test_test_checkpoint_last_meta_tests_the_last_steps_weights(tmp_path, cache_dir):
+    """Finn et al. test MAML's last weights; test_checkpoint=last does, though validation chose a
+    best checkpoint; a value neither best nor last is refused before any work."""
+    run_dir = tmp_path / "run"
+    short = ("trainer.val_check_interval=5", "val_episodes=4", "test_episodes=4", "logger=none")
+    trained_briefly(run_dir, 10, *short, "test_checkpoint=last", data_dir=tmp_path, cache_dir=cache_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list((run_dir / "checkpoints").glob("best-step*.ckpt"))  # validation did choose one
+    assert results["tested_checkpoint"] is None and results["test_checkpoint"] == "last"
+    refused = metalab_command("metalab-train", "test_checkpoint=final", data_dir=tmp_path, cache_dir=cache_dir)
+    assert refused.returncode == 2 and "test_checkpoint='final' is unknown" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """Turn a Hydra config into a plain dict and reject bad values before any work starts."""
 
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
@@ -287,6 +288,7 @@ def check_train_config(cfg: dict, algorithms: dict) -> None:
         require_positive_int(cfg, key)
     require_positive_int(cfg["trainer"], "max_steps")
     check_episode_counts(cfg, ("val_episodes", "test_episodes"))
+    check_choice("test_checkpoint", cfg.get("test_checkpoint", "best"), ("best", "last"))
     schema.check_trainer(cfg["trainer"])
     schema.check_checkpoint_callback(cfg.get("callbacks"))
     check_algorithm(cfg, algorithms)
@@ -312,7 +314,22 @@ def check_resumable(cfg: dict, trained: dict) -> None:
         section = c.get("backbone")
         if not isinstance(section, dict):
             return section
-        return {key: value for key, value in section.items() if key not in NOT_WEIGHT_SHAPING}
+        # A setting at its constructor default is left out: a checkpoint written before the
+        # setting existed lacks it and built the network the default builds.
+        try:
+            defaults = {
+                key: parameter.default
+                for key, parameter in inspect.signature(
+                    backbone_class(section.get("_target_"), section.get("name"))
+                ).parameters.items()
+            }
+        except ConfigError:
+            defaults = {}
+        return {
+            key: value
+            for key, value in section.items()
+            if key not in NOT_WEIGHT_SHAPING and not (key in defaults and defaults[key] == value)
+        }
 
     shaping = {
         "algorithm": lambda c: c["algorithm"]["name"],

@@ -100,7 +100,8 @@ def train(cfg: DictConfig) -> float | None:
     metrics, tested = {}, None
     if config["test_after_training"]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        tested = best or None  # None: the weights as training left them
+        # None: the weights as training left them (the last step's)
+        tested = best or None if config.get("test_checkpoint", "best") == "best" else None
         metrics = meta_test(trainer, model, datamodule, tested, config)
     # What a sweeper optimizes: the best validation score (the tested checkpoint's), never the
     # meta-test one; the meta-test metric only where no validation ran.
@@ -118,6 +119,7 @@ def train(cfg: DictConfig) -> float | None:
         started,
         train_tasks_per_sec=train_rate,
         tested_checkpoint=tested,
+        test_checkpoint=config.get("test_checkpoint", "best"),  # which weights were tested: best or last
         last_checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
         global_step=trainer.global_step,
         world_size=trainer.world_size,

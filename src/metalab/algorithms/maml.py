@@ -27,6 +27,7 @@ Reptile, ANIL, Meta-SGD, MAML++): each overrides only the hook that differs —
 """
 
 from collections.abc import Mapping
+from typing import Literal
 
 from torch import Tensor, nn
 from torch.func import vmap
@@ -35,6 +36,21 @@ from metalab.algorithms.base import MetaLearner
 from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, per_task, sgd_adapt
 from metalab.backbones import build_backbone
 from metalab.data.episodes import Episode
+from metalab.errors import ConfigError
+
+
+def finn_init(model: nn.Sequential) -> None:
+    """Finn et al.'s initialisation (cbfinn/maml maml.py `construct_conv_weights`): convolutions
+    Glorot-uniform (TensorFlow's xavier_initializer_conv2d) with zero biases, the output layer's
+    weights standard normal N(0, 1) with zero biases. BatchNorm keeps scale 1 and shift 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    head = model[-1]
+    nn.init.normal_(head.weight, 0.0, 1.0)
+    nn.init.zeros_(head.bias)
 
 
 class MAML(MetaLearner):
@@ -53,6 +69,7 @@ class MAML(MetaLearner):
         first_order: bool,
         adapt_norm: bool,
         checkpoint_inner_steps: bool,
+        init: Literal["default", "finn"],
         **common,
     ):
         """`inner_lr` α, `inner_steps` (meta-training) and `eval_inner_steps` (meta-test) SGD steps
@@ -60,8 +77,8 @@ class MAML(MetaLearner):
         drops the second-order terms; `adapt_norm` false keeps the normalization's scale and
         shift out of the inner loop; `checkpoint_inner_steps` recomputes each inner step's
         activations in the backward pass instead of keeping them (memory for time);
-        `task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS).
-        `common`: MetaLearner's arguments."""
+        `task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS);
+        `init`: default (PyTorch's) or finn (`finn_init`). `common`: MetaLearner's arguments."""
         super().__init__(**common)
         self.inner_lr, self.inner_loss_kind = inner_lr, inner_loss
         self.inner_steps, self.eval_inner_steps = inner_steps, eval_inner_steps
@@ -70,6 +87,10 @@ class MAML(MetaLearner):
         backbone = build_backbone(self.backbone_cfg, self.input_shape)
         outputs = self.ways if self.task_type == "classification" else 1
         self.model = nn.Sequential(backbone, nn.Linear(backbone.out_features, outputs))
+        if init == "finn":
+            finn_init(self.model)
+        elif init != "default":
+            raise ConfigError(f"algorithm.init={init!r} is unknown; use default (PyTorch's) or finn (Finn et al.'s)")
         self.forward_tasks = batched_forward(self.model, self.task_execution())
         self.inner_loss = batched_loss(self.model, self.task_loss_fn(), **self.inner_loss_reduction())
         self.norm_names = normalization_parameter_names(self.model)

@@ -44,6 +44,8 @@ the default `running` treats it as ProtoNet's reference code does (support and q
 images in one training batch, running statistics at meta-test).
 """
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -56,7 +58,14 @@ SIMILARITIES = ("cosine", "support_cosine")
 
 class MatchingNet(MetricLearner):
     def __init__(
-        self, *, fce: bool, read_steps: int, similarity: str, cosine_eps: float, cosine_scale: float, **settings
+        self,
+        *,
+        fce: bool,
+        read_steps: int,
+        similarity: Literal["cosine", "support_cosine"],
+        cosine_eps: float,
+        cosine_scale: float,
+        **settings,
     ):
         """`fce`: full context embeddings, with `read_steps` (K) steps of the query's attention
         LSTM; `similarity`: cosine or support_cosine (the module docstring); `cosine_eps` keeps

@@ -36,6 +36,7 @@ images are embedded in separate passes, as in the authors' training script
 """
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,7 @@ class RelationNet(MetricLearner):
         relation_hidden: int,
         backbone_options: dict | None,
         grad_clip_per_network: bool,
-        init: str,
+        init: Literal["default", "sung"],
         **settings,
     ):
         """The relation module's `relation_channels` (its convolutions) and `relation_hidden`

@@ -121,6 +121,7 @@ def conv_block(
     stride: int = 1,
     ceil_pool: bool = False,
     running_stats: bool = False,
+    batch_norm_scale: bool = True,
 ) -> nn.Sequential:
     # By default BatchNorm without running statistics: every forward pass normalizes with
     # the statistics of the images it is given. Under vmap each task is its own batch, so
@@ -135,6 +136,10 @@ def conv_block(
         else SamePaddedConv2d(in_channels, out_channels, kernel_size=3, stride=stride)
     )
     norm = nn.BatchNorm2d(out_channels, track_running_stats=running_stats)
+    if not batch_norm_scale:
+        # γ held at 1: a buffer, so it is neither trained nor adapted, and keeps its state-dict name.
+        del norm.weight
+        norm.register_buffer("weight", torch.ones(out_channels))
     if not pool:
         return nn.Sequential(conv, norm, nn.ReLU())
     # Max-pooling before the ReLU: the two commute exactly (ReLU is monotone, so the max of the
@@ -161,6 +166,8 @@ class Conv4(nn.Module):
     `ceil_pool=True` pools like TensorFlow's 'same' max-pooling, keeping a last odd row and
     column (84 -> 42 -> 21 -> 11 -> 6), as supervised-reptile's miniImageNet network does.
     `running_stats=True`: BatchNorm keeps running statistics (see conv_block).
+    `batch_norm_scale=False`: BatchNorm without the learned scale γ (held at 1), only the shift
+    β, as TensorFlow's `batch_norm` by default and so Finn et al.'s network (utils.py `normalize`).
     `memory_format`: the images' layout inside the network, for speed only (MEMORY_FORMATS).
     `batch_norm_double_backward`: whose BatchNorm double backward a second-order inner step's
     support pass uses, for speed only (backbones/batch_norm.py, BATCH_NORM_DOUBLE_BACKWARDS).
@@ -179,6 +186,7 @@ class Conv4(nn.Module):
         global_average: bool = False,
         ceil_pool: bool = False,
         running_stats: bool = False,
+        batch_norm_scale: bool = True,
         memory_format: str = "auto",
         batch_norm_double_backward: str = "auto",
         input_convolution: str = "auto",
@@ -195,7 +203,13 @@ class Conv4(nn.Module):
         self.layers = nn.Sequential(
             *(
                 conv_block(
-                    c_in, c_out, pool=i < pooled_blocks, stride=stride, ceil_pool=ceil_pool, running_stats=running_stats
+                    c_in,
+                    c_out,
+                    pool=i < pooled_blocks,
+                    stride=stride,
+                    ceil_pool=ceil_pool,
+                    running_stats=running_stats,
+                    batch_norm_scale=batch_norm_scale,
                 )
                 for i, (c_in, c_out) in enumerate(zip(channels, channels[1:]))
             )
