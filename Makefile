@@ -17,7 +17,7 @@ PYTEST_WORKERS ?=
 BENCH_BASELINE ?= c1ec8a9
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train eval sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
+.PHONY: help install lock train eval export sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ train: install ## meta-train (default: MAML on sinusoid, CPU, a few minutes), th
 eval: install ## meta-test a checkpoint: make eval CKPT=logs/train/runs/<run>/checkpoints/last.ckpt
 	@test -n "$(CKPT)" || { echo "make eval needs CKPT=<path to a .ckpt file>"; exit 2; }
 	$(BIN)/metalab-eval ckpt_path=$(CKPT) $(ARGS)
+
+export: install ## a checkpoint as an ONNX graph (docs/export.md): make export ARGS='ckpt_path=<file> format=onnx output=<file.onnx>'
+	$(BIN)/metalab-export $(ARGS)
 
 sweep: install ## a Hydra multirun: MAML and ProtoNet on Omniglot 5-way 1-shot (their paper settings)
 	$(BIN)/metalab-train -m experiment=maml_omniglot_5w1s,protonet_omniglot_5w1s $(ARGS)
