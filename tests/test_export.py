@@ -121,9 +121,8 @@ def test_the_documented_example_predicts_as_metalab_without_metalab_or_torch(
     support, truth = omniglot_folders(omniglot_dir, tmp_path, classes=5, shots=1, queries=3, seed=3)
     items = sorted(truth)
     # Any import of metalab or torch in the example fails: it runs on onnxruntime, numpy and PIL.
-    code = (
-        "import runpy, sys; sys.modules.update(metalab=None, torch=None); runpy.run_path(sys.argv[0], None, '__main__')"
-    )
+    code = "import runpy, sys; sys.modules.update(metalab=None, torch=None); del sys.argv[0]; "
+    code += "runpy.run_path(sys.argv[0], run_name='__main__')"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(EXAMPLE), str(protonet_onnx), str(tmp_path / "support"), *map(str, items)],
         capture_output=True,
@@ -186,6 +185,12 @@ def test_maml_exports_adapted_to_a_support_folder(maml_ckpt, omniglot_dir, tmp_p
     for batch in (items, items[:4]):
         query = learner.prepare_inputs(batch, "query").numpy()
         assert close(graph.run(["logits"], {"query": query})[0], task.predict_logits(batch).numpy())
+    # independent=True: the support images followed by the one query, the last row kept.
+    passes = [
+        np.concatenate([task.support_x.numpy(), learner.prepare_inputs([item], "query").numpy()]) for item in items
+    ]
+    got = np.stack([graph.run(["logits"], {"query": query})[0][-1] for query in passes])
+    assert close(got, task.predict_logits(items, independent=True).numpy())
 
 
 @pytest.mark.data

@@ -7,9 +7,12 @@
   `predict` with the adapted state (weights, prototypes, a memory) as constants of the graph.
 
 Both are traced by `torch.export` with the image counts (and ways) as free dimensions, turned
-into ONNX by torch.onnx's exporter from that program (`dynamo=True`: the TorchScript exporter
-is deprecated and cannot take a free number of ways through these learners' shapes), checked
-with onnxruntime against eager PyTorch on two sets of sizes, and only then written.
+into ONNX by torch.onnx's exporter from that program (`dynamo=True`), checked with onnxruntime
+against eager PyTorch on two sets of sizes, and only then written. torch.export, called here
+directly, refuses a graph in which the code fixed a free size (vmap's batching rules did, see
+inner_loop.map_tasks); torch.onnx.export given the module would instead fall back quietly to a
+graph that accepts the traced sizes only, and the TorchScript exporter (deprecated since torch
+2.9) runs the code once and keeps any size it read in Python as a constant (a warning at most).
 """
 
 import json
@@ -145,7 +148,8 @@ def graph_metadata(learner: Learner, kind: str, labels: list | None, checkpoint_
     checkpoint = learner.checkpoint_path
     batch = (
         "each call's own: BatchNorm normalizes with the statistics of the images passed together, so a "
-        "query's logits depend on the other queries of the call (pass a mix of the classes, as in evaluation)"
+        "query's logits depend on the other queries of the call (pass a mix of the classes, as in evaluation; "
+        "or the support images followed by one query, keeping the last row: metalab's independent=True)"
         if learner.transductive
         else "running: a query's logits depend on the support set and itself only"
     )
