@@ -26,11 +26,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from metalab.errors import ConfigError, MetalabError
-from metalab.predict import BOOLEANS, printable, support_files
+from metalab.errors import ConfigError
+from metalab.predict import BOOLEANS, key_values, printable, run_command, support_files
 from metalab.pretrained import resolve as resolve_named
 
 KEYS = ("ckpt_path", "format", "output", "support", "overwrite")
+REQUIRED = ("ckpt_path", "format", "output")
 FORMATS = ("onnx",)
 # What torch.onnx's exporter needs (onnx, onnxscript), and what checks the graph it writes (onnxruntime).
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -39,19 +40,8 @@ USAGE = "metalab-export ckpt_path=<file> format=onnx output=<file.onnx> [support
 
 def parse(argv: list[str]) -> dict:
     """{key: value} from key=value arguments; every setting checked before any work."""
-    args: dict = {"format": None, "output": None, "support": None, "overwrite": "false"}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise ConfigError(
-                f"argument {arg!r} is not one of {', '.join(k + '=...' for k in KEYS)}; see metalab-export --help"
-            )
-        if not value:
-            raise ConfigError(f"{key}= is empty; give a value; usage: {USAGE}")
-        args[key] = value
-    missing = [key for key in ("ckpt_path", "format", "output") if not args.get(key)]
-    if missing:
-        raise ConfigError(f"{', '.join(k + '=' for k in missing)} missing; usage: {USAGE}")
+    args = {"support": None, "overwrite": "false"}
+    args.update(key_values(argv, KEYS, REQUIRED, USAGE, {"format": "onnx", "overwrite": "true"}))
     if args["format"] not in FORMATS:
         raise ConfigError(f"format={args['format']} is unknown; the one format is format=onnx")
     if args["overwrite"].lower() not in BOOLEANS:
@@ -114,15 +104,7 @@ def export(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__.strip())
-        return
-    try:
-        export(argv)
-    except MetalabError as error:  # the message the other entry points print (config.report_error)
-        print(f"metalab: error: {printable(str(error))}", file=sys.stderr, flush=True)
-        sys.exit(error.exit_status)
+    run_command(export, __doc__, argv)
 
 
 if __name__ == "__main__":
