@@ -46,10 +46,10 @@ $(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)) | $(BIN)/python
 	fi
 	@if [ -f "$(LOCK)" ]; then \
 	  echo "$(BIN)/pip install -r $(LOCK)  (the locked versions; make lock refreshes them)"; \
-	  $(BIN)/pip install -r "$(LOCK)" && $(BIN)/pip install --no-deps -e ".[test,optuna,slurm]"; \
+	  $(BIN)/pip install -r "$(LOCK)" && $(BIN)/pip install --no-deps -e ".[test,optuna,slurm,export]"; \
 	else \
 	  echo "no $(LOCK) for Python $(PY_MINOR): installing the newest versions pyproject.toml's ranges admit (make lock pins them)"; \
-	  $(BIN)/pip install -e ".[test,optuna,slurm]"; \
+	  $(BIN)/pip install -e ".[test,optuna,slurm,export]"; \
 	fi
 	@touch $@
 
@@ -105,7 +105,7 @@ lock: | $(BIN)/python ## refresh requirements/py<python>.lock: the newest versio
 	@# torch's CPU build where there is no NVIDIA GPU (as install takes it): its CUDA build would put
 	@# the nvidia-* packages in the lock, which torch itself pins exactly where it needs them.
 	CUSTOM_COMPILE_COMMAND='make lock' $(LOCK_TOOLS)/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --extra test --extra optuna --extra slurm \
+	  --extra test --extra optuna --extra slurm --extra export \
 	  $$(nvidia-smi -L >/dev/null 2>&1 || ! $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=3)" 2>/dev/null || echo --extra-index-url $(TORCH_CPU_INDEX)) \
 	  --constraint $(LOCK_TOOLS)/torch.txt --output-file $(LOCK) pyproject.toml
 	@# A local build tag (2.13.0+cpu) is the same release: the lock names the release, install picks the build.
