@@ -210,6 +210,18 @@ def test_matching_networks_with_fce_are_refused_an_episode_graph(tmp_path, data_
     assert not (tmp_path / "fce.onnx").exists()
 
 
+def test_a_graph_that_would_fix_the_image_counts_is_refused_not_written(tmp_path, data_dir, cache_dir, monkeypatch):
+    # vmap's batching rules fix traced sizes (inner_loop.map_tasks loops instead while exporting):
+    # with vmap back, the export must stop rather than write a graph for the traced sizes only.
+    from torch.func import vmap
+
+    learner = untrained(tmp_path, data_dir, cache_dir, "protonet", "algorithm.batch_norm=transductive")
+    monkeypatch.setattr("metalab.algorithms.metric.map_tasks", lambda module, x: vmap(module)(x))
+    with pytest.raises(metalab.errors.ConfigError, match="does not trace with free image counts"):
+        export_learner(learner, tmp_path / "fixed.onnx")
+    assert not (tmp_path / "fixed.onnx").exists()
+
+
 def bad_settings(tmp_path: Path) -> list[tuple[str, list[str], str]]:
     """(case, arguments, text the message must hold)."""
     existing = tmp_path / "existing.onnx"
