@@ -26,6 +26,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from metalab.allocator import keep_freed_memory
@@ -37,29 +38,36 @@ KEYS = ("ckpt_path", "support", "query", "output", "device", "batch_size", "inde
 BOOLEANS = {"true": True, "false": False}
 REQUIRED = ("ckpt_path", "support", "query")
 FORMATS = (".csv", ".json")
+USAGE = "metalab-predict ckpt_path=<file> support=<dir of class dirs> query=<dir or file> [output=<file.csv|json>]"
+
+
+def key_values(argv: list[str], keys: tuple, required: tuple, usage: str, examples: dict, repeated=()) -> dict:
+    """{key: value} of key=value arguments (a key in `repeated`: the list of its values): every key one
+    of `keys`, every value given, every `required` key present; a message names the argument and the fix."""
+    command = usage.split()[0]
+    args: dict = {key: [] for key in repeated}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in keys:
+            raise ConfigError(
+                f"argument {arg!r} is not one of {', '.join(k + '=...' for k in keys)}; see {command} --help"
+            )
+        if not value:
+            raise ConfigError(f"{key}= is empty; give a value, e.g. {key}={examples.get(key, '<path>')}")
+        if key in repeated:
+            args[key].append(value)
+        else:
+            args[key] = value
+    missing = [key for key in required if not args.get(key)]
+    if missing:
+        raise ConfigError(f"{', '.join(k + '=' for k in missing)} missing; usage: {usage}")
+    return args
 
 
 def parse(argv: list[str]) -> dict:
     """{key: value} (query: a list) from key=value arguments, every key known and required one given."""
-    args: dict = {"query": [], "device": "cpu", "batch_size": None, "output": None, "independent": "false"}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise ConfigError(
-                f"argument {arg!r} is not one of {', '.join(k + '=...' for k in KEYS)}; see metalab-predict --help"
-            )
-        if not value:
-            raise ConfigError(f"{key}= is empty; give a value, e.g. {key}={'5' if key == 'batch_size' else '<path>'}")
-        if key == "query":
-            args["query"].append(value)
-        else:
-            args[key] = value
-    missing = [key for key in REQUIRED if not args.get(key)]
-    if missing:
-        raise ConfigError(
-            f"{', '.join(k + '=' for k in missing)} missing; usage: metalab-predict "
-            "ckpt_path=<file> support=<dir of class dirs> query=<dir or file> [output=<file.csv|json>]"
-        )
+    args = {"device": "cpu", "batch_size": None, "output": None, "independent": "false"}
+    args.update(key_values(argv, KEYS, REQUIRED, USAGE, {"batch_size": "5"}, repeated=("query",)))
     if args["batch_size"] is not None:
         value = args["batch_size"]
         if not value.isdigit() or int(value) < 1:
@@ -208,17 +216,23 @@ def predict(argv: list[str]) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_command(run: Callable[[list[str]], object], doc: str, argv: list[str] | None = None) -> None:
+    """The main of a key=value command (metalab-predict, metalab-export): `doc` for -h or --help,
+    otherwise `run(argv)`, a MetalabError printed as one line and exited with its status."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__.strip())
+        print(doc.strip())
         return
-    keep_freed_memory()
     try:
-        predict(argv)
+        run(argv)
     except MetalabError as error:  # the message the other entry points print (config.report_error)
         print(f"metalab: error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(error.exit_status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()
+    run_command(predict, __doc__, argv)
 
 
 if __name__ == "__main__":

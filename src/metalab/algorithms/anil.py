@@ -10,9 +10,8 @@ The body runs once per task instead of once per inner step, which is most of the
 """
 
 from torch import Tensor
-from torch.func import vmap
 
-from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, per_task, sgd_adapt
+from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, map_tasks, per_task, sgd_adapt
 from metalab.algorithms.maml import MAML
 
 
@@ -31,9 +30,9 @@ class ANIL(MAML):
     def inner_adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool, meta_gradient: bool
     ) -> tuple[Params, Tensor | None]:
-        features = vmap(self.body)(support_x)  # one task per slice: its own normalization statistics
+        features = map_tasks(self.body, support_x)  # one task per slice: its own normalization statistics
         head = per_task(dict(self.head.named_parameters()), support_x.shape[0], meta_gradient)
         return sgd_adapt(self.head_loss, head, features, support_y, steps, self.inner_learning_rate(), first_order)
 
     def predict(self, adapted_head: Params, query_x: Tensor) -> Tensor:
-        return self.forward_head(adapted_head, vmap(self.body)(query_x))
+        return self.forward_head(adapted_head, map_tasks(self.body, query_x))

@@ -83,6 +83,17 @@ def first_convolution_positions(convolution: nn.modules.conv._ConvNd, x: Tensor)
     return positions
 
 
+def map_tasks(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`module` on each task's slice of x ([tasks, n, ...] -> [tasks, n, ...]), every task its own
+    batch (its own BatchNorm statistics): vmapped, or, while torch.export traces (metalab.export),
+    one call per task. vmap's batching rules for convolution, BatchNorm and pooling fix symbolic
+    sizes to the example's, so an exported graph would take only as many images as the example
+    had; the loop keeps them free and computes the same numbers."""
+    if torch.compiler.is_exporting():
+        return torch.stack([module(task) for task in x.unbind(0)])
+    return vmap(module)(x)
+
+
 def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Params, Tensor], Tensor]:
     """f(params, x): the model run with per-task `params` ([tasks, ...]) on per-task inputs
     ([tasks, n, ...]), giving [tasks, n, ...] outputs."""
@@ -105,7 +116,9 @@ def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Para
     first_convolution = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
 
     def forward(params: Params, x: Tensor) -> Tensor:
-        if execution == "auto":  # decided per call: the device, shapes and compiling state can change
+        if torch.compiler.is_exporting():  # the loop: vmap would fix the traced sizes (map_tasks)
+            per_task_run = True
+        elif execution == "auto":  # decided per call: the device, shapes and compiling state can change
             per_task_run = (
                 first_convolution is not None
                 and x.device.type == "cpu"

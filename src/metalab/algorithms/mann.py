@@ -55,9 +55,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from metalab.algorithms.base import MetaLearner
+from metalab.algorithms.inner_loop import map_tasks
 from metalab.backbones import build_backbone
 from metalab.data.episodes import Episode
 from metalab.data.sequences import instance_numbers, offset_labels
@@ -203,7 +203,7 @@ class SequenceLearner(MetaLearner):
 
     def encode(self, x: Tensor) -> Tensor:
         # One episode per vmap slice: a conv4 backbone normalizes with that episode's statistics.
-        return vmap(self.backbone)(x)
+        return map_tasks(self.backbone, x)
 
     def unroll(self, x: Tensor, y: Tensor) -> tuple[Tensor, State]:
         """(logits [B, T, ways], the state after the last step) for sequences x [B, T, ...], labels y [B, T]."""

@@ -49,7 +49,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from metalab.algorithms.metric import MetricLearner
+from metalab.algorithms.metric import MetricLearner, one_hot_labels
 from metalab.data.episodes import Episode
 from metalab.errors import ConfigError, check_positive
 
@@ -109,16 +109,15 @@ class MatchingNet(MetricLearner):
         return h
 
     # ------------------------------------------------------------------ learner interface
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+    def adapt_one_hot(self, support_x: Tensor, support_one_hot: Tensor) -> tuple[Tensor, Tensor]:
         """(g(S) [tasks, support, dim], one-hot support labels [tasks, support, ways])."""
-        return self.support_set(self.embed(self.backbone, support_x), support_y)
+        return self.support_set(self.embed(self.backbone, support_x), support_one_hot)
 
-    def support_set(self, support: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
-        """`adapt` from the support embeddings g'(x_i)."""
+    def support_set(self, support: Tensor, one_hot: Tensor) -> tuple[Tensor, Tensor]:
+        """`adapt_one_hot` from the support embeddings g'(x_i)."""
         if self.fce:
             support = self.context_support(support)
-        ways = int(support_y.max()) + 1
-        return support, nn.functional.one_hot(support_y, ways).to(support.dtype)
+        return support, one_hot.to(support.dtype)
 
     def predict(self, adapted: tuple[Tensor, Tensor], query_x: Tensor) -> Tensor:
         """[tasks, queries, ways] log P(y = k | x̂, S)."""
@@ -140,6 +139,6 @@ class MatchingNet(MetricLearner):
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         support, query = self.embed_episode(self.backbone, batch.support_x, batch.query_x)
-        log_probs = self.attend(self.support_set(support, batch.support_y), query)
+        log_probs = self.attend(self.support_set(support, one_hot_labels(batch.support_y)), query)
         loss = nn.functional.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
         return loss, {"acc": self.episode_metric(log_probs, batch.query_y)}

@@ -23,13 +23,18 @@ Baseline++: algorithms/baseline.py) embed their images the same way.
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from metalab.algorithms.base import MetaLearner
+from metalab.algorithms.inner_loop import map_tasks
 from metalab.backbones import build_backbone
 from metalab.errors import ConfigError
 
 BATCH_NORM = ("running", "transductive")
+
+
+def one_hot_labels(support_y: Tensor) -> Tensor:
+    """[tasks, support, ways] one-hot matrix of labels 0..ways-1 (ways: the largest label + 1)."""
+    return nn.functional.one_hot(support_y, int(support_y.max()) + 1)
 
 
 class MetricLearner(MetaLearner):
@@ -48,6 +53,16 @@ class MetricLearner(MetaLearner):
             )
         self.running_stats = self.batch_norm == "running"
 
+    def adapt(self, support_x: Tensor, support_y: Tensor):
+        """`adapt_one_hot` given the labels as a one-hot matrix."""
+        return self.adapt_one_hot(support_x, one_hot_labels(support_y))
+
+    def adapt_one_hot(self, support_x: Tensor, support_one_hot: Tensor):
+        """The adapted state from the support images and their [tasks, support, ways] one-hot labels
+        (any dtype). The number of ways is the matrix's width, not a value read from the labels, so
+        the whole of adapt and predict is one traceable graph (metalab.export) for any ways."""
+        raise NotImplementedError
+
     def build_embedding(self, backbone_cfg: dict | None = None) -> nn.Module:
         """The backbone (default: the one this learner was given) for its input shape, its
         BatchNorm keeping running statistics or not as `batch_norm` says."""
@@ -58,7 +73,7 @@ class MetricLearner(MetaLearner):
         batch (`running`), or each task as its own batch (`transductive`)."""
         if self.running_stats:
             return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        return vmap(module)(x)
+        return map_tasks(module, x)
 
     def embed_episode(self, module: nn.Module, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
         """(support, query) embeddings for training. `running`: support and query images in one

@@ -14,7 +14,7 @@ the authors' code does.
 import torch
 from torch import Tensor
 
-from metalab.algorithms.metric import MetricLearner
+from metalab.algorithms.metric import MetricLearner, one_hot_labels
 from metalab.data.episodes import Episode
 
 
@@ -25,10 +25,9 @@ class ProtoNet(MetricLearner):
         self.backbone = self.build_embedding()
 
     @staticmethod
-    def prototypes(support: Tensor, support_y: Tensor) -> Tensor:
+    def prototypes(support: Tensor, one_hot: Tensor) -> Tensor:
         """[tasks, ways, dim]: the mean embedding of each class's support examples."""
-        ways = int(support_y.max()) + 1
-        one_hot = torch.nn.functional.one_hot(support_y, ways).to(support.dtype)  # [tasks, support, ways]
+        one_hot = one_hot.to(support.dtype)  # [tasks, support, ways]
         return one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)
 
     @staticmethod
@@ -36,15 +35,15 @@ class ProtoNet(MetricLearner):
         """[tasks, queries, ways] logits: negative squared distances to the prototypes."""
         return -(query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+    def adapt_one_hot(self, support_x: Tensor, support_one_hot: Tensor) -> Tensor:
         """[tasks, ways, dim] prototypes."""
-        return self.prototypes(self.embed(self.backbone, support_x), support_y)
+        return self.prototypes(self.embed(self.backbone, support_x), support_one_hot)
 
     def predict(self, prototypes: Tensor, query_x: Tensor) -> Tensor:
         return self.distances(self.embed(self.backbone, query_x), prototypes)
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         support, query = self.embed_episode(self.backbone, batch.support_x, batch.query_x)
-        logits = self.distances(query, self.prototypes(support, batch.support_y))
+        logits = self.distances(query, self.prototypes(support, one_hot_labels(batch.support_y)))
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         return loss, {"acc": self.episode_metric(logits, batch.query_y)}

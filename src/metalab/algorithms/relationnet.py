@@ -149,12 +149,10 @@ class RelationNet(MetricLearner):
         for network in (self.backbone, self.relation):
             nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+    def adapt_one_hot(self, support_x: Tensor, support_one_hot: Tensor) -> Tensor:
         """[tasks, ways, C, H, W] class features: each class's support maps summed over its shots."""
         support = self.embed(self.backbone, support_x)
-        ways = int(support_y.max()) + 1
-        one_hot = nn.functional.one_hot(support_y, ways).to(support.dtype)  # [tasks, support, ways]
-        return torch.einsum("tsk,tschw->tkchw", one_hot, support)
+        return torch.einsum("tsk,tschw->tkchw", support_one_hot.to(support.dtype), support)
 
     def predict(self, classes: Tensor, query_x: Tensor) -> Tensor:
         """[tasks, queries, ways] relation scores in [0, 1]."""
