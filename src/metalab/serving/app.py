@@ -1,0 +1,133 @@
+"""The HTTP routes (FastAPI, run by uvicorn): JSON in and out, every refusal `{"error": "..."}`.
+
+    GET  /healthz                       the process answers (never needs the API key)
+    GET  /readyz                        the model is loaded and the task store writable (never needs the key)
+    GET  /                              the page: adapt and predict from a browser (static, no data in it)
+    GET  /v1/model                      what the checkpoint is and takes
+    POST /v1/tasks                      {"support": [{"label", "image"}, ...]} -> {"task_id", "labels", ...}
+    POST /v1/tasks/{task_id}/predict    {"images": [...]} -> {"predictions": [...]}
+    POST /v1/predict                    {"support": [...], "images": [...]} -> {"predictions": [...]}
+
+With an API key, every route but the health checks and the static page needs it, as
+`Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from importlib.resources import files
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from metalab.serving.inputs import ClientError, parse_body
+from metalab.serving.service import Service
+
+log = logging.getLogger("metalab.serve")
+OPEN_PATHS = ("/healthz", "/readyz", "/")
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def key_matches(request: Request, api_key: str) -> bool:
+    bearer = request.headers.get("authorization", "")
+    offered = [request.headers.get("x-api-key", "")]
+    if bearer[:7].lower() == "bearer ":
+        offered.append(bearer[7:].strip())
+    expected = api_key.encode()
+    # Every offered value is compared, so the time taken does not depend on which header matched.
+    return any([hmac.compare_digest(value.encode(), expected) for value in offered])
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes `limit` bytes (whatever Content-Length claimed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, too_large(f"{declared} bytes", limit))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ClientError(413, too_large(f"more than {limit} bytes", limit))
+    return bytes(body)
+
+
+def too_large(size: str, limit: int) -> str:
+    return (
+        f"the request body has {size}, more than max_request_bytes={limit}; send fewer or smaller images "
+        "per request (or start the server with a larger max_request_bytes=)"
+    )
+
+
+def create_app(service: Service, api_key: str | None) -> FastAPI:
+    # No generated docs: they would load scripts from a CDN and answer without the key.
+    app = FastAPI(title="metalab-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    page = (files("metalab.serving") / "page.html").read_text(encoding="utf-8")
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if api_key and request.url.path not in OPEN_PATHS and not key_matches(request, api_key):
+            return error(
+                401,
+                "missing or wrong API key; send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            )
+        return await call_next(request)
+
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, problem: ClientError):
+        return error(problem.status, str(problem))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, problem: HTTPException):
+        if problem.status_code == 404:
+            return error(404, f"no route {request.method} {request.url.path}; see GET /v1/model and docs/serving.md")
+        if problem.status_code == 405:
+            return error(405, f"{request.url.path} does not take {request.method}")
+        return error(problem.status_code, str(problem.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, problem: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error(500, f"internal error ({type(problem).__name__}); the server's log has the details")
+
+    async def answer(request: Request, work, *args) -> JSONResponse:
+        body = await read_body(request, service.limits.max_request_bytes)
+        parsed = parse_body(body)
+        return JSONResponse(await run_in_threadpool(work, *args, parsed))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not service.ready():
+            return error(503, f"the task store {service.store.folder} is not writable")
+        return {"status": "ready"}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/v1/model")
+    async def model():
+        return service.model_info()
+
+    @app.post("/v1/tasks")
+    async def create_task(request: Request):
+        return await answer(request, service.create_task)
+
+    @app.post("/v1/tasks/{task_id}/predict")
+    async def predict_task(task_id: str, request: Request):
+        return await answer(request, service.predict_task, task_id)
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        return await answer(request, service.predict_once)
+
+    return app
