@@ -26,10 +26,12 @@ Hydra), as metalab-predict reads them; every value is checked before anything st
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import re
+import signal
 import socket
 import sys
 from dataclasses import asdict, dataclass
@@ -203,11 +205,28 @@ def serve(settings: Settings) -> None:
     app = build_app(settings)  # loads and checks the checkpoint: a bad one is refused before listening
     common = {"host": settings.host, "port": settings.port, "log_level": "info", "timeout_graceful_shutdown": 60}
     if settings.workers == 1:
-        uvicorn.run(app, **common)
+        clean_exit_server()(uvicorn.Config(app, **common)).run()
         return
     del app  # each worker loads its own copy
     os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+    # uvicorn's supervisor: on SIGTERM it stops every worker (each finishing its requests), then returns.
     uvicorn.run("metalab.serve:worker_app", factory=True, workers=settings.workers, **common)
+
+
+def clean_exit_server():
+    """uvicorn's Server, less one habit: after a graceful shutdown on SIGTERM it raises SIGTERM
+    again, so the process ends killed by the signal (status 143); here a finished shutdown is a
+    clean exit, status 0, as a service manager expects of a server it asked to stop."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals = [sig for sig in self._captured_signals if sig != signal.SIGTERM]
+
+    return Server
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from importlib.resources import files
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,9 @@ from metalab.serving.service import Service
 
 log = logging.getLogger("metalab.serve")
 OPEN_PATHS = ("/healthz", "/readyz", "/")
+# Each response names the worker process that answered: with workers=N, which one served what.
+WORKER_HEADER = "X-Metalab-Worker"
+DRAIN_FACTOR = 8  # a body over max_request_bytes is read (and dropped) up to 8 times that
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -47,13 +51,18 @@ def key_matches(request: Request, api_key: str) -> bool:
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused as soon as it passes `limit` bytes (whatever Content-Length claimed)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ClientError(413, too_large(f"{declared} bytes", limit))
-    body = bytearray()
+    body, received = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ClientError(413, too_large(f"more than {limit} bytes", limit))
+        received += len(chunk)
+        if received <= limit:
+            body += chunk
+        elif received > DRAIN_FACTOR * limit:
+            break  # far past the limit: answer now (the client may then see the connection cut)
+        # Past the limit the rest is read and dropped, not kept: a client that sends its whole body
+        # before reading the answer (most do) gets the 413 instead of a broken pipe.
+    if received > limit:
+        size = f"{declared} bytes" if declared.isdigit() else f"more than {limit} bytes"
+        raise ClientError(413, too_large(size, limit))
     return bytes(body)
 
 
@@ -69,14 +78,19 @@ def create_app(service: Service, api_key: str | None) -> FastAPI:
     app = FastAPI(title="metalab-serve", docs_url=None, redoc_url=None, openapi_url=None)
     page = (files("metalab.serving") / "page.html").read_text(encoding="utf-8")
 
+    worker = str(os.getpid())
+
     @app.middleware("http")
     async def require_key(request: Request, call_next):
         if api_key and request.url.path not in OPEN_PATHS and not key_matches(request, api_key):
-            return error(
+            response = error(
                 401,
                 "missing or wrong API key; send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             )
-        return await call_next(request)
+        else:
+            response = await call_next(request)
+        response.headers[WORKER_HEADER] = worker
+        return response
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, problem: ClientError):

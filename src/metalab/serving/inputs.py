@@ -123,8 +123,8 @@ def decode(image: EncodedImage, limits: Limits, transform):
                 raise ClientError(413, too_many_pixels(image.name, f"{width} x {height}", limits))
             opened.load()
             return transform(opened, image.name)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ClientError(413, too_many_pixels(image.name, str(error).split(" pixels")[0], limits)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # see guard_pillow
+        raise ClientError(413, too_many_pixels(image.name, "too many", limits, error)) from None
     except Image.UnidentifiedImageError:
         raise ClientError(400, f"{image.name} is not a PNG or JPEG image; send PNG or JPEG file bytes") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:  # truncated or corrupt pixel data
@@ -139,8 +139,8 @@ def guard_pillow(limits: Limits) -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
-def too_many_pixels(name: str, size: str, limits: Limits) -> str:
+def too_many_pixels(name: str, size: str, limits: Limits, detail: Exception | None = None) -> str:
     return (
-        f"{name} claims {size} pixels, more than max_pixels={limits.max_pixels}; "
+        f"{name} claims {size} pixels{f' ({detail})' if detail else ''}, more than max_pixels={limits.max_pixels}; "
         "send a smaller image (the model sees it resized anyway)"
     )
