@@ -9,7 +9,7 @@
   workers=1               server processes, each with its own model; they share the task store
   device=cpu              or cuda, cuda:N
   api_key=KEY             required on every route but /healthz, /readyz and the page
-                          (default: the environment variable METALAB_API_KEY; none: open)
+                          (default: the environment variable METALAB_API_KEY; api_key= empty: none)
   max_images=256          images in one request, support and query together
   max_image_bytes=4MB     one image's encoded bytes
   max_request_bytes=32MB  one request body
@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from metalab.errors import ConfigError, MetalabError
+from metalab.predict import printable
 from metalab.pretrained import resolve as resolve_named
 
 SETTINGS_ENV = "METALAB_SERVE_SETTINGS"  # how the settings reach worker processes (workers > 1)
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         check_extra()
         serve(settings)
     except MetalabError as error:  # one line, as the other entry points print it
-        print(f"metalab: error: {error}", file=sys.stderr, flush=True)
+        print(f"metalab: error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(error.exit_status)
 
 
