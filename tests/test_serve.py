@@ -354,6 +354,7 @@ def test_the_store_stays_in_budget_and_a_damaged_file_is_an_unknown_task(omniglo
         (["ckpt_path=pretrained:nope"], "no checkpoint named 'nope'"),
         (["ckpt_path=/no/such.ckpt", "port=PORT"], "ckpt_path=/no/such.ckpt does not exist"),
         ([f"ckpt_path={PRETRAINED}", "host=no-such-host.invalid"], "host=no-such-host.invalid"),
+        ([f"ckpt_path={PRETRAINED}", "device=abacus", "port=PORT"], "device='abacus' is not a torch device"),
         ([f"ckpt_path={PRETRAINED}", "store_dir=STORE_FILE"], "store_dir="),
     ],
 )
