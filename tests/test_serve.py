@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import io
 import json
+import shutil
 import signal
 import struct
 import subprocess
@@ -334,6 +335,12 @@ def test_the_store_stays_in_budget_and_a_damaged_file_is_an_unknown_task(omniglo
             assert status == 404 and "create it again" in answer["error"], (name, answer)
             assert running.request("POST", f"/v1/tasks/{second}/predict", body)[0] == 200
         assert "Traceback" not in running.output()
+        # A store that cannot be written (here a file where the folder was) is the server's problem: 507.
+        shutil.rmtree(store)
+        store.write_text("")
+        status, answer = running.request("POST", "/v1/tasks", {"support": support_json(pairs[:3])})
+        assert status == 507 and str(store) in answer["error"], answer
+        assert running.request("GET", "/v1/model")[0] == 200
     finally:
         assert running.stop() == 0, running.output()
 

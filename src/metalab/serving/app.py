@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from metalab.errors import StorageError
 from metalab.serving.inputs import ClientError, parse_body
 from metalab.serving.service import Service
 
@@ -95,6 +96,12 @@ def create_app(service: Service, api_key: str | None) -> FastAPI:
     @app.exception_handler(ClientError)
     async def client_error(request: Request, problem: ClientError):
         return error(problem.status, str(problem))
+
+    @app.exception_handler(StorageError)
+    async def storage_error(request: Request, problem: StorageError):
+        # The server's disk, not the request: the adapted task could not be kept (disk full, no permission).
+        log.error("%s", problem)
+        return error(507, f"the server cannot keep the task: {problem}")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, problem: HTTPException):

@@ -89,7 +89,7 @@ class Service:
         if task is None:
             raise ClientError(
                 404,
-                f"no task {task_id!r} here: unknown, or evicted from the store; create it again with "
+                f"no task {task_id[:80]!r} here: unknown, or evicted from the store; create it again with "
                 "POST /v1/tasks and its support set (the same set gives the same task_id)",
             )
         images = query_items(request, self.limits)
