@@ -30,6 +30,7 @@ pytest.importorskip("safetensors", reason="metalab-serve's extra is not installe
 
 import metalab  # noqa: E402
 from metalab.pretrained import resolve  # noqa: E402
+from metalab.serve import main as serve_main  # noqa: E402
 from metalab.serving.state import flatten_state, namedtuple_class, unflatten_state  # noqa: E402
 from metalab.serving.store import MemoryCache, StoredTask  # noqa: E402
 
@@ -365,14 +366,18 @@ def test_the_store_stays_in_budget_and_a_damaged_file_is_an_unknown_task(omniglo
         ([f"ckpt_path={PRETRAINED}", "store_dir=STORE_FILE"], "store_dir="),
     ],
 )
-def test_bad_settings_end_with_one_line_and_status_2(argv, words, tmp_path):
+def test_bad_settings_end_with_one_line_and_status_2(argv, words, tmp_path, capsys, monkeypatch):
+    # The entry point's main() in this process (the command itself: the port test below).
+    monkeypatch.delenv("METALAB_API_KEY", raising=False)
     (tmp_path / "file").write_text("")
     argv = [a.replace("STORE_FILE", str(tmp_path / "file" / "tasks")).replace("PORT", str(free_port())) for a in argv]
     argv = argv if any(a.startswith("store_dir=") for a in argv) else [*argv, f"store_dir={tmp_path / 'tasks'}"]
-    proc = subprocess.run([sys.executable, "-m", "metalab.serve", *argv], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metalab: error: ") and words in lines[0], proc.stderr
+    with pytest.raises(SystemExit) as end:
+        serve_main(argv)
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert end.value.code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("metalab: error: ") and words in lines[0], stderr
 
 
 def test_a_port_in_use_is_refused_before_loading(tmp_path):
@@ -388,14 +393,13 @@ def test_a_port_in_use_is_refused_before_loading(tmp_path):
 
 
 @pytest.mark.parametrize("host, key, warns", [("0.0.0.0", "", True), ("0.0.0.0", KEY, False)])
-def test_listening_beyond_loopback_without_a_key_warns(host, key, warns, tmp_path):
+def test_listening_beyond_loopback_without_a_key_warns(host, key, warns, tmp_path, capsys):
     # A checkpoint that is not there ends the command after the warning, before listening.
     argv = ["ckpt_path=/no/such.ckpt", f"host={host}", f"port={free_port()}", f"store_dir={tmp_path}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "metalab.serve", *argv, f"api_key={key}"], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2
-    assert ("warning: listening on host=0.0.0.0 without an API key" in proc.stderr) == warns, proc.stderr
+    with pytest.raises(SystemExit):
+        serve_main([*argv, f"api_key={key}"])
+    stderr = capsys.readouterr().err
+    assert ("warning: listening on host=0.0.0.0 without an API key" in stderr) == warns, stderr
 
 
 # ---------------------------------------------------------------- the pieces, in process
