@@ -17,7 +17,7 @@ PYTEST_WORKERS ?=
 BENCH_BASELINE ?= c1ec8a9
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train eval export sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
+.PHONY: help install lock train eval export serve sweep reproduce tensorboard lint test test-full bench bench-memory device-carry device-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,10 +46,10 @@ $(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)) | $(BIN)/python
 	fi
 	@if [ -f "$(LOCK)" ]; then \
 	  echo "$(BIN)/pip install -r $(LOCK)  (the locked versions; make lock refreshes them)"; \
-	  $(BIN)/pip install -r "$(LOCK)" && $(BIN)/pip install --no-deps -e ".[test,optuna,slurm,export]"; \
+	  $(BIN)/pip install -r "$(LOCK)" && $(BIN)/pip install --no-deps -e ".[test,optuna,slurm,export,serve]"; \
 	else \
 	  echo "no $(LOCK) for Python $(PY_MINOR): installing the newest versions pyproject.toml's ranges admit (make lock pins them)"; \
-	  $(BIN)/pip install -e ".[test,optuna,slurm,export]"; \
+	  $(BIN)/pip install -e ".[test,optuna,slurm,export,serve]"; \
 	fi
 	@touch $@
 
@@ -64,6 +64,9 @@ eval: install ## meta-test a checkpoint: make eval CKPT=logs/train/runs/<run>/ch
 
 export: install ## a checkpoint as an ONNX graph (docs/export.md): make export ARGS='ckpt_path=<file> format=onnx output=<file.onnx>'
 	$(BIN)/metalab-export $(ARGS)
+
+serve: install ## the HTTP service (docs/serving.md): make serve ARGS='ckpt_path=pretrained:protonet-omniglot port=8000'
+	$(BIN)/metalab-serve $(ARGS)
 
 sweep: install ## a Hydra multirun: MAML and ProtoNet on Omniglot 5-way 1-shot (their paper settings)
 	$(BIN)/metalab-train -m experiment=maml_omniglot_5w1s,protonet_omniglot_5w1s $(ARGS)
@@ -82,7 +85,7 @@ test: install ## the test suite (under 10 minutes on 2 cores; slow tests exclude
 	$(BIN)/pytest $(ARGS)
 
 test-full: install ## every test, the slow ones included
-	$(BIN)/pytest -m "slow or not slow" $(ARGS)
+	METALAB_REQUIRE_BROWSER=1 $(BIN)/pytest -m "slow or not slow" $(ARGS)
 
 bench: install ## the speed floors (docs/speed.md): MAML batched vs a per-task loop, metric learners, ProtoNet vs the code before the speed work; predict speed
 	$(BIN)/python scripts/bench.py $(ARGS)
@@ -105,7 +108,7 @@ lock: | $(BIN)/python ## refresh requirements/py<python>.lock: the newest versio
 	@# torch's CPU build where there is no NVIDIA GPU (as install takes it): its CUDA build would put
 	@# the nvidia-* packages in the lock, which torch itself pins exactly where it needs them.
 	CUSTOM_COMPILE_COMMAND='make lock' $(LOCK_TOOLS)/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --extra test --extra optuna --extra slurm --extra export \
+	  --extra test --extra optuna --extra slurm --extra export --extra serve \
 	  $$(nvidia-smi -L >/dev/null 2>&1 || ! $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=3)" 2>/dev/null || echo --extra-index-url $(TORCH_CPU_INDEX)) \
 	  --constraint $(LOCK_TOOLS)/torch.txt --output-file $(LOCK) pyproject.toml
 	@# A local build tag (2.13.0+cpu) is the same release: the lock names the release, install picks the build.

@@ -90,6 +90,8 @@ SETTINGS = {
     # The transfer baselines: 100 steps of 16 images labelled among all training classes.
     "baseline": (["experiment=baseline_omniglot_5w1s", *EVAL], 100),
     "baselinepp": (["experiment=baselinepp_omniglot_5w1s", *EVAL], 100),
+    # The memory learner: sequences of 5 classes shown twice, the paper's raw 20x20 pixels.
+    "mann": (["experiment=mann_omniglot_5w10i", "instances=2", "meta_batch_size=2", *EVAL], 10),
 }
 
 

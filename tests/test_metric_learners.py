@@ -164,14 +164,14 @@ def test_matchingnet_support_cosine_lifts_the_two_sided_cosines_loss_floor(ways,
     log(1 + (N − 1)/e) (0.90 at 5 ways, 2.1 at 20); normalising the support only lets the
     query's norm sharpen the attention, and the loss goes to zero."""
     model = learner(configured(tmp_path, "unused", tmp_path, "matchingnet"))
-    support_y = torch.arange(ways).unsqueeze(0)
+    one_hot = torch.eye(ways).unsqueeze(0)  # one support image per class
     support = torch.eye(ways, 64).unsqueeze(0)  # one-hot directions: non-negative, orthogonal
     query = 50 * support  # long query embeddings pointing at their own class
     floor = torch.log(torch.tensor(1 + (ways - 1) / torch.e))
-    cosine = model.attend(model.support_set(support, support_y), query)
+    cosine = model.attend(model.support_set(support, one_hot), query)
     torch.testing.assert_close(-cosine.diagonal(dim1=1, dim2=2).mean(), floor)
     model.similarity = "support_cosine"
-    support_cosine = model.attend(model.support_set(support, support_y), query)
+    support_cosine = model.attend(model.support_set(support, one_hot), query)
     assert float(-support_cosine.diagonal(dim1=1, dim2=2).mean()) < 1e-6
     with pytest.raises(ConfigError, match="algorithm.similarity='dot'"):
         learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.similarity=dot"))
