@@ -487,17 +487,24 @@ def ours(entry: dict, metric: str) -> tuple[float | None, float | None, int | No
     return found["mean"] * s, None if found["ci95"] is None else found["ci95"] * s, found["episodes"]
 
 
+def protocol_of(entry: dict) -> str:
+    """The class split the test episodes came from (Omniglot's vinyals, finn, sung, lake), or —."""
+    dataset = ((entry.get("per_episode") or {}).get("episodes") or {}).get("dataset") or {}
+    return str(dataset.get("protocol") or "—")
+
+
 def results_table(entries: list[dict]) -> list[str]:
     lines = [
-        "| experiment | metric | ours ± 95% CI (test episodes) | paper | our budget | paper's budget | machine |",
-        "|---|---|---|---|---|---|---|",
+        "| experiment | protocol | metric | ours ± 95% CI (test episodes) | paper | our budget | paper's budget "
+        "| machine |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries:
         metric, paper = entry["metric"], entry["paper"]
         mean, ci, episodes = ours(entry, metric)
         unit = " %" if scale(metric) == 100 else ""
         lines.append(
-            f"| {entry['name']} | {metric}{unit} | {figure(mean, ci)} ({count(episodes)}) | "
+            f"| {entry['name']} | {protocol_of(entry)} | {metric}{unit} | {figure(mean, ci)} ({count(episodes)}) | "
             f"{figure(paper.get('value'), paper.get('ci95'))} | {our_budget(entry['budget'])} | "
             f"{paper_budget(paper)} | {describe_machine(entry)} |"
         )

@@ -95,9 +95,10 @@ def test_generated_block_holds_each_figure_budget_machine_and_the_paired_differe
     reproduce.regenerate(repo_copy / "results", repo_copy / "README.md", plot)
     readme = (repo_copy / "README.md").read_text()
     assert readme.startswith("# x\n\n## Results\n\n") and readme.endswith("\n\n## Next\n")  # the rest untouched
-    rows = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | test/acc")]
+    # The protocol column: which class split the test episodes came from (the fixture's vinyals).
+    rows = [line for line in readme.splitlines() if line.startswith("| maml_omniglot_5w1s | vinyals | test/acc")]
     assert rows[0] == (
-        "| maml_omniglot_5w1s | test/acc % | 80.00 ± 1.00 (5) | 98.70 | "
+        "| maml_omniglot_5w1s | vinyals | test/acc % | 80.00 ± 1.00 (5) | 98.70 | "
         "1,500 steps × 1 = 1,500 episodes, 12 min | 1,000,000 episodes (at most) | "
         "Test CPU, 2 cores |"
     )
@@ -301,11 +302,19 @@ def test_a_retested_checkpoint_is_checked_against_the_experiment_its_file_builds
             "eval_inner_steps": 10,
             "inner_loss": "sum_over_shots",
             "adapt_norm": False,
+            "init": "finn",
         },
-        "dataset": {"name": "omniglot"},
-        "backbone": {"name": "conv4", "pooled_blocks": 0, "stride": 2, "global_average": True},
+        "dataset": {"name": "omniglot", "protocol": "finn", "resample": "binary_nearest"},
+        "backbone": {
+            "name": "conv4",
+            "pooled_blocks": 0,
+            "stride": 2,
+            "global_average": True,
+            "batch_norm_scale": False,
+        },
         **{key: setting[key] for key in ("ways", "shots", "queries", "meta_batch_size")},
         **{key: setting.get(key, 5) for key in ("test_ways", "test_shots", "test_queries")},
+        "test_checkpoint": "last",
     }
     reproduce.check_retested_setting("fomaml_omniglot_5w1s", trained, trained)
     other = {**trained, "algorithm": {**trained["algorithm"], "inner_lr": 0.1}}
