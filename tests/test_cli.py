@@ -205,6 +205,10 @@ def test_maml_learns_omniglot(env, tmp_path, omniglot_dir):
         "val_episodes=20",
         "test_episodes=100",
         "algorithm.eval_inner_steps=3",
+        # Finn's initialisation (the paper setting's N(0, 1) output layer) learns slower at first:
+        # 0.53 after these 300 steps against 0.72 with PyTorch's (his split, images and BatchNorm
+        # without scale made no such difference: 0.54-0.55).
+        "algorithm.init=default",
         env=env,
         log_dir=tmp_path,
     )

@@ -204,7 +204,7 @@ def test_a_checkpoint_from_before_a_backbone_setting_resumes_at_its_default_only
     built what its default builds: resuming one is not refused, unless the run asks otherwise."""
     from metalab.config import check_resumable
 
-    cfg = composed("train", "dataset=omniglot", "ckpt_path=last.ckpt")
+    cfg = composed("train", "algorithm=protonet", "dataset=omniglot", "ckpt_path=last.ckpt")
     assert cfg["backbone"]["batch_norm_scale"] is True
     older = {**cfg, "backbone": {k: v for k, v in cfg["backbone"].items() if k != "batch_norm_scale"}}
     check_resumable(cfg, older)
