@@ -137,7 +137,7 @@ def create_app(service: Service, api_key: str | None) -> FastAPI:
 
     @app.get("/v1/model")
     async def model():
-        return service.model_info()
+        return await run_in_threadpool(service.model_info)  # waits for the store's lock, as writes do
 
     @app.post("/v1/tasks")
     async def create_task(request: Request):
