@@ -54,16 +54,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def summary(latencies: list[float], elapsed: float) -> dict:
+def summary(latencies: list[float], elapsed: float, cpu: float) -> dict:
     return {
         "requests": len(latencies),
         "per_s": len(latencies) / elapsed,
         **{f"p{q}_ms": 1e3 * percentile(latencies, q) for q in (50, 95, 99)},
+        "cpu_ms": 1e3 * cpu / len(latencies),  # CPU time a request: what the machine's other load leaves alone
     }
 
 
-def run_clients(port: int, make_request, concurrency: int, requests: int, seconds: float) -> dict:
-    """`make_request(i) -> (path, body)` sent from `concurrency` threads until the count or time runs out."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid`, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def run_clients(port: int, make_request, concurrency: int, requests: int, seconds: float, pid: int) -> dict:
+    """`make_request(i) -> (path, body)` sent from `concurrency` threads until the count or time
+    runs out; `pid`: the server's process, whose CPU time is counted."""
     counter, lock, latencies, failures = iter(range(requests)), threading.Lock(), [], []
     deadline = time.perf_counter() + seconds
 
@@ -84,7 +92,7 @@ def run_clients(port: int, make_request, concurrency: int, requests: int, second
                 failures.append(response.status)
         connection.close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(pid)
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
@@ -92,7 +100,7 @@ def run_clients(port: int, make_request, concurrency: int, requests: int, second
         thread.join()
     if failures:
         raise SystemExit(f"{len(failures)} requests failed: {sorted(set(failures))}")
-    return summary(latencies, time.perf_counter() - started)
+    return summary(latencies, time.perf_counter() - started, cpu_seconds(pid) - cpu)
 
 
 def in_process(ckpt: str, support: list[bytes], queries: list[bytes], requests: int, seconds: float):
@@ -121,13 +129,14 @@ def in_process(ckpt: str, support: list[bytes], queries: list[bytes], requests: 
         step = work[name]
         step(-1)  # warm up
         latencies, deadline, started = [], time.perf_counter() + seconds, time.perf_counter()
+        cpu = time.process_time()  # this process: only this thread works meanwhile
         for i in range(requests):
             if time.perf_counter() > deadline:
                 break
             begun = time.perf_counter()
             step(i)
             latencies.append(time.perf_counter() - begun)
-        return summary(latencies, time.perf_counter() - started)
+        return summary(latencies, time.perf_counter() - started, time.process_time() - cpu)
 
     return measure
 
@@ -139,7 +148,7 @@ def resident_bytes(pid: int) -> int:
     raise SystemExit(f"no VmRSS for process {pid}")
 
 
-def memory(ckpt: str, pngs: list[bytes], tasks: int, seconds: float) -> None:
+def memory(ckpt: str, pngs: list[bytes], tasks: int, seconds: float, settings: list[str]) -> None:
     """Create `tasks` distinct 5-way 1-shot tasks; the server's resident size and the kept bytes."""
     encoded = [base64.b64encode(b).decode() for b in pngs]
     # 5 of the 40 images, a different combination (in order) for each task: 658,008 of them.
@@ -153,14 +162,15 @@ def memory(ckpt: str, pngs: list[bytes], tasks: int, seconds: float) -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     store = folder / "tasks"
-    server = Server(folder / "server.log", f"ckpt_path={ckpt}", f"store_dir={store}")
+    server = Server(folder / "server.log", f"ckpt_path={ckpt}", f"store_dir={store}", *settings)
     try:
         server.post("/v1/tasks", support(0))  # the first request's one-off costs
         before = resident_bytes(server.process.pid)
-        run = run_clients(server.port, create, 4, len(sets) - 1, seconds)
+        run = run_clients(server.port, create, 4, len(sets) - 1, seconds, server.process.pid)
         after = resident_bytes(server.process.pid)
         kept = server.request("GET", "/v1/model")[1]["kept"]
         files = list(store.glob("*.safetensors"))
+        stored = sum(path.stat().st_size for path in files)
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -171,7 +181,7 @@ def memory(ckpt: str, pngs: list[bytes], tasks: int, seconds: float) -> None:
     mem = kept["memory"]
     print(f"memory cache: {mem['tasks']} tasks, {mem['bytes'] / 1e6:.2f} MB of {mem['budget'] / 1e6:.0f} MB budget")
     print(
-        f"store folder: {len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB "
+        f"store folder: {len(files)} files, {stored / 1e6:.2f} MB "
         f"(the count: {kept['store']['bytes'] / 1e6:.2f} MB) of {kept['store']['budget'] / 1e6:.0f} MB budget"
     )
 
@@ -183,10 +193,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="at most this many per (work, concurrency)")
     parser.add_argument("--seconds", type=float, default=15, help="at most this long per (work, concurrency)")
     parser.add_argument("--memory-tasks", type=int, help="instead: create this many tasks, report memory")
+    parser.add_argument("--server", nargs="*", default=[], help="more metalab-serve settings, e.g. cache_bytes=1MB")
     args = parser.parse_args()
     data_dir = Path(os.environ.get("METALAB_DATA_DIR") or ROOT.parent / "shared" / "data")
     if args.memory_tasks:
-        memory(args.ckpt, omniglot_pngs(data_dir, 40), args.memory_tasks, args.seconds)
+        memory(args.ckpt, omniglot_pngs(data_dir, 40), args.memory_tasks, args.seconds, args.server)
         return
     pngs = omniglot_pngs(data_dir, 20)
     support, queries = pngs[:5], pngs[5:20]  # 5-way 1-shot, 15 queries
@@ -212,7 +223,7 @@ def main() -> None:
         for concurrency in args.concurrency:
             for name, make in (("predict", lambda i: (predict_path, predict_body)), ("adapt", adapt_request)):
                 api = local(name)
-                served = run_clients(server.port, make, concurrency, args.requests, args.seconds)
+                served = run_clients(server.port, make, concurrency, args.requests, args.seconds, server.process.pid)
                 rows.append((name, concurrency, api, served))
     finally:
         status = server.stop()
@@ -221,15 +232,18 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"{args.ckpt}, 5-way 1-shot, 15 queries per predict; {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}")
     print("API: the same work through the Python API in this process, one at a time, measured just before")
+    print("CPU ms: CPU time a request (the server process's, all threads; the clients' not counted)")
     print(
-        f"{'work':8} {'clients':>7} {'API req/s':>9} {'API p50':>8} {'requests':>8} {'req/s':>8} {'p50 ms':>8} "
-        f"{'p95 ms':>8} {'p99 ms':>8} {'req/s vs API':>12} {'p50 vs API':>10}"
+        f"{'work':8} {'clients':>7} {'API req/s':>9} {'API p50':>8} {'API CPU':>8} {'requests':>8} {'req/s':>8} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU ms':>8} {'req/s vs API':>12} {'p50 vs API':>10} "
+        f"{'CPU vs API':>10}"
     )
     for name, concurrency, api, served in sorted(rows, key=lambda row: row[0] != "predict"):
         print(
-            f"{name:8} {concurrency:7d} {api['per_s']:9.1f} {api['p50_ms']:8.2f} {served['requests']:8d} "
-            f"{served['per_s']:8.1f} {served['p50_ms']:8.2f} {served['p95_ms']:8.2f} {served['p99_ms']:8.2f} "
-            f"{served['per_s'] / api['per_s']:12.2f} {served['p50_ms'] / api['p50_ms']:10.2f}"
+            f"{name:8} {concurrency:7d} {api['per_s']:9.1f} {api['p50_ms']:8.2f} {api['cpu_ms']:8.2f} "
+            f"{served['requests']:8d} {served['per_s']:8.1f} {served['p50_ms']:8.2f} {served['p95_ms']:8.2f} "
+            f"{served['p99_ms']:8.2f} {served['cpu_ms']:8.2f} {served['per_s'] / api['per_s']:12.2f} "
+            f"{served['p50_ms'] / api['p50_ms']:10.2f} {served['cpu_ms'] / api['cpu_ms']:10.2f}"
         )
     print(f"server exit status after SIGTERM: {status}")
 
