@@ -8,15 +8,26 @@ for each concurrency sends requests from that many client threads, each on its o
 connection: "predict" (15 query PNGs on a task created once) and "adapt" (5 new support PNGs
 per request, a task never seen before, so each one adapts and is written to the store). Each
 (work, concurrency) stops after --requests requests or --seconds seconds, whichever comes first.
-In the same run, the same work in this process: the PNG bytes decoded and passed to
-`learner.adapt` / `task.predict_proba`, one at a time. Prints requests/s, p50/p95/p99 latency and
-the server-to-in-process ratio. Bounded in requests and time; run it alone (it is a benchmark).
+Before each, the same work in this process: the PNG bytes decoded and passed to
+`learner.adapt` / `task.predict_proba`, one at a time (adapt also hashes the images into a task
+id, as the server does; it writes no file). Prints requests/s, p50/p95/p99 latency and the
+server-to-in-process ratios of throughput and of median latency. Bounded in requests and time;
+run it alone (it is a benchmark).
+
+    python scripts/bench_serve.py --memory-tasks 10000 --seconds 180
+
+instead creates that many distinct 5-way 1-shot tasks (5 of 40 Omniglot images, a different
+combination each) on a fresh server from 4 clients, and prints the server's resident size
+(VmRSS of its process) before and after, and the kept tasks' bytes in its memory cache and in
+its store folder against their budgets (`GET /v1/model`'s "kept", and the folder's files).
 """
 
 import argparse
 import base64
+import hashlib
 import http.client
 import io
+import itertools
 import json
 import os
 import shutil
@@ -43,16 +54,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def summary(latencies: list[float], elapsed: float) -> dict:
+def summary(latencies: list[float], elapsed: float, cpu: float) -> dict:
     return {
         "requests": len(latencies),
         "per_s": len(latencies) / elapsed,
         **{f"p{q}_ms": 1e3 * percentile(latencies, q) for q in (50, 95, 99)},
+        "cpu_ms": 1e3 * cpu / len(latencies),  # CPU time a request: what the machine's other load leaves alone
     }
 
 
-def run_clients(port: int, make_request, concurrency: int, requests: int, seconds: float) -> dict:
-    """`make_request(i) -> (path, body)` sent from `concurrency` threads until the count or time runs out."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid`, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def run_clients(port: int, make_request, concurrency: int, requests: int, seconds: float, pid: int) -> dict:
+    """`make_request(i) -> (path, body)` sent from `concurrency` threads until the count or time
+    runs out; `pid`: the server's process, whose CPU time is counted."""
     counter, lock, latencies, failures = iter(range(requests)), threading.Lock(), [], []
     deadline = time.perf_counter() + seconds
 
@@ -73,7 +92,7 @@ def run_clients(port: int, make_request, concurrency: int, requests: int, second
                 failures.append(response.status)
         connection.close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(pid)
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
@@ -81,11 +100,12 @@ def run_clients(port: int, make_request, concurrency: int, requests: int, second
         thread.join()
     if failures:
         raise SystemExit(f"{len(failures)} requests failed: {sorted(set(failures))}")
-    return summary(latencies, time.perf_counter() - started)
+    return summary(latencies, time.perf_counter() - started, cpu_seconds(pid) - cpu)
 
 
-def in_process(ckpt: str, support: list[bytes], queries: list[bytes], requests: int, seconds: float) -> dict:
-    """The same two kinds of work through the Python API, sequentially, from the same PNG bytes."""
+def in_process(ckpt: str, support: list[bytes], queries: list[bytes], requests: int, seconds: float):
+    """The same two kinds of work through the Python API, sequentially, from the same PNG bytes:
+    `measure(name)` times one kind, as often and as long as the server's clients may."""
     from PIL import Image
 
     import metalab
@@ -95,23 +115,75 @@ def in_process(ckpt: str, support: list[bytes], queries: list[bytes], requests: 
     def images(blobs):
         return [Image.open(io.BytesIO(b)) for b in blobs]
 
+    def adapt(i):
+        labels = [f"{c}{i}" for c in "abcde"]
+        # The server's task id: a hash over the image bytes' hashes and the labels.
+        pairs = [[label, hashlib.sha256(b).hexdigest()] for label, b in zip(labels, support)]
+        hashlib.sha256(json.dumps(pairs).encode())
+        return learner.adapt(list(zip(images(support), labels)))
+
     task = learner.adapt(list(zip(images(support), "abcde")))
-    work = {
-        "predict": lambda i: task.predict_proba(images(queries)),
-        "adapt": lambda i: learner.adapt(list(zip(images(support), [f"{c}{i}" for c in "abcde"]))),
-    }
-    results = {}
-    for name, step in work.items():
+    work = {"predict": lambda i: task.predict_proba(images(queries)), "adapt": adapt}
+
+    def measure(name: str) -> dict:
+        step = work[name]
         step(-1)  # warm up
         latencies, deadline, started = [], time.perf_counter() + seconds, time.perf_counter()
+        cpu = time.process_time()  # this process: only this thread works meanwhile
         for i in range(requests):
             if time.perf_counter() > deadline:
                 break
             begun = time.perf_counter()
             step(i)
             latencies.append(time.perf_counter() - begun)
-        results[name] = summary(latencies, time.perf_counter() - started)
-    return results
+        return summary(latencies, time.perf_counter() - started, time.process_time() - cpu)
+
+    return measure
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # given in kB
+    raise SystemExit(f"no VmRSS for process {pid}")
+
+
+def memory(ckpt: str, pngs: list[bytes], tasks: int, seconds: float, settings: list[str]) -> None:
+    """Create `tasks` distinct 5-way 1-shot tasks; the server's resident size and the kept bytes."""
+    encoded = [base64.b64encode(b).decode() for b in pngs]
+    # 5 of the 40 images, a different combination (in order) for each task: 658,008 of them.
+    sets = list(itertools.islice(itertools.combinations(range(len(encoded)), 5), tasks))
+
+    def support(i):
+        return {"support": [{"label": c, "image": encoded[k]} for c, k in zip("abcde", sets[i])]}
+
+    def create(i):  # task 0 is created before, by itself
+        return "/v1/tasks", json.dumps(support(i + 1)).encode()
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    store = folder / "tasks"
+    server = Server(folder / "server.log", f"ckpt_path={ckpt}", f"store_dir={store}", *settings)
+    try:
+        server.post("/v1/tasks", support(0))  # the first request's one-off costs
+        before = resident_bytes(server.process.pid)
+        run = run_clients(server.port, create, 4, len(sets) - 1, seconds, server.process.pid)
+        after = resident_bytes(server.process.pid)
+        kept = server.request("GET", "/v1/model")[1]["kept"]
+        files = list(store.glob("*.safetensors"))
+        stored = sum(path.stat().st_size for path in files)
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    created = run["requests"] + 1
+    print(f"{ckpt}: {created} distinct 5-way 1-shot tasks created in {run['requests'] / run['per_s']:.0f} s")
+    print(f"server resident size: {before / 1e6:.1f} MB before, {after / 1e6:.1f} MB after", end="")
+    print(f" (+{(after - before) / 1e6:.1f} MB, {(after - before) / created:.0f} bytes a task)")
+    mem = kept["memory"]
+    print(f"memory cache: {mem['tasks']} tasks, {mem['bytes'] / 1e6:.2f} MB of {mem['budget'] / 1e6:.0f} MB budget")
+    print(
+        f"store folder: {len(files)} files, {stored / 1e6:.2f} MB "
+        f"(the count: {kept['store']['bytes'] / 1e6:.2f} MB) of {kept['store']['budget'] / 1e6:.0f} MB budget"
+    )
 
 
 def main() -> None:
@@ -120,8 +192,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=200, help="at most this many per (work, concurrency)")
     parser.add_argument("--seconds", type=float, default=15, help="at most this long per (work, concurrency)")
+    parser.add_argument("--memory-tasks", type=int, help="instead: create this many tasks, report memory")
+    parser.add_argument("--server", nargs="*", default=[], help="more metalab-serve settings, e.g. cache_bytes=1MB")
     args = parser.parse_args()
     data_dir = Path(os.environ.get("METALAB_DATA_DIR") or ROOT.parent / "shared" / "data")
+    if args.memory_tasks:
+        memory(args.ckpt, omniglot_pngs(data_dir, 40), args.memory_tasks, args.seconds, args.server)
+        return
     pngs = omniglot_pngs(data_dir, 20)
     support, queries = pngs[:5], pngs[5:20]  # 5-way 1-shot, 15 queries
     support_b64 = [base64.b64encode(b).decode() for b in support]
@@ -133,39 +210,41 @@ def main() -> None:
         }
         return "/v1/tasks", json.dumps(body).encode()
 
+    # Each server measurement right after the in-process one it is compared with: on a shared
+    # machine the load changes within a run, and a ratio of measurements minutes apart would
+    # show that change.
+    local = in_process(args.ckpt, support, queries, args.requests, args.seconds)
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     server = Server(folder / "server.log", f"ckpt_path={args.ckpt}", f"store_dir={folder / 'tasks'}")
     try:
         task = server.post("/v1/tasks", {"support": [{"label": c, "image": s} for c, s in zip("abcde", support_b64)]})
         predict_path = f"/v1/tasks/{task['task_id']}/predict"
-        served = {}
+        rows = []
         for concurrency in args.concurrency:
             for name, make in (("predict", lambda i: (predict_path, predict_body)), ("adapt", adapt_request)):
-                served[name, concurrency] = run_clients(server.port, make, concurrency, args.requests, args.seconds)
+                api = local(name)
+                served = run_clients(server.port, make, concurrency, args.requests, args.seconds, server.process.pid)
+                rows.append((name, concurrency, api, served))
     finally:
         status = server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    local = in_process(args.ckpt, support, queries, args.requests, args.seconds)
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"{args.ckpt}, 5-way 1-shot, 15 queries per predict; {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}")
-    header = (
-        f"{'work':8} {'where':18} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'vs API':>7}"
+    print("API: the same work through the Python API in this process, one at a time, measured just before")
+    print("CPU ms: CPU time a request (the server process's, all threads; the clients' not counted)")
+    print(
+        f"{'work':8} {'clients':>7} {'API req/s':>9} {'API p50':>8} {'API CPU':>8} {'requests':>8} {'req/s':>8} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU ms':>8} {'req/s vs API':>12} {'p50 vs API':>10} "
+        f"{'CPU vs API':>10}"
     )
-    print(header)
-    for name in ("predict", "adapt"):
-        row = local[name]
+    for name, concurrency, api, served in sorted(rows, key=lambda row: row[0] != "predict"):
         print(
-            f"{name:8} {'in-process API':18} {row['requests']:8d} {row['per_s']:8.1f} {row['p50_ms']:8.2f} "
-            f"{row['p95_ms']:8.2f} {row['p99_ms']:8.2f} {1.0:7.2f}"
+            f"{name:8} {concurrency:7d} {api['per_s']:9.1f} {api['p50_ms']:8.2f} {api['cpu_ms']:8.2f} "
+            f"{served['requests']:8d} {served['per_s']:8.1f} {served['p50_ms']:8.2f} {served['p95_ms']:8.2f} "
+            f"{served['p99_ms']:8.2f} {served['cpu_ms']:8.2f} {served['per_s'] / api['per_s']:12.2f} "
+            f"{served['p50_ms'] / api['p50_ms']:10.2f} {served['cpu_ms'] / api['cpu_ms']:10.2f}"
         )
-        for concurrency in args.concurrency:
-            row = served[name, concurrency]
-            ratio = row["per_s"] / local[name]["per_s"]
-            print(
-                f"{name:8} {f'server, {concurrency:2d} clients':18} {row['requests']:8d} {row['per_s']:8.1f} "
-                f"{row['p50_ms']:8.2f} {row['p95_ms']:8.2f} {row['p99_ms']:8.2f} {ratio:7.2f}"
-            )
     print(f"server exit status after SIGTERM: {status}")
 
 

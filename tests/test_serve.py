@@ -10,11 +10,13 @@ import hashlib
 import http.client
 import io
 import json
+import os
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -31,8 +33,9 @@ pytest.importorskip("safetensors", reason="metalab-serve's extra is not installe
 import metalab  # noqa: E402
 from metalab.pretrained import resolve  # noqa: E402
 from metalab.serve import main as serve_main  # noqa: E402
+from metalab.serving import store as store_module  # noqa: E402
 from metalab.serving.state import flatten_state, namedtuple_class, unflatten_state  # noqa: E402
-from metalab.serving.store import MemoryCache, StoredTask  # noqa: E402
+from metalab.serving.store import MemoryCache, StoredTask, TaskStore  # noqa: E402
 
 PRETRAINED = "pretrained:protonet-omniglot"
 KEY = "test-key-0123456789"
@@ -144,6 +147,9 @@ def test_model_description(server):
     assert model["metalab_version"] == metalab.__version__
     assert model["classes"]["min"] == 2 and model["classes"]["max"] is None
     assert model["limits"]["max_images"] == 24
+    kept = model["kept"]  # this worker's memory cache and the shared store, against their budgets
+    assert kept["memory"]["budget"] == 256 * 10**6 and kept["store"]["budget"] == 10**9
+    assert 0 <= kept["memory"]["bytes"] <= kept["memory"]["budget"] and kept["store"]["bytes"] >= 0
 
 
 def test_api_key_guards_everything_but_the_health_checks(server):
@@ -324,7 +330,7 @@ def test_the_store_stays_in_budget_and_a_damaged_file_is_an_unknown_task(omniglo
         first = running.post("/v1/tasks", {"support": support_json(pairs)})["task_id"]
         assert running.request("POST", f"/v1/tasks/{first}/predict", body)[0] == 200
         second = running.post("/v1/tasks", {"support": support_json(pairs[:4])})["task_id"]
-        assert sorted(p.name for p in store.iterdir()) == [f"{second}.safetensors"]
+        assert sorted(p.name for p in store.glob("*.safetensors")) == [f"{second}.safetensors"]
         status, answer = running.request("POST", f"/v1/tasks/{first}/predict", body)
         assert status == 404 and "create it again" in answer["error"]
         assert running.request("POST", f"/v1/tasks/{second}/predict", body)[0] == 200
@@ -436,6 +442,84 @@ def test_the_memory_cache_drops_the_least_recently_used_within_its_budget():
     assert "b" not in cache and all(n in cache for n in "acd") and cache.used == 300
     cache.put("huge", StoredTask(("x",), None, 301))  # over the whole budget: not kept, nothing dropped
     assert "huge" not in cache and len(cache) == 3
+
+
+def task_files_bytes(folder) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def test_two_stores_on_one_folder_keep_its_budget_with_one_shared_count(tmp_path, monkeypatch):
+    """Two workers' stores on one folder: each counts the other's writes, the folder stays within
+    store_bytes, and a write under the budget lists no folder (its cost does not grow with the
+    tasks kept); over it, the least recently used files go, down to 90% of the budget."""
+    prototypes = torch.arange(320.0).view(5, 64)  # ProtoNet's 5-way state; every file the same size
+    probe = TaskStore(tmp_path / "probe", "sha", 0, 10**9)
+    probe.put("0" * 64, tuple("abcde"), prototypes)
+    size = task_files_bytes(probe.folder)
+    folder, budget = tmp_path / "tasks", 20 * size
+    stores = [TaskStore(folder, "sha", 0, budget) for _ in range(2)]
+    listings = []
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *args, real=real: listings.append(args) or real(*args))
+    for i in range(20):  # up to the budget exactly: no listing
+        stores[i % 2].put(f"{i:064x}", tuple("abcde"), prototypes)
+    assert listings == []
+    assert task_files_bytes(folder) == stores[0].used_bytes() == stores[1].used_bytes() == budget
+    for i in range(20):  # last used in the order written (the clock's ticks are coarser than the writes)
+        os.utime(stores[0].path(f"{i:064x}"), (1e9 + i, 1e9 + i))
+    listings.clear()  # the test's own listings
+    stores[1].put("f" * 64, tuple("abcde"), prototypes)  # over: the 3 least recently used go
+    assert len(listings) == 1 and task_files_bytes(folder) == 18 * size == stores[0].used_bytes()
+    listings.clear()
+    assert [i for i in range(20) if not stores[0].path(f"{i:064x}").exists()] == [0, 1, 2]
+    assert stores[0].get("f" * 64) is not None
+    # Both stores writing at once, from threads as a worker's requests do: the count stays exact.
+    writers = [
+        threading.Thread(target=lambda s=s, k=k: [s.put(f"{k}{i:063x}", tuple("abcde"), prototypes) for i in range(30)])
+        for k, s in enumerate(stores)
+    ]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    assert len(listings) <= 60 // 3  # one for every 3 writes: 18 files after each prune, 21 start the next
+    assert task_files_bytes(folder) == stores[0].used_bytes() <= budget
+
+
+def test_a_task_is_written_without_fsync_and_read_back_whole(tmp_path, monkeypatch):
+    """The store is a cache (a lost task is a 404: create it again), so no fsync; the rename
+    still hands readers the whole file, and what a crashed write leaves is cleared at start-up."""
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda descriptor: synced.append(descriptor))
+    state = (torch.randn(5, 64), {"head.weight": torch.randn(5, 3)})
+    TaskStore(tmp_path, "sha", 10**6, 10**6).put("a" * 64, ("x", "y"), state)
+    assert synced == []
+    # Another worker (no memory cache) reads it from the file: whole and equal.
+    kept = TaskStore(tmp_path, "sha", 0, 10**6).get("a" * 64)
+    assert kept.labels == ("x", "y") and torch.equal(kept.state[0], state[0])
+    assert torch.equal(kept.state[1]["head.weight"], state[1]["head.weight"])
+    # A crashed write's temporary file and a damaged count: a starting store removes the one
+    # and counts the files again.
+    (tmp_path / f".{'b' * 64}.safetensors.x1y2.tmp").write_bytes(b"half a task")
+    (tmp_path / "usage").write_bytes(b"garbage")
+    store = TaskStore(tmp_path, "sha", 0, 10**6)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{'a' * 64}.safetensors", "usage"]
+    assert store.used_bytes() == task_files_bytes(tmp_path)
+
+
+def test_the_memory_budget_counts_what_a_kept_task_costs_and_free_pages_go_back(tmp_path, monkeypatch):
+    """A kept tensor costs the process more than its data (10,000 ProtoNet tasks grew the server
+    3.9 kB each for 1,280 bytes of prototypes): the budget counts it, so cache_bytes bounds the
+    resident size; and the heap's free pages are handed back every 100 tasks kept."""
+    trims = []
+    monkeypatch.setattr(store_module, "release_free_memory", lambda: trims.append(True))
+    prototypes = torch.zeros(5, 64)  # 1,280 bytes of data
+    store = TaskStore(tmp_path, "sha", 10 * 1280, 10**9)  # ten tasks' data
+    for i in range(200):
+        store.put(f"{i:064x}", tuple("abcde"), prototypes)
+    assert len(store.memory) == 3 and store.memory.used <= 10 * 1280  # 3 x (1,280 + 2,700)
+    assert len(trims) == 2
 
 
 def test_the_page_is_in_the_package():

@@ -82,10 +82,14 @@ def sync_directory(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path, size: int | None = None) -> Iterator[BinaryIO]:
+def atomic_file(path, size: int | None = None, durable: bool = True) -> Iterator[BinaryIO]:
     """A new temporary file beside `path`, open for reading and writing, that replaces `path` in one
     rename when the block ends without an error (flushed to disk first) and is removed when it
-    does not. `size`: the bytes it will hold, for the message when the disk is full."""
+    does not. `size`: the bytes it will hold, for the message when the disk is full.
+    `durable=False` skips the two fsyncs (of the file, then of its folder after the rename): the
+    rename still shows readers the old file or the whole new one, and a process that crashes
+    leaves one or the other, but after a power loss the file may be missing or empty. For data
+    that can be made again (a cache), where the fsyncs would be most of the write's cost."""
     target = Path(path)
     temporary = None
     try:
@@ -97,7 +101,8 @@ def atomic_file(path, size: int | None = None) -> Iterator[BinaryIO]:
                 os.fchmod(file.fileno(), FILE_MODE)
             yield file
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(temporary, target)
         temporary = None
     except OSError as error:
@@ -105,7 +110,8 @@ def atomic_file(path, size: int | None = None) -> Iterator[BinaryIO]:
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
-    sync_directory(target.parent)
+    if durable:
+        sync_directory(target.parent)
 
 
 def write_atomic(path, data: bytes | str | memoryview, encoding: str = "utf-8", errors: str = "strict") -> None:

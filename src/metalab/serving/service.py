@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 
 import metalab
 from metalab.api import AdaptedTask, Learner, load_learner
-from metalab.errors import MetalabError
+from metalab.errors import MetalabError, StorageError
 from metalab.pretrained import resolve as resolve_named
 from metalab.serving.inputs import (
     ClientError,
@@ -133,6 +133,21 @@ class Service:
             "metalab_version": metalab.__version__,
             "task_format": FORMAT,
             "limits": asdict(self.limits),
+            "kept": self.kept(),
+        }
+
+    def kept(self) -> dict:
+        """The adapted tasks kept: in this worker's memory (each worker has its own) and in the
+        store every worker shares, with their budgets."""
+        memory = self.store.memory
+        try:
+            stored = self.store.used_bytes()
+        except StorageError:  # the folder is gone or unwritable: the model is still described
+            stored = None
+        return {
+            "worker": os.getpid(),
+            "memory": {"tasks": len(memory), "bytes": memory.used, "budget": memory.budget},
+            "store": {"bytes": stored, "budget": self.store.store_bytes},
         }
 
     def ready(self) -> bool:
