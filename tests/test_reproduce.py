@@ -288,8 +288,9 @@ def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match
 
 
 def test_a_retested_checkpoint_is_checked_against_the_experiment_its_file_builds_on():
-    """fomaml_omniglot_5w1s states only what differs from maml_omniglot_5w1s (its defaults list):
-    the settings it inherits (Finn's network, α, shots) are checked too, not only its own lines."""
+    """fomaml_omniglot_5w1s states only what differs from maml_omniglot_5w1s (its defaults list),
+    which states only its budget on the learner's paper setting (conf/paper_defaults/): the settings
+    it inherits (Finn's network, α, shots, protocol) are checked too, not only its own lines."""
     chosen, setting = reproduce.experiment_setting("fomaml_omniglot_5w1s")
     assert chosen == {"algorithm": "fomaml", "dataset": "omniglot"}
     assert setting["algorithm"]["inner_lr"] == 0.4 and setting["backbone"]["stride"] == 2
@@ -301,9 +302,17 @@ def test_a_retested_checkpoint_is_checked_against_the_experiment_its_file_builds
             "eval_inner_steps": 10,
             "inner_loss": "sum_over_shots",
             "adapt_norm": False,
+            "init": "finn",
         },
-        "dataset": {"name": "omniglot"},
-        "backbone": {"name": "conv4", "pooled_blocks": 0, "stride": 2, "global_average": True},
+        "dataset": {"name": "omniglot", "protocol": "finn", "resample": "binary_nearest"},
+        "backbone": {
+            "name": "conv4",
+            "pooled_blocks": 0,
+            "stride": 2,
+            "global_average": True,
+            "batch_norm_scale": False,
+        },
+        "test_checkpoint": "last",
         **{key: setting[key] for key in ("ways", "shots", "queries", "meta_batch_size")},
         **{key: setting.get(key, 5) for key in ("test_ways", "test_shots", "test_queries")},
     }
