@@ -124,12 +124,6 @@ def test_hardware_choices():
 PAPER_DEFAULTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "paper_defaults").glob("*.yaml"))
 
 
-def paper_experiment(pair: str) -> str:
-    """The conf/experiment/ file whose setting conf/paper_defaults/<pair>.yaml carries (named in it)."""
-    text = (Path(CONFIG_DIR) / "paper_defaults" / f"{pair}.yaml").read_text()
-    return re.search(r"conf/experiment/(\w+)\.yaml", text).group(1)
-
-
 def test_a_bare_algorithm_and_dataset_is_the_papers_episode_shape():
     protonet = composed("algorithm=protonet", "dataset=omniglot")
     # Snell et al.: one 60-way episode per update, 5 queries per class; tested 5-way with 15.
@@ -148,16 +142,35 @@ def test_a_bare_algorithm_and_dataset_is_the_papers_episode_shape():
     assert composed("algorithm=protonet", "dataset=omniglot", "meta_batch_size=4")["meta_batch_size"] == 4
 
 
-@pytest.mark.parametrize("pair", PAPER_DEFAULTS)
-def test_paper_defaults_equal_their_experiment_but_for_the_step_budget(pair):
-    experiment = paper_experiment(pair)
-    algorithm, dataset = experiment.split("_")[0], experiment.split("_", 1)[1].rsplit("_", 1)[0]
-    assert pair == f"{algorithm}_{dataset}"
-    paper = composed(f"experiment={experiment}")
-    budget = [f"trainer.{key}={paper['trainer'][key]}" for key in ("max_steps", "val_check_interval")]
-    bare = composed(f"algorithm={algorithm}", f"dataset={dataset}", *budget)
-    assert bare.pop("paper") is None and paper.pop("paper")
-    assert bare == paper
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+    return out
+
+
+def base_of(defaults: list) -> list[str]:
+    """The overrides that compose what an experiment file builds on: the experiment it names, or the
+    learner's paper setting (conf/paper_defaults/) that its algorithm and dataset select."""
+    overrides = []
+    for entry in defaults:
+        if isinstance(entry, str) and entry != "_self_":
+            overrides.append(f"experiment={entry}")
+        elif isinstance(entry, dict):
+            ((key, value),) = entry.items()
+            overrides.append(f"{key.removeprefix('override /')}={value}")
+    return overrides
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_state_only_what_differs(experiment):
+    """A paper setting is written once: in conf/paper_defaults/ for a learner on a dataset, and an
+    experiment adds only its budget, figure and episode shape, or what differs from the experiment
+    it builds on. (tests/test_composed_configs.py keeps the composed result the same.)"""
+    own = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").read_text())
+    base = composed(*base_of(own.pop("defaults")))
+    restated = {key: value for key, value in flat(own).items() if key in flat(base) and flat(base)[key] == value}
+    assert not restated, f"conf/experiment/{experiment}.yaml restates what it builds on: {restated}"
 
 
 def test_a_backbone_option_of_another_backbone_is_refused_clearly():
@@ -202,9 +215,10 @@ def test_one_positivity_check_names_the_value_the_meaning_and_a_fix():
 
 
 def test_an_experiment_that_shares_a_setting_builds_on_it():
-    """First-order MAML, ANIL, MAML++ and Reptile on sinusoid, Meta-SGD on miniImageNet: each
-    file names the MAML experiment whose setting it shares in its defaults list and states only
-    what differs (its algorithm, its own values, its paper figure)."""
+    """First-order MAML and ANIL take MAML's experiments, Baseline++ Baseline's, MANN the LSTM's, the
+    sinusoid learners MAML's, and a 10-shot or second shape the experiment it shares the rest with: each names the
+    experiment it builds on in its defaults list and states only what differs (its algorithm, its
+    own values, its paper figure; test_experiments_state_only_what_differs checks each value)."""
     experiments = Path(CONFIG_DIR) / "experiment"
     builders = {p.stem: yaml.safe_load(p.read_text()) for p in experiments.glob("*.yaml")}
     children = {
@@ -212,9 +226,13 @@ def test_an_experiment_that_shares_a_setting_builds_on_it():
         for name, cfg in builders.items()
         if any(isinstance(d, str) for d in cfg.get("defaults", []))
     }
-    assert {name for name in builders if name.startswith("fomaml_")} <= set(children)
+    assert {name for name in builders if name.startswith(("fomaml_", "anil_", "baselinepp_"))} <= set(children)
     for name, base in children.items():
-        assert base == "maml_" + name.split("_", 1)[1] and base in builders, name
+        algorithm, setting = name.split("_", 1)
+        dataset = setting.rsplit("_", 1)[0]
+        assert base in builders and base.split("_", 1)[1].rsplit("_", 1)[0] == dataset, name
+        if base.split("_", 1)[0] != algorithm:  # another learner's experiment of the same shape
+            assert base == {"baselinepp": "baseline", "mann": "lstm"}.get(algorithm, "maml") + "_" + setting, name
         own = set(builders[name]) - {"defaults", "paper"}
         assert len(yaml.safe_dump({k: builders[name][k] for k in own}).splitlines()) <= 8, name
 

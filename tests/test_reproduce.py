@@ -289,8 +289,9 @@ def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match
 
 
 def test_a_retested_checkpoint_is_checked_against_the_experiment_its_file_builds_on():
-    """fomaml_omniglot_5w1s states only what differs from maml_omniglot_5w1s (its defaults list):
-    the settings it inherits (Finn's network, α, shots) are checked too, not only its own lines."""
+    """fomaml_omniglot_5w1s states only what differs from maml_omniglot_5w1s (its defaults list),
+    which states only its budget on the learner's paper setting (conf/paper_defaults/): the settings
+    it inherits (Finn's network, α, shots, protocol) are checked too, not only its own lines."""
     chosen, setting = reproduce.experiment_setting("fomaml_omniglot_5w1s")
     assert chosen == {"algorithm": "fomaml", "dataset": "omniglot"}
     assert setting["algorithm"]["inner_lr"] == 0.4 and setting["backbone"]["stride"] == 2
