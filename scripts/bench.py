@@ -33,10 +33,10 @@ import torch
 import yaml
 
 from metalab.algorithms import ALGORITHMS
+from metalab.algorithms.compile_passes import AUTO_COMPILE_MIN_STEPS
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.reference import reference_meta_loss
 from metalab.allocator import keep_freed_memory
-from metalab.config import AUTO_COMPILE_MIN_STEPS
 from metalab.data.episodes import Episode
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -8,9 +8,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import SPEED_ONLY_BACKBONE, check_algorithm, check_learner_fits_data, resolve
 from metalab.errors import ConfigError
-from metalab.paths import CONFIG_DIR
+from metalab.settings import CONFIG_DIR
+from metalab.validation import SPEED_ONLY_BACKBONE, check_algorithm, check_learner_fits_data, resolve
 
 DATASETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -49,7 +49,7 @@ def test_every_pair_composes_and_builds_or_is_refused_clearly(algorithm, dataset
     assert cfg["algorithm"]["name"] == algorithm and cfg["dataset"]["name"] == dataset
     if not (Path(CONFIG_DIR) / "paper_defaults" / f"{algorithm}_{dataset}.yaml").is_file():  # a paper may test
         assert cfg["test_ways"] == cfg["ways"] and cfg["test_shots"] == cfg["shots"]  # test_* follow training
-    check_algorithm(cfg, ALGORITHMS)
+    check_algorithm(cfg)
     learner_cls, task_type = ALGORITHMS[algorithm], TASK_TYPES.get(dataset, "classification")
     if task_type not in learner_cls.task_types:
         with pytest.raises(ConfigError, match=f"dataset={dataset}"):
@@ -96,7 +96,7 @@ def test_every_paper_setting_runs_on_the_default_fast_path(experiment):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_compose(experiment):
     cfg = composed(f"experiment={experiment}")
-    check_algorithm(cfg, ALGORITHMS)
+    check_algorithm(cfg)
     # Named <algorithm>_<dataset>_<setting>.
     assert experiment.startswith(f"{cfg['algorithm']['name']}_{cfg['dataset']['name']}_")
     # Each paper setting records the published figure scripts/compare.py and reproduce.py print
@@ -224,22 +224,22 @@ def test_each_group_file_names_the_class_it_builds():
     reader goes from the yaml to the code in one step, and it is the class the name builds."""
     from metalab.algorithms import learner_class
     from metalab.backbones import BACKBONES, backbone_class
-    from metalab.config import group_defaults
+    from metalab.settings import group_defaults
 
     for name in ALGORITHMS:
         target = group_defaults("algorithm", name)["_target_"]
-        assert learner_class({"_target_": target}) is ALGORITHMS[name] is learner_class({"name": name}), name
+        assert learner_class({"_target_": target}) is ALGORITHMS[name], name
     for name in BACKBONES:
         target = group_defaults("backbone", name)["_target_"]
-        assert backbone_class(target, name) is BACKBONES[name], name
+        assert backbone_class(target) is BACKBONES[name], name
     from metalab.data.datamodule import DATASETS as DATASET_CLASSES
     from metalab.data.datamodule import dataset_class
 
     for name in DATASETS:
         target = group_defaults("dataset", name)["_target_"]
-        assert dataset_class(target, name) is DATASET_CLASSES[name] is dataset_class(None, name), name
+        assert dataset_class(target) is DATASET_CLASSES[name], name
     with pytest.raises(ConfigError, match=r"dataset._target_='os.system' is not one of metalab's classes"):
-        dataset_class("os.system", "omniglot")
+        dataset_class("os.system")
 
 
 @pytest.mark.parametrize("name", DATASETS)
@@ -249,9 +249,9 @@ def test_a_datasets_yaml_keys_are_its_constructors_arguments(name):
     module's: `episodes`, and the checkpointing's metric)."""
     import inspect
 
-    from metalab.config import group_defaults
     from metalab.data.datamodule import DATASETS as DATASET_CLASSES
     from metalab.data.datamodule import NOT_THE_DATASETS
+    from metalab.settings import group_defaults
 
     settings = {k for k in group_defaults("dataset", name) if k not in NOT_THE_DATASETS}
     parameters = inspect.signature(DATASET_CLASSES[name]).parameters
@@ -276,7 +276,7 @@ def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
     ):
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
-    monkeypatch.setattr("metalab.config.CONFIG_DIR", str(conf))
+    monkeypatch.setattr("metalab.settings.CONFIG_DIR", str(conf))
     model = ALGORITHMS["matchingnet"].from_config(
         {
             "algorithm": {"name": "matchingnet", "fce": True},
@@ -292,7 +292,7 @@ def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
 
 def learner_arguments(name: str) -> tuple[dict, dict]:
     """(the settings conf/algorithm/<name>.yaml gives its learner, the run context every learner takes)."""
-    from metalab.config import group_defaults, with_group_defaults
+    from metalab.settings import group_defaults, with_group_defaults
 
     settings = {k: v for k, v in group_defaults("algorithm", name).items() if k not in ("name", "_target_")}
     if "num_classes" in settings:  # metalab-train sets it from the data
@@ -358,16 +358,17 @@ def test_a_checkpoint_rebuilds_its_learner_without_the_config_directory(tmp_path
     user's own config directory) and predicts as before."""
     import torch
 
-    from metalab.checkpoint import MARKER, learner_from_checkpoint
-    from metalab.config import with_group_defaults
+    from metalab.algorithms.base import MetaLearner
+    from metalab.checkpoint import MARKER
+    from metalab.settings import with_group_defaults
 
     run = {"algorithm": {"name": "matchingnet"}, "backbone": {"name": "conv4", "hidden_channels": 8}, "ways": 5}
     model = ALGORITHMS["matchingnet"].from_config(run, [1, 28, 28], "classification").eval()
     checkpoint = {MARKER: "0", "hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
     stored = checkpoint["hyper_parameters"]["config"]["algorithm"]
     assert stored == with_group_defaults("algorithm", {"name": "matchingnet"}) and stored["read_steps"] == 5
-    monkeypatch.setattr("metalab.config.CONFIG_DIR", str(tmp_path / "no_conf_here"))
-    loaded = learner_from_checkpoint("x.ckpt", checkpoint).eval()
+    monkeypatch.setattr("metalab.settings.CONFIG_DIR", str(tmp_path / "no_conf_here"))
+    loaded = MetaLearner.from_checkpoint("x.ckpt", checkpoint).eval()
     support, labels, query = torch.rand(1, 5, 1, 28, 28), torch.arange(5)[None], torch.rand(1, 3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(

@@ -30,13 +30,13 @@ from lightning import LightningModule
 from torch import Tensor
 
 from metalab import __version__
-from metalab.algorithms.compile_passes import inductor_options
-from metalab.checkpoint import MARKER
-from metalab.config import SHARED_ALGORITHM_KEYS, auto_compile, check_group_keys, with_group_defaults
+from metalab.algorithms.compile_passes import auto_compile, inductor_options
+from metalab.checkpoint import MARKER, read_checkpoint
 from metalab.data.episodes import Episode
-from metalab.errors import ConfigError, TrainingDiverged
+from metalab.errors import ConfigError, TrainingDiverged, metalab_class
 from metalab.evaluation import mean_and_ci95
 from metalab.run_log import log
+from metalab.settings import SHARED_ALGORITHM_KEYS, check_group_keys, with_group_defaults
 
 
 @contextmanager
@@ -74,7 +74,7 @@ class MetaLearner(LightningModule):
     fixed_settings: dict[str, tuple[Any, str]] = {}
     # Settings added after checkpoints of this learner were first written, with the value such a
     # checkpoint was trained with where it differs from the yaml's default today (which would
-    # otherwise be filled in): checkpoint.learner_from_checkpoint applies them to a stored config
+    # otherwise be filled in): `from_checkpoint` applies them to a stored config
     # that lacks the setting, so an older checkpoint loads and predicts as it did.
     settings_of_older_checkpoints: dict[str, Any] = {}
 
@@ -103,7 +103,7 @@ class MetaLearner(LightningModule):
           whose output layer is sized to them (MAML's head, MANN's labels);
         - `eval_seed`: fixes the random draws of meta-test adaptation (Reptile's and the
           baselines' minibatches), the same for every checkpoint;
-        - `compile`: false, true, "reduce-overhead", or "auto" (config.auto_compile decides from
+        - `compile`: false, true, "reduce-overhead", or "auto" (compile_passes.auto_compile decides from
           `run_config`'s trainer settings);
         - `run_config`: the whole run's config, stored in the checkpoint so that metalab-eval and
           metalab.load_learner rebuild the learner and its data from the file alone.
@@ -135,7 +135,7 @@ class MetaLearner(LightningModule):
         self.timed_tasks = 0
         self._warm = False
         self.compile_mode = compile  # auto, false, true or "reduce-overhead"
-        # auto: compiled where that was measured to pay (config.auto_compile); should compiling
+        # auto: compiled where that was measured to pay (compile_passes.auto_compile); should compiling
         # fail there, the run goes on eagerly instead of stopping.
         self.compile_fallback = self.compile_mode == "auto"
         self.compile_choice = None  # auto's choice and why, for the run's log
@@ -153,12 +153,13 @@ class MetaLearner(LightningModule):
         as the constructor's keyword arguments, with the run's backbone, ways and eval_seed."""
         algorithm = with_group_defaults("algorithm", config["algorithm"])
         check_group_keys("algorithm", algorithm, SHARED_ALGORITHM_KEYS)  # a clear refusal, not a TypeError
-        run_config = {**config, "algorithm": algorithm}
+        # Stored complete (the class each names included), so the checkpoint loads without conf/.
+        run_config = {**config, "algorithm": algorithm, "backbone": with_group_defaults("backbone", config["backbone"])}
         cls.check_run_config(run_config)
         settings = {key: value for key, value in algorithm.items() if key not in ("name", "_target_")}
         return cls(
             **settings,
-            backbone=config["backbone"],
+            backbone=run_config["backbone"],
             input_shape=input_shape,
             task_type=task_type,
             ways=config.get("ways"),
@@ -167,19 +168,54 @@ class MetaLearner(LightningModule):
         )
 
     @classmethod
+    def from_checkpoint(cls, path, checkpoint: dict, config: dict | None = None) -> "MetaLearner":
+        """The learner a checkpoint holds (`checkpoint` as checkpoint.read_checkpoint returns it), built
+        from `config` (default: its stored run config) with its weights: the class the config's
+        `algorithm._target_` names, which must be this class or one derived from it."""
+        hyper = checkpoint["hyper_parameters"]
+        config = hyper["config"] if config is None else config
+        try:
+            name, input_shape, task_type = config["algorithm"]["name"], list(hyper["input_shape"]), hyper["task_type"]
+        except (KeyError, TypeError):
+            raise ConfigError(
+                f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written by metalab-train"
+            ) from None
+        try:  # only metalab's own learners: the stored _target_ cannot name anything else
+            learner_cls = metalab_class(
+                "algorithm._target_",
+                config["algorithm"].get("_target_"),
+                "metalab.algorithms",
+                MetaLearner,
+                "give a checkpoint written by metalab-train",
+            )
+        except ConfigError as error:
+            raise ConfigError(f"ckpt_path={path}: {error}") from None
+        if not issubclass(learner_cls, cls):
+            raise ConfigError(f"ckpt_path={path} holds a {learner_cls.__name__}, not a {cls.__name__}")
+        algorithm = {**learner_cls.settings_of_older_checkpoints, **config["algorithm"]}  # a stored setting wins
+        try:
+            model = learner_cls.from_config({**config, "algorithm": algorithm}, input_shape, task_type)
+        except ConfigError as error:  # a stored setting the learner refuses: name the file it came from
+            raise ConfigError(f"ckpt_path={path}: {error}") from None
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except (RuntimeError, KeyError) as error:
+            first_line = str(error).splitlines()[0]
+            raise ConfigError(
+                f"ckpt_path={path}: its weights do not fit algorithm={name} as configured ({first_line})"
+            ) from None
+        return model
+
+    @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, **unsupported) -> "MetaLearner":
         """Lightning's way to load a checkpoint, through metalab's reader, which unpickles no
         objects (checkpoint.read_checkpoint): the stored run config rebuilds the learner."""
-        from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
-
         if unsupported:
             raise TypeError(
                 f"{cls.__name__}.load_from_checkpoint takes checkpoint_path and map_location only "
                 f"(the learner is rebuilt from the run config stored in the file), not {', '.join(unsupported)}"
             )
-        model = learner_from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path))
-        if not isinstance(model, cls):
-            raise ConfigError(f"ckpt_path={checkpoint_path} holds a {type(model).__name__}, not a {cls.__name__}")
+        model = cls.from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path))
         return model if map_location is None else model.to(map_location)
 
     @classmethod
