@@ -1,15 +1,18 @@
 """Every algorithm × dataset × hardware composes, validates and builds its learner."""
 
+import inspect
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
 from metalab.algorithms import ALGORITHMS
 from metalab.errors import ConfigError
-from metalab.settings import CONFIG_DIR
+from metalab.settings import CONFIG_DIR, group_defaults
 from metalab.validation import SPEED_ONLY_BACKBONE, check_algorithm, check_learner_fits_data, resolve
 
 DATASETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
@@ -307,19 +310,55 @@ def learner_arguments(name: str) -> tuple[dict, dict]:
     return settings, context
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_a_learners_yaml_keys_are_its_constructors_arguments(name):
-    """conf/algorithm/<name>.yaml reads as the call it makes: every key is a keyword argument of the
-    class its `_target_` names, and every setting the class takes is a key there (none has a
-    default in the code to drift from the yaml)."""
-    settings, context = learner_arguments(name)
-    learner = ALGORITHMS[name](**settings, **context)  # built from the yaml's keys alone
-    assert learner.run_config is None and sum(p.numel() for p in learner.parameters()) > 0
-    for key in settings:
-        if key == "compile":  # the one shared setting with a default: learners without a compiled path
+def constructor_defaults(cls) -> dict:
+    """{argument: default} of a learner's constructor, its own and those it passes on to its bases
+    (`**settings`), the nearest class's default where two give one."""
+    defaults: dict = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is torch.nn.Module:
             continue
-        with pytest.raises(TypeError, match=f"missing 1 required keyword-only argument: '{key}'"):
-            ALGORITHMS[name](**{k: v for k, v in settings.items() if k != key}, **context)
+        for key, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults.setdefault(key, parameter.default)
+    return defaults
+
+
+def plain(value):
+    """A default as the yaml would write it (read-only mappings and tuples as dicts and lists)."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_a_learners_constructor_defaults_are_its_yamls_settings(name):
+    """conf/algorithm/<name>.yaml reads as the call it makes, and the constructor's defaults are the
+    same paper settings, so a learner built from Python (`MAML(backbone=..., inner_lr=0.4)`) is the
+    documented one: every key of the yaml is a keyword argument of its class with that very value as
+    default (a value that needs the run's config, `${trainer.max_steps}`, excepted: it has none in
+    code); and the yaml lists every setting the class takes."""
+    settings, context = learner_arguments(name)
+    learner = ALGORITHMS[name](**settings, **context)  # built from the yaml's keys
+    assert learner.run_config is None and sum(p.numel() for p in learner.parameters()) > 0
+    defaults = constructor_defaults(ALGORITHMS[name])
+    yaml_settings = {k: v for k, v in group_defaults("algorithm", name).items() if k not in ("name", "_target_")}
+    for key, value in yaml_settings.items():
+        if key == "compile":  # auto decides from the run's trainer settings: from Python, without one, eager
+            assert defaults[key] is False, name
+            continue
+        if "${" in str(value):
+            continue
+        assert key in defaults, f"{name}: {key} has no default in code"
+        assert plain(defaults[key]) == value, f"{name}: {key} defaults to {defaults[key]!r}, the yaml says {value!r}"
+    # A setting with a default in code that the yaml leaves out must be one the class fixes itself
+    # (ANIL's adapt_norm=False: giving it is a TypeError), not one the yaml forgot to document.
+    # compile is shared (SHARED_ALGORITHM_KEYS): a learner without a compiled path leaves it out.
+    for key in sorted(set(defaults) - set(yaml_settings) - set(context) - {"eval_seed", "run_config", "compile"}):
+        with pytest.raises(TypeError, match="multiple values|unexpected keyword"):
+            ALGORITHMS[name](**settings, **context, **{key: defaults[key]})
+            pytest.fail(f"{name}: {key} has a default in code but is not in its yaml")
     with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_setting'"):
         ALGORITHMS[name](**settings, **context, no_such_setting=1)
 

@@ -20,17 +20,19 @@ episodes, Lightning's inference mode) is handled here once.
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from lightning import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from metalab import __version__
 from metalab.algorithms.compile_passes import auto_compile, inductor_options
+from metalab.backbones import build_backbone
 from metalab.checkpoint import MARKER, read_checkpoint
 from metalab.data.episodes import Episode
 from metalab.errors import ConfigError, TrainingDiverged, metalab_class
@@ -51,6 +53,9 @@ def evaluation_mode() -> Iterator[None]:
         yield
 
 
+# The outer optimizer every learner's yaml names unless its paper used another (read-only: a default).
+ADAM = MappingProxyType({"_target_": "torch.optim.Adam", "lr": 0.001})
+
 # task type -> (the metric every learner reports on it, whether higher or lower is better): the one
 # source; dataset.metric and dataset.metric_mode (what checkpointing and sweeps monitor) must agree.
 METRICS = {"classification": ("acc", "max"), "regression": ("mse", "min")}
@@ -70,7 +75,7 @@ class MetaLearner(LightningModule):
     # capture whole, so algorithm.compile=true may be set (see compiled_meta_loss).
     compilable: bool = False
     # Settings the learner fixes by definition: {key: (the only value, why)}. Another value
-    # in the config is refused before any work (config.check_algorithm_keys), not ignored.
+    # in the config is refused before any work (validation.check_algorithm_keys), not ignored.
     fixed_settings: dict[str, tuple[Any, str]] = {}
     # Settings added after checkpoints of this learner were first written, with the value such a
     # checkpoint was trained with where it differs from the yaml's default today (which would
@@ -81,24 +86,27 @@ class MetaLearner(LightningModule):
     def __init__(
         self,
         *,
-        backbone: dict,
-        optimizer: dict,
-        scheduler: dict | None,
-        grad_clip: float | None,
-        input_shape: Sequence[int],
-        task_type: str,
+        backbone: Mapping | nn.Module,
+        input_shape: Sequence[int] | None = None,
+        task_type: str = "classification",
         ways: int | None = None,
+        optimizer: Mapping = ADAM,
+        scheduler: Mapping | None = None,
+        grad_clip: float | None = None,
         eval_seed: int = 0,
         compile: bool | str = False,
         run_config: dict | None = None,
     ):
         """What every learner takes, beside its own settings (which its subclass names):
 
-        - `backbone`: the backbone's config (conf/backbone/<name>.yaml, with its `_target_`),
-          built by the learner for `input_shape` (e.g. [1, 28, 28]);
+        - `backbone`: the backbone's config (conf/backbone/<name>.yaml; `{"name": "conv4"}` takes
+          the yaml's settings), built by the learner for `input_shape` (e.g. [1, 28, 28]); or a
+          built `nn.Module` mapping a batch of inputs to flat features, where the learner allows
+          one (`input_shape` is then needed only where the feature size must be measured);
         - `optimizer`, `scheduler`: the outer loop's, as Hydra configs (`_target_` and arguments;
           `scheduler` null for none), built in `configure_optimizers`; `grad_clip`: the
-          meta-gradient's norm limit, or null;
+          meta-gradient's norm limit, or null; the defaults are the learner's paper settings,
+          its conf/algorithm/<name>.yaml (tests/test_config.py keeps the two equal);
         - `task_type`: classification or regression; `ways`: the training ways, for learners
           whose output layer is sized to them (MAML's head, MANN's labels);
         - `eval_seed`: fixes the random draws of meta-test adaptation (Reptile's and the
@@ -112,11 +120,17 @@ class MetaLearner(LightningModule):
         super().__init__()
         self.run_config = run_config
         # The checkpoint keeps the run config: metalab-eval rebuilds the learner and its data from it.
-        self.save_hyperparameters({"config": run_config, "input_shape": list(input_shape), "task_type": task_type})
+        shape = None if input_shape is None else list(input_shape)
+        self.save_hyperparameters({"config": run_config, "input_shape": shape, "task_type": task_type})
         self.automatic_optimization = False
-        self.backbone_cfg = dict(backbone)
-        self.optimizer_cfg, self.scheduler_cfg, self.grad_clip = optimizer, scheduler, grad_clip
-        self.input_shape = tuple(input_shape)
+        # A built module is kept out of the module tree here (a tuple): the learner registers it
+        # where it uses it, under the name its own parameters have.
+        self.given_backbone = (backbone,) if isinstance(backbone, nn.Module) else ()
+        self.backbone_cfg = None if self.given_backbone else dict(backbone)
+        self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = None if scheduler is None else dict(scheduler)
+        self.grad_clip = grad_clip
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         self.task_type = task_type
         self.ways = ways
         self.eval_seed = eval_seed
@@ -217,6 +231,30 @@ class MetaLearner(LightningModule):
             )
         model = cls.from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path))
         return model if map_location is None else model.to(map_location)
+
+    def backbone_network(self, backbone_cfg: Mapping | None = None, running_stats: bool = False) -> nn.Module:
+        """The feature extractor: the module given as `backbone`, or the one `backbone_cfg` (default:
+        the learner's backbone config) builds for `input_shape`, its BatchNorm keeping running
+        statistics where `running_stats` (build_backbone)."""
+        if self.given_backbone and backbone_cfg is None:
+            return self.given_backbone[0]
+        if self.input_shape is None:
+            raise ConfigError(f"{type(self).__name__} needs input_shape (e.g. [1, 28, 28]) to build its backbone")
+        return build_backbone(backbone_cfg or self.backbone_cfg, self.input_shape, running_stats=running_stats)
+
+    def feature_size(self, backbone: nn.Module) -> int:
+        """The size of the flat features `backbone` gives: its `out_features` (metalab's backbones say
+        it), else measured on one zero input of `input_shape`."""
+        size = getattr(backbone, "out_features", None)
+        if isinstance(size, int):
+            return size
+        if self.input_shape is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs the backbone's feature size: give input_shape (e.g. [1, 28, 28]) "
+                "or a backbone with an `out_features` attribute"
+            )
+        with torch.no_grad():
+            return backbone(torch.zeros(1, *self.input_shape)).flatten(1).shape[1]
 
     @classmethod
     def check_run_config(cls, config: dict) -> None:
