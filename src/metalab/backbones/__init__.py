@@ -37,7 +37,12 @@ def checked_backbone(cfg: Mapping) -> tuple[type[nn.Module], str, dict]:
     """(class, name, options) of the backbone `cfg` configures, its options checked (backbone_options)."""
     options = with_group_defaults("backbone", cfg)  # one written by hand by name: its yaml's class and settings
     name = options.pop("name", None)
-    cls = backbone_class(options.pop("_target_", None))  # the class its `_target_` names: a new one needs no list
+    if options.get("_target_") is None:  # no conf/backbone/<name>.yaml gave it one
+        raise ConfigError(
+            f"backbone.name={name!r} has no conf/backbone/{name}.yaml to name its class; choose one with "
+            f"backbone=<name> ({', '.join(BACKBONES)}), or give backbone._target_"
+        )
+    cls = backbone_class(options.pop("_target_"))  # the class its `_target_` names: a new one needs no list
     # The accepted keys are the constructor's own arguments: a list that cannot drift from the code.
     accepted = [key for key in inspect.signature(cls).parameters if key not in SET_BY_CODE]
     unknown = sorted(set(options) - set(accepted))

@@ -35,6 +35,11 @@ def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path, trainva
     train and val classes together (check_trainval)."""
     cfg = with_group_defaults("dataset", dataset_cfg)  # conf/dataset/<name>.yaml: the one place of the defaults
     name = cfg.get("name")
+    if cfg.get("_target_") is None:  # no conf/dataset/<name>.yaml gave it one
+        raise ConfigError(
+            f"dataset.name={name!r} has no conf/dataset/{name}.yaml to name its class; choose one with "
+            f"dataset=<name> ({', '.join(DATASETS)}), or give dataset._target_"
+        )
     check_group_keys("dataset", cfg, SHARED_DATASET_KEYS)  # a clear refusal, not a TypeError
     # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading
     shape_episodes = episode_shaper(cfg.get("episodes", "few_shot"), name)
