@@ -33,10 +33,10 @@ import torch
 import yaml
 
 from metalab.algorithms import ALGORITHMS
+from metalab.algorithms.compile_passes import AUTO_COMPILE_MIN_STEPS
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.reference import reference_meta_loss
 from metalab.allocator import keep_freed_memory
-from metalab.config import AUTO_COMPILE_MIN_STEPS
 from metalab.data.episodes import Episode
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -47,7 +47,7 @@ METRIC_EPISODES = {"protonet": (60, 5, 5), "matchingnet": (5, 1, 15), "relationn
 # --precision: float32 ("32"), float32 with TensorFloat-32 matmuls and convolutions, bf16 autocast (with TF32).
 PRECISIONS = ("32", "tf32", "bf16")
 # Row compile modes: 0 eager, 1 algorithm.compile=true, ro algorithm.compile=reduce-overhead,
-# auto the default, algorithm.compile=auto, as it resolves for a long run (config.auto_compile).
+# auto the default, algorithm.compile=auto, as it resolves for a long run (compile_passes.auto_compile).
 COMPILE_SETTING = {"0": False, "1": True, "ro": "reduce-overhead", "auto": "auto"}
 COMPILE_LABEL = {False: "", True: " +compile", "reduce-overhead": " +cudagraph", "auto": " (default)"}
 # --executions: algorithm.task_execution of the batched side (auto: the default path).

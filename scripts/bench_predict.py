@@ -43,9 +43,9 @@ def fresh_checkpoint(name: str, folder: Path, data_dir: Path, cache_dir: Path) -
     from hydra import compose, initialize_config_dir
 
     from metalab.algorithms import ALGORITHMS
-    from metalab.config import resolve
-    from metalab.paths import CONFIG_DIR
     from metalab.runner import build_datamodule
+    from metalab.settings import CONFIG_DIR
+    from metalab.validation import resolve
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(

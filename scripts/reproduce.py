@@ -31,9 +31,9 @@ from omegaconf import OmegaConf
 
 from metalab.errors import MetalabError, StorageError
 from metalab.files import write_atomic
-from metalab.paths import CONFIG_DIR
 from metalab.provenance import comparable_identity, machine, software
 from metalab.results import NotPaired, as_dict, overrides_of, paired_difference, per_episode, scalar_series
+from metalab.settings import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_DIR = Path(CONFIG_DIR) / "experiment"

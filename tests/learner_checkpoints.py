@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from lightning import Trainer
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import resolve
-from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule
+from metalab.settings import CONFIG_DIR
+from metalab.validation import resolve
 
 EVAL = ["test_shots=1", "test_queries=5", "test_episodes=20", "eval_batch_size=10"]
 # The shortest Omniglot run that trains, validates and tests: for sweeps of several learners.

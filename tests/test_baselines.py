@@ -11,13 +11,13 @@ from torch import nn
 
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.baseline import fit_heads, head_logits, initial_head
-from metalab.config import resolve
 from metalab.data import build_sources
 from metalab.data.episodes import ImageClassSource, episode_generator
 from metalab.data.global_labels import GlobalLabelSource
 from metalab.errors import ConfigError
-from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule
+from metalab.settings import CONFIG_DIR
+from metalab.validation import resolve
 
 FINETUNE = {"lr": 0.01, "momentum": 0.9, "dampening": 0.9, "weight_decay": 1e-3}  # baselinefinetune.py line 33
 
@@ -185,7 +185,7 @@ def test_the_classifier_is_sized_from_the_data_and_a_bad_size_is_refused(tmp_pat
 
 def test_transfer_baselines_need_their_kind_of_data(tmp_path):
     config = composed(tmp_path, "algorithm=baseline", "dataset=sinusoid")
-    from metalab.config import check_learner_fits_data
+    from metalab.validation import check_learner_fits_data
 
     with pytest.raises(ConfigError, match="dataset=sinusoid"):
         check_learner_fits_data(config, ALGORITHMS["baseline"], "regression")

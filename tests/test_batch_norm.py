@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from metalab.backbones import batch_norm
 from metalab.backbones.batch_norm import batch_norm_with_batch_statistics
-from metalab.config import ConfigError
+from metalab.errors import ConfigError
 
 EPS = 1e-5
 

@@ -1,16 +1,19 @@
 """Every algorithm × dataset × hardware composes, validates and builds its learner."""
 
+import inspect
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import SPEED_ONLY_BACKBONE, check_algorithm, check_learner_fits_data, resolve
 from metalab.errors import ConfigError
-from metalab.paths import CONFIG_DIR
+from metalab.settings import CONFIG_DIR, group_defaults
+from metalab.validation import SPEED_ONLY_BACKBONE, check_algorithm, check_learner_fits_data, resolve
 
 DATASETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -49,7 +52,7 @@ def test_every_pair_composes_and_builds_or_is_refused_clearly(algorithm, dataset
     assert cfg["algorithm"]["name"] == algorithm and cfg["dataset"]["name"] == dataset
     if not (Path(CONFIG_DIR) / "paper_defaults" / f"{algorithm}_{dataset}.yaml").is_file():  # a paper may test
         assert cfg["test_ways"] == cfg["ways"] and cfg["test_shots"] == cfg["shots"]  # test_* follow training
-    check_algorithm(cfg, ALGORITHMS)
+    check_algorithm(cfg)
     learner_cls, task_type = ALGORITHMS[algorithm], TASK_TYPES.get(dataset, "classification")
     if task_type not in learner_cls.task_types:
         with pytest.raises(ConfigError, match=f"dataset={dataset}"):
@@ -96,7 +99,7 @@ def test_every_paper_setting_runs_on_the_default_fast_path(experiment):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_compose(experiment):
     cfg = composed(f"experiment={experiment}")
-    check_algorithm(cfg, ALGORITHMS)
+    check_algorithm(cfg)
     # Named <algorithm>_<dataset>_<setting>.
     assert experiment.startswith(f"{cfg['algorithm']['name']}_{cfg['dataset']['name']}_")
     # Each paper setting records the published figure scripts/compare.py and reproduce.py print
@@ -242,22 +245,22 @@ def test_each_group_file_names_the_class_it_builds():
     reader goes from the yaml to the code in one step, and it is the class the name builds."""
     from metalab.algorithms import learner_class
     from metalab.backbones import BACKBONES, backbone_class
-    from metalab.config import group_defaults
+    from metalab.settings import group_defaults
 
     for name in ALGORITHMS:
         target = group_defaults("algorithm", name)["_target_"]
-        assert learner_class({"_target_": target}) is ALGORITHMS[name] is learner_class({"name": name}), name
+        assert learner_class({"_target_": target}) is ALGORITHMS[name], name
     for name in BACKBONES:
         target = group_defaults("backbone", name)["_target_"]
-        assert backbone_class(target, name) is BACKBONES[name], name
+        assert backbone_class(target) is BACKBONES[name], name
     from metalab.data.datamodule import DATASETS as DATASET_CLASSES
     from metalab.data.datamodule import dataset_class
 
     for name in DATASETS:
         target = group_defaults("dataset", name)["_target_"]
-        assert dataset_class(target, name) is DATASET_CLASSES[name] is dataset_class(None, name), name
+        assert dataset_class(target) is DATASET_CLASSES[name], name
     with pytest.raises(ConfigError, match=r"dataset._target_='os.system' is not one of metalab's classes"):
-        dataset_class("os.system", "omniglot")
+        dataset_class("os.system")
 
 
 @pytest.mark.parametrize("name", DATASETS)
@@ -267,9 +270,9 @@ def test_a_datasets_yaml_keys_are_its_constructors_arguments(name):
     module's: `episodes`, and the checkpointing's metric)."""
     import inspect
 
-    from metalab.config import group_defaults
     from metalab.data.datamodule import DATASETS as DATASET_CLASSES
     from metalab.data.datamodule import NOT_THE_DATASETS
+    from metalab.settings import group_defaults
 
     settings = {k for k in group_defaults("dataset", name) if k not in NOT_THE_DATASETS}
     parameters = inspect.signature(DATASET_CLASSES[name]).parameters
@@ -294,7 +297,7 @@ def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
     ):
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
-    monkeypatch.setattr("metalab.config.CONFIG_DIR", str(conf))
+    monkeypatch.setattr("metalab.settings.CONFIG_DIR", str(conf))
     model = ALGORITHMS["matchingnet"].from_config(
         {
             "algorithm": {"name": "matchingnet", "fce": True},
@@ -310,7 +313,7 @@ def test_a_default_is_written_once_in_its_yaml(tmp_path, monkeypatch):
 
 def learner_arguments(name: str) -> tuple[dict, dict]:
     """(the settings conf/algorithm/<name>.yaml gives its learner, the run context every learner takes)."""
-    from metalab.config import group_defaults, with_group_defaults
+    from metalab.settings import group_defaults, with_group_defaults
 
     settings = {k: v for k, v in group_defaults("algorithm", name).items() if k not in ("name", "_target_")}
     if "num_classes" in settings:  # metalab-train sets it from the data
@@ -325,19 +328,55 @@ def learner_arguments(name: str) -> tuple[dict, dict]:
     return settings, context
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_a_learners_yaml_keys_are_its_constructors_arguments(name):
-    """conf/algorithm/<name>.yaml reads as the call it makes: every key is a keyword argument of the
-    class its `_target_` names, and every setting the class takes is a key there (none has a
-    default in the code to drift from the yaml)."""
-    settings, context = learner_arguments(name)
-    learner = ALGORITHMS[name](**settings, **context)  # built from the yaml's keys alone
-    assert learner.run_config is None and sum(p.numel() for p in learner.parameters()) > 0
-    for key in settings:
-        if key == "compile":  # the one shared setting with a default: learners without a compiled path
+def constructor_defaults(cls) -> dict:
+    """{argument: default} of a learner's constructor, its own and those it passes on to its bases
+    (`**settings`), the nearest class's default where two give one."""
+    defaults: dict = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is torch.nn.Module:
             continue
-        with pytest.raises(TypeError, match=f"missing 1 required keyword-only argument: '{key}'"):
-            ALGORITHMS[name](**{k: v for k, v in settings.items() if k != key}, **context)
+        for key, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults.setdefault(key, parameter.default)
+    return defaults
+
+
+def plain(value):
+    """A default as the yaml would write it (read-only mappings and tuples as dicts and lists)."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_a_learners_constructor_defaults_are_its_yamls_settings(name):
+    """conf/algorithm/<name>.yaml reads as the call it makes, and the constructor's defaults are the
+    same paper settings, so a learner built from Python (`MAML(backbone=..., inner_lr=0.4)`) is the
+    documented one: every key of the yaml is a keyword argument of its class with that very value as
+    default (a value that needs the run's config, `${trainer.max_steps}`, excepted: it has none in
+    code); and the yaml lists every setting the class takes."""
+    settings, context = learner_arguments(name)
+    learner = ALGORITHMS[name](**settings, **context)  # built from the yaml's keys
+    assert learner.run_config is None and sum(p.numel() for p in learner.parameters()) > 0
+    defaults = constructor_defaults(ALGORITHMS[name])
+    yaml_settings = {k: v for k, v in group_defaults("algorithm", name).items() if k not in ("name", "_target_")}
+    for key, value in yaml_settings.items():
+        if key == "compile":  # auto decides from the run's trainer settings: from Python, without one, eager
+            assert defaults[key] is False, name
+            continue
+        if "${" in str(value):
+            continue
+        assert key in defaults, f"{name}: {key} has no default in code"
+        assert plain(defaults[key]) == value, f"{name}: {key} defaults to {defaults[key]!r}, the yaml says {value!r}"
+    # A setting with a default in code that the yaml leaves out must be one the class fixes itself
+    # (ANIL's adapt_norm=False: giving it is a TypeError), not one the yaml forgot to document.
+    # compile is shared (SHARED_ALGORITHM_KEYS): a learner without a compiled path leaves it out.
+    for key in sorted(set(defaults) - set(yaml_settings) - set(context) - {"eval_seed", "run_config", "compile"}):
+        with pytest.raises(TypeError, match="multiple values|unexpected keyword"):
+            ALGORITHMS[name](**settings, **context, **{key: defaults[key]})
+            pytest.fail(f"{name}: {key} has a default in code but is not in its yaml")
     with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_setting'"):
         ALGORITHMS[name](**settings, **context, no_such_setting=1)
 
@@ -376,16 +415,17 @@ def test_a_checkpoint_rebuilds_its_learner_without_the_config_directory(tmp_path
     user's own config directory) and predicts as before."""
     import torch
 
-    from metalab.checkpoint import MARKER, learner_from_checkpoint
-    from metalab.config import with_group_defaults
+    from metalab.algorithms.base import MetaLearner
+    from metalab.checkpoint import MARKER
+    from metalab.settings import with_group_defaults
 
     run = {"algorithm": {"name": "matchingnet"}, "backbone": {"name": "conv4", "hidden_channels": 8}, "ways": 5}
     model = ALGORITHMS["matchingnet"].from_config(run, [1, 28, 28], "classification").eval()
     checkpoint = {MARKER: "0", "hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
     stored = checkpoint["hyper_parameters"]["config"]["algorithm"]
     assert stored == with_group_defaults("algorithm", {"name": "matchingnet"}) and stored["read_steps"] == 5
-    monkeypatch.setattr("metalab.config.CONFIG_DIR", str(tmp_path / "no_conf_here"))
-    loaded = learner_from_checkpoint("x.ckpt", checkpoint).eval()
+    monkeypatch.setattr("metalab.settings.CONFIG_DIR", str(tmp_path / "no_conf_here"))
+    loaded = MetaLearner.from_checkpoint("x.ckpt", checkpoint).eval()
     support, labels, query = torch.rand(1, 5, 1, 28, 28), torch.arange(5)[None], torch.rand(1, 3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(

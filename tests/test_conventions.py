@@ -15,9 +15,9 @@ from preloaded_cli import run_command
 
 from metalab.algorithms import ALGORITHMS
 from metalab.callbacks import ProgressLines, StepProgressBar, progress_callbacks
-from metalab.config import resolve
-from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule, build_trainer
+from metalab.settings import CONFIG_DIR
+from metalab.validation import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -21,9 +21,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from test_cli import results, run
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import ConfigError, check_distributed, check_hardware, resolve
-from metalab.paths import CONFIG_DIR
+from metalab.errors import ConfigError
+from metalab.hardware import check_distributed, check_hardware
 from metalab.runner import build_datamodule, guarded
+from metalab.settings import CONFIG_DIR
+from metalab.validation import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from metalab.algorithms import ALGORITHMS
-from metalab.algorithms.compile_passes import inductor_options
-from metalab.config import ConfigError, check_compile
+from metalab.algorithms.compile_passes import check_compile, inductor_options
+from metalab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

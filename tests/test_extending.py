@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from metalab.algorithms.compile_passes import auto_compile
 from metalab.backbones import build_backbone
-from metalab.config import auto_compile
 from metalab.data import build_sources
 from metalab.data.sinusoid import Sinusoid
 

@@ -14,12 +14,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from metalab.algorithms import ALGORITHMS
 from metalab.callbacks import RandomState
 from metalab.checkpoint import AtomicCheckpointIO
-from metalab.config import check_train_config, resolve
 from metalab.errors import ConfigError, StorageError
-from metalab.paths import CONFIG_DIR
+from metalab.settings import CONFIG_DIR
+from metalab.validation import check_train_config, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -264,4 +263,4 @@ def test_train_refuses_a_bad_ckpt_path_before_any_work(make, message, tmp_path):
     path = tmp_path / "last.ckpt"
     make(path)
     with pytest.raises(ConfigError, match=f"ckpt_path={path}.*{message}"):
-        check_train_config(train_config(f"ckpt_path={path}"), ALGORITHMS)
+        check_train_config(train_config(f"ckpt_path={path}"))

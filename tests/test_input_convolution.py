@@ -7,7 +7,7 @@ from test_optimization_family import TINY_CONV, random_batch, small_learner
 
 from metalab.algorithms import inner_loop
 from metalab.backbones import conv4
-from metalab.config import ConfigError
+from metalab.errors import ConfigError
 
 FINN_NETWORK = {"pooled_blocks": 0, "stride": 2, "global_average": True}  # 'SAME'-padded, stride 2
 

@@ -6,9 +6,9 @@ from hydra import compose, initialize_config_dir
 from learner_checkpoints import quiet_trainer
 
 from metalab.algorithms import ALGORITHMS
-from metalab.config import resolve
-from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule
+from metalab.settings import CONFIG_DIR
+from metalab.validation import resolve
 
 
 def sinusoid_setup(tmp_path, **overrides):

@@ -7,12 +7,12 @@ from hydra import compose, initialize_config_dir
 
 from metalab.algorithms import ALGORITHMS
 from metalab.algorithms.mann import content_read, least_used, lrua_write
-from metalab.config import resolve
 from metalab.data.datamodule import build_sources
 from metalab.data.episodes import ImageClassSource, episode_generator
 from metalab.data.sequences import SequenceSource, instance_numbers, offset_labels
 from metalab.errors import ConfigError
-from metalab.paths import CONFIG_DIR
+from metalab.settings import CONFIG_DIR
+from metalab.validation import resolve
 
 
 def composed(tmp_path, *overrides: str) -> dict:

@@ -8,11 +8,11 @@ from learner_checkpoints import TINY_OMNIGLOT, quiet_trainer
 from metalab.algorithms import ALGORITHMS
 from metalab.backbones import build_backbone
 from metalab.backbones.conv4 import Conv4
-from metalab.config import resolve
 from metalab.data.episodes import Episode
 from metalab.errors import ConfigError
-from metalab.paths import CONFIG_DIR
 from metalab.runner import build_datamodule
+from metalab.settings import CONFIG_DIR
+from metalab.validation import resolve
 
 OMNIGLOT = [1, 28, 28]
 
@@ -289,7 +289,7 @@ def test_running_statistics_are_those_of_the_whole_meta_batch(algorithm, tmp_pat
 def test_a_checkpoint_without_the_setting_loads_as_it_was_trained(tmp_path):
     """A config written before algorithm.batch_norm existed means per-task statistics: such a
     checkpoint's weights (no running-statistics buffers) load into the learner it was trained as."""
-    from metalab.checkpoint import learner_from_checkpoint
+    from metalab.algorithms.base import MetaLearner
 
     config = configured(tmp_path, "unused", tmp_path, "protonet")
     trained = learner(configured(tmp_path, "unused", tmp_path, "protonet", "algorithm.batch_norm=transductive"))
@@ -298,7 +298,7 @@ def test_a_checkpoint_without_the_setting_loads_as_it_was_trained(tmp_path):
         "hyper_parameters": {"config": old_config, "input_shape": list(OMNIGLOT), "task_type": "classification"},
         "state_dict": trained.state_dict(),
     }  # no running-statistics buffers
-    old = learner_from_checkpoint("old.ckpt", checkpoint)  # strict: every key fits
+    old = MetaLearner.from_checkpoint("old.ckpt", checkpoint)  # strict: every key fits
     assert old.batch_norm == "transductive" and not any("running" in key for key in old.state_dict())
     assert learner(old_config).batch_norm == "running"  # a new config without the key: the yaml's default
     with pytest.raises(ConfigError, match="algorithm.batch_norm='bogus'"):

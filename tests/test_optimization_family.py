@@ -13,19 +13,19 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from metalab.algorithms import ALGORITHMS
-from metalab.algorithms.compile_passes import unroll_short_matmuls
-from metalab.algorithms.inner_loop import parameter_key
-from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction, reference_meta_loss
-from metalab.config import (
+from metalab.algorithms.compile_passes import (
     AUTO_COMPILE_MIN_STEPS,
-    ConfigError,
     auto_compile,
     check_compile,
-    check_learner_fits_data,
     cpp_compiler,
-    group_defaults,
+    unroll_short_matmuls,
 )
+from metalab.algorithms.inner_loop import parameter_key
+from metalab.algorithms.reference import per_task_meta_loss, per_task_reptile_direction, reference_meta_loss
 from metalab.data.episodes import Episode
+from metalab.errors import ConfigError
+from metalab.settings import group_defaults
+from metalab.validation import check_learner_fits_data
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 4
 MLP = {"name": "mlp", "hidden_sizes": [7, 6]}

@@ -21,6 +21,7 @@ import metalab.pretrained as pretrained
 from metalab.checkpoint import read_checkpoint
 from metalab.errors import ConfigError
 from metalab.predict import main as predict_main
+from metalab.pretrained.ship import ship
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +45,7 @@ def protonet_ckpt(tmp_path_factory, data_dir, cache_dir, omniglot_dir) -> Path:
 
 
 def ship_tiny(registry: Path, checkpoint: Path) -> Path:
-    return pretrained.ship(
+    return ship(
         "tiny-protonet",
         checkpoint,
         results="results/none.json (a test run)",
@@ -125,9 +126,9 @@ def test_shipping_keeps_the_safety_rules(registry, protonet_ckpt, tmp_path):
     pickled = tmp_path / "pickled.ckpt"
     torch.save({"metalab_version": "0.1.0", "hyper_parameters": {"config": {}}, "bad": object()}, pickled)
     with pytest.raises(ConfigError, match="pickled Python objects"):
-        pretrained.ship("bad", pickled, results="-", licence="-")
+        ship("bad", pickled, results="-", licence="-")
     with pytest.raises(ConfigError, match="not a valid checkpoint name"):
-        pretrained.ship("../escape", protonet_ckpt, results="-", licence="-")
+        ship("../escape", protonet_ckpt, results="-", licence="-")
     assert not any(registry.iterdir())
     # ...and a shipped file naming a class outside the trusted ones is refused when loaded by name.
     file = ship_tiny(registry, protonet_ckpt)

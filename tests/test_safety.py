@@ -22,12 +22,12 @@ import metalab.files as files
 from metalab import run_dirs
 from metalab.algorithms import ALGORITHMS
 from metalab.checkpoint import AtomicCheckpointIO, read_checkpoint, trusted_target
-from metalab.config import check_learner_fits_data, check_train_config, report_error, resolve, save_config
 from metalab.data import build_sources
 from metalab.errors import ConfigError, DataError, StorageError, TrainingDiverged
 from metalab.eval import evaluation_config
-from metalab.paths import CONFIG_DIR
-from metalab.runner import hydra_error_message
+from metalab.runner import hydra_error_message, report_error, save_config
+from metalab.settings import CONFIG_DIR
+from metalab.validation import check_learner_fits_data, check_train_config, resolve
 
 
 def train_config(*overrides: str) -> dict:
@@ -117,8 +117,8 @@ def genuine_format_checkpoint(path: Path, **algorithm) -> Path:
     [
         "os.system",
         "builtins.exec",
-        "metalab.config.os.system",
-        "metalab.config.shutil.rmtree",
+        "metalab.settings.os.system",
+        "metalab.algorithms.compile_passes.shutil.rmtree",
         "subprocess.Popen",
         "torch.load",
     ],
@@ -293,7 +293,7 @@ def test_an_omniglot_zip_damaged_in_the_middle_is_a_data_error(tmp_path):
 )
 def test_non_finite_settings_are_refused(override, key):
     with pytest.raises(ConfigError, match=f"{key}.* finite"):
-        check_train_config(train_config(override), ALGORITHMS)
+        check_train_config(train_config(override))
 
 
 @pytest.mark.parametrize("override", ["ways=1", "test_ways=1"])
@@ -305,7 +305,7 @@ def test_one_way_classification_is_refused(override):
 
 def test_trainer_given_a_word_names_the_hardware_setting():
     with pytest.raises(ConfigError, match="trainer='gpu' is not a setting.*hardware=gpu"):
-        check_train_config(train_config("trainer=gpu"), ALGORITHMS)
+        check_train_config(train_config("trainer=gpu"))
 
 
 def test_a_class_with_one_image_says_what_the_data_allows(tmp_path):

@@ -1,6 +1,6 @@
 """A checkpoint's stored run config is read as untrusted data: each defect is one line naming the file.
 
-Every reader goes through checkpoint.read_checkpoint and learner_from_checkpoint (metalab-eval,
+Every reader goes through checkpoint.read_checkpoint and MetaLearner.from_checkpoint (metalab-eval,
 metalab-predict, metalab.load_learner, a resume); these cases ended in a KeyError, TypeError or
 IndexError traceback before.
 """

@@ -45,8 +45,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from metalab.algorithms.base import evaluation_mode
-from metalab.checkpoint import RUN_GROUPS, learner_from_checkpoint, read_checkpoint
+from metalab.algorithms.base import MetaLearner, evaluation_mode
+from metalab.checkpoint import RUN_GROUPS, read_checkpoint
 from metalab.data.image_cache import MODES, decode_image, image_to_array
 from metalab.errors import ConfigError, DataError, check_positive
 
@@ -311,7 +311,7 @@ def load_learner(path, device: str | torch.device = "cpu") -> Learner:
             f"(dataset={config.get('dataset', {}).get('name')}); load_learner serves image "
             "classification checkpoints"
         )
-    model = learner_from_checkpoint(path, checkpoint)
+    model = MetaLearner.from_checkpoint(path, checkpoint)
     model.eval().to(device)  # as Lightning sets it for meta-test
     dataset = config["dataset"]
     transform = ImageTransform(input_shape, bool(dataset.get("invert", False)), dataset.get("resample", "lanczos"))

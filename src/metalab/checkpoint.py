@@ -5,6 +5,9 @@ containers only, so a file that holds other pickled objects (whose unpickling co
 code) is refused before anything in it is used. Every load goes through `read_checkpoint`:
 metalab-eval, metalab-predict, `metalab.load_learner`, and Lightning's own resume and test
 loads (`AtomicCheckpointIO.load_checkpoint`, the trainer's checkpoint IO).
+
+This module reads and writes files only; the learner a checkpoint holds is built above it,
+by `MetaLearner.from_checkpoint` (algorithms/base.py).
 """
 
 import inspect
@@ -104,7 +107,7 @@ def trusted_target(name) -> bool:
     """True if `name` is a class metalab may build from a stored config.
 
     Checked on the object the name resolves to, not on the name alone: a trusted prefix can
-    reach other objects through attributes (`metalab.config.os.system`).
+    reach other objects through attributes (`metalab.settings.os.system`).
     """
     prefix = next((p for p in TRUSTED_TARGETS if isinstance(name, str) and name.startswith(p)), None)
     if prefix is None:
@@ -133,42 +136,6 @@ def check_stored_targets(config, path, where: str = "") -> None:
     elif isinstance(config, (list, tuple)):
         for i, value in enumerate(config):
             check_stored_targets(value, path, f"{where}{i}.")
-
-
-def learner_from_checkpoint(path, checkpoint: dict, config: dict | None = None):
-    """The learner a checkpoint holds, built from `config` (default: its stored run config) with its weights."""
-    from metalab.algorithms import ALGORITHMS, learner_class  # here only: the learners import this module
-
-    hyper = checkpoint["hyper_parameters"]
-    config = hyper["config"] if config is None else config
-    try:
-        name, input_shape, task_type = config["algorithm"]["name"], list(hyper["input_shape"]), hyper["task_type"]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written by metalab-train"
-        ) from None
-    target = config["algorithm"].get("_target_")
-    if target is None and name not in ALGORITHMS:
-        raise ConfigError(
-            f"ckpt_path={path} was trained with algorithm={name!r}, which this metalab does not "
-            f"have (it has {sorted(ALGORITHMS)})"
-        )
-    try:  # only metalab's own learners: the stored _target_ cannot name anything else
-        learner_cls = learner_class(config["algorithm"])
-    except ConfigError as error:
-        raise ConfigError(f"ckpt_path={path}: {error}") from None
-    algorithm = {**learner_cls.settings_of_older_checkpoints, **config["algorithm"]}  # a stored setting wins
-    try:
-        model = learner_cls.from_config({**config, "algorithm": algorithm}, input_shape, task_type)
-    except ConfigError as error:  # a stored setting the learner refuses: name the file it came from
-        raise ConfigError(f"ckpt_path={path}: {error}") from None
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError) as error:
-        raise ConfigError(
-            f"ckpt_path={path}: its weights do not fit algorithm={name} as configured ({str(error).splitlines()[0]})"
-        ) from None
-    return model
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -17,24 +17,23 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from metalab import schema
-from metalab.checkpoint import RUN_GROUPS, learner_from_checkpoint, read_checkpoint
-from metalab.config import (
-    EVALUATION_KEYS,
-    SHARED_DATASET_KEYS,
-    TEST_EPISODE_KEYS,
-    check_group_keys,
-    check_hardware,
-    check_learner_fits_data,
-    check_loggers,
-    check_trainer_section,
-    require_positive_int,
-    resolve,
-    save_config,
-)
+from metalab.algorithms.base import MetaLearner
+from metalab.checkpoint import RUN_GROUPS, read_checkpoint
 from metalab.errors import ConfigError
+from metalab.hardware import check_hardware, require_positive_int
 from metalab.memory import check_episode_counts
 from metalab.run_log import log
-from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
+from metalab.runner import (
+    build_datamodule,
+    build_trainer,
+    command_line,
+    meta_test,
+    process_rank,
+    save_config,
+    write_results,
+)
+from metalab.settings import EVALUATION_KEYS, SHARED_DATASET_KEYS, TEST_EPISODE_KEYS, check_group_keys
+from metalab.validation import check_learner_fits_data, check_loggers, check_trainer_section, resolve
 
 # The episode settings a meta-test may change: which fixed episodes, their shape, how batched.
 OVERRIDABLE = ("eval_seed", *TEST_EPISODE_KEYS, "test_episodes", "eval_batch_size")
@@ -177,7 +176,7 @@ def evaluate(cfg: DictConfig) -> float | None:
             f"checkpoint expects {hyper['input_shape']}; choose a dataset of the same kind"
         )
     # The learner gets this evaluation's config (e.g. eval_inner_steps), the checkpoint's weights.
-    model = learner_from_checkpoint(config["ckpt_path"], checkpoint, config=run)
+    model = MetaLearner.from_checkpoint(config["ckpt_path"], checkpoint, config=run)
     check_learner_fits_data(run, type(model), datamodule.task_type)
     metrics = meta_test(trainer, model, datamodule, None, run)
     if trainer.is_global_zero:  # the metrics are already gathered from every process

@@ -225,7 +225,7 @@ def run_command(run: Callable[[list[str]], object], doc: str, argv: list[str] | 
         return
     try:
         run(argv)
-    except MetalabError as error:  # the message the other entry points print (config.report_error)
+    except MetalabError as error:  # the message the other entry points print (runner.report_error)
         print(f"metalab: error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(error.exit_status)
 

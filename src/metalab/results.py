@@ -56,6 +56,8 @@ def scalar_series(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     points: dict[int, float] = {}
     events = sorted(run_dir.glob("**/events.out.tfevents.*"))
     if events:
+        # Here: TensorBoard's reader is slow to import, and only runs that logged events need it
+        # (scripts/compare.py, reproduce.py read results without it).
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         for path in events:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from metalab.checkpoint import read_checkpoint
 from metalab.errors import StorageError
 
 _made: dict[tuple[str, str, bool], str] = {}
@@ -94,8 +95,6 @@ def requeued_checkpoint(run_dir: Path) -> Path | None:
     the requeue signal (hpc_ckpt_<n>.ckpt in the run dir) if that is of a later step."""
     if slurm_restarts() == 0:
         return None
-    from metalab.checkpoint import read_checkpoint  # here only: it imports torch
-
     candidates = [run_dir / "checkpoints" / "last.ckpt", *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
     steps = {path: read_checkpoint(path).get("global_step", -1) for path in candidates if path.is_file()}
     return max(steps, key=steps.get) if steps else None  # max keeps the first (last.ckpt) on a tie

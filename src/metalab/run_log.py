@@ -10,7 +10,12 @@ import logging
 import sys
 import warnings
 
+import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.text import Text
+from rich.tree import Tree
 
 log = logging.getLogger("metalab")
 
@@ -80,10 +85,6 @@ def config_tree(config: dict, highlight: bool = True):
     """The resolved config as a rich Tree (as lightning-hydra-template's print_config_tree
     shows it): the run's own settings, then a branch per group (algorithm, dataset, trainer, ...),
     the values as YAML, highlighted for a terminal."""
-    import yaml
-    from rich.syntax import Syntax
-    from rich.text import Text
-    from rich.tree import Tree
 
     def leaf(value) -> Syntax | Text:
         text = yaml.safe_dump(value, sort_keys=False).rstrip() if value else "{}"
@@ -102,8 +103,6 @@ def config_tree(config: dict, highlight: bool = True):
 
 def print_config_tree(config: dict) -> None:
     """Show the resolved config at the start of a run (rank 0); config.yaml keeps it."""
-    from rich.console import Console
-
     if is_rank_zero():
         console = Console(file=sys.stdout, soft_wrap=True)  # a file: plain text, no colours
         console.print(config_tree(config, highlight=console.is_terminal))

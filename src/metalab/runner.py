@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.experimental.callback import Callback
@@ -21,17 +22,43 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+import metalab.run_dirs  # noqa: F401  (registers the resolvers conf/hydra/default.yaml names)
 from metalab.allocator import keep_freed_memory
 from metalab.callbacks import StepProgressBar, progress_callbacks
 from metalab.checkpoint import AtomicCheckpointIO
-from metalab.config import EPISODE_SETTINGS, report_error
 from metalab.data import EpisodicDataModule
-from metalab.errors import ConfigError, Interrupted, MetalabError
-from metalab.files import write_json_atomic
-from metalab.paths import CONFIG_DIR
+from metalab.errors import ConfigError, Interrupted, MetalabError, StorageError
+from metalab.files import write_atomic, write_json_atomic
 from metalab.provenance import TEST_EPISODES_FILE, machine, software, test_episodes_identity
 from metalab.results import overrides_of
-from metalab.run_log import log, quiet_known_warnings
+from metalab.run_log import log, print_config_tree, quiet_known_warnings
+from metalab.settings import CONFIG_DIR, EPISODE_SETTINGS
+
+
+def save_config(cfg: dict, run_dir: Path) -> None:
+    """Keep the resolved config in the run directory (config.yaml) and show it as a tree."""
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    print_config_tree(cfg)
+
+
+def report_error(error, run_dir: Path | None, details: str = "", echo: bool = True) -> Path | None:
+    """Print the one-line message (unless not `echo`); keep it (and `details`, e.g. a traceback) in
+    run_dir/error.txt.
+
+    Returns the error.txt written, or None where it could not be (a full disk, a read-only
+    directory: the message on stderr is then all there is, and says so).
+    """
+    message = f"metalab: error: {error}"
+    if run_dir is not None:
+        try:
+            write_atomic(run_dir / "error.txt", message + "\n" + (f"\n{details}" if details else ""))
+            if echo:
+                print(message, file=sys.stderr, flush=True)
+            return run_dir / "error.txt"
+        except StorageError as failure:
+            message += f" (and error.txt could not be kept: {failure})"
+    print(message, file=sys.stderr, flush=True)
+    return None
 
 
 def build_datamodule(config: dict) -> EpisodicDataModule:

@@ -15,6 +15,10 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 
+from hydra.utils import get_class
+from lightning import Trainer
+
+from metalab.callbacks import ResumableCheckpoint
 from metalab.errors import ConfigError
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -151,8 +155,6 @@ def format_value(value) -> str:
 
 def check_trainer(trainer: Mapping) -> None:
     """trainer.* against Lightning's Trainer: known arguments, declared types, and the numbers in range."""
-    from lightning import Trainer
-
     section = {key: value for key, value in trainer.items() if key not in SET_BY_METALAB}
     for key in SET_BY_METALAB:
         if key in trainer:
@@ -190,8 +192,6 @@ def check_checkpoint_callback(callbacks: Mapping | None) -> None:
     section = (callbacks or {}).get("model_checkpoint")
     if not isinstance(section, Mapping) or "_target_" not in section:
         return
-    from metalab.callbacks import ResumableCheckpoint
-
     check_against_signature("callbacks.model_checkpoint", section, ResumableCheckpoint)
     for key, lowest in (("every_n_train_steps", 0), ("every_n_epochs", 0), ("save_top_k", -1)):
         value = section.get(key)
@@ -265,8 +265,6 @@ SCHEDULER_COUNTS = ("step_size", "T_max", "T_0", "T_mult", "total_iters", "total
 
 def check_optimizer_and_scheduler(algorithm: Mapping) -> None:
     """algorithm.optimizer.* and algorithm.scheduler.* against the classes they name."""
-    from hydra.utils import get_class
-
     for setting, set_by_code in (("optimizer", "params"), ("scheduler", "optimizer")):
         section = algorithm.get(setting)
         if not isinstance(section, Mapping) or "_target_" not in section:

@@ -16,21 +16,23 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from metalab.algorithms import ALGORITHMS, learner_class
-from metalab.config import (
-    check_compile,
-    check_distributed,
-    check_learner_fits_data,
-    check_train_config,
-    resolve,
-    save_config,
-    world_size,
-)
+from metalab.algorithms.compile_passes import check_compile
 from metalab.errors import Interrupted
+from metalab.hardware import check_distributed, world_size
 from metalab.memory import check_meta_batch_fits
 from metalab.run_dirs import requeued_checkpoint, slurm_job_name
 from metalab.run_log import log
-from metalab.runner import build_datamodule, build_trainer, command_line, meta_test, process_rank, write_results
+from metalab.runner import (
+    build_datamodule,
+    build_trainer,
+    command_line,
+    meta_test,
+    process_rank,
+    save_config,
+    write_results,
+)
 from metalab.schema import check_added_settings
+from metalab.validation import check_learner_fits_data, check_train_config, resolve
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -51,7 +53,7 @@ def train(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     groups = [group.split("/")[0] for group in hydra_cfg.runtime.choices]
     check_added_settings(hydra_cfg.overrides.task, config_groups=groups)
-    check_train_config(config, ALGORITHMS)
+    check_train_config(config)
     check_distributed(
         config, multirun=hydra_cfg.mode == RunMode.MULTIRUN, launcher=str(hydra_cfg.launcher.get("_target_", ""))
     )
@@ -66,7 +68,7 @@ def train(cfg: DictConfig) -> float | None:
     learner_cls = learner_class(config["algorithm"])
     check_learner_fits_data(config, learner_cls, datamodule.task_type)
     learner_cls.settings_from_data(config, datamodule)  # e.g. a classifier sized to the training classes
-    check_compile(config, learner_cls)  # training only: evaluation never compiles
+    check_compile(config, learner_cls, ALGORITHMS)  # training only: evaluation never compiles
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     model = learner_cls.from_config(config, list(datamodule.input_shape), datamodule.task_type)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from importlib import import_module
 
 from metalab.algorithms.base import MetaLearner
-from metalab.errors import check_choice, metalab_class
+from metalab.errors import metalab_class
 
 # config name -> "module:Class" under metalab.algorithms
 _LEARNERS = {
@@ -50,15 +50,10 @@ ALGORITHMS: Mapping[str, type[MetaLearner]] = _Registry()
 
 def learner_class(algorithm: Mapping) -> type[MetaLearner]:
     """The learner an `algorithm` config builds: the class its `_target_` names (each
-    conf/algorithm/<name>.yaml names its own, so a new learner is a class and a yaml file), or,
-    for a config without one (a checkpoint from before `_target_`), the one `name` names."""
-    target = algorithm.get("_target_")
-    if target is None:
-        check_choice("algorithm", algorithm.get("name"), list(_LEARNERS))
-        return ALGORITHMS[algorithm["name"]]
+    conf/algorithm/<name>.yaml names its own, so a new learner is a class and a yaml file)."""
     return metalab_class(
         "algorithm._target_",
-        target,
+        algorithm.get("_target_"),
         "metalab.algorithms",
         MetaLearner,
         f"choose a learner with algorithm=<name> ({', '.join(_LEARNERS)})",

@@ -20,23 +20,25 @@ episodes, Lightning's inference mode) is handled here once.
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from lightning import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from metalab import __version__
-from metalab.algorithms.compile_passes import inductor_options
-from metalab.checkpoint import MARKER
-from metalab.config import SHARED_ALGORITHM_KEYS, auto_compile, check_group_keys, with_group_defaults
+from metalab.algorithms.compile_passes import auto_compile, inductor_options
+from metalab.backbones import build_backbone
+from metalab.checkpoint import MARKER, read_checkpoint
 from metalab.data.episodes import Episode
-from metalab.errors import ConfigError, TrainingDiverged
+from metalab.errors import ConfigError, TrainingDiverged, metalab_class
 from metalab.evaluation import mean_and_ci95
 from metalab.run_log import log
+from metalab.settings import SHARED_ALGORITHM_KEYS, check_group_keys, with_group_defaults
 
 
 @contextmanager
@@ -50,6 +52,9 @@ def evaluation_mode() -> Iterator[None]:
     with torch.inference_mode(False), torch.no_grad():
         yield
 
+
+# The outer optimizer every learner's yaml names unless its paper used another (read-only: a default).
+ADAM = MappingProxyType({"_target_": "torch.optim.Adam", "lr": 0.001})
 
 # task type -> (the metric every learner reports on it, whether higher or lower is better): the one
 # source; dataset.metric and dataset.metric_mode (what checkpointing and sweeps monitor) must agree.
@@ -70,40 +75,43 @@ class MetaLearner(LightningModule):
     # capture whole, so algorithm.compile=true may be set (see compiled_meta_loss).
     compilable: bool = False
     # Settings the learner fixes by definition: {key: (the only value, why)}. Another value
-    # in the config is refused before any work (config.check_algorithm_keys), not ignored.
+    # in the config is refused before any work (validation.check_algorithm_keys), not ignored.
     fixed_settings: dict[str, tuple[Any, str]] = {}
     # Settings added after checkpoints of this learner were first written, with the value such a
     # checkpoint was trained with where it differs from the yaml's default today (which would
-    # otherwise be filled in): checkpoint.learner_from_checkpoint applies them to a stored config
+    # otherwise be filled in): `from_checkpoint` applies them to a stored config
     # that lacks the setting, so an older checkpoint loads and predicts as it did.
     settings_of_older_checkpoints: dict[str, Any] = {}
 
     def __init__(
         self,
         *,
-        backbone: dict,
-        optimizer: dict,
-        scheduler: dict | None,
-        grad_clip: float | None,
-        input_shape: Sequence[int],
-        task_type: str,
+        backbone: Mapping | nn.Module,
+        input_shape: Sequence[int] | None = None,
+        task_type: str = "classification",
         ways: int | None = None,
+        optimizer: Mapping = ADAM,
+        scheduler: Mapping | None = None,
+        grad_clip: float | None = None,
         eval_seed: int = 0,
         compile: bool | str = False,
         run_config: dict | None = None,
     ):
         """What every learner takes, beside its own settings (which its subclass names):
 
-        - `backbone`: the backbone's config (conf/backbone/<name>.yaml, with its `_target_`),
-          built by the learner for `input_shape` (e.g. [1, 28, 28]);
+        - `backbone`: the backbone's config (conf/backbone/<name>.yaml; `{"name": "conv4"}` takes
+          the yaml's settings), built by the learner for `input_shape` (e.g. [1, 28, 28]); or a
+          built `nn.Module` mapping a batch of inputs to flat features, where the learner allows
+          one (`input_shape` is then needed only where the feature size must be measured);
         - `optimizer`, `scheduler`: the outer loop's, as Hydra configs (`_target_` and arguments;
           `scheduler` null for none), built in `configure_optimizers`; `grad_clip`: the
-          meta-gradient's norm limit, or null;
+          meta-gradient's norm limit, or null; the defaults are the learner's paper settings,
+          its conf/algorithm/<name>.yaml (tests/test_config.py keeps the two equal);
         - `task_type`: classification or regression; `ways`: the training ways, for learners
           whose output layer is sized to them (MAML's head, MANN's labels);
         - `eval_seed`: fixes the random draws of meta-test adaptation (Reptile's and the
           baselines' minibatches), the same for every checkpoint;
-        - `compile`: false, true, "reduce-overhead", or "auto" (config.auto_compile decides from
+        - `compile`: false, true, "reduce-overhead", or "auto" (compile_passes.auto_compile decides from
           `run_config`'s trainer settings);
         - `run_config`: the whole run's config, stored in the checkpoint so that metalab-eval and
           metalab.load_learner rebuild the learner and its data from the file alone.
@@ -112,11 +120,17 @@ class MetaLearner(LightningModule):
         super().__init__()
         self.run_config = run_config
         # The checkpoint keeps the run config: metalab-eval rebuilds the learner and its data from it.
-        self.save_hyperparameters({"config": run_config, "input_shape": list(input_shape), "task_type": task_type})
+        shape = None if input_shape is None else list(input_shape)
+        self.save_hyperparameters({"config": run_config, "input_shape": shape, "task_type": task_type})
         self.automatic_optimization = False
-        self.backbone_cfg = dict(backbone)
-        self.optimizer_cfg, self.scheduler_cfg, self.grad_clip = optimizer, scheduler, grad_clip
-        self.input_shape = tuple(input_shape)
+        # A built module is kept out of the module tree here (a tuple): the learner registers it
+        # where it uses it, under the name its own parameters have.
+        self.given_backbone = (backbone,) if isinstance(backbone, nn.Module) else ()
+        self.backbone_cfg = None if self.given_backbone else dict(backbone)
+        self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = None if scheduler is None else dict(scheduler)
+        self.grad_clip = grad_clip
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         self.task_type = task_type
         self.ways = ways
         self.eval_seed = eval_seed
@@ -135,7 +149,7 @@ class MetaLearner(LightningModule):
         self.timed_tasks = 0
         self._warm = False
         self.compile_mode = compile  # auto, false, true or "reduce-overhead"
-        # auto: compiled where that was measured to pay (config.auto_compile); should compiling
+        # auto: compiled where that was measured to pay (compile_passes.auto_compile); should compiling
         # fail there, the run goes on eagerly instead of stopping.
         self.compile_fallback = self.compile_mode == "auto"
         self.compile_choice = None  # auto's choice and why, for the run's log
@@ -153,12 +167,13 @@ class MetaLearner(LightningModule):
         as the constructor's keyword arguments, with the run's backbone, ways and eval_seed."""
         algorithm = with_group_defaults("algorithm", config["algorithm"])
         check_group_keys("algorithm", algorithm, SHARED_ALGORITHM_KEYS)  # a clear refusal, not a TypeError
-        run_config = {**config, "algorithm": algorithm}
+        # Stored complete (the class each names included), so the checkpoint loads without conf/.
+        run_config = {**config, "algorithm": algorithm, "backbone": with_group_defaults("backbone", config["backbone"])}
         cls.check_run_config(run_config)
         settings = {key: value for key, value in algorithm.items() if key not in ("name", "_target_")}
         return cls(
             **settings,
-            backbone=config["backbone"],
+            backbone=run_config["backbone"],
             input_shape=input_shape,
             task_type=task_type,
             ways=config.get("ways"),
@@ -167,20 +182,79 @@ class MetaLearner(LightningModule):
         )
 
     @classmethod
+    def from_checkpoint(cls, path, checkpoint: dict, config: dict | None = None) -> "MetaLearner":
+        """The learner a checkpoint holds (`checkpoint` as checkpoint.read_checkpoint returns it), built
+        from `config` (default: its stored run config) with its weights: the class the config's
+        `algorithm._target_` names, which must be this class or one derived from it."""
+        hyper = checkpoint["hyper_parameters"]
+        config = hyper["config"] if config is None else config
+        try:
+            name, input_shape, task_type = config["algorithm"]["name"], list(hyper["input_shape"]), hyper["task_type"]
+        except (KeyError, TypeError):
+            raise ConfigError(
+                f"ckpt_path={path} lacks the run config metalab stores; give a checkpoint written by metalab-train"
+            ) from None
+        try:  # only metalab's own learners: the stored _target_ cannot name anything else
+            learner_cls = metalab_class(
+                "algorithm._target_",
+                config["algorithm"].get("_target_"),
+                "metalab.algorithms",
+                MetaLearner,
+                "give a checkpoint written by metalab-train",
+            )
+        except ConfigError as error:
+            raise ConfigError(f"ckpt_path={path}: {error}") from None
+        if not issubclass(learner_cls, cls):
+            raise ConfigError(f"ckpt_path={path} holds a {learner_cls.__name__}, not a {cls.__name__}")
+        algorithm = {**learner_cls.settings_of_older_checkpoints, **config["algorithm"]}  # a stored setting wins
+        try:
+            model = learner_cls.from_config({**config, "algorithm": algorithm}, input_shape, task_type)
+        except ConfigError as error:  # a stored setting the learner refuses: name the file it came from
+            raise ConfigError(f"ckpt_path={path}: {error}") from None
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except (RuntimeError, KeyError) as error:
+            first_line = str(error).splitlines()[0]
+            raise ConfigError(
+                f"ckpt_path={path}: its weights do not fit algorithm={name} as configured ({first_line})"
+            ) from None
+        return model
+
+    @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, **unsupported) -> "MetaLearner":
         """Lightning's way to load a checkpoint, through metalab's reader, which unpickles no
         objects (checkpoint.read_checkpoint): the stored run config rebuilds the learner."""
-        from metalab.checkpoint import learner_from_checkpoint, read_checkpoint
-
         if unsupported:
             raise TypeError(
                 f"{cls.__name__}.load_from_checkpoint takes checkpoint_path and map_location only "
                 f"(the learner is rebuilt from the run config stored in the file), not {', '.join(unsupported)}"
             )
-        model = learner_from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path))
-        if not isinstance(model, cls):
-            raise ConfigError(f"ckpt_path={checkpoint_path} holds a {type(model).__name__}, not a {cls.__name__}")
+        model = cls.from_checkpoint(checkpoint_path, read_checkpoint(checkpoint_path))
         return model if map_location is None else model.to(map_location)
+
+    def backbone_network(self, backbone_cfg: Mapping | None = None, running_stats: bool = False) -> nn.Module:
+        """The feature extractor: the module given as `backbone`, or the one `backbone_cfg` (default:
+        the learner's backbone config) builds for `input_shape`, its BatchNorm keeping running
+        statistics where `running_stats` (build_backbone)."""
+        if self.given_backbone and backbone_cfg is None:
+            return self.given_backbone[0]
+        if self.input_shape is None:
+            raise ConfigError(f"{type(self).__name__} needs input_shape (e.g. [1, 28, 28]) to build its backbone")
+        return build_backbone(backbone_cfg or self.backbone_cfg, self.input_shape, running_stats=running_stats)
+
+    def feature_size(self, backbone: nn.Module) -> int:
+        """The size of the flat features `backbone` gives: its `out_features` (metalab's backbones say
+        it), else measured on one zero input of `input_shape`."""
+        size = getattr(backbone, "out_features", None)
+        if isinstance(size, int):
+            return size
+        if self.input_shape is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs the backbone's feature size: give input_shape (e.g. [1, 28, 28]) "
+                "or a backbone with an `out_features` attribute"
+            )
+        with torch.no_grad():
+            return backbone(torch.zeros(1, *self.input_shape)).flatten(1).shape[1]
 
     @classmethod
     def check_run_config(cls, config: dict) -> None:

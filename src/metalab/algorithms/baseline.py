@@ -22,6 +22,8 @@ training mode and extracts features in eval mode, as the authors' save_features.
 """
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -116,23 +118,39 @@ def fit_heads(
     return head
 
 
+# The new head's fit at meta-test: Chen et al.'s (conf/algorithm/baseline.yaml).
+FINETUNE = MappingProxyType(
+    {"epochs": 100, "batch_size": 4, "lr": 0.01, "momentum": 0.9, "dampening": 0.9, "weight_decay": 0.001}
+)
+
+
 class Baseline(MetricLearner):
     """Baseline: a linear classifier over the training classes; a new linear head per test episode."""
 
     head_kind = "linear"
     settings_of_older_checkpoints = {}  # written with algorithm.batch_norm from the first
-    # The linear head has no scale: a value would be ignored, so it is refused (config.check_algorithm_keys).
+    # The linear head has no scale: a value would be ignored, so it is refused (validation.check_algorithm_keys).
     fixed_settings = {
         "cosine_scale": (None, "baseline's linear head has no cosine scale; it is Baseline++'s (algorithm=baselinepp)")
     }
 
-    def __init__(self, *, num_classes: int, cosine_scale: float | None, finetune: dict, **settings):
+    def __init__(
+        self,
+        *,
+        num_classes: int | None = None,
+        cosine_scale: float | None = None,
+        finetune: Mapping = FINETUNE,
+        scheduler: Mapping | None = None,
+        **settings,
+    ):
         """`num_classes`: the training classes the classifier tells apart (metalab-train sets it
         from the data, `settings_from_data`); `cosine_scale`: Baseline++'s similarity scale (null:
         chosen from the number of classes, `cosine_scale`); `finetune`: the new head's fit at
         meta-test (epochs, batch_size, lr, momentum, dampening, weight_decay). `settings`:
-        MetricLearner's."""
-        super().__init__(**settings)
+        MetricLearner's. The defaults are conf/algorithm/baseline.yaml's; `num_classes` has none
+        worth having (it is the training data's), so from Python it must be given."""
+        super().__init__(scheduler=scheduler, **settings)
+        finetune = dict(finetune)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(
                 f"algorithm.num_classes={num_classes!r} is invalid: {self.algorithm_name} "

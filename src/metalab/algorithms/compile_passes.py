@@ -1,4 +1,9 @@
-"""A graph pass for algorithm.compile=true: short batched matmuls become fused arithmetic.
+"""algorithm.compile: when to compile (the policy) and the graph pass compiling adds.
+
+The policy: `auto_compile` decides algorithm.compile=auto, `check_compile` refuses a
+compile=true that cannot run, `cpp_compiler` finds what torch.compile's CPU backend calls.
+
+The pass: short batched matmuls become fused arithmetic.
 
 Every inner SGD step of a task-batched linear layer computes a per-task weight gradient
 as an outer product over the support set, dW_t = X_tᵀ δ_t, a batched matmul whose
@@ -20,9 +25,16 @@ Inductor's documented hook for custom passes, `post_grad_custom_pre_pass` (befor
 Inductor's own pattern passes, so they see the new arithmetic: that order measured faster).
 """
 
+import os
+import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from metalab.backbones import backbone_class
+from metalab.errors import ConfigError
+from metalab.settings import with_group_defaults
 
 try:  # a torch without Inductor's custom-pass interface compiles without the pass
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -95,3 +107,82 @@ def inductor_options(mode: bool | str = True) -> dict[str, Any]:
     if mode == "reduce-overhead":
         options["triton.cudagraphs"] = True
     return options
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call, if there is one."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+# algorithm.compile=auto compiles where compiling was measured to pay (docs/speed.md, "Compiled
+# by default", with the figures): an MLP on a CPU, in a run long enough to repay the compile.
+AUTO_COMPILE_MIN_STEPS = 20_000
+
+
+def auto_compile(cfg: dict, learner_cls) -> tuple[bool, str]:
+    """What algorithm.compile=auto means for this run: (compile?, the reason, to print)."""
+    algorithm, trainer = cfg["algorithm"], cfg.get("trainer") or {}
+    # A backbone written by hand by name only gets its class from its yaml.
+    backbone_cfg = with_group_defaults("backbone", cfg.get("backbone") or {})
+    steps, backbone, target = trainer.get("max_steps"), backbone_cfg.get("name"), backbone_cfg.get("_target_")
+    pays = target is not None and getattr(backbone_class(target), "compile_pays_on_cpu", False)
+    devices = trainer.get("devices", 1)
+    distributed = "ddp" in str(trainer.get("strategy") or "") or (isinstance(devices, int) and devices > 1)
+    eager_because = [
+        (not learner_cls.compilable, f"algorithm={algorithm.get('name')} has no compiled path"),
+        (not pays, f"backbone={backbone}: compiling is measured to pay for an MLP only"),
+        (trainer.get("accelerator", "cpu") != "cpu", "on a GPU compiling is not measured yet"),
+        (distributed, "several processes (DDP): not measured"),
+        (bool(algorithm.get("checkpoint_inner_steps")), "algorithm.checkpoint_inner_steps=true cannot be compiled"),
+        (bool(trainer.get("fast_dev_run")), "a fast_dev_run is too short to repay the compile"),
+        (
+            not isinstance(steps, int) or steps < AUTO_COMPILE_MIN_STEPS,
+            f"trainer.max_steps={steps} is under {AUTO_COMPILE_MIN_STEPS:,}, too short to repay the compile",
+        ),
+        (cpp_compiler() is None, "no C++ compiler was found (g++, clang++ or $CXX)"),
+    ]
+    reasons = [reason for applies, reason in eager_because if applies]
+    if reasons:
+        return False, f"algorithm.compile=auto: eager, as {reasons[0]}; algorithm.compile=true compiles anyway"
+    return True, (
+        f"algorithm.compile=auto: compiling the meta-gradient (an MLP on a CPU, {steps:,} steps; the "
+        "first step compiles, about 30 s); algorithm.compile=false runs eagerly"
+    )
+
+
+def check_compile(cfg: dict, learner_cls, learners: Mapping[str, type] | None = None) -> None:
+    """algorithm.compile=true needs a learner torch.compile can capture, and a compiler to run.
+    `learners`: {name: class} to list the compilable ones from in a refusal, the caller's
+    registry (metalab.algorithms.ALGORITHMS: this module is below the learners, so it cannot)."""
+    algorithm = cfg["algorithm"]
+    if not algorithm.get("compile") or algorithm["compile"] == "auto":  # auto chooses only what works
+        return
+    if algorithm["compile"] not in COMPILE_MODES:
+        raise ConfigError(
+            f"algorithm.compile={algorithm['compile']} is not a choice; use auto, false, true or "
+            f"reduce-overhead (true, and also replay the step as a CUDA graph on a GPU)"
+        )
+    on_cpu = cfg.get("trainer", {}).get("accelerator", "cpu") == "cpu"
+    if algorithm["compile"] == "reduce-overhead" and on_cpu:
+        raise ConfigError(
+            "algorithm.compile=reduce-overhead replays CUDA graphs, which need a GPU; use "
+            "algorithm.compile=true on a CPU, or hardware=gpu"
+        )
+    if not learner_cls.compilable:
+        compilable = ", ".join(name for name, cls in (learners or {}).items() if cls.compilable)
+        raise ConfigError(
+            f"algorithm.compile=true is not available for algorithm={algorithm['name']}"
+            + (f" (it is for {compilable})" if compilable else "")
+            + "; leave it out"
+        )
+    if algorithm.get("checkpoint_inner_steps"):
+        raise ConfigError(
+            "algorithm.compile=true and algorithm.checkpoint_inner_steps=true do not combine "
+            "(torch.compile cannot capture the recomputation); set one of them to false"
+        )
+    if on_cpu and cpp_compiler() is None:
+        raise ConfigError(
+            "algorithm.compile=true on a CPU needs a C++ compiler for torch.compile (g++, or the "
+            "one named by $CXX) and none was found; install one or leave algorithm.compile out"
+        )

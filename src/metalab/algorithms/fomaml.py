@@ -16,5 +16,9 @@ class FOMAML(MAML):
         "first_order": (True, "fomaml is first order by definition; for second-order MAML use algorithm=maml")
     }
 
+    def __init__(self, *, first_order: bool = True, **settings):
+        """MAML's settings (conf/algorithm/fomaml.yaml), first order."""
+        super().__init__(first_order=first_order, **settings)
+
     def training_first_order(self) -> bool:
         return True

@@ -34,7 +34,6 @@ from torch.func import vmap
 
 from metalab.algorithms.base import MetaLearner
 from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, per_task, sgd_adapt
-from metalab.backbones import build_backbone
 from metalab.data.episodes import Episode
 from metalab.errors import ConfigError
 
@@ -61,15 +60,15 @@ class MAML(MetaLearner):
     def __init__(
         self,
         *,
-        inner_lr: float,
-        inner_loss: str,
-        inner_steps: int,
-        eval_inner_steps: int,
-        task_execution: str,
-        first_order: bool,
-        adapt_norm: bool,
-        checkpoint_inner_steps: bool,
-        init: Literal["default", "finn"],
+        inner_lr: float = 0.01,
+        inner_loss: str = "mean",
+        inner_steps: int = 1,
+        eval_inner_steps: int = 10,
+        task_execution: str = "auto",
+        first_order: bool = False,
+        adapt_norm: bool = True,
+        checkpoint_inner_steps: bool = False,
+        init: Literal["default", "finn"] = "default",
         **common,
     ):
         """`inner_lr` α, `inner_steps` (meta-training) and `eval_inner_steps` (meta-test) SGD steps
@@ -78,15 +77,18 @@ class MAML(MetaLearner):
         shift out of the inner loop; `checkpoint_inner_steps` recomputes each inner step's
         activations in the backward pass instead of keeping them (memory for time);
         `task_execution`: how the tasks' forward passes run (inner_loop.TASK_EXECUTIONS);
-        `init`: default (PyTorch's) or finn (`finn_init`). `common`: MetaLearner's arguments."""
+        `init`: default (PyTorch's) or finn (`finn_init`). `common`: MetaLearner's arguments.
+        The defaults are conf/algorithm/maml.yaml's (the paper's sinusoid setting)."""
         super().__init__(**common)
         self.inner_lr, self.inner_loss_kind = inner_lr, inner_loss
         self.inner_steps, self.eval_inner_steps = inner_steps, eval_inner_steps
         self.execution, self.first_order = task_execution, first_order
         self.adapt_norm, self.checkpoint_inner_steps = adapt_norm, checkpoint_inner_steps
-        backbone = build_backbone(self.backbone_cfg, self.input_shape)
+        backbone = self.backbone_network()
         outputs = self.ways if self.task_type == "classification" else 1
-        self.model = nn.Sequential(backbone, nn.Linear(backbone.out_features, outputs))
+        if outputs is None:
+            raise ConfigError(f"{type(self).__name__} sizes its output layer to the ways: give ways (e.g. ways=5)")
+        self.model = nn.Sequential(backbone, nn.Linear(self.feature_size(backbone), outputs))
         if init == "finn":
             finn_init(self.model)
         elif init != "default":

@@ -34,13 +34,24 @@ from metalab.data.episodes import Episode
 class MAMLPlusPlus(MAML):
     compilable = True
 
-    def __init__(self, *, step_lr_lr: float | None, msl_steps: int, first_order_steps: int, **settings):
+    def __init__(
+        self,
+        *,
+        step_lr_lr: float | None = 1e-5,
+        msl_steps: int = 5000,
+        first_order_steps: int = 25000,
+        inner_steps: int = 5,
+        eval_inner_steps: int = 5,
+        **settings,
+    ):
         """MAML's settings (conf/algorithm/mamlpp.yaml), and: `step_lr_lr`, the outer lr of the
         learned inner rates (null: the optimizer's); `msl_steps`, the outer steps over which the
         multi-step loss anneals to the last step's; `first_order_steps`, the outer steps trained
         first order before second order. The order is annealed (first_order does not apply) and
         the normalization is per step, never adapted (adapt_norm does not apply)."""
-        super().__init__(first_order=False, adapt_norm=False, **settings)
+        super().__init__(
+            first_order=False, adapt_norm=False, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps, **settings
+        )
         self.step_lr_lr, self.msl_steps, self.first_order_steps = step_lr_lr, msl_steps, first_order_steps
         named = dict(self.model.named_parameters())
         self.adapted_names = [n for n in named if n not in self.norm_names]

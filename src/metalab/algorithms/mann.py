@@ -58,7 +58,6 @@ from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner
 from metalab.algorithms.inner_loop import map_tasks
-from metalab.backbones import build_backbone
 from metalab.data.episodes import Episode
 from metalab.data.sequences import instance_numbers, offset_labels
 from metalab.errors import ConfigError
@@ -183,12 +182,14 @@ class SequenceLearner(MetaLearner):
     # Trained on shuffled sequences: the application API shuffles a user's support set the same way.
     reads_sequences = True
 
-    def __init__(self, *, hidden_size: int, memory: tuple | None = None, **common):
+    def __init__(
+        self, *, hidden_size: int = 200, memory: tuple | None = None, grad_clip: float | None = 10.0, **common
+    ):
         """`hidden_size`: the LSTM controller's; `memory`: the external memory's (slots, width,
         read heads, usage decay, key strength, add vector), which MANN sets from its settings;
         None for the LSTM baseline. `common`: MetaLearner's arguments (`ways`: one output per label)."""
-        super().__init__(**common)
-        self.backbone = build_backbone(self.backbone_cfg, self.input_shape)
+        super().__init__(grad_clip=grad_clip, **common)
+        self.backbone = self.backbone_network()
         no_memory = (0, 0, 0, 0.0, False, False)
         self.controller = Controller(self.backbone.out_features, self.ways, hidden_size, *(memory or no_memory))
 
@@ -289,12 +290,12 @@ class MANN(SequenceLearner):
     def __init__(
         self,
         *,
-        memory_slots: int,
-        memory_width: int,
-        read_heads: int,
-        usage_decay: float,
-        key_strength: bool,
-        add_vector: bool,
+        memory_slots: int = 128,
+        memory_width: int = 40,
+        read_heads: int = 4,
+        usage_decay: float = 0.95,
+        key_strength: bool = True,
+        add_vector: bool = True,
         **settings,
     ):
         """The memory's `memory_slots` × `memory_width`, its `read_heads` (each also writes),
@@ -312,3 +313,6 @@ class MANN(SequenceLearner):
 
 class LSTMBaseline(SequenceLearner):
     """The same controller without the memory: the paper's LSTM baseline (its only setting: `hidden_size`)."""
+
+    def __init__(self, **settings):
+        super().__init__(memory=None, **settings)

@@ -60,11 +60,11 @@ class MatchingNet(MetricLearner):
     def __init__(
         self,
         *,
-        fce: bool,
-        read_steps: int,
-        similarity: Literal["cosine", "support_cosine"],
-        cosine_eps: float,
-        cosine_scale: float,
+        fce: bool = False,
+        read_steps: int = 5,
+        similarity: Literal["cosine", "support_cosine"] = "cosine",
+        cosine_eps: float = 1e-8,
+        cosine_scale: float = 1.0,
         **settings,
     ):
         """`fce`: full context embeddings, with `read_steps` (K) steps of the query's attention

@@ -17,9 +17,9 @@ from metalab.algorithms.maml import MAML
 
 
 class MetaSGD(MAML):
-    def __init__(self, **settings):
+    def __init__(self, *, eval_inner_steps: int = 1, **settings):
         """MAML's settings (conf/algorithm/metasgd.yaml); `inner_lr` is α's starting value."""
-        super().__init__(**settings)
+        super().__init__(eval_inner_steps=eval_inner_steps, **settings)
         self.inner_lrs = nn.ParameterDict(
             {
                 parameter_key(name): nn.Parameter(torch.full_like(p, self.inner_lr))

@@ -21,15 +21,19 @@ Baseline++: algorithms/baseline.py) embed their images the same way.
   checkpoints load and predict as they did.
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner
 from metalab.algorithms.inner_loop import map_tasks
-from metalab.backbones import build_backbone
 from metalab.errors import ConfigError
 
 BATCH_NORM = ("running", "transductive")
+# Adam's rate halved every 2,000 episodes: Snell et al.'s schedule, the metric learners' default.
+STEP_LR = MappingProxyType({"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 2000, "gamma": 0.5})
 
 
 def one_hot_labels(support_y: Tensor) -> Tensor:
@@ -42,9 +46,10 @@ class MetricLearner(MetaLearner):
     # Checkpoints written before batch_norm existed normalized with each pass's own statistics.
     settings_of_older_checkpoints = {"batch_norm": "transductive"}
 
-    def __init__(self, *, batch_norm: str, **common):
-        """`batch_norm`: running or transductive (the module docstring); `common`: MetaLearner's arguments."""
-        super().__init__(**common)
+    def __init__(self, *, batch_norm: str = "running", scheduler: Mapping | None = STEP_LR, **common):
+        """`batch_norm`: running or transductive (the module docstring); `common`: MetaLearner's arguments.
+        The default schedule is the authors' for ProtoNet (conf/algorithm/protonet.yaml)."""
+        super().__init__(scheduler=scheduler, **common)
         self.batch_norm = batch_norm
         if self.batch_norm not in BATCH_NORM:
             raise ConfigError(
@@ -66,7 +71,7 @@ class MetricLearner(MetaLearner):
     def build_embedding(self, backbone_cfg: dict | None = None) -> nn.Module:
         """The backbone (default: the one this learner was given) for its input shape, its
         BatchNorm keeping running statistics or not as `batch_norm` says."""
-        return build_backbone(backbone_cfg or self.backbone_cfg, self.input_shape, running_stats=self.running_stats)
+        return self.backbone_network(backbone_cfg, running_stats=self.running_stats)
 
     def embed(self, module: nn.Module, x: Tensor) -> Tensor:
         """module applied to [tasks, n, ...] inputs -> [tasks, n, ...] outputs: all tasks as one

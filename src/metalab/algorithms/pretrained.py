@@ -31,7 +31,7 @@ class PretrainedBaseline(MAML):
     fixed_ways = False
     compilable = False
 
-    def __init__(self, *, fit_points: str, **settings):
+    def __init__(self, *, fit_points: str = "support", **settings):
         """MAML's inner-loop settings for the fine-tuning at meta-test (conf/algorithm/pretrained.yaml),
         and `fit_points`: what the joint training fits (support, or all). It trains without an
         inner loop, so inner_steps, first_order and checkpoint_inner_steps do not apply; at

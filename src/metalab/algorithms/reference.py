@@ -11,7 +11,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metalab.algorithms.anil import ANIL
 from metalab.algorithms.inner_loop import parameter_key
+from metalab.algorithms.mamlpp import MAMLPlusPlus
+from metalab.algorithms.metasgd import MetaSGD
+from metalab.algorithms.reptile import Reptile
 from metalab.data.episodes import Episode
 
 # lr(step, parameter name) -> the inner learning rate (a float or a tensor)
@@ -88,11 +92,6 @@ def reference_meta_loss(learner, batch: Episode) -> Tensor:
     For Reptile it is the surrogate Σ θ·(θ − mean φ) with the direction from the loop
     (SGD inner loop only).
     """
-    from metalab.algorithms.anil import ANIL  # here only: the learners' modules are not needed otherwise
-    from metalab.algorithms.mamlpp import MAMLPlusPlus
-    from metalab.algorithms.metasgd import MetaSGD
-    from metalab.algorithms.reptile import Reptile
-
     model, loss_fn, steps = learner.model, learner.task_loss_fn(), learner.inner_steps
     if isinstance(learner, Reptile):
         if learner.inner_optimizer != "sgd":

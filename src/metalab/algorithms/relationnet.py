@@ -36,6 +36,8 @@ images are embedded in separate passes, as in the authors' training script
 """
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -97,23 +99,34 @@ def sung_init(module: nn.Module) -> None:
         nn.init.ones_(module.bias)
 
 
+# The paper's embedding pools twice only; its rate is halved every 100,000 episodes.
+PAPER_EMBEDDING = MappingProxyType({"conv4": MappingProxyType({"pooled_blocks": 2})})
+PAPER_SCHEDULE = MappingProxyType({"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 100000, "gamma": 0.5})
+
+
 class RelationNet(MetricLearner):
     def __init__(
         self,
         *,
-        relation_channels: int,
-        relation_hidden: int,
-        backbone_options: dict | None,
-        grad_clip_per_network: bool,
-        init: Literal["default", "sung"],
+        relation_channels: int = 64,
+        relation_hidden: int = 8,
+        backbone_options: Mapping | None = PAPER_EMBEDDING,
+        grad_clip_per_network: bool = False,
+        init: Literal["default", "sung"] = "default",
+        scheduler: Mapping | None = PAPER_SCHEDULE,
         **settings,
     ):
         """The relation module's `relation_channels` (its convolutions) and `relation_hidden`
         (its hidden layer); `backbone_options`: {backbone name: settings} that this learner's
         embedding takes on top of the backbone's config (the paper's conv4 pools twice only);
         `grad_clip_per_network` and `init`: the authors' clipping and initialisation (the
-        module docstring). `settings`: MetricLearner's."""
-        super().__init__(**settings)
+        module docstring). `settings`: MetricLearner's. The defaults are conf/algorithm/relationnet.yaml's."""
+        super().__init__(scheduler=scheduler, **settings)
+        if self.given_backbone:
+            raise ConfigError(
+                "RelationNet compares feature maps and builds its embedding from a backbone config; "
+                "give backbone={'name': 'conv4'} (or resnet12), not a module"
+            )
         if init not in INITS:
             raise ConfigError(f"algorithm.init={init!r} is unknown; use default (PyTorch's) or sung (the authors')")
         if grad_clip_per_network and self.grad_clip is None:

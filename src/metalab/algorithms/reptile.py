@@ -28,6 +28,9 @@ What follows the authors' code (openai/supervised-reptile), each an option:
   and keeps its row (reptile.py `_test_predictions`).
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -83,6 +86,10 @@ class SharedAdamState(nn.Module):
         )
 
 
+# Reptile's outer step: θ ← θ + ε (φ − θ) as SGD on the surrogate, ε = 0.1 (conf/algorithm/reptile.yaml).
+OUTER_SGD = MappingProxyType({"_target_": "torch.optim.SGD", "lr": 0.1})
+
+
 class Reptile(MAML):
     compilable = False  # its inner loop cuts the graph with requires_grad_, which torch.func forbids
     # Checkpoints written before inner_adam_state existed kept one Adam state per task.
@@ -91,13 +98,16 @@ class Reptile(MAML):
     def __init__(
         self,
         *,
-        inner_optimizer: str,
-        adam_beta1: float,
-        adam_beta2: float,
-        inner_adam_state: str,
-        inner_batch_size: int | None,
-        eval_inner_batch_size: int | None,
-        transductive: bool,
+        inner_optimizer: str = "sgd",
+        adam_beta1: float = 0.0,
+        adam_beta2: float = 0.999,
+        inner_adam_state: str = "shared",
+        inner_batch_size: int | None = None,
+        eval_inner_batch_size: int | None = None,
+        transductive: bool = True,
+        inner_lr: float = 0.02,
+        inner_steps: int = 5,
+        optimizer: Mapping = OUTER_SGD,
         **settings,
     ):
         """MAML's inner-loop settings (conf/algorithm/reptile.yaml), and: `inner_optimizer` (sgd,
@@ -105,7 +115,15 @@ class Reptile(MAML):
         `eval_inner_batch_size` and `transductive` (the module docstring). No gradient flows
         through the inner loop, so first_order, adapt_norm (the whole network adapts) and
         checkpoint_inner_steps do not apply."""
-        super().__init__(first_order=True, adapt_norm=True, checkpoint_inner_steps=False, **settings)
+        super().__init__(
+            first_order=True,
+            adapt_norm=True,
+            checkpoint_inner_steps=False,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            optimizer=optimizer,
+            **settings,
+        )
         check_choice("algorithm.inner_adam_state", inner_adam_state, ADAM_STATES)
         for key, size in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
             if size is not None:

@@ -8,8 +8,9 @@ from torch import nn
 from metalab.backbones.conv4 import Conv4
 from metalab.backbones.mlp import MLP
 from metalab.backbones.resnet12 import ResNet12
-from metalab.errors import ConfigError, check_choice, metalab_class
+from metalab.errors import ConfigError, metalab_class
 from metalab.schema import check_against_signature, check_positive_sizes
+from metalab.settings import with_group_defaults
 
 BACKBONES = {"conv4": Conv4, "mlp": MLP, "resnet12": ResNet12}
 
@@ -34,12 +35,14 @@ def backbone_options(cfg: Mapping) -> tuple[str, dict]:
 
 def checked_backbone(cfg: Mapping) -> tuple[type[nn.Module], str, dict]:
     """(class, name, options) of the backbone `cfg` configures, its options checked (backbone_options)."""
-    options = dict(cfg)
+    options = with_group_defaults("backbone", cfg)  # one written by hand by name: its yaml's class and settings
     name = options.pop("name", None)
-    target = options.pop("_target_", None)
-    if target is None:  # a config from before `_target_`: the backbone by name
-        check_choice("backbone", name, sorted(BACKBONES))
-    cls = backbone_class(target, name)  # otherwise the class its `_target_` names: a new one needs no list
+    if options.get("_target_") is None:  # no conf/backbone/<name>.yaml gave it one
+        raise ConfigError(
+            f"backbone.name={name!r} has no conf/backbone/{name}.yaml to name its class; choose one with "
+            f"backbone=<name> ({', '.join(BACKBONES)}), or give backbone._target_"
+        )
+    cls = backbone_class(options.pop("_target_"))  # the class its `_target_` names: a new one needs no list
     # The accepted keys are the constructor's own arguments: a list that cannot drift from the code.
     accepted = [key for key in inspect.signature(cls).parameters if key not in SET_BY_CODE]
     unknown = sorted(set(options) - set(accepted))
@@ -55,12 +58,8 @@ def checked_backbone(cfg: Mapping) -> tuple[type[nn.Module], str, dict]:
     return cls, name, options
 
 
-def backbone_class(target, name: str) -> type[nn.Module]:
-    """The class `backbone._target_` names (metalab's own backbones only), else the one `name` names
-    (a checkpoint from before `_target_`)."""
-    if target is None:
-        check_choice("backbone", name, sorted(BACKBONES))
-        return BACKBONES[name]
+def backbone_class(target) -> type[nn.Module]:
+    """The class `backbone._target_` names (metalab's own backbones only)."""
     return metalab_class(
         "backbone._target_",
         target,

@@ -7,16 +7,15 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from metalab.config import SHARED_DATASET_KEYS, check_group_keys, with_group_defaults
 from metalab.data.episodes import Episode, EpisodeDataset, episode_generator, sample_meta_batch
 from metalab.data.image_folder import ImageFolder, MiniImageNet
 from metalab.data.omniglot import Omniglot
 from metalab.data.sequences import episode_shaper
 from metalab.data.sinusoid import Sinusoid
-from metalab.errors import ConfigError, DataError, check_choice, check_meta_batch_split, metalab_class
+from metalab.errors import ConfigError, DataError, check_meta_batch_split, metalab_class
+from metalab.settings import SHARED_DATASET_KEYS, check_group_keys, with_group_defaults
 
-# dataset=<name> -> the class conf/dataset/<name>.yaml builds; the names serve configs from before
-# `_target_` (older checkpoints) and the lists in messages.
+# dataset=<name> -> the class conf/dataset/<name>.yaml builds, for the lists in messages.
 DATASETS = {"sinusoid": Sinusoid, "omniglot": Omniglot, "image_folder": ImageFolder, "mini_imagenet": MiniImageNet}
 # Dataset settings that are the data module's or the checkpointing's, not the dataset's own.
 NOT_THE_DATASETS = ("name", "_target_", "episodes", "metric", "metric_mode")
@@ -31,17 +30,20 @@ SPLITS_CHECKED = {
 
 def build_sources(dataset_cfg: Mapping, data_dir: Path, cache_dir: Path, trainval: bool = False) -> dict:
     """The episode sources {"train", "val", "test"} of the dataset `dataset_cfg` configures: the
-    class its `_target_` names (or, for a config from before `_target_`, its `name`), built with
+    class its `_target_` names, built with
     its settings as keyword arguments. With `trainval` the train source deals episodes over the
     train and val classes together (check_trainval)."""
     cfg = with_group_defaults("dataset", dataset_cfg)  # conf/dataset/<name>.yaml: the one place of the defaults
     name = cfg.get("name")
-    if cfg.get("_target_") is None:  # a config from before `_target_`: the dataset by name
-        check_choice("dataset.name", name, sorted(DATASETS))
+    if cfg.get("_target_") is None:  # no conf/dataset/<name>.yaml gave it one
+        raise ConfigError(
+            f"dataset.name={name!r} has no conf/dataset/{name}.yaml to name its class; choose one with "
+            f"dataset=<name> ({', '.join(DATASETS)}), or give dataset._target_"
+        )
     check_group_keys("dataset", cfg, SHARED_DATASET_KEYS)  # a clear refusal, not a TypeError
     # dataset.episodes=sequence: the memory learners' episodes (sequences.py); checked before any loading
     shape_episodes = episode_shaper(cfg.get("episodes", "few_shot"), name)
-    dataset = dataset_class(cfg.get("_target_"), name)(
+    dataset = dataset_class(cfg.get("_target_"))(
         **{key: value for key, value in cfg.items() if key not in NOT_THE_DATASETS}
     )
     try:
@@ -71,11 +73,9 @@ def check_trainval(sources: Mapping, dataset: str) -> None:
         )
 
 
-def dataset_class(target, name: str) -> type[EpisodeDataset]:
+def dataset_class(target) -> type[EpisodeDataset]:
     """The class `dataset._target_` names (metalab's own datasets only: a checkpoint's stored config
-    can build nothing else), else the one `name` names."""
-    if target is None:
-        return DATASETS[name]
+    can build nothing else)."""
     return metalab_class(
         "dataset._target_",
         target,

@@ -3,7 +3,7 @@
 import sys
 
 from metalab.errors import MetalabError
-from metalab.pretrained import main
+from metalab.pretrained.ship import main
 
 try:
     main()
