@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import textwrap
 import types
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from preloaded_cli import BIN, run_command
 from torch import nn
 
 import metalab
@@ -63,14 +63,8 @@ def test_a_backbone_and_a_dataset_written_as_the_docs_say_train_one_step(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "METALAB_CONFIG_DIR": str(tmp_path / "conf")}
     run_dir = tmp_path / "run"
     overrides = ["dataset=waves", "trainer.max_steps=1", "val_episodes=2", "test_episodes=2", "meta_batch_size=2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "metalab.train", *overrides, f"hydra.run.dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    # another PYTHONPATH and conf/: run_command runs the installed script, which imports the copy
+    done = run_command([str(BIN / "metalab-train"), *overrides, f"hydra.run.dir={run_dir}"], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["global_step"] == 1
