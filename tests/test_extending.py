@@ -1,21 +1,75 @@
 """A new backbone or dataset is a class in metalab's package (and a yaml file naming it): no list to edit.
 
-docs/data.md and docs/learners.md say so; the name used to be checked against the built-in
-lists before `_target_` was read, and BatchNorm running statistics and compile=auto were
-chosen by the built-in names.
+docs/backbones.md and docs/data.md say so, with the files to write; the name used to be checked
+against the built-in lists before `_target_` was read, and BatchNorm running statistics and
+compile=auto were chosen by the built-in names.
 """
 
+import json
+import os
+import re
+import shutil
 import sys
+import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from preloaded_cli import BIN, run_command
 from torch import nn
 
+import metalab
 from metalab.algorithms.compile_passes import auto_compile
 from metalab.backbones import build_backbone
 from metalab.data import build_sources
 from metalab.data.sinusoid import Sinusoid
+from metalab.settings import CONFIG_DIR
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# "`<path>`:" then a fenced block, maybe indented (in a list item): the file's path and text
+DOCUMENTED_FILE = re.compile(
+    r"`((?:src/metalab|conf)/[\w/]+\.(?:py|yaml))`[^`]*?:\n\n( *)```\w+\n(.*?)^\2```", re.S | re.M
+)
+
+
+def documented_files(page: str) -> dict[str, str]:
+    """{path: text} of every file `page` (under docs/) shows: each fenced block introduced by its
+    path in backticks and a colon."""
+    text = (DOCS / page).read_text()
+    files = {}
+    for match in DOCUMENTED_FILE.finditer(text):
+        path, indent, body = match.groups()
+        files[path] = textwrap.dedent(body) if indent else body
+    return files
+
+
+def test_a_backbone_and_a_dataset_written_as_the_docs_say_train_one_step(tmp_path):
+    """The two files docs/backbones.md says to write for a backbone, and the two docs/data.md
+    says to write for a dataset, written into a copy of metalab and its conf/ (not the source
+    tree), then `metalab-train` with them for one outer step, its test included."""
+    files = {**documented_files("backbones.md"), **documented_files("data.md")}
+    assert set(files) == {
+        "src/metalab/backbones/tiny.py",
+        "conf/backbone/tiny.yaml",
+        "src/metalab/data/waves.py",
+        "conf/dataset/waves.yaml",
+    }
+    package = Path(metalab.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "src" / "metalab", ignore=shutil.ignore_patterns("conf", "__pycache__"))
+    shutil.copytree(CONFIG_DIR, tmp_path / "conf")
+    for path, text in files.items():
+        (tmp_path / path).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "METALAB_CONFIG_DIR": str(tmp_path / "conf")}
+    run_dir = tmp_path / "run"
+    overrides = ["dataset=waves", "trainer.max_steps=1", "val_episodes=2", "test_episodes=2", "meta_batch_size=2"]
+    # another PYTHONPATH and conf/: run_command runs the installed script, which imports the copy
+    done = run_command([str(BIN / "metalab-train"), *overrides, f"hydra.run.dir={run_dir}"], env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 1
+    stored = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "_target_: metalab.backbones.tiny.Tiny" in stored and "_target_: metalab.data.waves.Waves" in stored
 
 
 def module_with(monkeypatch, module_name: str, cls: type) -> str:

@@ -5,7 +5,6 @@ import pytest
 import torch
 from test_optimization_family import TINY_CONV, random_batch, small_learner
 
-from metalab.algorithms import inner_loop
 from metalab.backbones import conv4
 from metalab.errors import ConfigError
 
@@ -39,7 +38,7 @@ def first_convolutions_computed_per_task(monkeypatch, model, run) -> tuple[int, 
     per-task loop computed it for all tasks at once)."""
     first = model.model[0].layers[0][0]
     per_task, batched = [], []
-    original_convolution, original_batched = conv4.channels_last_convolution, inner_loop.input_convolutions_for_tasks
+    original_convolution, original_batched = conv4.channels_last_convolution, conv4.input_convolutions_for_tasks
 
     def convolution(conv, x):
         per_task.append(conv is first)
@@ -51,7 +50,7 @@ def first_convolutions_computed_per_task(monkeypatch, model, run) -> tuple[int, 
         return outputs
 
     monkeypatch.setattr(conv4, "channels_last_convolution", convolution)
-    monkeypatch.setattr(inner_loop, "input_convolutions_for_tasks", for_tasks)
+    monkeypatch.setattr(conv4, "input_convolutions_for_tasks", for_tasks)
     run()
     return sum(per_task), batched
 

@@ -15,21 +15,21 @@ autograd for the backward passes, which on a CPU is several times cheaper than n
 """
 
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
-from metalab.backbones.conv4 import handed_input_convolution, input_convolutions_for_tasks
-from metalab.backbones.layout import second_order_pass
+from metalab.backbones.conv4 import options_for_tasks
+from metalab.backbones.forward_options import PLAIN_PASS, ForwardOptions, takes_forward_options
 from metalab.errors import check_choice
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-# (per-task params [tasks, ...], x [tasks, n, ...], y [tasks, n, ...]) -> per-task losses [tasks]
-BatchedLoss = Callable[[Params, Tensor, Tensor], Tensor]
+# (per-task params [tasks, ...], x [tasks, n, ...], y [tasks, n, ...], the pass's ForwardOptions)
+# -> per-task losses [tasks]
+BatchedLoss = Callable[[Params, Tensor, Tensor, ForwardOptions], Tensor]
 
 
 def parameter_key(name: str) -> str:
@@ -94,28 +94,35 @@ def map_tasks(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return vmap(module)(x)
 
 
-def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Params, Tensor], Tensor]:
-    """f(params, x): the model run with per-task `params` ([tasks, ...]) on per-task inputs
-    ([tasks, n, ...]), giving [tasks, n, ...] outputs."""
+def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[..., Tensor]:
+    """f(params, x, options=PLAIN_PASS): the model run with per-task `params` ([tasks, ...]) on
+    per-task inputs ([tasks, n, ...]), giving [tasks, n, ...] outputs; `options` (ForwardOptions)
+    go to a model that takes them (takes_forward_options), every task's pass."""
     check_choice("algorithm.task_execution", execution, TASK_EXECUTIONS)
-    vmapped = vmap(lambda params, x: functional_call(model, params, (x,)))
+    takes_options = takes_forward_options(model)
 
-    def looped(params: Params, x: Tensor) -> Tensor:
+    def call(params: Params, x: Tensor, options: ForwardOptions) -> Tensor:
+        return functional_call(model, params, (x,), {"options": options} if takes_options else None)
+
+    def vmapped(params: Params, x: Tensor, options: ForwardOptions) -> Tensor:
+        return vmap(lambda params, x: call(params, x, options))(params, x)
+
+    def looped(params: Params, x: Tensor, options: ForwardOptions) -> Tensor:
         # unbind/stack: each task's gradient lands in its own slice in one copy, where
         # indexing p[t] would add a full [tasks, ...] tensor per task.
         slices = zip(*(p.unbind(0) for p in params.values()))
-        images = x.unbind(0)
-        # a Conv4's first convolution may run for all tasks at once (backbone.input_convolution)
-        convolved = input_convolutions_for_tasks(model, params, x) or [None] * len(images)
-        outputs = []
-        for task_params, x_t, convolved_t in zip(slices, images, convolved):
-            with handed_input_convolution(x_t, convolved_t):
-                outputs.append(functional_call(model, dict(zip(params, task_params)), (x_t,)))
+        # a Conv4's first convolution may run for all tasks at once (backbone.input_convolution),
+        # each task's output then handed to its pass in its options
+        per_task_options = options_for_tasks(model, params, x, options) if takes_options else [options] * len(x)
+        outputs = [
+            call(dict(zip(params, task_params)), x_t, options_t)
+            for task_params, x_t, options_t in zip(slices, x.unbind(0), per_task_options)
+        ]
         return torch.stack(outputs)
 
     first_convolution = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
 
-    def forward(params: Params, x: Tensor) -> Tensor:
+    def forward(params: Params, x: Tensor, options: ForwardOptions = PLAIN_PASS) -> Tensor:
         if torch.compiler.is_exporting():  # the loop: vmap would fix the traced sizes (map_tasks)
             per_task_run = True
         elif execution == "auto":  # decided per call: the device, shapes and compiling state can change
@@ -127,7 +134,7 @@ def batched_forward(model: nn.Module, execution: str = "auto") -> Callable[[Para
             )
         else:
             per_task_run = execution == "per_task"
-        return looped(params, x) if per_task_run else vmapped(params, x)
+        return looped(params, x, options) if per_task_run else vmapped(params, x, options)
 
     return forward
 
@@ -159,8 +166,8 @@ def batched_loss(
     check_choice("algorithm.inner_loss", reduction, INNER_LOSS_REDUCTIONS)
     forward = batched_forward(model, execution)
 
-    def loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        task_losses = mean_loss_per_task(loss_fn, forward(params, x), y)
+    def loss(params: Params, x: Tensor, y: Tensor, options: ForwardOptions = PLAIN_PASS) -> Tensor:
+        task_losses = mean_loss_per_task(loss_fn, forward(params, x, options), y)
         if reduction == "sum":
             return task_losses * x.shape[1]
         return task_losses * ways if reduction == "sum_over_shots" else task_losses
@@ -200,10 +207,10 @@ def sgd_step(
             grads, task_losses = torch.func.grad(summed, has_aux=True)(params)
             grads = [g.detach() if first_order else g for g in grads.values()]
         else:
-            # A second-order step differentiates this pass twice, which runs fastest in its own
-            # memory layout (backbones/layout.py).
-            with nullcontext() if first_order else second_order_pass():
-                task_losses = loss(params, x, y)
+            # A second-order step differentiates this pass twice: the backbone may pick kernels
+            # for that (ForwardOptions). Not under torch.func.grad above: metalab's BatchNorm
+            # double backward is an autograd.Function, which torch.func transforms do not take.
+            task_losses = loss(params, x, y, ForwardOptions(differentiated_twice=not first_order))
             grads = torch.autograd.grad(task_losses.sum(), list(params.values()), create_graph=not first_order)
         step = {}
         for (name, p), g in zip(params.items(), grads):

@@ -34,6 +34,7 @@ from torch.func import vmap
 
 from metalab.algorithms.base import MetaLearner
 from metalab.algorithms.inner_loop import Params, batched_forward, batched_loss, per_task, sgd_adapt
+from metalab.backbones.forward_options import PLAIN_PASS, ForwardOptions, takes_forward_options
 from metalab.data.episodes import Episode
 from metalab.errors import ConfigError
 
@@ -50,6 +51,20 @@ def finn_init(model: nn.Sequential) -> None:
     head = model[-1]
     nn.init.normal_(head.weight, 0.0, 1.0)
     nn.init.zeros_(head.bias)
+
+
+class BackboneWithHead(nn.Sequential):
+    """The backbone, then the head: an nn.Sequential (its parameters named 0.* and 1.*, as
+    checkpoints hold them) whose forward hands the pass's ForwardOptions from the inner loop to
+    the backbone, where the backbone takes them (takes_forward_options)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__(backbone, head)
+        self.backbone_takes_options = takes_forward_options(backbone)
+
+    def forward(self, x: Tensor, options: ForwardOptions = PLAIN_PASS) -> Tensor:
+        backbone, head = self
+        return head(backbone(x, options=options) if self.backbone_takes_options else backbone(x))
 
 
 class MAML(MetaLearner):
@@ -88,7 +103,7 @@ class MAML(MetaLearner):
         outputs = self.ways if self.task_type == "classification" else 1
         if outputs is None:
             raise ConfigError(f"{type(self).__name__} sizes its output layer to the ways: give ways (e.g. ways=5)")
-        self.model = nn.Sequential(backbone, nn.Linear(self.feature_size(backbone), outputs))
+        self.model = BackboneWithHead(backbone, nn.Linear(self.feature_size(backbone), outputs))
         if init == "finn":
             finn_init(self.model)
         elif init != "default":
@@ -127,8 +142,8 @@ class MAML(MetaLearner):
         if fixed:  # the normalization parameters take part in every forward pass but are not stepped
             lr = {n: lr[n] for n in params} if isinstance(lr, Mapping) else lr
 
-            def loss(adapted: Params, x: Tensor, y: Tensor) -> Tensor:
-                return self.inner_loss({**adapted, **fixed}, x, y)
+            def loss(adapted: Params, x: Tensor, y: Tensor, options: ForwardOptions = PLAIN_PASS) -> Tensor:
+                return self.inner_loss({**adapted, **fixed}, x, y, options)
 
         adapted, inner_losses = sgd_adapt(
             loss,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from metalab.algorithms.inner_loop import Params, checkpointed_sgd_step, parameter_key, per_task, sgd_step
 from metalab.algorithms.maml import MAML
+from metalab.backbones.forward_options import PLAIN_PASS, ForwardOptions
 from metalab.data.episodes import Episode
 
 
@@ -148,8 +149,10 @@ class MAMLPlusPlus(MAML):
             norms = norm_sets[step]
             lr = {n: self.step_lrs[parameter_key(n)][step] for n in self.adapted_names}
 
-            def support_loss(params: Params, x: Tensor, y: Tensor, norms: Params = norms) -> Tensor:
-                return self.inner_loss({**params, **norms}, x, y)
+            def support_loss(
+                params: Params, x: Tensor, y: Tensor, options: ForwardOptions = PLAIN_PASS, norms: Params = norms
+            ) -> Tensor:
+                return self.inner_loss({**params, **norms}, x, y, options)
 
             weights, inner_losses = take_step(support_loss, weights, support_x, support_y, lr, first_order)
             # The query after update k+1 is normalized with step k's parameters, those of the

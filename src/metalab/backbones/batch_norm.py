@@ -30,8 +30,6 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from metalab.backbones.layout import differentiated_twice
-
 # backbone.batch_norm_double_backward: whose double backward a pass differentiated twice uses:
 #   metalab: the one written out here; pytorch: PyTorch's own (F.batch_norm);
 #   auto: metalab's on a CPU, where it was measured to pay, PyTorch's elsewhere (not measured).
@@ -117,12 +115,12 @@ def batch_norm_with_batch_statistics(x: Tensor, weight: Tensor, bias: Tensor, ep
     return _BatchNormTrain.apply(x, weight, bias, eps)
 
 
-def uses_metalab_double_backward(choice: str, norm: nn.Module, x: Tensor) -> bool:
+def uses_metalab_double_backward(choice: str, norm: nn.Module, x: Tensor, differentiated_twice: bool) -> bool:
     """Whether `norm(x)` runs as `batch_norm_with_batch_statistics` under `choice`
     (BATCH_NORM_DOUBLE_BACKWARDS): a 2-d BatchNorm with weights that normalizes with its batch's
-    statistics and keeps no running ones, in a pass differentiated twice, outside vmap (whose
-    batched tensors a custom autograd Function does not take)."""
-    if choice == "pytorch" or not differentiated_twice():
+    statistics and keeps no running ones, in a pass `differentiated_twice` (ForwardOptions), outside
+    vmap (whose batched tensors a custom autograd Function does not take)."""
+    if choice == "pytorch" or not differentiated_twice:
         return False
     return (
         isinstance(norm, nn.BatchNorm2d)

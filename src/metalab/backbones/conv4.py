@@ -1,9 +1,8 @@
 """The four-block convolutional embedding of Vinyals et al. (2016), used by MAML and ProtoNet."""
 
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,8 @@ from metalab.backbones.batch_norm import (
     batch_norm_with_batch_statistics,
     uses_metalab_double_backward,
 )
-from metalab.backbones.layout import MEMORY_FORMATS, chosen_memory_format, differentiated_twice
+from metalab.backbones.forward_options import PLAIN_PASS, ForwardOptions
+from metalab.backbones.layout import MEMORY_FORMATS, chosen_memory_format
 from metalab.errors import check_choice
 
 # backbone.input_convolution: how the per-task loop (algorithms/inner_loop.py) runs the first
@@ -63,33 +63,30 @@ def channels_last_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
 
 
-# (images, their first convolution) handed by the per-task loop to Conv4.forward for one task.
-_handed_input_convolution: ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = ContextVar(
-    "handed_input_convolution", default=None
-)
-
-
-@contextmanager
-def handed_input_convolution(images: torch.Tensor, convolved: torch.Tensor | None) -> Iterator[None]:
-    """Inside it, a Conv4 given exactly `images` (the same tensor object) takes `convolved` as
-    its first convolution's output instead of computing it; `None` hands nothing."""
-    token = _handed_input_convolution.set(None if convolved is None else (images, convolved))
-    try:
-        yield
-    finally:
-        _handed_input_convolution.reset(token)
+def options_for_tasks(
+    model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor, options: ForwardOptions
+) -> list[ForwardOptions]:
+    """One pass's `options` for each task of per-task `params` ([tasks, ...], named as in `model`)
+    and images `x` ([tasks, n, C, H, W]), each handing its task's first convolution where a Conv4
+    that takes `model`'s input (the model itself, or the first module of an nn.Sequential) runs it
+    for all tasks at once (input_convolutions_for_tasks)."""
+    convolved = input_convolutions_for_tasks(model, params, x, options)
+    if convolved is None:
+        return [options] * x.shape[0]
+    return [replace(options, first_convolution=c) for c in convolved]
 
 
 def input_convolutions_for_tasks(
-    model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor
+    model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor, options: ForwardOptions
 ) -> list[torch.Tensor] | None:
     """Each task's first convolution of a Conv4 that takes `model`'s input (the model itself, or
     the first module of an nn.Sequential), computed for all tasks at once from per-task `params`
-    ([tasks, ...], named as in `model`) and images `x` ([tasks, n, C, H, W]): a list of [n, C', H,
-    W] outputs in the layout each task's pass runs in; None where the backbone's
-    input_convolution setting keeps that convolution per task (INPUT_CONVOLUTIONS)."""
+    ([tasks, ...], named as in `model`) and images `x` ([tasks, n, C, H, W]) for a pass with
+    `options`: a list of [n, C', H, W] outputs in the layout each task's pass runs in; None where
+    the backbone's input_convolution setting keeps that convolution per task (INPUT_CONVOLUTIONS)."""
     backbone = model[0] if isinstance(model, nn.Sequential) and len(model) else model
-    if not isinstance(backbone, Conv4) or not backbone.batches_input_convolution(x):
+    twice = options.differentiated_twice
+    if not isinstance(backbone, Conv4) or not backbone.batches_input_convolution(x, twice):
         return None
     conv = backbone.layers[0][0]
     prefix = "" if backbone is model else f"{next(model.named_children())[0]}."  # "0." in nn.Sequential
@@ -109,7 +106,7 @@ def input_convolutions_for_tasks(
     out = torch.bmm(patches, kernels) if bias is None else torch.baddbmm(bias.unsqueeze(1), patches, kernels)
     # [tasks, n·H'·W', C'] holds each task's [n, C', H', W'] in the channels-last layout
     per_task_out = out.view(tasks, images, height, width, -1).permute(0, 1, 4, 2, 3).unbind(0)
-    channels_last = backbone.runs_channels_last(x[0], backbone.uses_metalab_norm(x[0]))
+    channels_last = backbone.runs_channels_last(x[0], backbone.uses_metalab_norm(x[0], twice), twice)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return [o.contiguous(memory_format=layout) for o in per_task_out]
 
@@ -173,6 +170,8 @@ class Conv4(nn.Module):
     support pass uses, for speed only (backbones/batch_norm.py, BATCH_NORM_DOUBLE_BACKWARDS).
     `input_convolution`: whether the per-task loop runs the first convolution for all tasks at
     once, for speed only (INPUT_CONVOLUTIONS).
+    Under `auto` these three choose per pass, from the ForwardOptions the inner loop hands to
+    `forward` (backbones/forward_options.py); `forward(x)` is a plain pass.
     """
 
     def __init__(
@@ -225,23 +224,23 @@ class Conv4(nn.Module):
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean((-2, -1)) if self.global_average else features
 
-    def uses_metalab_norm(self, x: torch.Tensor) -> bool:
-        return uses_metalab_double_backward(self.batch_norm_double_backward, self.layers[0][1], x)
+    def uses_metalab_norm(self, x: torch.Tensor, differentiated_twice: bool) -> bool:
+        return uses_metalab_double_backward(self.batch_norm_double_backward, self.layers[0][1], x, differentiated_twice)
 
-    def runs_channels_last(self, x: torch.Tensor, metalab_norm: bool) -> bool:
-        """Whether a pass over `x` runs in the channels-last layout, given whether its BatchNorms
-        use metalab's double backward (`uses_metalab_norm`). Under vmap (ANIL's body, learners
-        that vmap the backbone) a tensor's layout can be neither queried nor changed: those
-        passes keep the layout they are given."""
-        return (
-            chosen_memory_format(self.memory_format, x, pytorch_double_backward=not metalab_norm) == "channels_last"
-            and x.dim() == 4
-            and not torch._C._functorch.is_batchedtensor(x)
+    def runs_channels_last(self, x: torch.Tensor, metalab_norm: bool, differentiated_twice: bool) -> bool:
+        """Whether a pass over `x` runs in the channels-last layout, given whether it is
+        `differentiated_twice` and whether its BatchNorms then use metalab's double backward
+        (`uses_metalab_norm`). Under vmap (ANIL's body, learners that vmap the backbone) a
+        tensor's layout can be neither queried nor changed: those passes keep the layout they are given."""
+        chosen = chosen_memory_format(
+            self.memory_format, x, differentiated_twice, pytorch_double_backward=not metalab_norm
         )
+        return chosen == "channels_last" and x.dim() == 4 and not torch._C._functorch.is_batchedtensor(x)
 
-    def batches_input_convolution(self, x: torch.Tensor) -> bool:
+    def batches_input_convolution(self, x: torch.Tensor, differentiated_twice: bool) -> bool:
         """Whether the per-task loop runs the first convolution for all tasks at once on the
-        per-task images `x` ([tasks, n, C, H, W]) under `input_convolution`."""
+        per-task images `x` ([tasks, n, C, H, W]) under `input_convolution`, in a pass
+        `differentiated_twice` or not."""
         conv = self.layers[0][0]  # unfold below takes zero padding, no dilation, no groups
         plain = conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and conv.groups == 1
         plain = plain and conv.dilation == (1, 1)
@@ -251,16 +250,18 @@ class Conv4(nn.Module):
             return True
         # auto: measured faster for the stride-1 network only; Finn et al.'s stride-2 one ran
         # 0.96-0.97x with it (docs/speed.md), its per-task convolution being a quarter the work
-        return x.device.type == "cpu" and differentiated_twice() and conv.stride == (1, 1)
+        return x.device.type == "cpu" and differentiated_twice and conv.stride == (1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        metalab_norm = self.uses_metalab_norm(x)
-        channels_last = self.runs_channels_last(x, metalab_norm)
-        handed = _handed_input_convolution.get()
+    def forward(self, x: torch.Tensor, options: ForwardOptions = PLAIN_PASS) -> torch.Tensor:
+        """The features of images `x` ([n, C, H, W]); `options`: what the inner loop says of this
+        pass (ForwardOptions), which only picks the kernels."""
+        twice = options.differentiated_twice
+        metalab_norm = self.uses_metalab_norm(x, twice)
+        channels_last = self.runs_channels_last(x, metalab_norm, twice)
         for i, block in enumerate(self.layers):
             conv, *rest = block
-            if i == 0 and handed is not None and handed[0] is x:
-                x = handed[1]  # computed for all tasks at once (input_convolutions_for_tasks)
+            if i == 0 and options.first_convolution is not None:
+                x = options.first_convolution  # computed for all tasks at once (input_convolutions_for_tasks)
             else:
                 x = channels_last_convolution(conv, x) if channels_last else conv(x)
             for layer in rest:

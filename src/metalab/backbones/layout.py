@@ -12,38 +12,19 @@ measured per pass on a CPU (docs/speed.md, "Memory layout"):
 - contiguous on other devices, where it is not measured.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-
 import torch
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
-_differentiated_twice = ContextVar("differentiated_twice", default=False)
 
-
-@contextmanager
-def second_order_pass() -> Iterator[None]:
-    """Marks the forward passes inside it as ones whose gradient will itself be differentiated
-    (the support pass of a second-order inner step: inner_loop.sgd_step)."""
-    token = _differentiated_twice.set(True)
-    try:
-        yield
-    finally:
-        _differentiated_twice.reset(token)
-
-
-def differentiated_twice() -> bool:
-    """Whether the forward passes running now are inside `second_order_pass`."""
-    return _differentiated_twice.get()
-
-
-def chosen_memory_format(memory_format: str, x: torch.Tensor, pytorch_double_backward: bool = True) -> str:
+def chosen_memory_format(
+    memory_format: str, x: torch.Tensor, differentiated_twice: bool = False, pytorch_double_backward: bool = True
+) -> str:
     """The layout a pass over `x` runs in under `memory_format` (one of MEMORY_FORMATS);
-    `pytorch_double_backward`: whether its BatchNorms, if differentiated twice, use PyTorch's
+    `differentiated_twice`: whether the pass's gradient will itself be differentiated
+    (ForwardOptions); `pytorch_double_backward`: whether its BatchNorms, if so, use PyTorch's
     double backward."""
     if memory_format != "auto":
         return memory_format
-    slow_double_backward = differentiated_twice() and pytorch_double_backward
+    slow_double_backward = differentiated_twice and pytorch_double_backward
     return "channels_last" if x.device.type == "cpu" and not slow_double_backward else "contiguous"
