@@ -1,4 +1,4 @@
-"""A new backbone or dataset is a class in metalab's package (and a yaml file naming it): no list to edit.
+"""A new learner, backbone or dataset is a class in metalab's package (and a yaml file naming it): no list to edit.
 
 docs/backbones.md and docs/data.md say so, with the files to write; the name used to be checked
 against the built-in lists before `_target_` was read, and BatchNorm running statistics and
@@ -70,6 +70,44 @@ def test_a_backbone_and_a_dataset_written_as_the_docs_say_train_one_step(tmp_pat
     assert results["global_step"] == 1
     stored = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "_target_: metalab.backbones.tiny.Tiny" in stored and "_target_: metalab.data.waves.Waves" in stored
+
+
+@pytest.mark.data
+def test_a_learner_written_as_the_docs_say_trains_one_step(tmp_path, data_dir, cache_dir):
+    """The two files docs/learners.md shows for a new learner, written into a copy of metalab and
+    its conf/, then `metalab-train algorithm=<it>` on Omniglot for one outer step, its test included:
+    no registry to edit."""
+    files = documented_files("learners.md")
+    assert set(files) == {"src/metalab/algorithms/cosinemeans.py", "conf/algorithm/cosinemeans.yaml"}
+    package = Path(metalab.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "src" / "metalab", ignore=shutil.ignore_patterns("conf", "__pycache__"))
+    shutil.copytree(CONFIG_DIR, tmp_path / "conf")
+    for path, text in files.items():
+        (tmp_path / path).write_text(text)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path / "src"),
+        "METALAB_CONFIG_DIR": str(tmp_path / "conf"),
+        "METALAB_DATA_DIR": str(data_dir),
+        "METALAB_CACHE_DIR": str(cache_dir),
+    }
+    run_dir = tmp_path / "run"
+    overrides = [
+        "algorithm=cosinemeans",
+        "dataset=omniglot",
+        "ways=5",
+        "shots=1",
+        "queries=2",
+        "meta_batch_size=1",
+        "trainer.max_steps=1",
+        "val_episodes=2",
+        "test_episodes=2",
+    ]
+    done = run_command([str(BIN / "metalab-train"), *overrides, f"hydra.run.dir={run_dir}"], env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 1 and 0 <= results["test/acc"] <= 1
+    assert "_target_: metalab.algorithms.cosinemeans.CosineMeans" in (run_dir / ".hydra" / "config.yaml").read_text()
 
 
 def module_with(monkeypatch, module_name: str, cls: type) -> str:
