@@ -6,7 +6,6 @@ metalab-eval only.
 """
 
 import importlib.util
-import inspect
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -14,7 +13,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from metalab import schema
 from metalab.algorithms import learner_class
 from metalab.algorithms.base import METRICS
-from metalab.backbones import backbone_class, backbone_options
+from metalab.backbones import backbone_options
 from metalab.checkpoint import RUN_GROUPS, read_checkpoint
 from metalab.errors import ConfigError, check_choice, check_positive
 from metalab.hardware import check_hardware, require_positive_int
@@ -24,6 +23,7 @@ from metalab.settings import (
     SHARED_ALGORITHM_KEYS,
     SHARED_DATASET_KEYS,
     check_group_keys,
+    with_group_defaults,
 )
 
 
@@ -140,20 +140,10 @@ def check_resumable(cfg: dict, trained: dict) -> None:
         section = c.get("backbone")
         if not isinstance(section, dict):
             return section
-        # A setting at its constructor default is left out: a checkpoint written before the
-        # setting existed lacks it and built the network the default builds.
-        try:
-            defaults = {
-                key: parameter.default
-                for key, parameter in inspect.signature(backbone_class(section.get("_target_"))).parameters.items()
-            }
-        except ConfigError:
-            defaults = {}
-        return {
-            key: value
-            for key, value in section.items()
-            if key not in SPEED_ONLY_BACKBONE and not (key in defaults and defaults[key] == value)
-        }
+        # Filled from its yaml: a checkpoint written before a setting existed lacks it and built
+        # the network the yaml's value builds.
+        filled = with_group_defaults("backbone", section)
+        return {key: value for key, value in filled.items() if key not in SPEED_ONLY_BACKBONE}
 
     shaping = {
         "algorithm": lambda c: c["algorithm"]["name"],
