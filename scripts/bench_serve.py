@@ -64,9 +64,12 @@ def summary(latencies: list[float], elapsed: float, cpu: float) -> dict:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process `pid`, all its threads (/proc/<pid>/stat)."""
+    """User and system CPU time of process `pid` and its child processes (the workers, with
+    workers=N), all their threads (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 def run_clients(port: int, make_request, concurrency: int, requests: int, seconds: float, pid: int) -> dict:
@@ -215,7 +218,7 @@ def main() -> None:
     # show that change.
     local = in_process(args.ckpt, support, queries, args.requests, args.seconds)
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    server = Server(folder / "server.log", f"ckpt_path={args.ckpt}", f"store_dir={folder / 'tasks'}")
+    server = Server(folder / "server.log", f"ckpt_path={args.ckpt}", f"store_dir={folder / 'tasks'}", *args.server)
     try:
         task = server.post("/v1/tasks", {"support": [{"label": c, "image": s} for c, s in zip("abcde", support_b64)]})
         predict_path = f"/v1/tasks/{task['task_id']}/predict"
@@ -231,8 +234,9 @@ def main() -> None:
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"{args.ckpt}, 5-way 1-shot, 15 queries per predict; {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}")
+    print(f"server settings: {' '.join(args.server) or '(defaults)'}")
     print("API: the same work through the Python API in this process, one at a time, measured just before")
-    print("CPU ms: CPU time a request (the server process's, all threads; the clients' not counted)")
+    print("CPU ms: CPU time a request (the server's processes, every worker, all threads; the clients' not counted)")
     print(
         f"{'work':8} {'clients':>7} {'API req/s':>9} {'API p50':>8} {'API CPU':>8} {'requests':>8} {'req/s':>8} "
         f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU ms':>8} {'req/s vs API':>12} {'p50 vs API':>10} "

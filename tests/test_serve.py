@@ -19,12 +19,13 @@ import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 from learner_checkpoints import omniglot_folders, trained_checkpoint
 from PIL import Image
-from serve_client import Server, b64, free_port
+from serve_client import WORKER_HEADER, Server, b64, free_port
 
 pytest.importorskip("fastapi", reason="metalab-serve's extra is not installed: pip install 'metalab[serve]'")
 pytest.importorskip("uvicorn", reason="metalab-serve's extra is not installed: pip install 'metalab[serve]'")
@@ -312,8 +313,45 @@ def test_two_workers_serve_the_same_tasks(omniglot, tmp_path):
             if len(workers) == 2:
                 break
         assert len(workers) == 2, workers
+        # Each worker listens on its own socket, so clients that connect at once and keep their
+        # connections are spread over the workers; with one shared socket the first worker to
+        # wake took them all (16 to 0 in two of four tries).
+        assert len(listening_sockets(running.port)) == 2
+        connections = [http.client.HTTPConnection("127.0.0.1", running.port, timeout=60) for _ in range(16)]
+        answered_by = []
+        for connection in connections:
+            connection.request("POST", f"/v1/tasks/{task_id}/predict", json.dumps(body))
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read()) == answers[0]
+            answered_by.append(response.headers[WORKER_HEADER])
+        for connection in connections:
+            connection.close()
+        assert set(answered_by) == workers, answered_by
+        # A worker that dies is replaced, and the replacement serves the kept task.
+        os.kill(int(answered_by[0]), signal.SIGKILL)
+        deadline, replacement = time.monotonic() + 120, None
+        while replacement is None and time.monotonic() < deadline:
+            try:
+                status, answer, worker = running.request_with_worker("POST", f"/v1/tasks/{task_id}/predict", body)
+            except OSError:  # a connection given to the dead worker's socket before the replacement listens
+                continue
+            assert status == 200 and answer == answers[0]
+            replacement = worker if worker not in workers else None
+            time.sleep(0.05)
+        assert replacement is not None, running.output()
     finally:
         assert running.stop() == 0, running.output()
+
+
+def listening_sockets(port: int) -> set[str]:
+    """The inodes of the sockets listening on 127.0.0.1:`port` (Linux's /proc/net/tcp)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.rpartition(":")[2], 16) == port:  # 0A: LISTEN
+            inodes.add(inode)
+    return inodes
 
 
 @pytest.mark.data
@@ -360,6 +398,8 @@ def test_the_store_stays_in_budget_and_a_damaged_file_is_an_unknown_task(omniglo
         ([f"ckpt_path={PRETRAINED}", "port=http"], "port=http must be a positive integer"),
         ([f"ckpt_path={PRETRAINED}", "port=70000"], "from 1 to 65535"),
         ([f"ckpt_path={PRETRAINED}", "workers=0"], "workers=0"),
+        ([f"ckpt_path={PRETRAINED}", "threads=many"], "threads=many must be a positive integer or auto"),
+        ([f"ckpt_path={PRETRAINED}", "threads=0"], "threads=0"),
         ([f"ckpt_path={PRETRAINED}", "max_images=-3"], "max_images=-3"),
         ([f"ckpt_path={PRETRAINED}", "cache_bytes=lots"], "cache_bytes=lots is not a size"),
         ([f"ckpt_path={PRETRAINED}", "max_request_bytes=1MB", "max_image_bytes=2MB"], "max_image_bytes="),

@@ -7,6 +7,9 @@
   host=127.0.0.1          the address to listen on (anything but loopback warns when no API key is set)
   port=8000               the TCP port
   workers=1               server processes, each with its own model; they share the task store
+                          (for throughput on a CPU: one per core)
+  threads=auto            torch threads each worker computes with (auto: the usable cores
+                          divided by workers, at least 1)
   device=cpu              or cuda, cuda:N
   api_key=KEY             required on every route but /healthz, /readyz and the page
                           (default: the environment variable METALAB_API_KEY; api_key= empty: none)
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
 import re
 import signal
@@ -41,7 +43,6 @@ from metalab.errors import ConfigError, MetalabError
 from metalab.predict import printable
 from metalab.pretrained import resolve as resolve_named
 
-SETTINGS_ENV = "METALAB_SERVE_SETTINGS"  # how the settings reach worker processes (workers > 1)
 API_KEY_ENV = "METALAB_API_KEY"
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 SIZES = ("max_image_bytes", "max_request_bytes", "cache_bytes", "store_bytes")
@@ -59,6 +60,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    threads: int = 0  # 0: auto, the usable cores divided by workers
     device: str = "cpu"
     api_key: str = ""
     max_images: int = 256
@@ -84,7 +86,9 @@ def size_value(key: str, value: str) -> int:
 def count_value(key: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1 or (key == "port" and int(value) > 65535):
         bound = " from 1 to 65535" if key == "port" else ""
-        raise ConfigError(f"{key}={value} must be a positive integer{bound}; set e.g. {key}={Settings.__dict__[key]}")
+        also = " or auto" if key == "threads" else ""
+        example = {"threads": 1}.get(key, Settings.__dict__.get(key))
+        raise ConfigError(f"{key}={value} must be a positive integer{bound}{also}; set e.g. {key}={example}")
     return int(value)
 
 
@@ -104,6 +108,8 @@ def parse(argv: list[str]) -> Settings:
             setattr(settings, key, size_value(key, value))
         elif key in COUNTS:
             setattr(settings, key, count_value(key, value))
+        elif key == "threads":
+            settings.threads = 0 if value == "auto" else count_value(key, value)
         else:
             setattr(settings, key, value)
     if not settings.ckpt_path:
@@ -171,11 +177,27 @@ def check_extra() -> None:
         raise ConfigError(f"metalab-serve needs {', '.join(missing)}; install them with pip install 'metalab[serve]'")
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_threads(settings: Settings) -> int:
+    """Each worker's torch threads: by default the cores shared out among the workers. Workers
+    that each take every core's thread only wait for one another; a small model on few cores
+    runs a pass in one thread nearly as fast (5 Omniglot images through ProtoNet's conv4: 1.54 ms
+    in one thread, 1.23 ms in two), so two workers of one thread each create about twice the
+    tasks of one worker of two (scripts/bench_serve.py, docs/serving.md)."""
+    return settings.threads or max(1, usable_cores() // settings.workers)
+
+
 def build_app(settings: Settings):
+    import torch
+
     from metalab.serving.app import create_app
     from metalab.serving.inputs import Limits
     from metalab.serving.service import Service
 
+    torch.set_num_threads(worker_threads(settings))
     limits = Limits(settings.max_images, settings.max_image_bytes, settings.max_request_bytes, settings.max_pixels)
     service = Service(
         settings.ckpt_path,
@@ -186,11 +208,6 @@ def build_app(settings: Settings):
         settings.store_bytes,
     )
     return create_app(service, settings.api_key or None)
-
-
-def worker_app():
-    """The app of one worker process (uvicorn's factory when workers > 1): settings from the parent."""
-    return build_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
 
 
 def serve(settings: Settings) -> None:
@@ -204,14 +221,102 @@ def serve(settings: Settings) -> None:
             flush=True,
         )
     app = build_app(settings)  # loads and checks the checkpoint: a bad one is refused before listening
-    common = {"host": settings.host, "port": settings.port, "log_level": "info", "timeout_graceful_shutdown": 60}
     if settings.workers == 1:
-        clean_exit_server()(uvicorn.Config(app, **common)).run()
+        clean_exit_server()(uvicorn.Config(app, **uvicorn_settings(settings))).run()
         return
     del app  # each worker loads its own copy
-    os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
-    # uvicorn's supervisor: on SIGTERM it stops every worker (each finishing its requests), then returns.
-    uvicorn.run("metalab.serve:worker_app", factory=True, workers=settings.workers, **common)
+    supervise(settings)
+
+
+def uvicorn_settings(settings: Settings) -> dict:
+    return {"host": settings.host, "port": settings.port, "log_level": "info", "timeout_graceful_shutdown": 60}
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port beside the other workers' (SO_REUSEPORT): the kernel gives
+    each new connection to one of them, spread by the connection's addresses (Linux). With one socket
+    shared by every worker (uvicorn's `workers=`), the first worker to wake accepts every
+    connection waiting, so clients that connect at once and keep their connections can all land
+    on one worker (measured: 16 connections opened one after another went 16 to 0 in two of four
+    tries)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.bind(address)
+    listener.listen(2048)
+    return listener
+
+
+def run_worker(settings: dict, listener: socket.socket, started) -> None:
+    """One worker process: its own model, answering on its own socket until SIGTERM; `started`
+    (an Event) is set once the model is loaded."""
+    import threading
+
+    import uvicorn
+
+    # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which stops the
+    # workers with SIGTERM (a worker interrupted by SIGINT would exit with an error status).
+    os.setpgrp()
+    threading.Thread(target=stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    settings = Settings(**settings)
+    app = build_app(settings)
+    started.set()
+    clean_exit_server()(uvicorn.Config(app, **uvicorn_settings(settings))).run(sockets=[listener])
+
+
+def stop_when_orphaned(supervisor: int) -> None:
+    """SIGTERM to this worker once its supervisor is gone (killed outright, say), so that no
+    worker goes on holding the port."""
+    import time
+
+    while os.getppid() == supervisor:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def supervise(settings: Settings) -> None:
+    """workers=N: N worker processes, each on its own listening socket. A worker that ends
+    unexpectedly is started again, unless it ended before loading its model (it would fail
+    again): then the server stops, with status 1. SIGTERM or SIGINT stops every worker (each
+    finishes the requests in flight); the status is 0 when they all stopped cleanly."""
+    import multiprocessing
+    import threading
+
+    if sys.platform == "linux":
+        listeners = [listening_socket(settings.host, settings.port) for _ in range(settings.workers)]
+    else:  # elsewhere SO_REUSEPORT may give every connection to one socket: the workers share one
+        listeners = [listening_socket(settings.host, settings.port)] * settings.workers
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: torch's threads do not survive a fork
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def start(i: int):
+        started = spawn.Event()
+        worker = spawn.Process(target=run_worker, args=(asdict(settings), listeners[i], started), name=f"worker-{i}")
+        worker.start()
+        return worker, started
+
+    workers, failed = [start(i) for i in range(settings.workers)], False
+    while not stop.wait(0.5):
+        for i, (worker, started) in enumerate(workers):
+            if worker.exitcode is None:
+                continue
+            failed = not started.is_set()
+            what = "it did not start, so the server stops" if failed else "starting another"
+            print(f"metalab-serve: worker {worker.pid} ended with status {worker.exitcode}; {what}", file=sys.stderr)
+            if failed:
+                stop.set()
+                break
+            workers[i] = start(i)
+    for worker, _ in workers:
+        if worker.exitcode is None:
+            worker.terminate()  # SIGTERM: each worker finishes the requests in flight
+    for worker, _ in workers:
+        worker.join()
+    if failed or any(worker.exitcode != 0 for worker, _ in workers):
+        sys.exit(1)
 
 
 def clean_exit_server():
