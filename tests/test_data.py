@@ -598,6 +598,38 @@ def test_finn_and_sung_split_characters_pooled_from_both_archives(protocol, data
 
 
 @pytest.mark.data
+def test_test_unseen_by_tests_on_the_classes_both_protocols_hold_out(data_dir, cache_dir):
+    """What the split alone is worth: a checkpoint trained on vinyals and one trained on finn
+    meet the same test classes, in the same order (so the same seeded episodes), none of which
+    either saw in training or validation."""
+    sources = {
+        (protocol, unseen_by): build_sources(
+            {"name": "omniglot", "protocol": protocol, "test_unseen_by": unseen_by, "image_size": 28},
+            data_dir,
+            cache_dir,
+        )
+        for protocol, unseen_by in (("vinyals", None), ("finn", None), ("vinyals", "finn"), ("finn", "vinyals"))
+    }
+    vinyals, finn = sources["vinyals", None], sources["finn", None]
+    common = sources["vinyals", "finn"]["test"]
+    assert common.class_names == sources["finn", "vinyals"]["test"].class_names
+    assert common.image_rows() == sources["finn", "vinyals"]["test"].image_rows()
+    assert set(common.class_names) == set(vinyals["test"].class_names) & set(finn["test"].class_names)
+    assert 200 < len(common.class_names) < len(vinyals["test"].class_names)
+    seen = {name for s in (vinyals, finn) for split in ("train", "val") for name in s[split].class_names}
+    assert not set(common.class_names) & seen
+    assert sources["vinyals", "finn"]["train"].class_names == vinyals["train"].class_names  # only test is cut
+    assert "test unseen by finn" in common.dataset
+    for protocol, unseen_by, words in (("vinyals", "vinyals", "another of"), ("lake", "finn", "rotated protocols")):
+        with pytest.raises(ConfigError, match=words):
+            build_sources(
+                {"name": "omniglot", "protocol": protocol, "test_unseen_by": unseen_by, "image_size": 28},
+                data_dir,
+                cache_dir,
+            )
+
+
+@pytest.mark.data
 def test_binary_nearest_gives_finns_black_and_white_images(data_dir, tmp_path):
     """Finn's resize script asks Pillow for LANCZOS on the archives' 1-bit PNGs, and gets nearest
     neighbour: `dataset.resample=binary_nearest` gives those very pixels, from the cache as from

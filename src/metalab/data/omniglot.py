@@ -47,6 +47,8 @@ ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 SPLIT_FOLDERS = {"finn": "finn", "sung": "finn"}
 PACKAGED_SPLITS = Path(__file__).resolve().parent / "splits" / "omniglot"
 PROTOCOLS = ("vinyals", "finn", "sung", "lake")
+SPLIT_PROTOCOLS = ("vinyals", "finn", "sung")  # those read from split files
+SPLITS = ("train", "val", "test")
 
 
 class Omniglot(EpisodeDataset):
@@ -62,12 +64,14 @@ class Omniglot(EpisodeDataset):
         resample: str,
         verify_checksums: bool,
         download: bool,
+        test_unseen_by: str | None = None,
     ):
         """`protocol`: vinyals, finn, sung or lake (the module docstring), `lake_val_alphabets` the background
         alphabets lake holds out to validate; images `image_size` pixels square, ink bright on
         dark if `invert`, resized as `resample` says (data/image_cache.py RESAMPLES: lanczos,
         or binary_nearest for Finn et al.'s images); `verify_checksums` against
-        <data_dir>/omniglot/SHA256SUMS; `download` the archives when they are missing."""
+        <data_dir>/omniglot/SHA256SUMS; `download` the archives when they are missing;
+        `test_unseen_by` another protocol whose test classes the test classes are cut to."""
         if protocol not in PROTOCOLS:
             raise ConfigError(
                 f"dataset.protocol={protocol!r} is unknown for omniglot; choose one of {', '.join(PROTOCOLS)}"
@@ -86,7 +90,18 @@ class Omniglot(EpisodeDataset):
                 f"dataset.resample={resample!r} is unknown; use lanczos (metalab's) or binary_nearest "
                 "(Finn et al.'s black-and-white images)"
             )
-        self.resample = resample
+        if test_unseen_by is not None and (test_unseen_by not in SPLIT_PROTOCOLS or test_unseen_by == protocol):
+            raise ConfigError(
+                f"dataset.test_unseen_by={test_unseen_by!r} must be another of {', '.join(SPLIT_PROTOCOLS)} than "
+                f"dataset.protocol={protocol}, e.g. dataset.protocol=finn dataset.test_unseen_by=vinyals; "
+                "or null for the protocol's whole test split"
+            )
+        if test_unseen_by is not None and protocol == "lake":
+            raise ConfigError(
+                "dataset.test_unseen_by works with the rotated protocols (vinyals, finn, sung), not "
+                "dataset.protocol=lake; set it to null"
+            )
+        self.resample, self.test_unseen_by = resample, test_unseen_by
         self.protocol, self.lake_val_alphabets, self.image_size = protocol, lake_val_alphabets, image_size
         self.invert, self.verify_checksums, self.download = invert, verify_checksums, download
 
@@ -103,10 +118,10 @@ class Omniglot(EpisodeDataset):
         if protocol == "lake":
             splits = _lake_splits(*(sorted(chars) for chars in characters), self.lake_val_alphabets)
         else:  # read before decoding, so a bad split file fails fast
-            folder = (
-                PACKAGED_SPLITS / SPLIT_FOLDERS[protocol] if protocol in SPLIT_FOLDERS else root / "splits" / "vinyals"
-            )
-            splits = {split: _split_file(folder / f"{split}.txt", groups) for split in ("train", "val", "test")}
+            splits = {split: _split_file(_split_folder(protocol, root) / f"{split}.txt", groups) for split in SPLITS}
+            if self.test_unseen_by:
+                other = set(_split_file(_split_folder(self.test_unseen_by, root) / "test.txt", groups))
+                splits["test"] = sorted(c for c in splits["test"] if c in other)
 
         fingerprint = {
             "dataset": "omniglot",
@@ -117,6 +132,7 @@ class Omniglot(EpisodeDataset):
             Path(cache_dir), "omniglot", fingerprint, groups, image_size, 1, bool(self.invert), self.resample
         )
 
+        described = protocol + (f", test unseen by {self.test_unseen_by}" if self.test_unseen_by else "")
         sources = {}
         for split, classes in splits.items():
             names = [char if protocol == "lake" else f"{char}/rot{90 * k:03d}" for char, k in classes]
@@ -126,10 +142,14 @@ class Omniglot(EpisodeDataset):
                 [index[c][0] for c, _ in classes],
                 [index[c][1] for c, _ in classes],
                 [k for _, k in classes],
-                dataset=f"omniglot ({protocol})",
+                dataset=f"omniglot ({described})",
                 split=split,
             )
         return sources
+
+
+def _split_folder(protocol: str, root: Path) -> Path:
+    return PACKAGED_SPLITS / SPLIT_FOLDERS[protocol] if protocol in SPLIT_FOLDERS else root / "splits" / "vinyals"
 
 
 def _archives(root: Path, download: bool) -> list[Path]:
