@@ -163,7 +163,7 @@ def test_matchingnet_support_cosine_lifts_the_two_sided_cosines_loss_floor(ways,
     the others: the most confident a two-sided cosine can be. Its loss stays at
     log(1 + (N − 1)/e) (0.90 at 5 ways, 2.1 at 20); normalising the support only lets the
     query's norm sharpen the attention, and the loss goes to zero."""
-    model = learner(configured(tmp_path, "unused", tmp_path, "matchingnet"))
+    model = learner(configured(tmp_path, "unused", tmp_path, "matchingnet", "algorithm.similarity=cosine"))
     one_hot = torch.eye(ways).unsqueeze(0)  # one support image per class
     support = torch.eye(ways, 64).unsqueeze(0)  # one-hot directions: non-negative, orthogonal
     query = 50 * support  # long query embeddings pointing at their own class
