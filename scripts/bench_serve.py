@@ -153,11 +153,12 @@ def in_process(ckpt: str, support: list[bytes], queries: list[bytes], requests: 
             # In the main thread: torch called from another thread of this process used one core
             # for a pass, not two (measured: adapt 3.95 ms against 2.2 ms).
             caller()
-        callers = [threading.Thread(target=caller) for _ in range(threads if threads > 1 else 0)]
-        for thread in callers:
-            thread.start()
-        for thread in callers:
-            thread.join()
+        else:
+            callers = [threading.Thread(target=caller) for _ in range(threads)]
+            for thread in callers:
+                thread.start()
+            for thread in callers:
+                thread.join()
         return summary(latencies, time.perf_counter() - started, time.process_time() - cpu)
 
     return measure

@@ -8,6 +8,11 @@ import torch
 from metalab.errors import ConfigError, check_meta_batch_split, check_positive
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def require_positive_int(cfg: dict, key: str) -> None:
     check_positive(key, cfg.get(key), 5)
 

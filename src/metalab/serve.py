@@ -87,7 +87,7 @@ def count_value(key: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1 or (key == "port" and int(value) > 65535):
         bound = " from 1 to 65535" if key == "port" else ""
         also = " or auto" if key == "threads" else ""
-        example = {"threads": 1}.get(key, Settings.__dict__.get(key))
+        example = Settings.__dict__[key] or 1  # threads' default, 0, stands for auto
         raise ConfigError(f"{key}={value} must be a positive integer{bound}{also}; set e.g. {key}={example}")
     return int(value)
 
@@ -177,16 +177,14 @@ def check_extra() -> None:
         raise ConfigError(f"metalab-serve needs {', '.join(missing)}; install them with pip install 'metalab[serve]'")
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def worker_threads(settings: Settings) -> int:
     """Each worker's torch threads: by default the cores shared out among the workers. Workers
     that each take every core's thread only wait for one another; a small model on few cores
     runs a pass in one thread nearly as fast (5 Omniglot images through ProtoNet's conv4: 1.54 ms
     in one thread, 1.23 ms in two), so two workers of one thread each create about twice the
     tasks of one worker of two (scripts/bench_serve.py, docs/serving.md)."""
+    from metalab.hardware import usable_cores  # imports torch: not on the way to --help
+
     return settings.threads or max(1, usable_cores() // settings.workers)
 
 

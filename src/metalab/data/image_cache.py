@@ -24,6 +24,7 @@ from PIL import Image
 
 from metalab.errors import DataError, StorageError
 from metalab.files import atomic_file, free_space, megabytes, storage_error, write_json_atomic
+from metalab.hardware import usable_cores
 
 log = logging.getLogger("metalab")
 MODES = {1: "L", 3: "RGB"}
@@ -100,16 +101,12 @@ def _chunks(refs: list[ImageRef]) -> list[list[ImageRef]]:
     return chunks
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def decode_all(
     refs: list[ImageRef], out: np.ndarray, image_size: int, channels: int, invert: bool, resample: str = "lanczos"
 ) -> None:
     """Decode every ref into `out` in order, on all cores when there are enough images."""
     chunks = _chunks(refs)
-    workers = min(_cpu_count(), len(chunks))
+    workers = min(usable_cores(), len(chunks))
     args = (repeat(image_size), repeat(channels), repeat(invert), repeat(resample))
     if len(refs) < PARALLEL_MIN or workers < 2:
         _fill(out, map(_decode_chunk, chunks, *args))

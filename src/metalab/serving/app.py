@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from metalab.errors import StorageError
+from metalab.hardware import usable_cores
 from metalab.serving.inputs import ClientError, parse_body
 from metalab.serving.service import Service
 
@@ -140,7 +141,7 @@ def create_app(service: Service, api_key: str | None) -> FastAPI:
     # parts hold the GIL) but make the thread holding the model wait for the GIL after each
     # operation: 16 clients creating tasks on 2 cores got about 180 requests/s this way, against
     # about 150 with anyio's default of 40 threads (scripts/bench_serve.py, a shared machine).
-    limiter = anyio.CapacityLimiter(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4)
+    limiter = anyio.CapacityLimiter(usable_cores())
 
     async def answer(request: Request, work, *args) -> JSONResponse:
         body = await read_body(request, service.limits.max_request_bytes)
