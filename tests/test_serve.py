@@ -399,7 +399,7 @@ def test_the_store_stays_in_budget_and_a_damaged_file_is_an_unknown_task(omniglo
         ([f"ckpt_path={PRETRAINED}", "port=70000"], "from 1 to 65535"),
         ([f"ckpt_path={PRETRAINED}", "workers=0"], "workers=0"),
         ([f"ckpt_path={PRETRAINED}", "threads=many"], "threads=many must be a positive integer or auto"),
-        ([f"ckpt_path={PRETRAINED}", "threads=0"], "threads=0"),
+        ([f"ckpt_path={PRETRAINED}", "threads=0"], "threads=0 must be a positive integer or auto"),
         ([f"ckpt_path={PRETRAINED}", "max_images=-3"], "max_images=-3"),
         ([f"ckpt_path={PRETRAINED}", "cache_bytes=lots"], "cache_bytes=lots is not a size"),
         ([f"ckpt_path={PRETRAINED}", "max_request_bytes=1MB", "max_image_bytes=2MB"], "max_image_bytes="),
