@@ -327,16 +327,30 @@ def test_two_workers_serve_the_same_tasks(omniglot, tmp_path):
         for connection in connections:
             connection.close()
         assert set(answered_by) == workers, answered_by
-        # A worker that dies is replaced, and the replacement serves the kept task.
-        os.kill(int(answered_by[0]), signal.SIGKILL)
+    finally:
+        assert running.stop() == 0, running.output()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_a_killed_worker_is_replaced_and_the_replacement_serves_the_kept_task(omniglot, tmp_path):
+    pairs, queries, _ = omniglot
+    running = Server(tmp_path / "server.log", f"ckpt_path={PRETRAINED}", f"store_dir={tmp_path / 'tasks'}", "workers=2")
+    try:
+        task_id = running.post("/v1/tasks", {"support": support_json(pairs)})["task_id"]
+        body = {"images": [b64(q) for q in queries[:5]]}
+        expected = running.post(f"/v1/tasks/{task_id}/predict", body)
+        victim = running.request_with_worker("POST", f"/v1/tasks/{task_id}/predict", body)[2]
+        before = set(Path(f"/proc/{running.process.pid}/task/{running.process.pid}/children").read_text().split())
+        os.kill(int(victim), signal.SIGKILL)
         deadline, replacement = time.monotonic() + 120, None
         while replacement is None and time.monotonic() < deadline:
             try:
                 status, answer, worker = running.request_with_worker("POST", f"/v1/tasks/{task_id}/predict", body)
             except OSError:  # a connection given to the dead worker's socket before the replacement listens
                 continue
-            assert status == 200 and answer == answers[0]
-            replacement = worker if worker not in workers else None
+            assert status == 200 and answer == expected
+            replacement = worker if worker not in before else None
             time.sleep(0.05)
         assert replacement is not None, running.output()
     finally:
