@@ -34,8 +34,10 @@ gets statistics of one image and far lower accuracy).
 from __future__ import annotations
 
 import math
+import threading
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -134,6 +136,19 @@ class Learner:
         self.transductive = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules()
         )
+        # The gradient learners run their network through torch.func.functional_call, which puts
+        # the fast weights into the module itself for the length of each call: two threads in one
+        # model at once see each other's weights (measured: a MAML learner predicting from 4
+        # threads answered 6 of 200 wrong and was left holding a vmapped tensor). Every call
+        # into the model takes this lock; decoding and checking the images do not.
+        self._model_lock = threading.Lock()
+
+    @contextmanager
+    def using_model(self) -> Iterator[None]:
+        """The model to this thread alone, in meta-test's evaluation mode: around every call of
+        the model's `adapt` and `predict`, so one Learner can serve many threads."""
+        with self._model_lock, evaluation_mode():
+            yield
 
     @property
     def device(self) -> torch.device:
@@ -158,7 +173,7 @@ class Learner:
         index = {label: i for i, label in enumerate(classes)}
         support_x = self.prepare_inputs(items, "support example")  # every image decoded and checked before any work
         support_y = torch.tensor([index[label] for label in item_labels], dtype=torch.long)
-        with evaluation_mode():  # as meta-test: no meta-graph, an inner loop turns gradients on itself
+        with self.using_model():  # as meta-test: no meta-graph, an inner loop turns gradients on itself
             state = self.model.adapt(support_x.unsqueeze(0).to(self.device), support_y.unsqueeze(0).to(self.device))
         # The task is kept for many predictions: let go of any graph an inner loop left on the state.
         state = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
@@ -219,7 +234,7 @@ class AdaptedTask:
         step = batch_size or len(query)
         chunks = [query[start : start + step] for start in range(0, len(query), step)]
         self._warn_if_unmixed(min(len(chunk) for chunk in chunks))
-        with evaluation_mode():
+        with self.learner.using_model():
             return torch.cat([self._predict_tasks(self.state, chunk.unsqueeze(0))[0] for chunk in chunks])
 
     def _predict_tasks(self, state, query_x: Tensor) -> Tensor:
@@ -240,7 +255,7 @@ class AdaptedTask:
         if not leaves or any(t.dim() == 0 or t.shape[0] != 1 for t in leaves):
             group = 1
         outputs = []
-        with evaluation_mode():
+        with self.learner.using_model():
             for start in range(0, len(query), group):
                 items = query[start : start + group]
                 passes = torch.cat([context.expand(len(items), *context.shape), items[:, None]], 1)

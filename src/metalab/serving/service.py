@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,9 +65,9 @@ class Service:
         self.checkpoint_sha256 = file_sha256(resolve_named(ckpt_path))
         self.limits = limits
         self.store = TaskStore(store_dir, self.checkpoint_sha256, cache_bytes, store_bytes)
-        # One pass through the network at a time: decoding runs in parallel, the model does not
-        # (torch already uses the cores it is given within a pass).
-        self._model_lock = threading.Lock()
+        # One pass through the network at a time (the Learner's own lock, Learner.using_model):
+        # decoding runs in parallel, the model does not; torch uses the cores it is given within
+        # a pass.
         guard_pillow(limits)
 
     # ------------------------------------------------------------------ requests
@@ -169,8 +168,7 @@ class Service:
     def _adapt(self, images: list[EncodedImage], labels: list[str]) -> AdaptedTask:
         support = self._inputs(images)  # every image decoded and checked before the model runs
         try:
-            with self._model_lock:
-                return self.learner.adapt(list(zip(support, labels)))
+            return self.learner.adapt(list(zip(support, labels)))
         except MetalabError as error:  # one class, a class count a fixed head cannot take
             raise ClientError(400, str(error)) from None
 
@@ -178,8 +176,7 @@ class Service:
         query = self._inputs(images)
         device = self.learner.device
         task.state = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, task.state)
-        with self._model_lock:
-            probabilities = task.predict_proba(query)  # the request's images in one pass
+        probabilities = task.predict_proba(query)  # the request's images in one pass
         predictions = []
         for row in probabilities.tolist():
             best = max(range(len(row)), key=row.__getitem__)
