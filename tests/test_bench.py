@@ -3,6 +3,7 @@ against an earlier commit in a temporary worktree (scripts/bench_against.py). No
 
 import argparse
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -64,3 +65,43 @@ def test_a_baseline_that_is_neither_a_checkout_nor_a_commit_is_refused_naming_it
     assert child.returncode == 2 and "Traceback" not in child.stderr
     assert f"baseline {missing}: neither a metalab checkout" in child.stderr and "c1ec8a9" in child.stderr
     assert child.stdout == ""
+
+
+def test_the_serve_bench_clients_send_every_request_on_kept_connections_and_count_refusals():
+    """scripts/bench_serve.py's clients write HTTP/1.1 on plain sockets: against a real server,
+    each request answered in turn on a kept-alive connection, a refused one reported."""
+    import http.server
+    import threading
+
+    bench_serve = script("bench_serve")
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keeps the connection, as uvicorn does
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, body, self.client_address))
+            answer = b'{"ok": true}'
+            self.send_response(404 if self.path == "/refused" else 200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        run = bench_serve.run_clients(port, lambda i: ("/tasks", f"body {i}".encode()), 3, 12, 30, os.getpid())
+        assert run["requests"] == 12 and len(seen) == 12
+        assert sorted(body for _, body, _ in seen) == sorted(f"body {i}".encode() for i in range(12))
+        assert len({address for *_, address in seen}) == 3  # one connection per client, kept
+        with pytest.raises(SystemExit, match="1 requests failed: \\[404\\]"):
+            bench_serve.run_clients(port, lambda i: ("/refused", b"x"), 1, 1, 30, os.getpid())
+    finally:
+        server.shutdown()
+        server.server_close()
