@@ -189,13 +189,10 @@ def worker_threads(settings: Settings) -> int:
 
 
 def build_app(settings: Settings):
-    import torch
-
     from metalab.serving.app import create_app
     from metalab.serving.inputs import Limits
     from metalab.serving.service import Service
 
-    torch.set_num_threads(worker_threads(settings))
     limits = Limits(settings.max_images, settings.max_image_bytes, settings.max_request_bytes, settings.max_pixels)
     service = Service(
         settings.ckpt_path,
@@ -204,6 +201,7 @@ def build_app(settings: Settings):
         Path(settings.store_dir),
         settings.cache_bytes,
         settings.store_bytes,
+        worker_threads(settings),
     )
     return create_app(service, settings.api_key or None)
 

@@ -14,13 +14,12 @@ With an API key, every route but the health checks and the static page needs it,
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import hmac
 import logging
 import os
 from importlib.resources import files
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -28,7 +27,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from metalab.errors import StorageError
-from metalab.hardware import usable_cores
 from metalab.serving.inputs import ClientError, parse_body
 from metalab.serving.service import Service
 
@@ -136,17 +134,12 @@ def create_app(service: Service, api_key: str | None) -> FastAPI:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error(500, f"internal error ({type(problem).__name__}); the server's log has the details")
 
-    # The requests' work runs in at most one thread per usable core; the rest wait in the event
-    # loop. More threads add no parallelism (the model runs one pass at a time, and the Python
-    # parts hold the GIL) but make the thread holding the model wait for the GIL after each
-    # operation: 16 clients creating tasks on 2 cores got about 180 requests/s this way, against
-    # about 150 with anyio's default of 40 threads (scripts/bench_serve.py, a shared machine).
-    limiter = anyio.CapacityLimiter(usable_cores())
-
     async def answer(request: Request, work, *args) -> JSONResponse:
         body = await read_body(request, service.limits.max_request_bytes)
         parsed = parse_body(body)
-        return JSONResponse(await anyio.to_thread.run_sync(functools.partial(work, *args, parsed), limiter=limiter))
+        # The work runs on the service's one work thread (service.py says why); requests wait
+        # for it here, in the event loop, which goes on answering health checks meanwhile.
+        return JSONResponse(await asyncio.wrap_future(service.submit(work, *args, parsed)))
 
     @app.get("/healthz")
     async def healthz():
