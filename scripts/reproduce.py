@@ -32,7 +32,15 @@ from omegaconf import OmegaConf
 from metalab.errors import MetalabError, StorageError
 from metalab.files import write_atomic
 from metalab.provenance import comparable_identity, machine, software
-from metalab.results import NotPaired, as_dict, overrides_of, paired_difference, per_episode, scalar_series
+from metalab.results import (
+    NotPaired,
+    as_dict,
+    logged_seconds,
+    overrides_of,
+    paired_difference,
+    per_episode,
+    scalar_series,
+)
 from metalab.settings import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,16 +165,20 @@ def training_run(run_dir: Path) -> tuple[Path, dict, list[str]]:
     return trained_dir, read_json(trained_dir / "results.json"), overrides_of(trained_dir)
 
 
-def resumed_from(trained_dir: Path, overrides: list[str]) -> list[tuple[Path, dict]]:
+def resumed_from(trained_dir: Path, overrides: list[str]) -> tuple[list[tuple[Path, dict]], bool]:
     """The training runs `trained_dir` continues, earliest first: a run started with
     `ckpt_path=<run>/checkpoints/<file>` resumes that run, so the budget it trained on (its steps,
-    its wall time) and its learning curve begin in the earlier run.
+    its wall time) and its learning curve begin in the earlier run. And whether the run was
+    resumed in its own directory (this script resumes a killed run from its last.ckpt there):
+    then that directory holds every part's curve, and its results.json the last part's time only.
 
     An earlier run stopped before it finished (SIGTERM, a kill) wrote no results.json: its steps
     and curve still count, but its wall time is unknown, and so is the entry's."""
     chain, checkpoint, seen = [], as_dict(overrides).get("ckpt_path"), {trained_dir.resolve()}
     while checkpoint not in (None, "null"):
         earlier = Path(checkpoint).resolve().parents[1]
+        if earlier == trained_dir.resolve():
+            return chain, True
         if earlier in seen or not earlier.is_dir():
             raise ReproduceError(
                 f"{trained_dir} resumed from {checkpoint}, whose run directory ({earlier}) is not at hand "
@@ -176,7 +188,7 @@ def resumed_from(trained_dir: Path, overrides: list[str]) -> list[tuple[Path, di
         record = earlier / "results.json"
         chain.insert(0, (earlier, read_json(record) if record.is_file() else {}))
         checkpoint = as_dict(overrides_of(earlier)).get("ckpt_path")
-    return chain
+    return chain, False
 
 
 def chained_series(runs: list[Path], tag: str) -> tuple[list[int], list[float]]:
@@ -346,7 +358,7 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
             "wait for it to finish, or give another directory"
         )
     trained_dir, trained, train_overrides = training_run(run_dir)
-    earlier = resumed_from(trained_dir, train_overrides)
+    earlier, in_place = resumed_from(trained_dir, train_overrides)
     train_overrides = [o for o in train_overrides if not o.startswith("ckpt_path=")]  # a path, not a setting
     results = read_json(run_dir / "results.json")
     config = yaml.safe_load((trained_dir / "config.yaml").read_text())
@@ -383,7 +395,9 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
     runs = [path for path, _ in earlier] + [trained_dir]
     curve_steps, curve_values = chained_series(runs, tag)
     ci_steps, ci_values = chained_series(runs, f"{tag}_ci95")
-    seconds = [r.get("wall_time_sec") for _, r in earlier] + [trained.get("wall_time_sec")]
+    # Resumed in place: every part's time, from the event files each part logged there.
+    last = logged_seconds(trained_dir) if in_place else trained.get("wall_time_sec")
+    seconds = [r.get("wall_time_sec") for _, r in earlier] + [last]
     ci_at = dict(zip(ci_steps, ci_values))
     return {
         "name": name,
@@ -416,6 +430,7 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
             "train_tasks_per_sec": trained.get("train_tasks_per_sec"),
             "world_size": trained.get("world_size"),
             "resumed_from": [path.name for path, _ in earlier],  # the run directories, earliest first
+            **({"resumed_in_place": True} if in_place else {}),  # its time summed from its event files
         },
         "paper": paper,
         "curve": {

@@ -264,6 +264,24 @@ def test_a_resumed_run_counts_the_run_it_resumed_in_its_budget_and_curve(tmp_pat
         reproduce.collect(resumed, None, tmp_path / "logs")
 
 
+def test_a_run_resumed_in_its_own_directory_is_collected_with_every_part_s_time(tmp_path):
+    """This script resumes a killed run from the last.ckpt in its own directory, so the run's
+    overrides name its own checkpoint: it is one run whose parts each logged event files there,
+    and its time is theirs summed (its results.json has the last part's only)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    fake_run(run, ["experiment=maml_omniglot_5w1s", f"ckpt_path={run}/checkpoints/last.ckpt"], per_episode=[1.0, 0.8])
+    for start, end in ((1000.0, 1600.0), (5000.0, 5300.0)):  # two sessions, hours apart
+        with SummaryWriter(str(run / "tensorboard")) as writer:
+            writer.add_scalar("train/loss", 1.0, 1, walltime=start)
+            writer.add_scalar("train/loss", 0.5, 2, walltime=end)
+    entry = reproduce.collect(run, None, tmp_path / "logs")
+    assert entry["name"] == "maml_omniglot_5w1s" and entry["overrides"] == ["experiment=maml_omniglot_5w1s"]
+    assert entry["budget"]["wall_time_sec"] == 900.0, entry["budget"]  # not results.json's 120
+    assert entry["budget"]["resumed_from"] == [] and entry["budget"]["resumed_in_place"] is True
+
+
 def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match():
     """ProtoNet's 20-way figure re-tests the 60-way 1-shot model (the paper trains one model per
     shot): --experiment protonet_omniglot_20w1s is accepted for it, another setting is refused."""

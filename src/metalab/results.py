@@ -74,6 +74,20 @@ def scalar_series(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
+def logged_seconds(run_dir: Path) -> float | None:
+    """The time the run's TensorBoard event files span, each from its first logged value to its
+    last, summed: the training time of a run resumed in its own directory, whose every part
+    (each process) wrote files of its own there; None when it logged no values."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    total, found = 0.0, False
+    for path in sorted(Path(run_dir).glob("**/events.out.tfevents.*")):
+        times = [event.wall_time for event in EventFileLoader(str(path)).Load() if event.HasField("summary")]
+        if times:
+            total, found = total + max(times) - min(times), True
+    return total if found else None
+
+
 # ---------------------------------------------------------------- paired comparison
 def t_quantile_975(df: int) -> float:
     """The 97.5% quantile of Student's t with `df` degrees of freedom (two-sided 95%).
