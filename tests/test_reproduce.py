@@ -364,7 +364,7 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     assert one_step["mean"] == pytest.approx(sum(entry["per_episode"]["values"]["one_step/mse"]) / 30, rel=1e-5)
     assert entry["metric"] == "one_step/test/mse" and entry["curve"]["tag"] == "val/mse"
     assert (
-        f"| maml_sinusoid_5shot | one_step/test/mse | {one_step['mean']:.2f} ± {one_step['ci95']:.2f} (30) | 0.67 |"
+        f"| maml_sinusoid_5shot | — | one_step/test/mse | {one_step['mean']:.2f} ± {one_step['ci95']:.2f} (30) | 0.67 |"
         in (repo_copy / "README.md").read_text()
     )
 
@@ -378,9 +378,10 @@ def test_run_then_collect_an_old_run_without_per_episode_values(repo_copy):
     old = json.loads((repo_copy / "results" / "old_run.json").read_text())
     assert old["per_episode"]["source"].startswith("metalab-eval re-run of")
     assert old["per_episode"]["values"] == entry["per_episode"]["values"]
-    # Two runs on the same episodes, neither ProtoNet: the pair is in the README's paired table.
-    paired_row = "| maml_sinusoid_5shot | old_run | one_step/test/mse | 0.00 ± 0.00 | 30 |"
-    assert paired_row in (repo_copy / "README.md").read_text()
+    # Two runs on the same episodes, neither ProtoNet: the pair is in the paired table, which the
+    # generator writes beside the README (docs/reproduction.md), at each test-time step count.
+    paired_row = "| maml_sinusoid_5shot | old_run | mse, after 1 step | 0.00 ± 0.00 | 30 |"
+    assert paired_row in (repo_copy / "docs" / "reproduction.md").read_text()
     # A finished run is not trained again.
     again = reproduce_cli("maml_sinusoid_5shot", *budget, root=repo_copy)
     assert again.returncode == 2 and "holds a finished run already" in again.stderr
