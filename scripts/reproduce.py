@@ -174,10 +174,11 @@ def resumed_from(trained_dir: Path, overrides: list[str]) -> tuple[list[tuple[Pa
 
     An earlier run stopped before it finished (SIGTERM, a kill) wrote no results.json: its steps
     and curve still count, but its wall time is unknown, and so is the entry's."""
-    chain, checkpoint, seen = [], as_dict(overrides).get("ckpt_path"), {trained_dir.resolve()}
+    own = trained_dir.resolve()
+    chain, checkpoint, seen = [], as_dict(overrides).get("ckpt_path"), {own}
     while checkpoint not in (None, "null"):
         earlier = Path(checkpoint).resolve().parents[1]
-        if earlier == trained_dir.resolve():
+        if earlier == own:
             return chain, True
         if earlier in seen or not earlier.is_dir():
             raise ReproduceError(

@@ -6,6 +6,7 @@ the server goes on serving; tasks outlive a restart and are shared by workers; t
 within its budget and shrugs off a damaged file; bad settings end the command with one line.
 """
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -293,13 +294,22 @@ def test_sigterm_finishes_the_request_in_flight_and_a_restart_keeps_the_task(omn
         assert second.stop() == 0, second.output()
 
 
-@pytest.mark.data
-def test_two_workers_serve_the_same_tasks(omniglot, tmp_path):
+@contextlib.contextmanager
+def two_workers_with_a_task(omniglot, tmp_path):
+    """(server, task id, predict body): a workers=2 server, a task created on it; stopped after."""
     pairs, queries, _ = omniglot
     running = Server(tmp_path / "server.log", f"ckpt_path={PRETRAINED}", f"store_dir={tmp_path / 'tasks'}", "workers=2")
     try:
         task_id = running.post("/v1/tasks", {"support": support_json(pairs)})["task_id"]
-        body = {"images": [b64(q) for q in queries[:5]]}
+        yield running, task_id, {"images": [b64(q) for q in queries[:5]]}
+    finally:
+        assert running.stop() == 0, running.output()
+
+
+@pytest.mark.data
+def test_two_workers_serve_the_same_tasks(omniglot, tmp_path):
+    pairs = omniglot[0]
+    with two_workers_with_a_task(omniglot, tmp_path) as (running, task_id, body):
         answers = [running.post(f"/v1/tasks/{task_id}/predict", body) for _ in range(12)]
         assert all(answer == answers[0] for answer in answers)
         # Until both workers have answered (each response names its process): the same answer, the same id.
@@ -327,18 +337,12 @@ def test_two_workers_serve_the_same_tasks(omniglot, tmp_path):
         for connection in connections:
             connection.close()
         assert set(answered_by) == workers, answered_by
-    finally:
-        assert running.stop() == 0, running.output()
 
 
 @pytest.mark.slow
 @pytest.mark.data
 def test_a_killed_worker_is_replaced_and_the_replacement_serves_the_kept_task(omniglot, tmp_path):
-    pairs, queries, _ = omniglot
-    running = Server(tmp_path / "server.log", f"ckpt_path={PRETRAINED}", f"store_dir={tmp_path / 'tasks'}", "workers=2")
-    try:
-        task_id = running.post("/v1/tasks", {"support": support_json(pairs)})["task_id"]
-        body = {"images": [b64(q) for q in queries[:5]]}
+    with two_workers_with_a_task(omniglot, tmp_path) as (running, task_id, body):
         expected = running.post(f"/v1/tasks/{task_id}/predict", body)
         victim = running.request_with_worker("POST", f"/v1/tasks/{task_id}/predict", body)[2]
         before = set(Path(f"/proc/{running.process.pid}/task/{running.process.pid}/children").read_text().split())
@@ -353,8 +357,6 @@ def test_a_killed_worker_is_replaced_and_the_replacement_serves_the_kept_task(om
             replacement = worker if worker not in before else None
             time.sleep(0.05)
         assert replacement is not None, running.output()
-    finally:
-        assert running.stop() == 0, running.output()
 
 
 def listening_sockets(port: int) -> set[str]:

@@ -80,12 +80,12 @@ def logged_seconds(run_dir: Path) -> float | None:
     (each process) wrote files of its own there; None when it logged no values."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    total, found = 0.0, False
+    spans = []
     for path in sorted(Path(run_dir).glob("**/events.out.tfevents.*")):
         times = [event.wall_time for event in EventFileLoader(str(path)).Load() if event.HasField("summary")]
         if times:
-            total, found = total + max(times) - min(times), True
-    return total if found else None
+            spans.append(max(times) - min(times))
+    return sum(spans) if spans else None
 
 
 # ---------------------------------------------------------------- paired comparison

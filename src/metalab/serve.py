@@ -195,12 +195,12 @@ def oversubscribed(settings: Settings) -> str | None:
     (create) the Python API's throughput, against 1.1x and 1.0x with threads=auto."""
     from metalab.hardware import usable_cores  # imports torch: not on the way to --help
 
-    cores = usable_cores()
-    total = worker_threads(settings) * settings.workers
+    cores, threads = usable_cores(), worker_threads(settings)
+    total = threads * settings.workers
     if settings.device != "cpu" or total <= cores:
         return None
     return (
-        f"workers={settings.workers} x threads={worker_threads(settings)} = {total} torch threads on {cores} "
+        f"workers={settings.workers} x threads={threads} = {total} torch threads on {cores} "
         "usable cores: under load the workers wait on each other's threads; leave threads=auto"
     )
 
