@@ -516,9 +516,11 @@ def ours(entry: dict, metric: str) -> tuple[float | None, float | None, int | No
 
 
 def protocol_of(entry: dict) -> str:
-    """The class split the test episodes came from (Omniglot's vinyals, finn, sung, lake), or —."""
+    """The class split the test episodes came from (Omniglot's vinyals, finn, sung, lake), or —;
+    cut to the classes another protocol holds out too (dataset.test_unseen_by) where it was."""
     dataset = ((entry.get("per_episode") or {}).get("episodes") or {}).get("dataset") or {}
-    return str(dataset.get("protocol") or "—")
+    cut = dataset.get("test_unseen_by")
+    return str(dataset.get("protocol") or "—") + (f", test unseen by {cut}" if cut else "")
 
 
 def results_table(entries: list[dict]) -> list[str]:

@@ -220,3 +220,34 @@ def test_a_transfer_baseline_pairs_with_episodic_learners_but_a_sequence_run_doe
     assert shared_episodes(recorded_before, protonet) == [0, 1, 2]
     with pytest.raises(NotPaired, match="not tested on the same episodes"):
         shared_episodes(run(episodes="sequence"), protonet)
+
+
+def test_runs_pair_across_dataset_settings_added_later_and_across_the_two_ways_of_naming_one_cut():
+    """A run recorded before `resample` and `test_unseen_by` existed met the episodes a new run
+    meets at their defaults; `protocol=finn test_unseen_by=vinyals` and `protocol=vinyals
+    test_unseen_by=finn` deal the same classes in one order. Other resampling or no cut: other
+    episodes."""
+    from metalab.provenance import test_episodes_identity
+    from metalab.results import NotPaired, shared_episodes
+
+    def run(**dataset) -> dict:
+        config = {
+            "dataset": {"name": "omniglot", "protocol": "vinyals", "image_size": 28, "invert": True, **dataset},
+            "eval_seed": 0,
+            "test_ways": 5,
+            "test_shots": 1,
+            "test_queries": 15,
+        }
+        return {"episodes": test_episodes_identity(config), "episode": [0, 1, 2]}
+
+    recorded_before = run()
+    assert shared_episodes(run(test_unseen_by=None, resample="lanczos"), recorded_before) == [0, 1, 2]
+    finn_cut = run(protocol="finn", test_unseen_by="vinyals", resample="lanczos")
+    assert shared_episodes(finn_cut, run(protocol="vinyals", test_unseen_by="finn")) == [0, 1, 2]
+    for other in (
+        run(protocol="finn"),
+        run(protocol="vinyals", test_unseen_by="sung"),
+        run(protocol="vinyals", test_unseen_by="finn", resample="binary_nearest"),
+    ):
+        with pytest.raises(NotPaired, match="not tested on the same episodes"):
+            shared_episodes(finn_cut, other)

@@ -391,3 +391,10 @@ def test_entry_json_puts_number_lists_on_one_line_and_leaves_strings_alone():
     entry = {"overrides": ["backbone.hidden_sizes=[32,32]"], "values": {"acc": [0.8, 1.0, None]}, "empty": []}
     text = reproduce.entry_json(entry)
     assert json.loads(text) == entry and '"acc": [0.8, 1.0, null]' in text
+
+
+def test_the_protocol_column_says_when_the_test_classes_were_cut_to_another_protocol_s():
+    entry = fixture_entry("relationnet_omniglot_5w1s", "relationnet", [1.0, 0.8])
+    assert reproduce.protocol_of(entry) == "vinyals"
+    entry["per_episode"]["episodes"]["dataset"].update(protocol="sung", test_unseen_by="vinyals")
+    assert reproduce.protocol_of(entry) == "sung, test unseen by vinyals"

@@ -11,6 +11,9 @@ TEST_EPISODES_FILE = "test_episodes.json"  # beside results.json: the per-episod
 # Dataset settings that do not change which episodes are drawn (the class that reads the data, which
 # `name` names too; checks, downloads, the metric's name).
 NOT_EPISODE_SHAPING = ("_target_", "verify_checksums", "download", "metric", "metric_mode")
+# Dataset settings added after runs were recorded, at the value that deals the episodes those runs
+# met (the only behaviour there was): left out, so a new run at the default pairs with an old one.
+DEFAULTS_OLDER_RUNS_MET = {"test_unseen_by": None, "resample": "lanczos"}
 
 
 def machine() -> dict:
@@ -89,9 +92,18 @@ def comparable_identity(identity: dict) -> dict:
     it) without what does not change the test episodes: the NOT_EPISODE_SHAPING settings, and
     `dataset.episodes=global_labels`, which labels the training images with their global class
     (the transfer baselines) while the test split deals the same few-shot episodes as the
-    default `few_shot` (data/sequences.py), so both are left out as the default is. Runs are
-    compared by it (results.shared_episodes)."""
-    dataset = {k: v for k, v in identity.get("dataset", {}).items() if k not in NOT_EPISODE_SHAPING}
+    default `few_shot` (data/sequences.py), so both are left out as the default is; settings
+    added later, at the value older runs met; and which of two protocols `test_unseen_by` cuts
+    the test classes by (`protocol=finn test_unseen_by=vinyals` deals what `protocol=vinyals
+    test_unseen_by=finn` deals, data/omniglot.py). Runs are compared by it (results.shared_episodes)."""
+    dataset = {
+        k: v
+        for k, v in identity.get("dataset", {}).items()
+        if k not in NOT_EPISODE_SHAPING and not (k in DEFAULTS_OLDER_RUNS_MET and v == DEFAULTS_OLDER_RUNS_MET[k])
+    }
     if dataset.get("episodes") in ("few_shot", "global_labels"):
         del dataset["episodes"]
+    if dataset.get("test_unseen_by"):  # the classes both protocols hold out, in one order whichever trained
+        protocols = sorted([dataset.pop("protocol"), dataset.pop("test_unseen_by")])
+        dataset["test_classes_held_out_by"] = protocols
     return {**identity, "dataset": dataset}
