@@ -243,6 +243,9 @@ def test_runs_pair_across_dataset_settings_added_later_and_across_the_two_ways_o
     recorded_before = run()
     assert shared_episodes(run(test_unseen_by=None, resample="lanczos"), recorded_before) == [0, 1, 2]
     finn_cut = run(protocol="finn", test_unseen_by="vinyals", resample="lanczos")
+    # Recorded as the run set it (the README's protocol column reads it); compared in one form.
+    assert finn_cut["episodes"]["dataset"]["protocol"] == "finn"
+    assert finn_cut["episodes"]["dataset"]["test_unseen_by"] == "vinyals"
     assert shared_episodes(finn_cut, run(protocol="vinyals", test_unseen_by="finn")) == [0, 1, 2]
     for other in (
         run(protocol="finn"),

@@ -73,9 +73,10 @@ def installed_packages() -> dict[str, str]:
 
 def test_episodes_identity(config: dict) -> dict:
     """What fixes a run's meta-test episodes: episode j is drawn from (eval_seed, "test", j) over
-    the test split of this dataset, in this shape. Two runs with equal identities share
-    episode j for every j both evaluated, whatever learner or seed trained them."""
-    return comparable_identity(
+    the test split of this dataset, in this shape. Two runs with equal comparable identities
+    (comparable_identity) share episode j for every j both evaluated, whatever learner or seed
+    trained them. Recorded as the run set it, less what never shapes episodes."""
+    return _episode_shaping(
         {
             "dataset": config["dataset"],
             "split": "test",
@@ -87,23 +88,29 @@ def test_episodes_identity(config: dict) -> dict:
     )
 
 
-def comparable_identity(identity: dict) -> dict:
-    """A test-episode identity (as test_episodes_identity makes it, or as an older run recorded
-    it) without what does not change the test episodes: the NOT_EPISODE_SHAPING settings, and
+def _episode_shaping(identity: dict) -> dict:
+    """The identity without the NOT_EPISODE_SHAPING settings, and without
     `dataset.episodes=global_labels`, which labels the training images with their global class
     (the transfer baselines) while the test split deals the same few-shot episodes as the
-    default `few_shot` (data/sequences.py), so both are left out as the default is; settings
-    added later, at the value older runs met; and which of two protocols `test_unseen_by` cuts
-    the test classes by (`protocol=finn test_unseen_by=vinyals` deals what `protocol=vinyals
-    test_unseen_by=finn` deals, data/omniglot.py). Runs are compared by it (results.shared_episodes)."""
-    dataset = {
-        k: v
-        for k, v in identity.get("dataset", {}).items()
-        if k not in NOT_EPISODE_SHAPING and not (k in DEFAULTS_OLDER_RUNS_MET and v == DEFAULTS_OLDER_RUNS_MET[k])
-    }
+    default `few_shot` (data/sequences.py), so both are left out as the default is."""
+    dataset = {k: v for k, v in identity.get("dataset", {}).items() if k not in NOT_EPISODE_SHAPING}
     if dataset.get("episodes") in ("few_shot", "global_labels"):
         del dataset["episodes"]
+    return {**identity, "dataset": dataset}
+
+
+def comparable_identity(identity: dict) -> dict:
+    """A recorded test-episode identity (as test_episodes_identity makes it, or as an older run
+    recorded it) in the form runs are compared by (results.shared_episodes): only what shapes
+    episodes; settings added later left out at the value older runs met; and the two protocols a
+    `test_unseen_by` cut names, in either order (`protocol=finn test_unseen_by=vinyals` deals
+    what `protocol=vinyals test_unseen_by=finn` deals, data/omniglot.py)."""
+    identity = _episode_shaping(identity)
+    dataset = {
+        k: v
+        for k, v in identity["dataset"].items()
+        if not (k in DEFAULTS_OLDER_RUNS_MET and v == DEFAULTS_OLDER_RUNS_MET[k])
+    }
     if dataset.get("test_unseen_by"):  # the classes both protocols hold out, in one order whichever trained
-        protocols = sorted([dataset.pop("protocol"), dataset.pop("test_unseen_by")])
-        dataset["test_classes_held_out_by"] = protocols
+        dataset["test_classes_held_out_by"] = sorted([dataset.pop("protocol"), dataset.pop("test_unseen_by")])
     return {**identity, "dataset": dataset}
