@@ -165,30 +165,36 @@ def training_run(run_dir: Path) -> tuple[Path, dict, list[str]]:
     return trained_dir, read_json(trained_dir / "results.json"), overrides_of(trained_dir)
 
 
-def resumed_from(trained_dir: Path, overrides: list[str]) -> tuple[list[tuple[Path, dict]], bool]:
-    """The training runs `trained_dir` continues, earliest first: a run started with
+def resumed_from(trained_dir: Path, overrides: list[str]) -> tuple[list[tuple[Path, dict, bool]], bool]:
+    """The training runs `trained_dir` continues, earliest first, each with whether it was resumed
+    in its own directory; and whether `trained_dir` itself was. A run started with
     `ckpt_path=<run>/checkpoints/<file>` resumes that run, so the budget it trained on (its steps,
-    its wall time) and its learning curve begin in the earlier run. And whether the run was
-    resumed in its own directory (this script resumes a killed run from its last.ckpt there):
-    then that directory holds every part's curve, and its results.json the last part's time only.
+    its wall time) and its learning curve begin in the earlier run. A run resumed in its own
+    directory (this script resumes a killed run from its last.ckpt there) names its own
+    checkpoint: that directory holds every part's curve, and its results.json the last part's
+    time only. Its first part's own ckpt_path is not recorded, so the chain ends there.
 
     An earlier run stopped before it finished (SIGTERM, a kill) wrote no results.json: its steps
     and curve still count, but its wall time is unknown, and so is the entry's."""
     own = trained_dir.resolve()
-    chain, checkpoint, seen = [], as_dict(overrides).get("ckpt_path"), {own}
+    chain: list[tuple[Path, dict, bool]] = []
+    current, checkpoint, seen = own, as_dict(overrides).get("ckpt_path"), {own}
     while checkpoint not in (None, "null"):
         earlier = Path(checkpoint).resolve().parents[1]
-        if earlier == own:
-            return chain, True
+        if earlier == current:  # `current` resumed itself in place
+            if current == own:
+                return chain, True
+            chain[0] = (*chain[0][:2], True)
+            break
         if earlier in seen or not earlier.is_dir():
             raise ReproduceError(
                 f"{trained_dir} resumed from {checkpoint}, whose run directory ({earlier}) is not at hand "
-                "(or resumes itself); collect a run whose earlier runs are all at hand"
+                "(or is part of a loop of runs resuming each other); collect a run whose earlier runs are all at hand"
             )
         seen.add(earlier)
         record = earlier / "results.json"
-        chain.insert(0, (earlier, read_json(record) if record.is_file() else {}))
-        checkpoint = as_dict(overrides_of(earlier)).get("ckpt_path")
+        chain.insert(0, (earlier, read_json(record) if record.is_file() else {}, False))
+        current, checkpoint = earlier, as_dict(overrides_of(earlier)).get("ckpt_path")
     return chain, False
 
 
@@ -393,12 +399,12 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
     batch = setting.get("meta_batch_size")
     provenance_at_run = "machine" in trained
     tag = "val/" + (paper.get("metric") or metric_key).rsplit("/", 1)[-1]  # training validated in its own setting
-    runs = [path for path, _ in earlier] + [trained_dir]
+    runs = [path for path, _, _ in earlier] + [trained_dir]
     curve_steps, curve_values = chained_series(runs, tag)
     ci_steps, ci_values = chained_series(runs, f"{tag}_ci95")
     # Resumed in place: every part's time, from the event files each part logged there.
-    last = logged_seconds(trained_dir) if in_place else trained.get("wall_time_sec")
-    seconds = [r.get("wall_time_sec") for _, r in earlier] + [last]
+    seconds = [logged_seconds(path) if itself else record.get("wall_time_sec") for path, record, itself in earlier]
+    seconds.append(logged_seconds(trained_dir) if in_place else trained.get("wall_time_sec"))
     ci_at = dict(zip(ci_steps, ci_values))
     return {
         "name": name,
@@ -430,7 +436,7 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
             "wall_time_sec": None if None in seconds else sum(seconds),  # over the runs it resumed as well
             "train_tasks_per_sec": trained.get("train_tasks_per_sec"),
             "world_size": trained.get("world_size"),
-            "resumed_from": [path.name for path, _ in earlier],  # the run directories, earliest first
+            "resumed_from": [path.name for path, _, _ in earlier],  # the run directories, earliest first
             **({"resumed_in_place": True} if in_place else {}),  # its time summed from its event files
         },
         "paper": paper,

@@ -282,6 +282,30 @@ def test_a_run_resumed_in_its_own_directory_is_collected_with_every_part_s_time(
     assert entry["budget"]["resumed_from"] == [] and entry["budget"]["resumed_in_place"] is True
 
 
+def test_a_run_resumed_from_one_resumed_in_place_counts_every_part_of_it(tmp_path):
+    """Training a finished run further into a new directory (a longer budget under its own name),
+    when that run had itself been resumed in place: the earlier run is one run, its time its
+    event files' span, not a loop of runs that cannot be collected."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = tmp_path / "first"
+    fake_run(first, ["experiment=maml_omniglot_5w1s", f"ckpt_path={first}/checkpoints/last.ckpt"])
+    for start, end in ((1000.0, 1600.0), (5000.0, 5300.0)):  # two sessions of the first run
+        with SummaryWriter(str(first / "tensorboard")) as writer:
+            writer.add_scalar("train/loss", 1.0, 1, walltime=start)
+            writer.add_scalar("train/loss", 0.5, 2, walltime=end)
+    longer = fake_run(
+        tmp_path / "longer",
+        ["experiment=maml_omniglot_5w1s", f"ckpt_path={first}/checkpoints/last.ckpt"],
+        per_episode=[1.0, 0.8],
+        val=((400, 0.9, 0.02),),
+    )
+    entry = reproduce.collect(longer, None, tmp_path / "logs")
+    assert entry["budget"]["resumed_from"] == ["first"] and "resumed_in_place" not in entry["budget"]
+    assert entry["budget"]["wall_time_sec"] == 900.0 + 120.0, entry["budget"]  # the first's parts, then its own
+    assert entry["curve"]["step"] == [100, 200, 300, 400]
+
+
 def test_a_retested_checkpoint_is_collected_as_the_experiment_its_settings_match():
     """ProtoNet's 20-way figure re-tests the 60-way 1-shot model (the paper trains one model per
     shot): --experiment protonet_omniglot_20w1s is accepted for it, another setting is refused."""
