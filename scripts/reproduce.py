@@ -165,37 +165,33 @@ def training_run(run_dir: Path) -> tuple[Path, dict, list[str]]:
     return trained_dir, read_json(trained_dir / "results.json"), overrides_of(trained_dir)
 
 
-def resumed_from(trained_dir: Path, overrides: list[str]) -> tuple[list[tuple[Path, dict, bool]], bool]:
-    """The training runs `trained_dir` continues, earliest first, each with whether it was resumed
-    in its own directory; and whether `trained_dir` itself was. A run started with
+def run_chain(trained_dir: Path, trained: dict, overrides: list[str]) -> list[tuple[Path, dict, bool]]:
+    """`trained_dir` and the training runs it continues, earliest first, each with its results.json
+    ({} when it has none) and whether it was resumed in its own directory. A run started with
     `ckpt_path=<run>/checkpoints/<file>` resumes that run, so the budget it trained on (its steps,
     its wall time) and its learning curve begin in the earlier run. A run resumed in its own
     directory (this script resumes a killed run from its last.ckpt there) names its own
     checkpoint: that directory holds every part's curve, and its results.json the last part's
-    time only. Its first part's own ckpt_path is not recorded, so the chain ends there.
+    time only. What its first part resumed from is not recorded, so the chain ends there.
 
     An earlier run stopped before it finished (SIGTERM, a kill) wrote no results.json: its steps
     and curve still count, but its wall time is unknown, and so is the entry's."""
-    own = trained_dir.resolve()
-    chain: list[tuple[Path, dict, bool]] = []
-    current, checkpoint, seen = own, as_dict(overrides).get("ckpt_path"), {own}
-    while checkpoint not in (None, "null"):
-        earlier = Path(checkpoint).resolve().parents[1]
-        if earlier == current:  # `current` resumed itself in place
-            if current == own:
-                return chain, True
-            chain[0] = (*chain[0][:2], True)
-            break
+    run, record, checkpoint = trained_dir.resolve(), trained, as_dict(overrides).get("ckpt_path")
+    chain, seen = [], {run}
+    while True:
+        earlier = None if checkpoint in (None, "null") else Path(checkpoint).resolve().parents[1]
+        chain.insert(0, (run, record, earlier == run))
+        if earlier is None or earlier == run:
+            return chain
         if earlier in seen or not earlier.is_dir():
             raise ReproduceError(
                 f"{trained_dir} resumed from {checkpoint}, whose run directory ({earlier}) is not at hand "
                 "(or is part of a loop of runs resuming each other); collect a run whose earlier runs are all at hand"
             )
         seen.add(earlier)
-        record = earlier / "results.json"
-        chain.insert(0, (earlier, read_json(record) if record.is_file() else {}, False))
-        current, checkpoint = earlier, as_dict(overrides_of(earlier)).get("ckpt_path")
-    return chain, False
+        results = earlier / "results.json"
+        run, record = earlier, read_json(results) if results.is_file() else {}
+        checkpoint = as_dict(overrides_of(earlier)).get("ckpt_path")
 
 
 def chained_series(runs: list[Path], tag: str) -> tuple[list[int], list[float]]:
@@ -365,7 +361,8 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
             "wait for it to finish, or give another directory"
         )
     trained_dir, trained, train_overrides = training_run(run_dir)
-    earlier, in_place = resumed_from(trained_dir, train_overrides)
+    chain = run_chain(trained_dir, trained, train_overrides)
+    earlier, in_place = chain[:-1], chain[-1][2]
     train_overrides = [o for o in train_overrides if not o.startswith("ckpt_path=")]  # a path, not a setting
     results = read_json(run_dir / "results.json")
     config = yaml.safe_load((trained_dir / "config.yaml").read_text())
@@ -399,12 +396,11 @@ def collect(run_dir: Path, name: str | None, log_dir: Path, as_experiment: str |
     batch = setting.get("meta_batch_size")
     provenance_at_run = "machine" in trained
     tag = "val/" + (paper.get("metric") or metric_key).rsplit("/", 1)[-1]  # training validated in its own setting
-    runs = [path for path, _, _ in earlier] + [trained_dir]
+    runs = [path for path, _, _ in chain]
     curve_steps, curve_values = chained_series(runs, tag)
     ci_steps, ci_values = chained_series(runs, f"{tag}_ci95")
     # Resumed in place: every part's time, from the event files each part logged there.
-    seconds = [logged_seconds(path) if itself else record.get("wall_time_sec") for path, record, itself in earlier]
-    seconds.append(logged_seconds(trained_dir) if in_place else trained.get("wall_time_sec"))
+    seconds = [logged_seconds(path) if itself else record.get("wall_time_sec") for path, record, itself in chain]
     ci_at = dict(zip(ci_steps, ci_values))
     return {
         "name": name,
